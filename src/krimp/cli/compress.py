@@ -1,0 +1,37 @@
+"""``krimp compress RECIPE --out DIR``: run a recipe, write artifacts and reports, print the table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from krimp.cli import common
+
+
+def compress_cmd(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (refused if it holds a run)"),
+    model: str = typer.Option(None, "--model", "-m", help="model path or builtin:NAME (overrides the recipe)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+) -> None:
+    """Compress a model by a recipe; exit 3 if the goal is missed, 2 on bad input."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    import krimp
+    from krimp.report.writers import goal_line, summary_rows
+
+    with common.user_errors():
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=common.err_console, transient=True) as prog:
+            t = prog.add_task("starting", total=None)
+            report = krimp.compress(model, recipe, out, overwrite=overwrite,
+                                    step=lambda s: prog.update(t, description=s))
+    common.console.print(common.table(f"krimp: {report['model']['source']}", ["metric", "baseline", "compressed"],
+                                      summary_rows(report)))
+    style = "green" if report["within_goal"] else "bold red"
+    common.console.print(f"[{style}]{goal_line(report)}[/]", highlight=False)
+    common.console.print(f"report: {Path(report['out']) / 'report.html'}  (and report.json, report.md)")
+    if not report["within_goal"]:
+        sys.exit(common.EXIT_GOAL_MISSED)

@@ -1,0 +1,40 @@
+"""``krimp``: compress, eval, bench, inspect."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from krimp.cli import common
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make trained neural networks smaller, faster and cheaper to run, and prove it.")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress details")) -> None:
+    common.STATE["debug"] = debug
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    common.setup_logging(verbose)
+
+
+def _register() -> None:
+    from krimp.cli import bench, compress, evaluate, inspect
+
+    app.command("compress")(compress.compress_cmd)
+    app.command("eval")(evaluate.eval_cmd)
+    app.command("bench")(bench.bench_cmd)
+    app.command("inspect")(inspect.inspect_cmd)
+
+
+_register()
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    run()

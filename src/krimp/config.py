@@ -1,0 +1,93 @@
+"""Typed, frozen method configs and the one visible registry that maps a config type to its method.
+
+Every compression method has a config (a frozen pydantic model, validated on construction) and a
+method object registered against it::
+
+    @register(DynamicInt8Config)
+    class DynamicInt8: ...
+
+A recipe stage on disk is ``{"method": "int8-dynamic", ...fields}``; :func:`config_from_dict`
+turns it into the config and :meth:`BaseConfig.to_dict` turns it back, so the two round-trip.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pydantic
+
+from krimp.errors import KrimpError, closest, unknown_key_message
+
+
+class BaseConfig(pydantic.BaseModel):
+    """Base of every method config: frozen, no unknown fields, validated when built."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    method: ClassVar[str] = ""
+    #: "torch" methods change a torch module; "onnx" methods change an exported ONNX graph.
+    domain: ClassVar[str] = "torch"
+
+    targets: list[str] = pydantic.Field(default_factory=lambda: ["*"])
+    ignore: list[str] = pydantic.Field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **self.model_dump(mode="json")}
+
+
+#: method name -> (config class, method class). The registry is this dict; nothing else hides one.
+REGISTRY: dict[str, tuple[type[BaseConfig], type]] = {}
+
+
+def register(cfg_cls: type[BaseConfig]):
+    """Register a method class against its config class (and the config's ``method`` name)."""
+
+    def deco(method_cls: type) -> type:
+        if not cfg_cls.method:
+            raise TypeError(f"{cfg_cls.__name__} has no method name")
+        REGISTRY[cfg_cls.method] = (cfg_cls, method_cls)
+        return method_cls
+
+    return deco
+
+
+def method_for(cfg: BaseConfig):
+    """An instance of the method registered for this config."""
+    _ensure_loaded()
+    return REGISTRY[cfg.method][1]()
+
+
+def _ensure_loaded() -> None:
+    # Importing the method modules fills REGISTRY; done lazily so `import krimp` stays light.
+    import krimp.quant  # noqa: F401
+
+
+def format_validation_error(err: pydantic.ValidationError, where: str, fields: dict) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return unknown_key_message(str(first["loc"][-1]), where, fields)
+    path = f"{where}.{loc}" if loc else where
+    return f"{path}: {first['msg']} (got {first.get('input')!r})"
+
+
+def config_from_dict(d: dict[str, Any], where: str = "stage") -> BaseConfig:
+    """Build a method config from a recipe stage; errors name the field path and a close key."""
+    _ensure_loaded()
+    if not isinstance(d, dict):
+        raise KrimpError(f"{where}: expected a mapping with a 'method' key, got {type(d).__name__}")
+    if "method" not in d:
+        raise KrimpError(f"{where}: missing 'method' (one of: {', '.join(sorted(REGISTRY))})")
+    name = d["method"]
+    if name not in REGISTRY:
+        hint = closest(str(name), REGISTRY)
+        extra = f"; did you mean '{hint}'?" if hint else ""
+        raise KrimpError(
+            f"{where}.method: unknown method '{name}'{extra} (known: {', '.join(sorted(REGISTRY))})"
+        )
+    cls = REGISTRY[name][0]
+    body = {k: v for k, v in d.items() if k != "method"}
+    try:
+        return cls(**body)
+    except pydantic.ValidationError as e:
+        raise KrimpError(format_validation_error(e, where, cls.model_fields)) from None

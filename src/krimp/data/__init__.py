@@ -1,0 +1,109 @@
+"""Calibration and evaluation data: local files or builtin sets, split so they never overlap."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from krimp.errors import KrimpError
+from krimp.models.tasks import Task
+from krimp.recipe import DataSpec
+
+log = logging.getLogger(__name__)
+DEFAULT_SOURCE = {"embedding": "builtin:python-docs", "classification": "builtin:python-docs",
+                  "causal-lm": "builtin:python-docs", "image-classification": "builtin:photos"}
+
+
+@dataclass
+class Dataset:
+    calib: list[Any]
+    eval: list[Any]
+    eval_labels: list[Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> Dataset:
+    """Calibration and evaluation items for ``task``; raises KrimpError on empty or bad data."""
+    default = "builtin:digits" if builtin_model == "builtin:digits-cnn" else DEFAULT_SOURCE[task.name]
+    calib_src = spec.calib_source or spec.source or default
+    eval_src = spec.eval_source or spec.source or default
+    rng = np.random.default_rng(spec.seed)
+    if calib_src == eval_src:
+        groups, label = _groups(calib_src, task)
+        order = rng.permutation(len(groups))
+        cal_pool = [it for i in order[0::2] for it in groups[i]]
+        ev_pool = [it for i in order[1::2] for it in groups[i]]
+        if len(groups) == 1:  # one file: split its items instead
+            items = groups[0]
+            cal_pool, ev_pool = items[0::2], items[1::2]
+        info = {"source": label, "split": "disjoint halves of one source"}
+    else:
+        cg, cl = _groups(calib_src, task)
+        eg, el = _groups(eval_src, task)
+        cal_pool, ev_pool = [i for g in cg for i in g], [i for g in eg for i in g]
+        info = {"calib_source": cl, "eval_source": el, "split": "separate sources"}
+    if calib_src.startswith("builtin:photos"):
+        from krimp.data.images import photo_crops
+
+        cal_pool = [(c, None) for c in photo_crops(spec.calib_samples, "left", spec.seed + 1)]
+        ev_pool = [(c, None) for c in photo_crops(spec.eval_samples, "right", spec.seed + 2)]
+        info = {"source": "builtin:photos (scikit-image)", "split": "calib from left halves, eval from right halves"}
+    if not cal_pool:
+        raise KrimpError(f"calibration data is empty (source: {calib_src})")
+    if not ev_pool:
+        raise KrimpError(f"evaluation data is empty (source: {eval_src})")
+    cal = _sample(cal_pool, spec.calib_samples, rng)
+    ev = _sample(ev_pool, spec.eval_samples, rng)
+    prep = (lambda x: x) if task.is_text else task.preprocess_image
+    labels = [lab for _, lab in ev]
+    has_labels = all(lab is not None for lab in labels)
+    info.update(calib_samples=len(cal), eval_samples=len(ev), labelled=has_labels)
+    if len(cal) < spec.calib_samples or len(ev) < spec.eval_samples:
+        log.warning("data has fewer items than asked: calib %d/%d, eval %d/%d",
+                    len(cal), spec.calib_samples, len(ev), spec.eval_samples)
+    return Dataset([prep(x) for x, _ in cal], [prep(x) for x, _ in ev],
+                   _label_ids(labels, task) if has_labels else None, info)
+
+
+def _sample(pool, n, rng):
+    idx = rng.permutation(len(pool))[:n]
+    return [pool[i] for i in sorted(idx)]
+
+
+def _label_ids(labels, task: Task):
+    if all(isinstance(x, (int, np.integer)) for x in labels):
+        return [int(x) for x in labels]
+    names = task.labels or sorted({str(x) for x in labels})
+    try:
+        return [names.index(str(x)) for x in labels]
+    except ValueError as e:
+        raise KrimpError(f"label not known to the model: {e}") from None
+
+
+def _groups(src: str, task: Task):
+    mode = "passage" if task.name == "causal-lm" else "sentence"
+    if src == "builtin:digits":
+        from krimp.models.builtin import digits_split
+
+        d, _, held = digits_split()
+        return [[(d.images[i][..., None] * 1.0, int(d.target[i]))] for i in held], "builtin:digits (held out)"
+    if src == "builtin:photos":
+        return [[(None, None)]], "builtin:photos"
+    if src.startswith("builtin:"):
+        from krimp.data.builtin import builtin_groups
+
+        return builtin_groups(src.split(":", 1)[1], mode)
+    p = Path(src)
+    if not p.exists():
+        raise KrimpError(f"data not found: {p}")
+    if task.is_text:
+        from krimp.data.text import read_text_groups
+
+        return read_text_groups(p, mode, "text", "label"), str(p)
+    from krimp.data.images import read_image_groups
+
+    return read_image_groups(p), str(p)

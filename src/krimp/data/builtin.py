@@ -1,0 +1,59 @@
+"""Builtin data sets for the demo and tests, all installed with the project's dependencies.
+
+- ``python-docs``: English prose from the Python documentation sources
+  (Debian's python3.11-doc at /usr/share/doc/python3.11/html/_sources); where those are absent,
+  the docstrings of the Python standard library, which every Python carries.
+- ``digits``: scikit-learn's held-out 8x8 digits with labels (not the images the CNN trained on).
+- ``photos``: random crops of real photographs from scikit-image.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import sys
+from pathlib import Path
+
+from krimp.data.text import passages, read_text_groups
+from krimp.errors import KrimpError
+
+BUILTIN_DATA = ("python-docs", "digits", "photos")
+DOC_SOURCES = Path(f"/usr/share/doc/python3.{sys.version_info.minor}/html/_sources")
+_DOCSTRING_MODULES = (
+    "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",
+    "datetime", "decimal", "email", "enum", "fractions", "functools", "heapq", "http.client",
+    "importlib", "inspect", "io", "itertools", "json", "logging", "multiprocessing", "os", "pathlib",
+    "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess",
+    "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid",
+    "xml.etree.ElementTree", "zipfile",
+)
+
+
+def python_docs_groups(mode: str):
+    """Groups of (text, None), one per documentation file (or per stdlib module)."""
+    if DOC_SOURCES.is_dir() and any(DOC_SOURCES.glob("*.rst.txt")):
+        return read_text_groups(DOC_SOURCES, mode, "text", "label"), f"python-docs:{DOC_SOURCES}"
+    groups = []
+    for name in _DOCSTRING_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(mod) or ""]
+        for _, obj in sorted(vars(mod).items()):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
+                docs.append(inspect.getdoc(obj) or "")
+        items = [(t, None) for t in passages("\n\n".join(docs), mode)]
+        if items:
+            groups.append(items)
+    return groups, "python-docs:stdlib-docstrings"
+
+
+def builtin_groups(name: str, mode: str):
+    if name == "python-docs":
+        return python_docs_groups(mode)
+    raise KrimpError(f"unknown builtin data '{name}' (known: {', '.join(BUILTIN_DATA)})")
+
+
+__all__ = ["builtin_groups", "BUILTIN_DATA", "pkgutil"]

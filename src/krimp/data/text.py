@@ -1,0 +1,96 @@
+"""Text from local files: .txt/.rst/.md, .jsonl, .csv, or a folder of such files.
+
+Items come in groups (one group per file, or per line-block of one file) so that calibration and
+evaluation can be split by group and never share a document.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+from krimp.errors import KrimpError
+
+TEXT_SUFFIXES = (".txt", ".rst", ".md", ".text")
+_SENT = re.compile(r"(?<=[.!?])\s+")
+
+
+def clean_rst(text: str) -> str:
+    """Drop reStructuredText directives, headings and markup so only prose is left."""
+    lines = []
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith(("..", ":", "=", "-", "*", "+", "#", ">>>", "|")) or set(s) <= set("=-~^*#+"):
+            lines.append("")
+            continue
+        lines.append(re.sub(r":\w+:`([^`]*)`", r"\1", line).replace("``", ""))
+    return "\n".join(lines)
+
+
+def passages(text: str, mode: str, min_chars: int = 40, max_chars: int = 400) -> list[str]:
+    """Sentences (mode='sentence') or paragraph chunks (mode='passage') of prose."""
+    paras = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
+    paras = [p for p in paras if len(p) >= min_chars]
+    if mode == "passage":
+        return paras
+    out = []
+    for p in paras:
+        out += [s for s in _SENT.split(p) if min_chars <= len(s) <= max_chars]
+    return out
+
+
+def read_text_groups(path: Path, mode: str, text_field: str, label_field: str):
+    """Groups of (text, label-or-None) items from a file or a folder of files."""
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and
+                       (f.suffix in TEXT_SUFFIXES + (".jsonl", ".csv") or f.name.endswith(".rst.txt")))
+        if not files:
+            raise KrimpError(f"{path}: no text files (.txt, .rst, .md, .jsonl, .csv) in this folder")
+        groups = []
+        for f in files:
+            groups += read_text_groups(f, mode, text_field, label_field)
+        return groups
+    if not path.exists():
+        raise KrimpError(f"data not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _chunk(_read_jsonl(path, text_field, label_field))
+    if suffix == ".csv":
+        return _chunk(_read_csv(path, text_field, label_field))
+    if suffix in TEXT_SUFFIXES:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.name.endswith(".rst.txt") or suffix == ".rst":
+            text = clean_rst(text)
+        items = [(t, None) for t in passages(text, mode)]
+        return [items] if items else []
+    raise KrimpError(f"{path}: unsupported data file type '{suffix}' (use .txt, .jsonl, .csv or a folder)")
+
+
+def _chunk(items, size: int = 8):
+    """One file of records -> groups of consecutive records, so splits stay deterministic."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _read_jsonl(path: Path, text_field: str, label_field: str):
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise KrimpError(f"{path}:{n}: not valid JSON") from None
+        if text_field not in rec:
+            raise KrimpError(f"{path}:{n}: no field '{text_field}' (set data.text_field)")
+        items.append((str(rec[text_field]), rec.get(label_field)))
+    return items
+
+
+def _read_csv(path: Path, text_field: str, label_field: str):
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and text_field not in rows[0]:
+        raise KrimpError(f"{path}: no column '{text_field}' (columns: {', '.join(rows[0])}; set data.text_field)")
+    return [(r[text_field], r.get(label_field)) for r in rows]

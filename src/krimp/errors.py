@@ -1,0 +1,25 @@
+"""Errors krimp raises for bad input: one clear line, shown by the CLI without a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class KrimpError(Exception):
+    """A user-facing error. The message is one line that says what is wrong and how to fix it."""
+
+
+def closest(word: str, options: Iterable[str]) -> str | None:
+    """The option closest to ``word`` by edit similarity, or None if nothing is close."""
+    found = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def unknown_key_message(key: str, where: str, options: Iterable[str]) -> str:
+    options = sorted(options)
+    hint = closest(key, options)
+    msg = f"unknown key '{key}' in {where}"
+    if hint:
+        msg += f"; did you mean '{hint}'?"
+    return msg + f" (valid keys: {', '.join(options)})"

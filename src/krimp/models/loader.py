@@ -1,0 +1,176 @@
+"""Load what a user brings: a Hugging Face folder, a GGUF file, an ONNX file, a torch module,
+or a builtin model (``builtin:minilm``, ``builtin:efficientnet-lite0``, ``builtin:digits-cnn``).
+
+Weights load through safetensors where they can; nothing is unpickled, and remote code runs only
+when the user passes ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from krimp.errors import KrimpError
+from krimp.models.tasks import Task, make_task
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model: a torch module and/or an ONNX file, its task adapter and where it came from."""
+
+    task: Task
+    source: str
+    kind: str  # hf | gguf | onnx | torch | builtin
+    module: torch.nn.Module | None = None
+    onnx_path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        if self.module is not None:
+            return sum(p.numel() for p in self.module.parameters())
+        from krimp.export.onnx_utils import count_onnx_params
+
+        return count_onnx_params(self.onnx_path)
+
+
+def load_model(src: str | Path | torch.nn.Module, task: str | None = None, *,
+               tokenizer: Any = None, trust_remote_code: bool = False, **task_kw) -> ModelHandle:
+    """Load a model from a path, a builtin name or a module; raise KrimpError with one clear line."""
+    if isinstance(src, torch.nn.Module):
+        if task is None:
+            raise KrimpError("a torch.nn.Module needs task=... (one of the tasks krimp knows)")
+        return ModelHandle(make_task(task, tokenizer=tokenizer, **task_kw), "<module>", "torch",
+                           module=src.eval())
+    s = str(src)
+    if s.startswith("builtin:"):
+        from krimp.models.builtin import load_builtin
+
+        return load_builtin(s.split(":", 1)[1])
+    p = Path(s)
+    if not p.exists():
+        raise KrimpError(f"model not found: {p}")
+    if p.is_dir():
+        if any(p.glob("*.gguf")) and not (p / "config.json").exists():
+            p = sorted(p.glob("*.gguf"))[0]
+        elif not (p / "config.json").exists():
+            raise KrimpError(f"{p}: not a Hugging Face model folder (no config.json)")
+        else:
+            return _load_hf(p, task, trust_remote_code)
+    suffix = p.suffix.lower()
+    if suffix == ".gguf":
+        return _load_gguf(p, trust_remote_code)
+    if suffix == ".onnx":
+        return _load_onnx(p, task)
+    raise KrimpError(f"{p}: unsupported model file type '{suffix or p.name}' "
+                     "(expected a Hugging Face folder, .gguf or .onnx)")
+
+
+def detect_task(config: Any, folder: Path | None = None) -> str:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in archs:
+        return "causal-lm"
+    if "SequenceClassification" in archs:
+        return "classification"
+    if "ImageClassification" in archs:
+        return "image-classification"
+    return "embedding"
+
+
+def _quiet_transformers():
+    import transformers as tf
+
+    tf.utils.logging.set_verbosity_error()
+    tf.utils.logging.disable_progress_bar()
+    return tf
+
+
+def _load_hf(p: Path, task: str | None, trust: bool) -> ModelHandle:
+    tf = _quiet_transformers()
+
+    try:
+        config = tf.AutoConfig.from_pretrained(p, trust_remote_code=trust)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise KrimpError(f"{p}: cannot read config.json ({str(e).splitlines()[0]})") from None
+    task = task or detect_task(config, p)
+    auto = {"causal-lm": tf.AutoModelForCausalLM, "classification":
+            tf.AutoModelForSequenceClassification}.get(task, tf.AutoModel)
+    try:
+        module = auto.from_pretrained(p, trust_remote_code=trust, attn_implementation="eager",
+                                      dtype=torch.float32)
+        tok = tf.AutoTokenizer.from_pretrained(p, trust_remote_code=trust)
+    except Exception as e:  # transformers raises many types for a corrupt folder
+        raise KrimpError(f"{p}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return _hf_handle(module.eval(), tok, task, str(p), "hf")
+
+
+def _hf_handle(module, tok, task, source, kind) -> ModelHandle:
+    import inspect
+
+    names = ["input_ids", "attention_mask"]
+    if task != "causal-lm" and "token_type_ids" in inspect.signature(module.forward).parameters:
+        names.append("token_type_ids")
+    if tok is not None and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    labels = list((getattr(module.config, "id2label", None) or {}).values()) if task == "classification" else []
+    return ModelHandle(make_task(task, tokenizer=tok, input_names=names, labels=labels), source, kind,
+                       module=module, info={"architecture": type(module).__name__})
+
+
+def _load_gguf(p: Path, trust: bool) -> ModelHandle:
+    tf = _quiet_transformers()
+
+    try:
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise KrimpError(f"{p}: not a GGUF file (bad magic bytes)")
+        module = tf.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32,
+                                                         attn_implementation="eager")
+        tok = tf.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    except KrimpError:
+        raise
+    except Exception as e:
+        raise KrimpError(f"{p}: cannot load GGUF ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return _hf_handle(module.eval(), tok, "causal-lm", str(p), "gguf")
+
+
+def _load_onnx(p: Path, task: str | None) -> ModelHandle:
+    import onnx
+
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception as e:
+        raise KrimpError(f"{p}: not a readable ONNX model ({type(e).__name__})") from None
+    names = [i.name for i in m.graph.input]
+    tok = None
+    if "input_ids" in names:
+        task = task or ("causal-lm" if len(m.graph.output[0].type.tensor_type.shape.dim) == 3
+                        and "token_type_ids" not in names and _vocab_sized(m) else "embedding")
+        try:
+            import transformers as tf
+
+            tok = tf.AutoTokenizer.from_pretrained(p.parent)
+        except Exception:
+            log.warning("no tokenizer beside %s; text data cannot be fed", p)
+    else:
+        task = task or "image-classification"
+    meta = {kv.key: kv.value for kv in m.metadata_props}
+    kw = json.loads(meta["krimp.task"]) if "krimp.task" in meta else {}
+    kw.pop("name", None)
+    return ModelHandle(make_task(task, tokenizer=tok, input_names=names, **kw), str(p), "onnx",
+                       onnx_path=p)
+
+
+def _vocab_sized(m) -> bool:
+    dims = m.graph.output[0].type.tensor_type.shape.dim
+    return dims[-1].dim_value > 1000

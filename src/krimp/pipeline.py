@@ -1,0 +1,147 @@
+"""One compression run: load -> torch stages -> export -> ONNX stages -> evaluate -> report.
+
+Data moves one way; the input model is never modified (torch stages work on a deep copy, ONNX
+stages on new files), and everything is written into a temporary folder that is renamed to the
+output folder only when the run is complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from krimp.config import method_for
+from krimp.data import Dataset, load_data
+from krimp.errors import KrimpError
+from krimp.eval.compare import collect, compare, compare_features
+from krimp.eval.goal import calib_score
+from krimp.eval.runtime import OrtEngine, TorchEngine, batches
+from krimp.export.onnx import export_onnx, optimize_transformer, verify_onnx
+from krimp.models import ModelHandle
+from krimp.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    """What a method may use: the task, calibration feeds, and a goal check on calibration data."""
+
+    task: Any
+    calib_feeds: list[dict[str, np.ndarray]]
+    threads: int
+    goal_check: Callable[[Path], tuple[bool, float, dict]] | None = None
+    keep_lookups_quantized: bool = False
+
+    def check_finite(self, arr) -> None:
+        if not np.isfinite(arr).all():
+            raise KrimpError("NaN/Inf in activations during calibration")
+
+
+def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path: Path):
+    task, ev = handle.task, recipe.eval
+    if task.name == "causal-lm":
+        ref_engine = OrtEngine(ref_path, ev.threads)
+
+        def check_lm(path: Path):
+            q = compare(ref_engine, OrtEngine(path, ev.threads), task, data.calib, None, ev.batch,
+                        recipe.data.seq_len, n_boot=100)
+            ok, score = calib_score(recipe.goal, q)
+            return ok, score, _brief(q)
+
+        return check_lm
+    ref = collect(OrtEngine(ref_path, ev.threads), task, data.calib, ev.batch, recipe.data.seq_len)
+    if not np.isfinite(ref).all():
+        raise KrimpError("the original model produces NaN/Inf on the calibration data")
+
+    def check(path: Path):
+        got = collect(OrtEngine(path, ev.threads), task, data.calib, ev.batch, recipe.data.seq_len)
+        if not np.isfinite(got).all():
+            return False, -np.inf, {"finite": False}
+        q = compare_features(task, ref, got, None, ev.top_k, n_boot=100)
+        ok, score = calib_score(recipe.goal, q)
+        return ok, score, _brief(q)
+
+    return check
+
+
+def _brief(q: dict) -> dict:
+    return {k: round(v["value"], 5) for k, v in q.get("fidelity", {}).items() if isinstance(v, dict)}
+
+
+def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
+               step: Callable[[str], None]) -> dict[str, Any]:
+    """Apply the recipe; returns paths/engines of baseline and compressed models and stage notes."""
+    ev = recipe.eval
+    feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
+    torch_stages = [s for s in recipe.stages if s.domain == "torch"]
+    onnx_stages = [s for s in recipe.stages if s.domain == "onnx"]
+    if torch_stages and onnx_stages and torch_stages[-1] is not recipe.stages[len(torch_stages) - 1]:
+        raise KrimpError("torch stages (e.g. bf16) must come before ONNX stages (int8-*, fp16)")
+    if torch_stages and handle.module is None:
+        raise KrimpError(f"stage '{torch_stages[0].method}' needs a torch model; an ONNX file was given")
+    notes: list[dict] = []
+    cur = None
+    out: dict[str, Any] = {"stages": notes}
+    module = handle.module
+    if module is not None:
+        for f in feeds:
+            if not np.isfinite(TorchEngine(module, handle.task, ev.threads).run(f)).all():
+                raise KrimpError("the original model produces NaN/Inf on the calibration data")
+        if torch_stages:
+            module = copy.deepcopy(module)
+        for i, cfg in enumerate(torch_stages):
+            step(f"stage {i + 1}: {cfg.method}")
+            t0 = time.perf_counter()
+            module, info = method_for(cfg).apply_torch(module, cfg, StageContext(handle.task, feeds, ev.threads))
+            notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info})
+    wants_onnx = "onnx" in recipe.export.formats or onnx_stages
+    if handle.module is None:  # an ONNX file was given
+        base = work / "baseline.onnx"
+        shutil.copyfile(handle.onnx_path, base)
+        out["baseline_onnx"] = base
+    elif wants_onnx:
+        step("export: baseline ONNX")
+        base = export_onnx(handle.module, handle.task, feeds[0], work / "baseline.onnx", recipe.export.opset)
+        out["export_error"] = verify_onnx(base, TorchEngine(handle.module, handle.task, ev.threads),
+                                          feeds[:2], recipe.export.rtol, ev.threads)
+        out["baseline_onnx"] = base
+        if torch_stages:
+            step("export: compressed ONNX")
+            cur = export_onnx(module, handle.task, feeds[0], work / "torch_stages.onnx", recipe.export.opset)
+            verify_onnx(cur, TorchEngine(module, handle.task, ev.threads), feeds[:2], recipe.export.rtol * 10)
+    if not wants_onnx:
+        out["module"], out["baseline_module"] = module, handle.module
+        return out
+    cur = cur if torch_stages else out["baseline_onnx"]
+    if onnx_stages and recipe.export.optimize and handle.module is not None:
+        fused = work / "fused.onnx"
+        stats = optimize_transformer(cur, fused, handle.module)
+        if stats:
+            out["fusions"] = stats
+            cur = fused
+    check = _calib_goal_check(recipe, handle, data, out["baseline_onnx"])
+    for i, cfg in enumerate(onnx_stages):
+        step(f"stage {len(torch_stages) + i + 1}: {cfg.method}")
+        dst = work / f"stage{i}.onnx"
+        t0 = time.perf_counter()
+        ctx = StageContext(handle.task, feeds, ev.threads, check, recipe.goal.max_size_ratio is not None)
+        try:
+            info = method_for(cfg).apply_onnx(cur, dst, cfg, ctx)
+        except KrimpError:
+            raise
+        except Exception as e:
+            raise KrimpError(f"stage {cfg.method} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        ok, _, metrics = check(dst)
+        notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 2),
+                      "calib_within_goal": ok, "calib_metrics": metrics, **info})
+        cur = dst
+    out["compressed_onnx"] = cur
+    return out

@@ -1,0 +1,136 @@
+"""Recipes: an ordered list of compression stages plus data, evaluation, goal and export settings.
+
+A recipe is YAML on disk and the same thing in Python::
+
+    model: builtin:minilm
+    data: {source: builtin:python-docs, calib_samples: 128, eval_samples: 512}
+    goal: {max_quality_drop: 0.01, min_cosine: 0.99}
+    stages:
+      - method: int8-dynamic
+        per_channel: true
+        ignore: ["*embeddings*"]
+
+Unknown keys are reported with their place and the closest valid key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from krimp.config import BaseConfig, config_from_dict, format_validation_error
+from krimp.errors import KrimpError, unknown_key_message
+
+
+class _Section(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+
+class DataSpec(_Section):
+    """Where calibration and evaluation data come from. Calibration and evaluation never overlap:
+    when both come from one source, items (files for a folder of files) are split between them."""
+
+    source: str | None = None  # default: the task's builtin set
+    calib_source: str | None = None  # overrides `source` for calibration
+    eval_source: str | None = None  # overrides `source` for evaluation
+    calib_samples: int = pydantic.Field(64, ge=1)
+    eval_samples: int = pydantic.Field(256, ge=1)
+    seq_len: int = pydantic.Field(128, ge=2)  # tokens per text sample
+    image_size: int = pydantic.Field(224, ge=8)  # pixels per side for image models
+    text_field: str = "text"  # column / key holding text in .csv / .jsonl
+    label_field: str = "label"  # column / key holding labels, if any
+    seed: int = 0
+
+
+class EnergySpec(_Section):
+    """The power and price model used when no energy counter can be read (an estimate)."""
+
+    watts_per_core: float = pydantic.Field(5.0, gt=0)  # busy server core incl. share of uncore
+    usd_per_core_hour: float = pydantic.Field(0.048, gt=0)  # one vCPU of an on-demand cloud VM
+
+
+class EvalSpec(_Section):
+    batch: int = pydantic.Field(8, ge=1)
+    seq_len: int = pydantic.Field(128, ge=2)  # tokens per sample for latency runs
+    threads: int = pydantic.Field(2, ge=1)
+    warmup: int = pydantic.Field(5, ge=0)
+    repeats: int = pydantic.Field(20, ge=3)
+    bootstrap: int = pydantic.Field(1000, ge=100)
+    top_k: int = pydantic.Field(10, ge=1)  # retrieval agreement depth for embeddings
+    energy: EnergySpec = EnergySpec()
+
+
+class Goal(_Section):
+    """An accuracy budget. Quality drop is absolute for accuracy (0.01 = one point), relative for
+    perplexity (0.01 = +1%), and 1 - mean cosine for embedding models without labels."""
+
+    max_quality_drop: float | None = pydantic.Field(None, ge=0)
+    min_cosine: float | None = pydantic.Field(None, le=1)
+    min_retrieval_agreement: float | None = pydantic.Field(None, ge=0, le=1)
+    min_top1_agreement: float | None = pydantic.Field(None, ge=0, le=1)
+    max_kl: float | None = pydantic.Field(None, ge=0)
+    max_size_ratio: float | None = pydantic.Field(None, gt=0)
+    min_speedup: float | None = pydantic.Field(None, gt=0)
+
+
+class ExportSpec(_Section):
+    formats: list[str] = pydantic.Field(default_factory=lambda: ["onnx"])
+    opset: int = pydantic.Field(17, ge=17)
+    rtol: float = pydantic.Field(1e-3, gt=0)  # allowed max |onnx - torch| / max |torch| after export
+    optimize: bool = True  # apply ONNX Runtime's transformer fusions when they measure faster
+
+
+class Recipe(_Section):
+    model: str | None = None
+    task: str | None = None  # embedding | classification | causal-lm | image-classification
+    trust_remote_code: bool = False
+    data: DataSpec = DataSpec()
+    eval: EvalSpec = EvalSpec()
+    goal: Goal = Goal()
+    export: ExportSpec = ExportSpec()
+    stages: list[Any] = pydantic.Field(default_factory=list)
+
+    @pydantic.field_validator("stages")
+    @classmethod
+    def _build_stages(cls, v: list[Any]) -> list[BaseConfig]:
+        return [s if isinstance(s, BaseConfig) else config_from_dict(s, f"stages[{i}]")
+                for i, s in enumerate(v)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json", exclude={"stages"})
+        d["stages"] = [s.to_dict() for s in self.stages]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> Recipe:
+        if not isinstance(d, dict):
+            raise KrimpError(f"{where}: expected a mapping at the top level, got {type(d).__name__}")
+        _check_keys(d, cls, where)
+        try:
+            return cls(**d)
+        except pydantic.ValidationError as e:
+            raise KrimpError(format_validation_error(e, where, cls.model_fields)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        p = Path(path)
+        if not p.is_file():
+            raise KrimpError(f"recipe not found: {p}")
+        try:
+            d = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise KrimpError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return cls.from_dict(d or {}, where=p.name)
+
+
+def _check_keys(d: dict, model: type[pydantic.BaseModel], where: str) -> None:
+    """Walk nested sections so an unknown key is named with its full place."""
+    for k, v in d.items():
+        if k not in model.model_fields:
+            raise KrimpError(unknown_key_message(str(k), where, model.model_fields))
+        ann = model.model_fields[k].annotation
+        if isinstance(ann, type) and issubclass(ann, _Section) and isinstance(v, dict):
+            _check_keys(v, ann, f"{where}.{k}")

@@ -1,0 +1,85 @@
+"""Assemble report.json's content from one run's measurements."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from typing import Any
+
+from krimp.eval import energy
+from krimp.eval.goal import check_goal, quality_drop
+
+
+def _side(s: dict, quality: dict, fidelity: dict) -> dict:
+    b = s["bench"]
+    return {
+        "runtime": s["runtime"],
+        "size_bytes": int(s["size_bytes"]),
+        "bits_per_weight": round(float(s["bits_per_weight"]), 3),
+        "latency_ms_p50": round(b["latency_ms_p50"], 3),
+        "latency_ms_p95": round(b["latency_ms_p95"], 3),
+        "throughput_per_s": round(b["throughput_per_s"], 2),
+        "peak_rss_mb": round(b["peak_rss_mb"], 1),
+        "cpu_s_per_inference": b["cpu_s_per_inference"],
+        "quality": quality,
+        "fidelity": fidelity,
+        "energy_j_per_inference": s["energy_j_per_inference"],
+        "cost_usd_per_million": s["cost_usd_per_million"],
+    }
+
+
+def machine() -> dict:
+    from krimp.quant.ort_int8 import cpu_has_vnni
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "int8_dot_product": cpu_has_vnni(),
+            "python": platform.python_version()}
+
+
+def build_report(recipe, handle, data, res, artifacts, measured, wall_s: float) -> dict[str, Any]:
+    import krimp
+
+    q = measured["quality"]
+    sides = measured["sides"]
+    base = _side(sides["baseline"], q["baseline"], {})
+    comp = _side(sides["compressed"], q["compressed"], q["fidelity"])
+    size_ratio = comp["size_bytes"] / base["size_bytes"]
+    speedup = base["latency_ms_p50"] / comp["latency_ms_p50"]
+    within, misses = check_goal(recipe.goal, q, size_ratio, speedup)
+    drop = quality_drop(q)
+    ev = recipe.eval
+    return {
+        "krimp_version": krimp.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": handle.source, "kind": handle.kind, "task": handle.task.name,
+                  "params": handle.num_params, **handle.info},
+        "data": data.info,
+        "bench_settings": {"batch": ev.batch, "seq_len": ev.seq_len, "threads": ev.threads, "warmup": ev.warmup,
+                           "repeats": ev.repeats, "feed_shapes": measured["bench_feed"],
+                           "note": "best of two interleaved runs per model; each run in a fresh process"},
+        "baseline": base,
+        "compressed": comp,
+        "ratios": {"size": round(size_ratio, 4), "speedup_p50": round(speedup, 3),
+                   "speedup_p95": round(base["latency_ms_p95"] / comp["latency_ms_p95"], 3)},
+        "quality_drop": {"metric": drop[0], "value": drop[1]} if drop else None,
+        "accuracy_delta": q.get("accuracy_delta"),
+        "artifacts": artifacts,
+        "goal": recipe.goal.model_dump(exclude_none=True),
+        "within_goal": within,
+        "misses": misses,
+        "stages": res["stages"],
+        "fusions": res.get("fusions"),
+        "export_check": {"max_relative_error": res.get("export_error"), "tolerance": recipe.export.rtol},
+        "energy_assumptions": energy.assumptions(ev.energy),
+        "machine": machine(),
+        "recipe": recipe.to_dict(),
+        "wall_s": round(wall_s, 1),
+    }

@@ -1,0 +1,109 @@
+"""report.json, report.md and report.html (with the plot), written atomically."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from krimp.report.plot import plot
+
+
+def _fmt_ci(m: dict | None, digits: int = 4) -> str:
+    if not m:
+        return "-"
+    lo, hi = m["ci95"]
+    return f"{m['value']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def summary_rows(r: dict) -> list[tuple[str, str, str]]:
+    """(metric, baseline, compressed) rows shared by the terminal table, markdown and HTML."""
+    b, c = r["baseline"], r["compressed"]
+    rows = [
+        ("runtime", b["runtime"], c["runtime"]),
+        ("size on disk (MB)", f"{b['size_bytes'] / 1e6:.2f}", f"{c['size_bytes'] / 1e6:.2f} ({r['ratios']['size']:.2f}x)"),
+        ("bits per weight", f"{b['bits_per_weight']:.2f}", f"{c['bits_per_weight']:.2f}"),
+        ("latency p50 (ms)", f"{b['latency_ms_p50']:.2f}", f"{c['latency_ms_p50']:.2f} ({r['ratios']['speedup_p50']:.2f}x faster)"),
+        ("latency p95 (ms)", f"{b['latency_ms_p95']:.2f}", f"{c['latency_ms_p95']:.2f}"),
+        ("throughput (/s)", f"{b['throughput_per_s']:.1f}", f"{c['throughput_per_s']:.1f}"),
+        ("peak RSS (MB)", f"{b['peak_rss_mb']:.0f}", f"{c['peak_rss_mb']:.0f}"),
+    ]
+    for k in sorted(set(b["quality"]) | set(c["quality"])):
+        rows.append((f"{k} (95% CI)", _fmt_ci(b["quality"].get(k)), _fmt_ci(c["quality"].get(k))))
+    for k, v in c["fidelity"].items():
+        if isinstance(v, dict):
+            rows.append((f"fidelity: {k} (95% CI)", "1 (reference)" if k != "kl" else "0 (reference)", _fmt_ci(v)))
+    rows += [
+        ("energy / inference (J, estimate)", f"{b['energy_j_per_inference']:.4f}", f"{c['energy_j_per_inference']:.4f}"),
+        ("cost / 1M inferences (USD, estimate)", f"{b['cost_usd_per_million']:.3f}", f"{c['cost_usd_per_million']:.3f}"),
+    ]
+    return rows
+
+
+def goal_line(r: dict) -> str:
+    if not r["goal"]:
+        return "no goal set"
+    if r["within_goal"]:
+        return "within goal " + json.dumps(r["goal"])
+    return "GOAL MISSED: " + "; ".join(f"{m['metric']} = {m['value']:.4g} vs limit {m['limit']} (by {m['by']:.4g})"
+                                       for m in r["misses"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def to_markdown(r: dict) -> str:
+    s = r["bench_settings"]
+    lines = [f"# krimp report: {r['model']['source']}", "",
+             f"Task: {r['model']['task']}; parameters: {r['model']['params']:,}; "
+             f"data: {r['data'].get('calib_samples')} calibration / {r['data'].get('eval_samples')} evaluation samples "
+             f"({r['data'].get('split')}).", "",
+             f"Latency: batch {s['batch']}, {s['threads']} threads, {s['warmup']} warm-up + {s['repeats']} timed runs; "
+             f"inputs {s['feed_shapes']}.", "",
+             "| metric | baseline | compressed |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(r)]
+    lines += ["", f"**{goal_line(r)}**", "", "## Stages", ""]
+    for st in r["stages"]:
+        fb = st.get("fallback") or {}
+        lines.append(f"- `{st['method']}` ({st.get('seconds', 0):.1f} s): nodes kept in float by recipe: "
+                     f"{len(st.get('excluded_by_recipe', []))}; by automatic fallback: {len(fb.get('excluded', []))}"
+                     + (f" ({', '.join(fb['excluded'])})" if fb.get("excluded") else ""))
+    ea = r["energy_assumptions"]
+    lines += ["", "## Energy and cost (estimates)", "",
+              f"{ea['method']}: {ea['watts_per_core']} W per busy core, {ea['usd_per_core_hour']} USD per core-hour; "
+              f"{ea['formula']}. One inference = {ea['inference']}.", "",
+              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, "
+              f"8-bit dot-product instructions: {r['machine']['int8_dot_product']}.", "",
+              "Artifacts: " + ", ".join(f"{a['path']} ({a['bytes']:,} bytes, {a['format']}, {a['role']})" for a in r["artifacts"])]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(r: dict, png: Path) -> str:
+    img = base64.b64encode(png.read_bytes()).decode()
+    rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                   for a, b, c in summary_rows(r))
+    ok = "ok" if r["within_goal"] else "miss"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>krimp report</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}
+.ok{{color:#2b8a3e}}.miss{{color:#c92a2a}}pre{{background:#f6f6f6;padding:8px;overflow:auto}}</style></head><body>
+<h1>krimp report: {html.escape(r['model']['source'])}</h1>
+<p class="{ok}"><b>{html.escape(goal_line(r))}</b></p>
+<table><tr><th>metric</th><th>baseline</th><th>compressed</th></tr>{rows}</table>
+<p><img alt="quality against size and latency" src="data:image/png;base64,{img}"></p>
+<h2>Details</h2><pre>{html.escape(to_markdown(r))}</pre></body></html>
+"""
+
+
+def write_reports(r: dict, folder: Path) -> None:
+    _atomic_write(folder / "report.json", json.dumps(r, indent=2, default=str))
+    _atomic_write(folder / "recipe.yaml", yaml.safe_dump(r["recipe"], sort_keys=False))
+    png = plot(r, folder / "plot.png")
+    _atomic_write(folder / "report.md", to_markdown(r))
+    _atomic_write(folder / "report.html", to_html(r, png))
