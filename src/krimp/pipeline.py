@@ -39,6 +39,7 @@ class StageContext:
     threads: int
     goal_check: Callable[[Path], tuple[bool, float, dict]] | None = None
     keep_lookups_quantized: bool = False
+    distance: Callable[[Path | bytes], float] | None = None
 
     def check_finite(self, arr) -> None:
         if not np.isfinite(arr).all():
@@ -70,6 +71,35 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
         return ok, score, _brief(q)
 
     return check
+
+
+def _calib_distance(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path: Path, n_items: int = 32):
+    """A continuous distance to the float model on a few calibration items: mean KL for logits,
+    1 - mean cosine for embeddings (used to rank nodes by sensitivity)."""
+    from krimp.eval import fidelity as F
+
+    task, ev, items = handle.task, recipe.eval, data.calib[:n_items]
+    seq = recipe.data.seq_len
+    if task.name == "causal-lm":
+        feeds = list(batches(task, items, ev.batch, seq))
+        ref_out = [OrtEngine(ref_path, ev.threads).run(f) for f in feeds]
+
+        def dist_lm(model) -> float:
+            e = OrtEngine(model, ev.threads)
+            return float(np.mean([F.kl_divergence(r, e.run(f)).mean() for r, f in zip(ref_out, feeds)]))
+
+        return dist_lm
+    ref = collect(OrtEngine(ref_path, ev.threads), task, items, ev.batch, seq)
+
+    def dist(model) -> float:
+        got = collect(OrtEngine(model, ev.threads), task, items, ev.batch, seq)
+        if not np.isfinite(got).all():
+            return float("inf")
+        if task.name == "embedding":
+            return float(1.0 - F.cosine(ref, got).mean())
+        return float(F.kl_divergence(ref, got).mean())
+
+    return dist
 
 
 def _brief(q: dict) -> dict:
@@ -128,11 +158,12 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
             out["fusions"] = stats
             cur = fused
     check = _calib_goal_check(recipe, handle, data, out["baseline_onnx"])
+    distance = _calib_distance(recipe, handle, data, out["baseline_onnx"])
     for i, cfg in enumerate(onnx_stages):
         step(f"stage {len(torch_stages) + i + 1}: {cfg.method}")
         dst = work / f"stage{i}.onnx"
         t0 = time.perf_counter()
-        ctx = StageContext(handle.task, feeds, ev.threads, check, recipe.goal.max_size_ratio is not None)
+        ctx = StageContext(handle.task, feeds, ev.threads, check, recipe.goal.max_size_ratio is not None, distance)
         try:
             info = method_for(cfg).apply_onnx(cur, dst, cfg, ctx)
         except KrimpError:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 STATE = {"debug": False}
 
 EXIT_BAD_INPUT = 2

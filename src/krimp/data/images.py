@@ -10,8 +10,9 @@ import numpy as np
 from krimp.errors import KrimpError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry",
-          "hubble_deep_field", "retina", "colorwheel", "logo", "page")
+# natural photographs only (drawings, logos, micrographs and star fields are not ImageNet's world)
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "camera", "coins", "moon",
+          "brick", "grass", "gravel")
 
 
 def read_image_groups(path: Path):
@@ -43,6 +44,7 @@ def photo_crops(n: int, half: str, seed: int) -> list[np.ndarray]:
     photos = []
     for name in PHOTOS:
         a = getattr(sd, name)()
+        a = a[0] if isinstance(a, tuple) else a  # stereo pairs: the left view
         a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
         w = a.shape[1] // 2
         photos.append(a[:, :w] if half == "left" else a[:, w:])
@@ -51,7 +53,7 @@ def photo_crops(n: int, half: str, seed: int) -> list[np.ndarray]:
     for _ in range(n):
         a = photos[rng.integers(len(photos))]
         h, w = a.shape[:2]
-        s = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
+        s = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
         y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
         c = a[y:y + s, x:x + s]
         out.append(np.ascontiguousarray(c[:, ::-1] if rng.random() < 0.5 else c))

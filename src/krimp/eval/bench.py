@@ -50,8 +50,6 @@ def bench_onnx(path: Path, feed: dict[str, np.ndarray], threads: int, warmup: in
 
 def bench_engine(engine, feed: dict[str, np.ndarray], warmup: int, repeats: int) -> dict:
     """Time an in-process engine (PyTorch). Peak RSS is the whole krimp process's, and says so."""
-    import resource
-
     for _ in range(warmup):
         engine.run(feed)
     times = []
@@ -62,6 +60,8 @@ def bench_engine(engine, feed: dict[str, np.ndarray], warmup: int, repeats: int)
         times.append(time.perf_counter() - t)
     cpu = time.process_time() - c0
     batch = next(iter(feed.values())).shape[0]
-    out = summarize(times, batch, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    from krimp.eval.bench_worker import peak_rss_mb
+
+    out = summarize(times, batch, cpu, peak_rss_mb())
     out["peak_rss_note"] = "in-process: includes krimp and the baseline model"
     return out

@@ -11,6 +11,18 @@ import sys
 import time
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM is reset by exec, unlike ru_maxrss, which a child
+    inherits from the (larger) krimp process that started it."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str]) -> None:
     import numpy as np
 
@@ -32,7 +44,7 @@ def main(argv: list[str]) -> None:
         times.append(time.perf_counter() - t)
     cpu = time.process_time() - c0
     batch = next(iter(feed.values())).shape[0]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    peak = peak_rss_mb()
     print(json.dumps(summarize(times, batch, cpu, peak)))
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
-def ort_session(path: Path | str, threads: int = 2):
+def ort_session(path: Path | str | bytes, threads: int = 2):
     """An ONNX Runtime CPU session with fixed intra-op threads and one inter-op thread."""
     import onnxruntime as ort
 
@@ -16,14 +15,14 @@ def ort_session(path: Path | str, threads: int = 2):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    src = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
 class OrtEngine:
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path | str, threads: int = 2):
-        self.path = Path(path)
+    def __init__(self, path: Path | str | bytes, threads: int = 2):
         self.sess = ort_session(path, threads)
         self.inputs = [i.name for i in self.sess.get_inputs()]
 
@@ -34,14 +33,21 @@ class OrtEngine:
 class TorchEngine:
     runtime = "pytorch"
 
-    def __init__(self, module: torch.nn.Module, task, threads: int = 2):
+    def __init__(self, module, task, threads: int = 2):
+        import torch
+
         self.module = task.export_module(module).eval()
         self.task, self.threads = task, threads
         p = next(module.parameters(), None)
         self.dtype = p.dtype if p is not None else torch.float32
 
-    @torch.inference_mode()
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self._run(feed, torch)
+
+    def _run(self, feed, torch) -> np.ndarray:
         torch.set_num_threads(self.threads)
         args = []
         for name in self.task.input_names:

@@ -147,5 +147,7 @@ def _with_fallback(run, src: Path, dst: Path, cfg: _Int8Base, ctx) -> dict:
     run(excluded)
     info = {"excluded_by_recipe": excluded, "reduce_range": _reduce_range(cfg)}
     if cfg.fallback and cfg.max_fallback_nodes > 0 and ctx.goal_check is not None:
-        info["fallback"] = auto_fallback(run, src, dst, excluded, cfg.max_fallback_nodes, ctx)
+        mode = "dynamic" if isinstance(cfg, DynamicInt8Config) else "static"
+        bits = 7 if _reduce_range(cfg) else 8
+        info["fallback"] = auto_fallback(run, src, dst, excluded, cfg.max_fallback_nodes, ctx, mode, bits)
     return info

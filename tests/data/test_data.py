@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+
+from krimp.data import load_data
+from krimp.errors import KrimpError
+from krimp.models.tasks import make_task
+from krimp.recipe import DataSpec
+
+SENT = "This sentence number {i} talks about topic {t} at some length for the test."
+
+
+class _Tok:
+    """A stand-in tokenizer is not needed: load_data only reads and splits text."""
+
+
+def _text_task():
+    return make_task("embedding", tokenizer=_Tok())
+
+
+def test_folder_of_text_files_splits_by_file_without_overlap(tmp_path):
+    for f in range(10):
+        (tmp_path / f"doc{f}.txt").write_text("\n\n".join(SENT.format(i=i, t=f) for i in range(6)))
+    ds = load_data(DataSpec(source=str(tmp_path), calib_samples=20, eval_samples=20), _text_task())
+    assert len(ds.calib) == 20 and len(ds.eval) == 20
+    assert not set(ds.calib) & set(ds.eval)
+    topics = lambda items: {s.split("topic ")[1].split()[0] for s in items}  # noqa: E731
+    assert not topics(ds.calib) & topics(ds.eval)  # whole files go to one side
+    assert ds.info["calib_samples"] == 20 and ds.info["eval_samples"] == 20
+
+
+def test_jsonl_and_csv_with_labels(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"text": SENT.format(i=i, t=i % 3), "label": i % 2}) for i in range(40)))
+    ds = load_data(DataSpec(source=str(p), calib_samples=8, eval_samples=10),
+                   make_task("classification", tokenizer=_Tok()))
+    assert ds.eval_labels is not None and set(ds.eval_labels) <= {0, 1} and len(ds.eval_labels) == 10
+    c = tmp_path / "d.csv"
+    c.write_text("text,label\n" + "\n".join(f"\"{SENT.format(i=i, t=1)}\",{i % 2}" for i in range(20)))
+    ds = load_data(DataSpec(source=str(c), calib_samples=4, eval_samples=4), make_task("classification", tokenizer=_Tok()))
+    assert len(ds.eval) == 4 and not set(ds.calib) & set(ds.eval)
+
+
+def test_jsonl_missing_field_is_a_clear_error(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"body": "x"}))
+    with pytest.raises(KrimpError, match="no field 'text'"):
+        load_data(DataSpec(source=str(p)), _text_task())
+
+
+def test_empty_data_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(KrimpError, match="empty"):
+        load_data(DataSpec(source=str(tmp_path / "empty.txt")), _text_task())
+    with pytest.raises(KrimpError, match="data not found"):
+        load_data(DataSpec(source=str(tmp_path / "missing.txt")), _text_task())
+    with pytest.raises(KrimpError, match="unsupported data file type"):
+        (tmp_path / "x.parquet").write_text("x")
+        load_data(DataSpec(source=str(tmp_path / "x.parquet")), _text_task())
+
+
+def test_builtin_python_docs_is_real_prose():
+    ds = load_data(DataSpec(source="builtin:python-docs", calib_samples=16, eval_samples=32), _text_task())
+    assert len(ds.eval) == 32 and all(len(s) >= 40 for s in ds.eval)
+    assert not set(ds.calib) & set(ds.eval)
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    task = make_task("image-classification", mean=127.0, std=128.0, image_size=16)
+    ds = load_data(DataSpec(source=str(tmp_path), calib_samples=4, eval_samples=6), task)
+    assert ds.eval[0].shape == (3, 16, 16) and ds.eval[0].dtype == np.float32
+    assert sorted(set(ds.eval_labels)) <= [0, 1]
+    assert abs(float(ds.eval[0].mean())) < 1.1
+
+
+def test_builtin_photos_calibration_and_evaluation_are_disjoint_halves():
+    task = make_task("image-classification", mean=127.0, std=128.0, image_size=32)
+    ds = load_data(DataSpec(source="builtin:photos", calib_samples=8, eval_samples=8), task)
+    assert len(ds.calib) == 8 and len(ds.eval) == 8
+    assert "left" in ds.info["split"]
+
+
+def test_builtin_digits_are_held_out_from_training():
+    from krimp.models.builtin import digits_split
+
+    _, train, held = digits_split()
+    assert not set(train) & set(held)
+    task = make_task("image-classification", mean=0.0, std=16.0, channels=1, image_size=8)
+    ds = load_data(DataSpec(source="builtin:digits", calib_samples=50, eval_samples=100), task)
+    assert ds.eval[0].shape == (1, 8, 8) and len(ds.eval_labels) == 100

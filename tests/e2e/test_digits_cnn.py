@@ -1,0 +1,95 @@
+"""End to end: the digits CNN (trained here) -> static INT8 -> ONNX Runtime, on held-out digits."""
+
+import json
+
+import pytest
+import torch
+
+import krimp
+from krimp.errors import KrimpError
+from krimp.models import load_model
+
+REPORT_KEYS = ["size_bytes", "bits_per_weight", "latency_ms_p50", "latency_ms_p95", "throughput_per_s",
+               "peak_rss_mb", "quality", "fidelity", "energy_j_per_inference", "cost_usd_per_million"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    h = load_model("builtin:digits-cnn")
+    before = {k: v.clone() for k, v in h.module.state_dict().items()}
+    recipe = {"data": {"source": "builtin:digits", "calib_samples": 128, "eval_samples": 397},
+              "eval": {"batch": 32, "repeats": 5, "warmup": 2, "bootstrap": 200},
+              "goal": {"max_quality_drop": 0.01},
+              "stages": [{"method": "int8-static", "calibration": "minmax"}]}
+    report = krimp.compress(h, recipe, out)
+    return h, before, report, out
+
+
+def test_int8_loses_at_most_one_point_of_accuracy(run):
+    _, _, r, _ = run
+    base = r["baseline"]["quality"]["accuracy"]["value"]
+    comp = r["compressed"]["quality"]["accuracy"]["value"]
+    assert base > 0.95
+    assert base - comp <= 0.01
+    assert r["within_goal"] is True and r["misses"] == []
+    assert r["data"]["eval_samples"] == 397 and r["data"]["calib_samples"] == 128
+
+
+def test_artifact_is_smaller_and_report_is_complete(run):
+    _, _, r, out = run
+    assert r["ratios"]["size"] < 0.5
+    assert 7.5 < r["compressed"]["bits_per_weight"] < 10  # int8 codes plus scales and int32 biases
+    assert 31.5 < r["baseline"]["bits_per_weight"] < 33
+    for side in ("baseline", "compressed"):
+        for k in REPORT_KEYS:
+            assert k in r[side], (side, k)
+        assert r[side]["latency_ms_p95"] >= r[side]["latency_ms_p50"] > 0
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["within_goal"] is True and {a["path"] for a in on_disk["artifacts"]} == {"model.onnx", "baseline.onnx"}
+    for a in on_disk["artifacts"]:
+        assert (out / a["path"]).stat().st_size == a["bytes"]
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    assert "| accuracy (95% CI) |" in (out / "report.md").read_text()
+    assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_input_model_is_unchanged(run):
+    h, before, _, _ = run
+    after = h.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_exported_files_reload_and_evaluate(run):
+    _, _, _, out = run
+    from krimp.verbs import evaluate
+
+    res = evaluate(str(out / "model.onnx"), data="builtin:digits", reference=str(out / "baseline.onnx"),
+                   samples=100, task="image-classification")
+    assert res["fidelity"]["top1_agreement"]["value"] > 0.95
+
+
+def test_goal_missed_says_by_how_much(tmp_path):
+    h = load_model("builtin:digits-cnn")
+    recipe = {"data": {"calib_samples": 32, "eval_samples": 64}, "eval": {"batch": 32, "repeats": 3, "warmup": 1},
+              "goal": {"max_size_ratio": 0.05}, "stages": [{"method": "int8-dynamic", "fallback": False}]}
+    r = krimp.compress(h, recipe, tmp_path / "o")
+    assert r["within_goal"] is False
+    miss = r["misses"][0]
+    assert miss["metric"] == "size_ratio" and miss["by"] > 0.1
+
+
+def test_nan_model_is_refused(tmp_path):
+    class NaNNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)) * float("nan")
+
+    h = load_model(NaNNet(), task="image-classification", mean=0.0, std=16.0, channels=1, image_size=8)
+    with pytest.raises(KrimpError, match="NaN/Inf"):
+        krimp.compress(h, {"data": {"source": "builtin:digits", "calib_samples": 8, "eval_samples": 8},
+                           "stages": [{"method": "int8-static"}]}, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

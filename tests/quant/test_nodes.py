@@ -1,0 +1,14 @@
+from krimp.quant.nodes import matches, module_path
+
+
+def test_module_path_from_onnx_node_name():
+    assert module_path("/encoder/layer.0/output/dense/MatMul") == "encoder.layer.0.output.dense"
+    assert module_path("Attention_3") == "Attention_3"
+
+
+def test_patterns_match_node_or_module_names():
+    n = "/encoder/layer.3/output/dense/MatMul"
+    assert matches(n, ["encoder.layer.3.*"])
+    assert matches(n, ["*/output/dense/*"])
+    assert not matches(n, ["encoder.layer.4.*"])
+    assert not matches(n, [])
