@@ -54,7 +54,7 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
         def check_lm(path: Path):
             q = compare(ref_engine, OrtEngine(path, ev.threads), task, data.calib, None, ev.batch,
                         recipe.data.seq_len, n_boot=100)
-            ok, score = calib_score(recipe.goal, q)
+            ok, score = calib_score(recipe.goal, q, path.stat().st_size / ref_path.stat().st_size)
             return ok, score, _brief(q)
 
         return check_lm
@@ -67,8 +67,9 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
         if not np.isfinite(got).all():
             return False, -np.inf, {"finite": False}
         q = compare_features(task, ref, got, None, ev.top_k, n_boot=100)
-        ok, score = calib_score(recipe.goal, q)
-        return ok, score, _brief(q)
+        size_ratio = path.stat().st_size / ref_path.stat().st_size
+        ok, score = calib_score(recipe.goal, q, size_ratio)
+        return ok, score, {**_brief(q), "size_ratio": round(size_ratio, 4)}
 
     return check
 

@@ -80,7 +80,7 @@ class ExportSpec(_Section):
     formats: list[str] = pydantic.Field(default_factory=lambda: ["onnx"])
     opset: int = pydantic.Field(17, ge=17)
     rtol: float = pydantic.Field(1e-3, gt=0)  # allowed max |onnx - torch| / max |torch| after export
-    optimize: bool = True  # apply ONNX Runtime's transformer fusions when they measure faster
+    optimize: bool = True  # fuse BERT-like encoders (attention, layer norm, GELU) before ONNX stages
 
 
 class Recipe(_Section):

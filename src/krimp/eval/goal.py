@@ -43,10 +43,10 @@ def check_goal(goal, q: dict, size_ratio: float | None = None, speedup: float | 
     return not misses, misses
 
 
-def calib_score(goal, q: dict) -> tuple[bool, float]:
-    """For the float fallback on calibration data: only the fidelity/quality limits (no latency).
-    Score: the worst margin to a limit (higher is better)."""
-    ok, misses = check_goal(goal.model_copy(update={"max_size_ratio": None, "min_speedup": None}), q)
+def calib_score(goal, q: dict, size_ratio: float | None = None) -> tuple[bool, float]:
+    """For the float fallback on calibration data: quality, fidelity and size limits (latency is
+    measured later, alone). Score: the worst margin to a limit (higher is better)."""
+    ok, misses = check_goal(goal.model_copy(update={"min_speedup": None}), q, size_ratio)
     drop = quality_drop(q)
     margin = -(drop[1] if drop else 0.0)
     if misses:

@@ -37,7 +37,7 @@ def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int
         best_file.write_bytes(dst.read_bytes())
         while k <= min(max_nodes, len(ranked)):
             extra = [n for n, _ in ranked[:k]]
-            run(excluded + extra)
+            run(extra)
             ok, score, metrics = ctx.goal_check(dst)
             tries.append({"excluded": extra, "score": score, "ok": ok, "calib_metrics": metrics})
             if score > tries[best_k]["score"] or ok:

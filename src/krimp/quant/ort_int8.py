@@ -35,8 +35,11 @@ class _Int8Base(BaseConfig):
     per_channel: bool = True  # one scale per output channel of each weight
     reduce_range: Literal["auto", True, False] = "auto"  # 7-bit weights on x86 without VNNI
     op_types: list[str] | None = None  # None: ONNX Runtime's default set for the mode
-    fallback: bool = True  # leave the most harmful nodes in float until the goal holds
+    fallback: bool = True  # take the most harmful nodes out of INT8 until the goal holds
     max_fallback_nodes: int = pydantic.Field(8, ge=0)
+    # what a fallback MatMul keeps: "int8" weights with float activations (weight-only, blocks of
+    # 32, ONNX Runtime's MatMulNBits) or plain "float"; other node types fall back to float
+    fallback_weights: Literal["int8", "float"] = "int8"
 
 
 class DynamicInt8Config(_Int8Base):
@@ -142,12 +145,36 @@ class _Reader:
         self.i = 0
 
 
+def weight_only_int8(path: Path, nodes: list[str], block_size: int = 32) -> list[str]:
+    """Turn float MatMul nodes with constant weights into 8-bit weight-only MatMulNBits, in place."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    m = onnx.load(str(path))
+    inits = {t.name for t in m.graph.initializer}
+    todo = [n.name for n in m.graph.node if n.name in nodes and n.op_type == "MatMul" and n.input[1] in inits]
+    if not todo:
+        return []
+    q = MatMulNBitsQuantizer(m, bits=8, block_size=block_size, is_symmetric=True, nodes_to_include=todo)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    q.process()
+    q.model.save_model_to_file(str(path), use_external_data_format=False)
+    return todo
+
+
 def _with_fallback(run, src: Path, dst: Path, cfg: _Int8Base, ctx) -> dict:
     excluded = select_excluded(src, cfg.targets, cfg.ignore)
-    run(excluded)
     info = {"excluded_by_recipe": excluded, "reduce_range": _reduce_range(cfg)}
+
+    def run_with(extra: list[str]) -> None:
+        run(excluded + extra)
+        if extra and cfg.fallback_weights == "int8":
+            weight_only_int8(dst, extra)
+
+    run_with([])
     if cfg.fallback and cfg.max_fallback_nodes > 0 and ctx.goal_check is not None:
         mode = "dynamic" if isinstance(cfg, DynamicInt8Config) else "static"
         bits = 7 if _reduce_range(cfg) else 8
-        info["fallback"] = auto_fallback(run, src, dst, excluded, cfg.max_fallback_nodes, ctx, mode, bits)
+        info["fallback"] = auto_fallback(run_with, src, dst, excluded, cfg.max_fallback_nodes, ctx, mode, bits)
+        info["fallback"]["weights"] = cfg.fallback_weights
     return info
