@@ -79,3 +79,25 @@ def quiet() -> None:
     logging.disable(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(Path(__file__).parent))
+
+
+def recipe_with_eval(name: str, eval_samples: int):
+    """A shipped recipe with the evaluation sample count replaced."""
+    from krimp.recipe import Recipe
+
+    r = Recipe.from_yaml(Path(__file__).parents[1] / "recipes" / name)
+    return r.model_copy(update={"data": r.data.model_copy(update={"eval_samples": eval_samples})})
+
+
+def calib_reader(feeds: list):
+    """ONNX Runtime's calibration data reader over a list of feeds (for its own quantize_static)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    return Reader()

@@ -13,10 +13,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
 
-from _common import quiet, time_models, write
+from _common import calib_reader, quiet, recipe_with_eval, time_models, write
 
 quiet()
 
@@ -25,7 +23,6 @@ from krimp.data import load_data  # noqa: E402
 from krimp.eval import fidelity as F  # noqa: E402
 from krimp.eval.compare import collect  # noqa: E402
 from krimp.eval.runtime import OrtEngine, TorchEngine  # noqa: E402
-from krimp.recipe import Recipe  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +31,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="krimp-bench-"))
-    recipe = Recipe.from_yaml(Path(__file__).parents[1] / "recipes" / "efficientnet-int8.yaml")
-    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"eval_samples": args.eval})})
+    recipe = recipe_with_eval("efficientnet-int8.yaml", args.eval)
     h = krimp.load_model("builtin:efficientnet-lite0")
     task = h.task
     data = load_data(recipe.data, task)
@@ -43,18 +39,12 @@ def main() -> None:
     fp32 = tmp / "krimp" / "baseline.onnx"
     models = {"FP32 ONNX Runtime": fp32}
 
-    from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import quantize_dynamic, quantize_static
 
     feeds = [task.encode(data.calib[i:i + 8], 0) for i in range(0, len(data.calib), 8)]
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
 
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(fp32), str(tmp / "ort_static.onnx"), Reader(), per_channel=True)
+    quantize_static(str(fp32), str(tmp / "ort_static.onnx"), calib_reader(feeds), per_channel=True)
     models["ORT quantize_static QDQ per-channel (defaults)"] = tmp / "ort_static.onnx"
     quantize_dynamic(str(fp32), str(tmp / "ort_dynamic.onnx"))
     models["ORT quantize_dynamic (defaults)"] = tmp / "ort_dynamic.onnx"

@@ -13,10 +13,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from _common import quiet, time_models, write
+from _common import calib_reader, quiet, recipe_with_eval, time_models, write
 
 quiet()
 
@@ -26,7 +25,6 @@ from krimp.eval import fidelity as F  # noqa: E402
 from krimp.eval.compare import collect  # noqa: E402
 from krimp.eval.runtime import OrtEngine, TorchEngine  # noqa: E402
 from krimp.export.onnx import optimize_transformer  # noqa: E402
-from krimp.recipe import DataSpec, Recipe  # noqa: E402
 
 
 def main() -> None:
@@ -35,8 +33,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="krimp-bench-"))
-    recipe = Recipe.from_yaml(Path(__file__).parents[1] / "recipes" / "minilm-int8.yaml")
-    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"eval_samples": args.eval})})
+    recipe = recipe_with_eval("minilm-int8.yaml", args.eval)
     h = krimp.load_model("builtin:minilm")
     task = h.task
     data = load_data(recipe.data, task)
@@ -48,20 +45,14 @@ def main() -> None:
     optimize_transformer(fp32, fused, h.module)
     models["FP32 ONNX Runtime, fused graph"] = fused
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
 
     quantize_dynamic(str(fp32), str(tmp / "ort_dynamic.onnx"))
     models["ORT quantize_dynamic (defaults)"] = tmp / "ort_dynamic.onnx"
     feeds = [task.encode(data.calib[i:i + 8], 128) for i in range(0, len(data.calib), 8)]
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
 
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(fp32), str(tmp / "ort_static.onnx"), Reader(), quant_format=QuantFormat.QDQ)
+    quantize_static(str(fp32), str(tmp / "ort_static.onnx"), calib_reader(feeds), quant_format=QuantFormat.QDQ)
     models["ORT quantize_static QDQ (defaults)"] = tmp / "ort_static.onnx"
     models["krimp minilm-int8 recipe"] = tmp / "krimp" / "model.onnx"
 

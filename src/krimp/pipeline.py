@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from krimp.config import method_for
-from krimp.data import Dataset, load_data
+from krimp.data import Dataset
 from krimp.errors import KrimpError
 from krimp.eval.compare import collect, compare, compare_features
 from krimp.eval.goal import calib_score

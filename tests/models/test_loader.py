@@ -39,6 +39,7 @@ def test_onnx_file_loads_with_task_metadata(tmp_path):
     r = krimp.compress("builtin:digits-cnn", {"data": {"calib_samples": 16, "eval_samples": 32},
                                               "eval": {"repeats": 3, "warmup": 1, "bootstrap": 100},
                                               "stages": [{"method": "int8-dynamic", "fallback": False}]}, tmp_path / "d")
+    assert r["artifacts"][0]["path"] == "model.onnx"
     h = load_model(tmp_path / "d" / "baseline.onnx")
     assert h.kind == "onnx" and h.task.name == "image-classification" and h.task.std == 16.0
     assert h.num_params > 20_000
