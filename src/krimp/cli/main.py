@@ -17,6 +17,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
           verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress details")) -> None:
     common.STATE["debug"] = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars; krimp shows its own
     common.setup_logging(verbose)
 
 
