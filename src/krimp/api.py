@@ -79,7 +79,10 @@ def _finalize(res: dict, r: Recipe, handle: ModelHandle, work: Path) -> list[dic
     arts = []
     if "compressed_onnx" in res:
         final = work / "model.onnx"
-        os.replace(res["compressed_onnx"], final)
+        if res["compressed_onnx"] == res["baseline_onnx"]:  # a recipe with no stages: export only
+            shutil.copyfile(res["compressed_onnx"], final)
+        else:
+            os.replace(res["compressed_onnx"], final)
         res["compressed_onnx"] = final
         arts.append({"format": "onnx", "role": "compressed", "path": "model.onnx"})
         arts.append({"format": "onnx", "role": "baseline", "path": "baseline.onnx"})

@@ -107,61 +107,30 @@ def _brief(q: dict) -> dict:
     return {k: round(v["value"], 5) for k, v in q.get("fidelity", {}).items() if isinstance(v, dict)}
 
 
-def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
-               step: Callable[[str], None]) -> dict[str, Any]:
-    """Apply the recipe; returns paths/engines of baseline and compressed models and stage notes."""
-    ev = recipe.eval
-    feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
-    torch_stages = [s for s in recipe.stages if s.domain == "torch"]
-    onnx_stages = [s for s in recipe.stages if s.domain == "onnx"]
-    if torch_stages and onnx_stages and torch_stages[-1] is not recipe.stages[len(torch_stages) - 1]:
-        raise KrimpError("torch stages (e.g. bf16) must come before ONNX stages (int8-*, fp16)")
-    if torch_stages and handle.module is None:
-        raise KrimpError(f"stage '{torch_stages[0].method}' needs a torch model; an ONNX file was given")
-    notes: list[dict] = []
-    cur = None
-    out: dict[str, Any] = {"stages": notes}
+def _apply_torch_stages(handle: ModelHandle, stages, feeds, threads: int, notes: list, step):
+    """Check the original model on calibration data, then apply torch stages to a deep copy."""
     module = handle.module
-    if module is not None:
-        for f in feeds:
-            if not np.isfinite(TorchEngine(module, handle.task, ev.threads).run(f)).all():
-                raise KrimpError("the original model produces NaN/Inf on the calibration data")
-        if torch_stages:
-            module = copy.deepcopy(module)
-        for i, cfg in enumerate(torch_stages):
-            step(f"stage {i + 1}: {cfg.method}")
-            t0 = time.perf_counter()
-            module, info = method_for(cfg).apply_torch(module, cfg, StageContext(handle.task, feeds, ev.threads))
-            notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info})
-    wants_onnx = "onnx" in recipe.export.formats or onnx_stages
-    if handle.module is None:  # an ONNX file was given
-        base = work / "baseline.onnx"
-        shutil.copyfile(handle.onnx_path, base)
-        out["baseline_onnx"] = base
-    elif wants_onnx:
-        step("export: baseline ONNX")
-        base = export_onnx(handle.module, handle.task, feeds[0], work / "baseline.onnx", recipe.export.opset)
-        out["export_error"] = verify_onnx(base, TorchEngine(handle.module, handle.task, ev.threads),
-                                          feeds[:2], recipe.export.rtol, ev.threads)
-        out["baseline_onnx"] = base
-        if torch_stages:
-            step("export: compressed ONNX")
-            cur = export_onnx(module, handle.task, feeds[0], work / "torch_stages.onnx", recipe.export.opset)
-            verify_onnx(cur, TorchEngine(module, handle.task, ev.threads), feeds[:2], recipe.export.rtol * 10)
-    if not wants_onnx:
-        out["module"], out["baseline_module"] = module, handle.module
-        return out
-    cur = cur if torch_stages else out["baseline_onnx"]
-    if onnx_stages and recipe.export.optimize and handle.module is not None:
-        fused = work / "fused.onnx"
-        stats = optimize_transformer(cur, fused, handle.module)
-        if stats:
-            out["fusions"] = stats
-            cur = fused
-    check = _calib_goal_check(recipe, handle, data, out["baseline_onnx"])
-    distance = _calib_distance(recipe, handle, data, out["baseline_onnx"])
-    for i, cfg in enumerate(onnx_stages):
-        step(f"stage {len(torch_stages) + i + 1}: {cfg.method}")
+    for f in feeds:
+        if not np.isfinite(TorchEngine(module, handle.task, threads).run(f)).all():
+            raise KrimpError("the original model produces NaN/Inf on the calibration data")
+    if stages:
+        module = copy.deepcopy(module)
+    for i, cfg in enumerate(stages):
+        step(f"stage {i + 1}: {cfg.method}")
+        t0 = time.perf_counter()
+        module, info = method_for(cfg).apply_torch(module, cfg, StageContext(handle.task, feeds, threads))
+        notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info})
+    return module
+
+
+def _apply_onnx_stages(cur: Path, stages, first: int, recipe: Recipe, handle: ModelHandle, data: Dataset,
+                       feeds, base: Path, work: Path, notes: list, step) -> Path:
+    """Apply ONNX stages in order, each to a new file; after each, check the goal on calibration data."""
+    ev = recipe.eval
+    check = _calib_goal_check(recipe, handle, data, base)
+    distance = _calib_distance(recipe, handle, data, base)
+    for i, cfg in enumerate(stages):
+        step(f"stage {first + i + 1}: {cfg.method}")
         dst = work / f"stage{i}.onnx"
         t0 = time.perf_counter()
         ctx = StageContext(handle.task, feeds, ev.threads, check, recipe.goal.max_size_ratio is not None, distance)
@@ -175,5 +144,46 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
         notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 2),
                       "calib_within_goal": ok, "calib_metrics": metrics, **info})
         cur = dst
-    out["compressed_onnx"] = cur
+    return cur
+
+
+def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
+               step: Callable[[str], None]) -> dict[str, Any]:
+    """Apply the recipe; returns paths of baseline and compressed models (or modules) and stage notes."""
+    ev, rtol, opset = recipe.eval, recipe.export.rtol, recipe.export.opset
+    feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
+    torch_stages = [s for s in recipe.stages if s.domain == "torch"]
+    onnx_stages = [s for s in recipe.stages if s.domain == "onnx"]
+    if torch_stages and onnx_stages and torch_stages[-1] is not recipe.stages[len(torch_stages) - 1]:
+        raise KrimpError("torch stages (e.g. bf16) must come before ONNX stages (int8-*, fp16)")
+    if torch_stages and handle.module is None:
+        raise KrimpError(f"stage '{torch_stages[0].method}' needs a torch model; an ONNX file was given")
+    notes: list[dict] = []
+    out: dict[str, Any] = {"stages": notes}
+    module = None
+    if handle.module is not None:
+        module = _apply_torch_stages(handle, torch_stages, feeds, ev.threads, notes, step)
+    if "onnx" not in recipe.export.formats and not onnx_stages:
+        out["module"], out["baseline_module"] = module, handle.module
+        return out
+    base = work / "baseline.onnx"
+    if handle.module is None:  # an ONNX file was given
+        shutil.copyfile(handle.onnx_path, base)
+        cur = base
+    else:
+        step("export: baseline ONNX")
+        export_onnx(handle.module, handle.task, feeds[0], base, opset)
+        out["export_error"] = verify_onnx(base, TorchEngine(handle.module, handle.task, ev.threads), feeds[:2], rtol)
+        cur = base
+        if torch_stages:
+            step("export: compressed ONNX")
+            cur = export_onnx(module, handle.task, feeds[0], work / "torch_stages.onnx", opset)
+            verify_onnx(cur, TorchEngine(module, handle.task, ev.threads), feeds[:2], rtol * 10)
+    out["baseline_onnx"] = base
+    if onnx_stages and recipe.export.optimize and handle.module is not None:
+        stats = optimize_transformer(cur, work / "fused.onnx", handle.module)
+        if stats:
+            out["fusions"], cur = stats, work / "fused.onnx"
+    out["compressed_onnx"] = _apply_onnx_stages(cur, onnx_stages, len(torch_stages), recipe, handle, data,
+                                                feeds, base, work, notes, step)
     return out

@@ -93,3 +93,11 @@ def test_nan_model_is_refused(tmp_path):
         krimp.compress(h, {"data": {"source": "builtin:digits", "calib_samples": 8, "eval_samples": 8},
                            "stages": [{"method": "int8-static"}]}, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_recipe_without_stages_exports_and_measures_only(tmp_path):
+    r = krimp.compress("builtin:digits-cnn", {"data": {"calib_samples": 16, "eval_samples": 64},
+                                              "eval": {"batch": 32, "repeats": 3, "warmup": 1}}, tmp_path / "o")
+    assert abs(r["ratios"]["size"] - 1.0) < 1e-9
+    assert r["compressed"]["fidelity"]["top1_agreement"]["value"] == 1.0
+    assert (tmp_path / "o" / "baseline.onnx").exists() and (tmp_path / "o" / "model.onnx").exists()
