@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     cpu = time.process_time() - c0
     batch = next(iter(feed.values())).shape[0]
     peak = peak_rss_mb()
-    print(json.dumps(summarize(times, batch, cpu, peak)))
+    sys.stdout.write(json.dumps(summarize(times, batch, cpu, peak)) + "\n")  # the parent reads this line
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Load what a user brings: a Hugging Face folder, a GGUF file, an ONNX file, a torch module,
 or a builtin model (``builtin:minilm``, ``builtin:efficientnet-lite0``, ``builtin:digits-cnn``).
 
-Weights load through safetensors where they can; nothing is unpickled, and remote code runs only
-when the user passes ``trust_remote_code=True``.
+Weights load through safetensors where they can; nothing is unpickled, and remote code runs
+only when the user asks for it (the recipe's ``trust_remote_code``).
 """
 
 from __future__ import annotations

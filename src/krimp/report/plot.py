@@ -34,10 +34,11 @@ def plot(report: dict, path: Path) -> Path:
                 ax.errorbar([x], [val], yerr=[[val - lo], [hi - val]], color=color, capsize=4)
     axes[0].set_xlabel("size on disk (MiB)")
     axes[1].set_xlabel(f"latency p50 (ms, batch {report['bench_settings']['batch']})")
-    for ax in axes:
+    b = report["baseline"]
+    for ax, xmax in zip(axes, (b["size_bytes"] / 2**20, max(b["latency_ms_p50"], report["compressed"]["latency_ms_p50"]))):
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.set_xlim(left=0)
+        ax.set_xlim(0, xmax * 1.2)
     fig.suptitle(f"{report['model']['source']}: quality vs size and latency")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
