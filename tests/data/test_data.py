@@ -96,3 +96,11 @@ def test_builtin_digits_are_held_out_from_training():
     task = make_task("image-classification", mean=0.0, std=16.0, channels=1, image_size=8)
     ds = load_data(DataSpec(source="builtin:digits", calib_samples=50, eval_samples=100), task)
     assert ds.eval[0].shape == (1, 8, 8) and len(ds.eval_labels) == 100
+
+
+def test_text_and_label_fields_are_configurable(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"body": SENT.format(i=i, t=0), "y": i % 2}) for i in range(20)))
+    ds = load_data(DataSpec(source=str(p), calib_samples=4, eval_samples=6, text_field="body", label_field="y"),
+                   make_task("classification", tokenizer=_Tok()))
+    assert len(ds.eval) == 6 and ds.eval_labels is not None and "topic" in ds.eval[0]

@@ -33,7 +33,7 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
     eval_src = spec.eval_source or spec.source or default
     rng = np.random.default_rng(spec.seed)
     if calib_src == eval_src:
-        groups, label = _groups(calib_src, task)
+        groups, label = _groups(calib_src, task, spec)
         order = rng.permutation(len(groups))
         cal_pool = [it for i in order[0::2] for it in groups[i]]
         ev_pool = [it for i in order[1::2] for it in groups[i]]
@@ -42,8 +42,8 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
             cal_pool, ev_pool = items[0::2], items[1::2]
         info = {"source": label, "split": "disjoint halves of one source"}
     else:
-        cg, cl = _groups(calib_src, task)
-        eg, el = _groups(eval_src, task)
+        cg, cl = _groups(calib_src, task, spec)
+        eg, el = _groups(eval_src, task, spec)
         cal_pool, ev_pool = [i for g in cg for i in g], [i for g in eg for i in g]
         info = {"calib_source": cl, "eval_source": el, "split": "separate sources"}
     if calib_src.startswith("builtin:photos"):
@@ -84,7 +84,7 @@ def _label_ids(labels, task: Task):
         raise KrimpError(f"label not known to the model: {e}") from None
 
 
-def _groups(src: str, task: Task):
+def _groups(src: str, task: Task, spec: DataSpec):
     mode = "passage" if task.name == "causal-lm" else "sentence"
     if src == "builtin:digits":
         from krimp.models.builtin import digits_split
@@ -103,7 +103,7 @@ def _groups(src: str, task: Task):
     if task.is_text:
         from krimp.data.text import read_text_groups
 
-        return read_text_groups(p, mode, "text", "label"), str(p)
+        return read_text_groups(p, mode, spec.text_field, spec.label_field), str(p)
     from krimp.data.images import read_image_groups
 
     return read_image_groups(p), str(p)

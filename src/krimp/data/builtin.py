@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import pkgutil
 import sys
 from pathlib import Path
 
@@ -56,4 +55,4 @@ def builtin_groups(name: str, mode: str):
     raise KrimpError(f"unknown builtin data '{name}' (known: {', '.join(BUILTIN_DATA)})")
 
 
-__all__ = ["builtin_groups", "BUILTIN_DATA", "pkgutil"]
+__all__ = ["builtin_groups", "BUILTIN_DATA"]
