@@ -53,7 +53,7 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
     handle = src if isinstance(src, ModelHandle) else load_model(
         src, task or r.task, trust_remote_code=r.trust_remote_code)
     step("loading data")
-    data = load_data(r.data, handle.task, handle.source if handle.kind == "builtin" else None)
+    data = load_data(r.data, handle.task, handle.builtin_origin)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

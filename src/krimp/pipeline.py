@@ -172,12 +172,12 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
         cur = base
     else:
         step("export: baseline ONNX")
-        export_onnx(handle.module, handle.task, feeds[0], base, opset)
+        export_onnx(handle.module, handle.task, feeds[0], base, opset, handle.source)
         out["export_error"] = verify_onnx(base, TorchEngine(handle.module, handle.task, ev.threads), feeds[:2], rtol)
         cur = base
         if torch_stages:
             step("export: compressed ONNX")
-            cur = export_onnx(module, handle.task, feeds[0], work / "torch_stages.onnx", opset)
+            cur = export_onnx(module, handle.task, feeds[0], work / "torch_stages.onnx", opset, handle.source)
             verify_onnx(cur, TorchEngine(module, handle.task, ev.threads), feeds[:2], rtol * 10)
     out["baseline_onnx"] = base
     if onnx_stages and recipe.export.optimize and handle.module is not None:

@@ -36,7 +36,7 @@ def evaluate(model: str, data: str | None = None, reference: str | None = None, 
     if ref is not h and ref.task.name != h.task.name:
         raise KrimpError(f"reference task {ref.task.name} differs from model task {h.task.name}")
     spec = DataSpec(source=data, eval_samples=samples, calib_samples=1, seq_len=seq_len)
-    ds = load_data(spec, h.task, h.source if h.kind == "builtin" else None)
+    ds = load_data(spec, h.task, h.builtin_origin)
     q = compare(_engine(ref, threads), _engine(h, threads), h.task, ds.eval, ds.eval_labels, batch, seq_len)
     return {"model": h.source, "reference": ref.source, "task": h.task.name, "data": ds.info, **q}
 
@@ -49,7 +49,7 @@ def bench(model: str, batch: int = 8, seq: int = 128, threads: int = 2, repeats:
     if h.task.is_text:
         feed = h.task.dummy_feed(batch, seq)
     else:
-        ds = load_data(DataSpec(calib_samples=1, eval_samples=1), h.task, h.source if h.kind == "builtin" else None)
+        ds = load_data(DataSpec(calib_samples=1, eval_samples=1), h.task, h.builtin_origin)
         feed = bench_feed(h.task, ev, ds)
     if h.onnx_path is not None:
         res = bench_onnx(h.onnx_path, feed, threads, warmup, repeats)

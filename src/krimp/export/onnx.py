@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def export_onnx(module: torch.nn.Module, task, feed: dict[str, np.ndarray], path: Path,
-                opset: int = 17) -> Path:
+                opset: int = 17, origin: str | None = None) -> Path:
     import onnx
 
     wrapped = task.export_module(module).eval()
@@ -42,7 +42,10 @@ def export_onnx(module: torch.nn.Module, task, feed: dict[str, np.ndarray], path
     m = onnx.load(str(tmp))
     meta = {"name": task.name, "mean": task.mean, "std": task.std, "channels": task.channels,
             "image_size": task.image_size, "labels": task.labels}
-    onnx.helper.set_model_props(m, {"krimp.task": json.dumps(meta)})
+    props = {"krimp.task": json.dumps(meta)}
+    if origin:
+        props["krimp.origin"] = origin  # e.g. builtin:digits-cnn, so its builtin data can follow it
+    onnx.helper.set_model_props(m, props)
     onnx.save(m, str(tmp))
     os.replace(tmp, path)
     return path

@@ -43,6 +43,11 @@ class ModelHandle:
 
         return count_onnx_params(self.onnx_path)
 
+    @property
+    def builtin_origin(self) -> str | None:
+        """The builtin model this is, or was exported from (its builtin data follows it)."""
+        return self.source if self.kind == "builtin" else self.info.get("origin")
+
 
 def load_model(src: str | Path | torch.nn.Module, task: str | None = None, *,
                tokenizer: Any = None, trust_remote_code: bool = False, **task_kw) -> ModelHandle:
@@ -167,8 +172,9 @@ def _load_onnx(p: Path, task: str | None) -> ModelHandle:
     meta = {kv.key: kv.value for kv in m.metadata_props}
     kw = json.loads(meta["krimp.task"]) if "krimp.task" in meta else {}
     kw.pop("name", None)
+    info = {"origin": meta["krimp.origin"]} if "krimp.origin" in meta else {}
     return ModelHandle(make_task(task, tokenizer=tok, input_names=names, **kw), str(p), "onnx",
-                       onnx_path=p)
+                       onnx_path=p, info=info)
 
 
 def _vocab_sized(m) -> bool:

@@ -1,0 +1,51 @@
+"""The CLI verbs end to end on a real run folder: compress, eval, bench, inspect."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def krimp(*args):
+    r = subprocess.run([sys.executable, "-m", "krimp.cli.main", *args], capture_output=True, text=True, timeout=600)
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    recipe = d / "r.yaml"
+    recipe.write_text("model: builtin:digits-cnn\ndata: {calib_samples: 64, eval_samples: 128}\n"
+                      "eval: {batch: 32, repeats: 5, warmup: 1}\ngoal: {max_quality_drop: 0.02}\n"
+                      "stages: [{method: int8-static}]\n")
+    rc, out, err = krimp("compress", str(recipe), "--out", str(d / "run"))
+    assert rc == 0, err
+    assert "within goal" in out and "report.html" in out and "accuracy" in out
+    return d / "run"
+
+
+def test_bench_json_reports_latency_memory_and_size(run_dir):
+    rc, out, err = krimp("bench", str(run_dir / "model.onnx"), "--batch", "4", "--repeats", "5", "--json")
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["runtime"] == "onnxruntime" and r["feed_shapes"]["pixel_values"] == [4, 1, 8, 8]
+    assert 0 < r["latency_ms_p50"] <= r["latency_ms_p95"]
+    assert 20 < r["peak_rss_mb"] < 2000 and r["size_bytes"] == (run_dir / "model.onnx").stat().st_size
+
+
+def test_eval_uses_the_baseline_beside_a_run_model(run_dir):
+    rc, out, err = krimp("eval", str(run_dir / "model.onnx"), "--samples", "64", "--json")
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["reference"].endswith("baseline.onnx")
+    assert r["fidelity"]["top1_agreement"]["value"] > 0.9
+    assert r["compressed"]["accuracy"]["value"] > 0.9
+
+
+def test_inspect_lists_quantized_layers_and_methods(run_dir):
+    rc, out, err = krimp("inspect", str(run_dir / "model.onnx"), "--json")
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["task"] == "image-classification" and "QuantizeLinear" in r["layers"]
+    assert "int8" in r["dtypes"] and "int8-static" in r["methods"] and "bf16" not in r["methods"]
