@@ -101,3 +101,19 @@ def test_recipe_without_stages_exports_and_measures_only(tmp_path):
     assert abs(r["ratios"]["size"] - 1.0) < 1e-9
     assert r["compressed"]["fidelity"]["top1_agreement"]["value"] == 1.0
     assert (tmp_path / "o" / "baseline.onnx").exists() and (tmp_path / "o" / "model.onnx").exists()
+
+
+def test_ignore_patterns_keep_named_layers_in_float(tmp_path):
+    import onnx
+
+    r = krimp.compress("builtin:digits-cnn", {"data": {"calib_samples": 32, "eval_samples": 64},
+                                              "eval": {"batch": 32, "repeats": 3, "warmup": 1},
+                                              "stages": [{"method": "int8-static", "ignore": ["classifier", "features.0"]}]},
+                       tmp_path / "o")
+    kept = r["stages"][0]["excluded_by_recipe"]
+    assert len(kept) == 2 and any("classifier" in n for n in kept) and any("features.0" in n for n in kept)
+    g = onnx.load(tmp_path / "o" / "model.onnx").graph
+    inits = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.name in kept:  # the ignored layers still read float weights
+            assert inits[n.input[1]].data_type == onnx.TensorProto.FLOAT

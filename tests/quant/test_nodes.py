@@ -4,6 +4,9 @@ from krimp.quant.nodes import matches, module_path
 def test_module_path_from_onnx_node_name():
     assert module_path("/encoder/layer.0/output/dense/MatMul") == "encoder.layer.0.output.dense"
     assert module_path("Attention_3") == "Attention_3"
+    assert module_path("/module/encoder/layer.3/output/dense/MatMul") == "encoder.layer.3.output.dense"
+    assert module_path("/module/features/features.0/Conv") == "features.0"
+    assert module_path("/module/_blocks.0/_depthwise_conv/Conv") == "_blocks.0._depthwise_conv"
 
 
 def test_patterns_match_node_or_module_names():

@@ -13,9 +13,24 @@ QUANTIZABLE = {"MatMul", "Gemm", "Conv", "Gather", "Attention", "EmbedLayerNorma
 
 
 def module_path(node_name: str) -> str:
-    """``/encoder/layer.0/output/dense/MatMul`` -> ``encoder.layer.0.output.dense``."""
+    """The torch module path an exported node came from.
+
+    ``/module/encoder/layer.0/output/dense/MatMul`` -> ``encoder.layer.0.output.dense`` (krimp's
+    export wrapper adds ``module``); ``/features/features.0/Conv`` -> ``features.0`` (the exporter
+    repeats a container's name in its children's scope).
+    """
     parts = [p for p in node_name.split("/") if p]
-    return ".".join(parts[:-1]) if len(parts) > 1 else (parts[0] if parts else "")
+    if len(parts) <= 1:
+        return parts[0] if parts else ""
+    path: list[str] = []
+    for part in parts[:-1]:
+        if path and part.startswith(path[-1] + "."):
+            path[-1] = part
+        else:
+            path.append(part)
+    if path and path[0] == "module":
+        path = path[1:]
+    return ".".join(path)
 
 
 def matches(node_name: str, patterns: list[str]) -> bool:
