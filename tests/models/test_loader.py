@@ -60,3 +60,35 @@ def test_unknown_builtin_and_folder_without_config(tmp_path):
         load_model("builtin:resnet9000")
     with pytest.raises(KrimpError, match="config.json"):
         load_model(tmp_path)
+
+
+def test_sequence_classifier_folder_with_labelled_jsonl(tmp_path, minilm):
+    """A HF sequence classifier (MiniLM body, fresh 2-class head) on labelled .jsonl: accuracy is
+    reported for both models with intervals, next to KL and top-1 agreement."""
+    import json
+
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    folder = tmp_path / "clf"
+    body = minilm.module
+    clf = tf.BertForSequenceClassification(body.config.__class__(**{**body.config.to_dict(), "num_labels": 2}))
+    clf.bert.load_state_dict(body.state_dict(), strict=False)
+    clf.save_pretrained(folder)
+    minilm.task.tokenizer.save_pretrained(folder)
+    rows = [{"text": f"Item {i}: the function returns {'a list' if i % 2 else 'nothing'} when called.", "label": i % 2}
+            for i in range(80)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    h = load_model(folder)
+    assert h.task.name == "classification"
+    r = krimp.compress(h, {"data": {"source": str(data), "calib_samples": 16, "eval_samples": 40, "seq_len": 32},
+                           "eval": {"seq_len": 32, "repeats": 3, "warmup": 1, "bootstrap": 200},
+                           "goal": {"max_quality_drop": 0.2},
+                           "stages": [{"method": "int8-dynamic", "fallback": False}]}, tmp_path / "o")
+    acc = r["compressed"]["quality"]["accuracy"]
+    assert 0.0 <= acc["ci95"][0] <= acc["value"] <= acc["ci95"][1] <= 1.0
+    assert r["quality_drop"]["metric"] == "accuracy"
+    assert r["compressed"]["fidelity"]["top1_agreement"]["value"] >= 0.8
+    assert r["data"]["eval_samples"] == 40 and r["data"]["labelled"] is True
