@@ -12,7 +12,7 @@ SENT = "This sentence number {i} talks about topic {t} at some length for the te
 
 
 class _Tok:
-    """A stand-in tokenizer is not needed: load_data only reads and splits text."""
+    """load_data only reads and splits text, so no real tokenizer is needed."""
 
 
 def _text_task():

@@ -19,10 +19,12 @@ def test_paired_delta_says_when_it_is_noise():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 2, 200).astype(float)
     assert not paired_delta_ci(a, a.copy())["significant"]
-    b = a.copy()
-    b[:60] = 0
-    b[:60][a[:60] == 0] = 0
-    assert paired_delta_ci(np.ones(200), np.r_[np.zeros(60), np.ones(140)])["significant"]
+    flipped = a.copy()
+    flipped[:3] = 1 - flipped[:3]  # three changed answers out of 200: inside the noise
+    assert not paired_delta_ci(a, flipped)["significant"]
+    worse = np.r_[np.zeros(60), np.ones(140)]  # 60 of 200 lost
+    d = paired_delta_ci(np.ones(200), worse)
+    assert d["significant"] and d["ci95"][1] < -0.2
 
 
 def test_fidelity_metrics_on_known_cases():
