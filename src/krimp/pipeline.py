@@ -110,8 +110,15 @@ def _brief(q: dict) -> dict:
 def _apply_torch_stages(handle: ModelHandle, stages, feeds, threads: int, notes: list, step):
     """Check the original model on calibration data, then apply torch stages to a deep copy."""
     module = handle.module
+    engine = TorchEngine(module, handle.task, threads)
     for f in feeds:
-        if not np.isfinite(TorchEngine(module, handle.task, threads).run(f)).all():
+        try:
+            out = engine.run(f)
+        except Exception as e:  # a model that cannot take the data: say so in one line
+            shapes = {k: list(v.shape) for k, v in f.items()}
+            raise KrimpError(f"the model failed on calibration inputs {shapes} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        if not np.isfinite(out).all():
             raise KrimpError("the original model produces NaN/Inf on the calibration data")
     if stages:
         module = copy.deepcopy(module)

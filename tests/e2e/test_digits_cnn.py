@@ -117,3 +117,33 @@ def test_ignore_patterns_keep_named_layers_in_float(tmp_path):
     for n in g.node:
         if n.name in kept:  # the ignored layers still read float weights
             assert inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
+
+
+class _SvdNet(torch.nn.Module):
+    """Uses an operator ONNX opset 17 cannot express."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) + torch.linalg.svdvals(x[:, 0]).sum(-1, keepdim=True)
+
+
+class _WrongInputNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(100, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("net,needle", [(_SvdNet, "ONNX export failed.*svdvals"),
+                                        (_WrongInputNet, "model failed on calibration inputs")])
+def test_unsupported_layer_or_input_is_one_clear_error(tmp_path, net, needle):
+    h = load_model(net(), task="image-classification", mean=0.0, std=16.0, channels=1, image_size=8)
+    with pytest.raises(KrimpError, match=needle):
+        krimp.compress(h, {"data": {"source": "builtin:digits", "calib_samples": 8, "eval_samples": 8},
+                           "stages": [{"method": "int8-static"}]}, tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
