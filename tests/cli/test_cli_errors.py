@@ -81,3 +81,14 @@ def test_debug_shows_traceback(tmp_path):
 def test_help_for_every_verb(verb):
     rc, out, _ = krimp(verb, "--help")
     assert rc == 0 and "Usage" in out
+
+
+def test_unexpected_errors_are_one_line_with_exit_1(capsys):
+    from krimp.cli import common
+
+    with pytest.raises(SystemExit) as e, common.user_errors():
+        raise ValueError("shape mismatch deep inside a runtime\nmore detail")
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "unexpected ValueError: shape mismatch deep inside a runtime" in err and "--debug" in err
+    assert "more detail" not in err and "Traceback" not in err

@@ -13,6 +13,7 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 STATE = {"debug": False}
 
+EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
 EXIT_GOAL_MISSED = 3
 EXIT_INTERRUPTED = 130
@@ -38,6 +39,13 @@ def user_errors():
             raise
         err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False)
         sys.exit(EXIT_BAD_INPUT)
+    except Exception as e:  # a failure krimp did not foresee: one line, the traceback with --debug
+        if STATE["debug"]:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        err_console.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {first} "
+                          "(rerun with --debug for the traceback)", highlight=False)
+        sys.exit(EXIT_UNEXPECTED)
 
 
 def setup_logging(verbose: bool) -> None:
