@@ -57,3 +57,13 @@ def test_goal_reports_which_metric_missed_and_by_how_much():
     assert "cosine" not in by
     ok, misses = check_goal(Goal(max_quality_drop=0.05), _q(0.90, 0.87, 0.9))
     assert ok and not misses
+
+
+def test_limits_inside_the_interval_are_flagged_as_noise():
+    from krimp.eval.goal import borderline
+
+    q = {"fidelity": {"retrieval_agreement": {"value": 0.901, "ci95": [0.894, 0.907], "n": 512},
+                      "cosine": {"value": 0.994, "ci95": [0.9939, 0.9941], "n": 512}}}
+    flagged = borderline(Goal(min_retrieval_agreement=0.90, min_cosine=0.99), q)
+    assert [m["metric"] for m in flagged] == ["retrieval_agreement"]
+    assert borderline(Goal(min_retrieval_agreement=0.85), q) == []

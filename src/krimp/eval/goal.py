@@ -52,3 +52,16 @@ def calib_score(goal, q: dict, size_ratio: float | None = None) -> tuple[bool, f
     if misses:
         margin = -max(m["by"] for m in misses)
     return ok, margin
+
+
+def borderline(goal, q: dict) -> list[dict]:
+    """Limits that fall inside a metric's 95% interval: met or missed, the data cannot tell."""
+    f = q.get("fidelity", {})
+    limits = {"cosine": goal.min_cosine, "retrieval_agreement": goal.min_retrieval_agreement,
+              "top1_agreement": goal.min_top1_agreement, "kl": goal.max_kl}
+    out = []
+    for k, limit in limits.items():
+        m = f.get(k)
+        if limit is not None and isinstance(m, dict) and m["ci95"][0] <= limit <= m["ci95"][1]:
+            out.append({"metric": k, "limit": limit, "value": m["value"], "ci95": m["ci95"]})
+    return out

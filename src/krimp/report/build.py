@@ -8,7 +8,7 @@ import platform
 from typing import Any
 
 from krimp.eval import energy
-from krimp.eval.goal import check_goal, quality_drop
+from krimp.eval.goal import borderline, check_goal, quality_drop
 
 
 def _side(s: dict, quality: dict, fidelity: dict) -> dict:
@@ -75,6 +75,7 @@ def build_report(recipe, handle, data, res, artifacts, measured, wall_s: float) 
         "goal": recipe.goal.model_dump(exclude_none=True),
         "within_goal": within,
         "misses": misses,
+        "within_noise": borderline(recipe.goal, q),
         "stages": res["stages"],
         "fusions": res.get("fusions"),
         "export_check": {"max_relative_error": res.get("export_error"), "tolerance": recipe.export.rtol},

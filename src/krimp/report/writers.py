@@ -48,9 +48,15 @@ def goal_line(r: dict) -> str:
     if not r["goal"]:
         return "no goal set"
     if r["within_goal"]:
-        return "within goal " + json.dumps(r["goal"])
-    return "GOAL MISSED: " + "; ".join(f"{m['metric']} = {m['value']:.4g} vs limit {m['limit']} (by {m['by']:.4g})"
-                                       for m in r["misses"])
+        line = "within goal " + json.dumps(r["goal"])
+    else:
+        line = "GOAL MISSED: " + "; ".join(f"{m['metric']} = {m['value']:.4g} vs limit {m['limit']} (by {m['by']:.4g})"
+                                           for m in r["misses"])
+    noise = r.get("within_noise") or []
+    if noise:
+        line += "; within noise: " + ", ".join(
+            f"{m['metric']} 95% CI [{m['ci95'][0]:.4g}, {m['ci95'][1]:.4g}] contains the limit {m['limit']}" for m in noise)
+    return line
 
 
 def _atomic_write(path: Path, text: str) -> None:
