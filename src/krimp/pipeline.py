@@ -21,7 +21,7 @@ from krimp.config import method_for
 from krimp.data import Dataset
 from krimp.errors import KrimpError
 from krimp.eval.compare import collect, compare, compare_features
-from krimp.eval.goal import calib_score
+from krimp.eval.goal import calib_ok
 from krimp.eval.runtime import OrtEngine, TorchEngine, batches
 from krimp.export.onnx import export_onnx, optimize_transformer, verify_onnx
 from krimp.models import ModelHandle
@@ -37,13 +37,9 @@ class StageContext:
     task: Any
     calib_feeds: list[dict[str, np.ndarray]]
     threads: int
-    goal_check: Callable[[Path], tuple[bool, float, dict]] | None = None
-    keep_lookups_quantized: bool = False
+    goal_check: Callable[[Path], tuple[bool, dict]] | None = None
+    max_size_ratio: float | None = None  # a fallback try that breaks this limit is not kept
     distance: Callable[[Path | bytes], float] | None = None
-
-    def check_finite(self, arr) -> None:
-        if not np.isfinite(arr).all():
-            raise KrimpError("NaN/Inf in activations during calibration")
 
 
 def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path: Path):
@@ -54,8 +50,8 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
         def check_lm(path: Path):
             q = compare(ref_engine, OrtEngine(path, ev.threads), task, data.calib, None, ev.batch,
                         recipe.data.seq_len, n_boot=100)
-            ok, score = calib_score(recipe.goal, q, path.stat().st_size / ref_path.stat().st_size)
-            return ok, score, _brief(q)
+            size_ratio = path.stat().st_size / ref_path.stat().st_size
+            return calib_ok(recipe.goal, q, size_ratio), {**_brief(q), "size_ratio": round(size_ratio, 4)}
 
         return check_lm
     ref = collect(OrtEngine(ref_path, ev.threads), task, data.calib, ev.batch, recipe.data.seq_len)
@@ -65,11 +61,10 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
     def check(path: Path):
         got = collect(OrtEngine(path, ev.threads), task, data.calib, ev.batch, recipe.data.seq_len)
         if not np.isfinite(got).all():
-            return False, -np.inf, {"finite": False}
+            return False, {"finite": False}
         q = compare_features(task, ref, got, None, ev.top_k, n_boot=100)
         size_ratio = path.stat().st_size / ref_path.stat().st_size
-        ok, score = calib_score(recipe.goal, q, size_ratio)
-        return ok, score, {**_brief(q), "size_ratio": round(size_ratio, 4)}
+        return calib_ok(recipe.goal, q, size_ratio), {**_brief(q), "size_ratio": round(size_ratio, 4)}
 
     return check
 
@@ -140,14 +135,14 @@ def _apply_onnx_stages(cur: Path, stages, first: int, recipe: Recipe, handle: Mo
         step(f"stage {first + i + 1}: {cfg.method}")
         dst = work / f"stage{i}.onnx"
         t0 = time.perf_counter()
-        ctx = StageContext(handle.task, feeds, ev.threads, check, recipe.goal.max_size_ratio is not None, distance)
+        ctx = StageContext(handle.task, feeds, ev.threads, check, recipe.goal.max_size_ratio, distance)
         try:
             info = method_for(cfg).apply_onnx(cur, dst, cfg, ctx)
         except KrimpError:
             raise
         except Exception as e:
             raise KrimpError(f"stage {cfg.method} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        ok, _, metrics = check(dst)
+        ok, metrics = check(dst)
         notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 2),
                       "calib_within_goal": ok, "calib_metrics": metrics, **info})
         cur = dst

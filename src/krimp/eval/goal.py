@@ -43,15 +43,10 @@ def check_goal(goal, q: dict, size_ratio: float | None = None, speedup: float | 
     return not misses, misses
 
 
-def calib_score(goal, q: dict, size_ratio: float | None = None) -> tuple[bool, float]:
-    """For the float fallback on calibration data: quality, fidelity and size limits (latency is
-    measured later, alone). Score: the worst margin to a limit (higher is better)."""
-    ok, misses = check_goal(goal.model_copy(update={"min_speedup": None}), q, size_ratio)
-    drop = quality_drop(q)
-    margin = -(drop[1] if drop else 0.0)
-    if misses:
-        margin = -max(m["by"] for m in misses)
-    return ok, margin
+def calib_ok(goal, q: dict, size_ratio: float | None = None) -> bool:
+    """For the float fallback on calibration data: quality, fidelity and size limits hold (latency
+    is measured later, alone)."""
+    return check_goal(goal.model_copy(update={"min_speedup": None}), q, size_ratio)[0]
 
 
 def borderline(goal, q: dict) -> list[dict]:

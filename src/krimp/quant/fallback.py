@@ -15,7 +15,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-from krimp.quant.nodes import quantizable_nodes
 from krimp.quant.sensitivity import node_sensitivity
 
 log = logging.getLogger(__name__)
@@ -34,14 +33,12 @@ def _distance(metrics: dict) -> float:
 
 def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int, ctx,
                   mode: str = "static", bits: int = 8) -> dict:
-    """Take nodes out of INT8 by forward selection until ``ctx.goal_check`` passes; keep the best."""
-    ok, score, metrics = ctx.goal_check(dst)
+    """Take nodes out of INT8 by forward selection until ``ctx.goal_check`` passes; keep the best
+    try that stays within the size limit."""
+    ok, metrics = ctx.goal_check(dst)
     if ok:
         return {"needed": False, "calib_metrics": metrics}
     ranked = node_sensitivity(src, ctx.distance, ctx.calib_feeds, excluded, mode, bits, ctx.threads)
-    if ctx.keep_lookups_quantized:  # embedding tables hold most bytes: floating them breaks a size goal
-        lookups = {n for n, op in quantizable_nodes(src) if op in ("Gather", "EmbedLayerNormalization")}
-        ranked = [(n, e) for n, e in ranked if n not in lookups]
     log.info("goal missed on calibration data (%s); ranking %d nodes for float fallback",
              metrics, len(ranked))
     tries = [{"excluded": [], "ok": ok, "calib_metrics": metrics}]
@@ -54,9 +51,10 @@ def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int
             if ok or len(chosen) >= max_nodes:
                 break
             run(chosen + [name])
-            ok_try, _, metrics = ctx.goal_check(dst)
+            ok_try, metrics = ctx.goal_check(dst)
             tries.append({"excluded": chosen + [name], "ok": ok_try, "calib_metrics": metrics})
-            if _distance(metrics) < best or ok_try:
+            too_big = ctx.max_size_ratio is not None and metrics.get("size_ratio", 0.0) > ctx.max_size_ratio
+            if not too_big and (_distance(metrics) < best or ok_try):
                 chosen, best, ok = chosen + [name], _distance(metrics), ok_try
                 best_file.write_bytes(dst.read_bytes())
         dst.write_bytes(best_file.read_bytes())

@@ -118,7 +118,7 @@ class StaticInt8:
 
             def run(exclude: list[str]) -> None:
                 quantize_static(
-                    str(pre), str(dst), _Reader(feeds, ctx.check_finite), calibrate_method=method,
+                    str(pre), str(dst), _Reader(feeds), calibrate_method=method,
                     quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
                     per_channel=cfg.per_channel, reduce_range=_reduce_range(cfg),
                     activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
@@ -132,8 +132,8 @@ class StaticInt8:
 class _Reader:
     """ONNX Runtime's calibration data reader over krimp's calibration feeds."""
 
-    def __init__(self, feeds, check_finite):
-        self.feeds, self.i, self.check_finite = feeds, 0, check_finite
+    def __init__(self, feeds):
+        self.feeds, self.i = feeds, 0
 
     def get_next(self):
         if self.i >= len(self.feeds):
