@@ -63,7 +63,7 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
         measured = measure_pair(res, handle, r, data, work)
         report = build_report(r, handle, data, res, artifacts, measured, time.perf_counter() - t_start)
         write_reports(report, work)
-        _clean(work, artifacts)
+        _clean(work, artifacts, res.get("packed_extras", []))
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
@@ -86,24 +86,48 @@ def _finalize(res: dict, r: Recipe, handle: ModelHandle, work: Path) -> list[dic
         res["compressed_onnx"] = final
         arts.append({"format": "onnx", "role": "compressed", "path": "model.onnx"})
         arts.append({"format": "onnx", "role": "baseline", "path": "baseline.onnx"})
+    module = res.get("module") or handle.module
     if "safetensors" in r.export.formats:
-        from krimp.export.safetensors_io import save_safetensors
+        from krimp.export.safetensors_io import save_packed, save_safetensors
 
-        module = res.get("module") or handle.module
         if module is None:
             raise KrimpError("safetensors export needs a torch model; an ONNX file was given")
-        save_safetensors(module, work / "model.safetensors")
+        if any(hasattr(m, "krimp_wq") for m in module.modules()):  # packed codes + config + tokenizer
+            save_packed(module, work, handle.task.tokenizer)
+            res["packed_extras"] = [f.name for f in work.iterdir() if f.suffix in (".json", ".txt", ".model")]
+        else:
+            save_safetensors(module, work / "model.safetensors")
         arts.append({"format": "safetensors", "role": "compressed", "path": "model.safetensors"})
-    unknown = set(r.export.formats) - {"onnx", "safetensors"}
+    if "gguf" in r.export.formats:
+        arts.append(_gguf(res, handle, module, work))
+    unknown = set(r.export.formats) - {"onnx", "safetensors", "gguf"}
     if unknown:
-        raise KrimpError(f"export.formats: unknown format(s) {sorted(unknown)} (known: onnx, safetensors)")
+        raise KrimpError(f"export.formats: unknown format(s) {sorted(unknown)} (known: gguf, onnx, safetensors)")
     for a in arts:
         a["bytes"] = (work / a["path"]).stat().st_size
     return arts
 
 
-def _clean(work: Path, artifacts: list[dict]) -> None:
-    keep = {a["path"] for a in artifacts} | {"report.json", "report.md", "report.html", "plot.png", "recipe.yaml"}
+def _gguf(res: dict, handle: ModelHandle, module, work: Path) -> dict:
+    """model.gguf from krimp's quantized weights, checked by reloading it (and in llama.cpp)."""
+    import numpy as np
+
+    from krimp.export.gguf import export_gguf, verify_gguf
+
+    src = handle.info.get("gguf_path") or (handle.source if handle.kind == "gguf" else None)
+    if module is None:
+        raise KrimpError("GGUF export needs a torch model; an ONNX file was given")
+    info = export_gguf(module, src, work / "model.gguf")
+    ids = torch.from_numpy(np.asarray(res["verify_ids"])) if "verify_ids" in res else None
+    if ids is not None:
+        info["check"] = verify_gguf(work / "model.gguf", module, ids)
+    res["gguf"] = info
+    return {"format": "gguf", "role": "compressed", "path": "model.gguf"}
+
+
+def _clean(work: Path, artifacts: list[dict], extras: list[str] = ()) -> None:
+    keep = {a["path"] for a in artifacts} | {"report.json", "report.md", "report.html", "plot.png",
+                                             "recipe.yaml"} | set(extras)
     for f in work.iterdir():
         if f.name not in keep:
             f.unlink() if f.is_file() else shutil.rmtree(f)

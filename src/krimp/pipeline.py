@@ -40,6 +40,8 @@ class StageContext:
     goal_check: Callable[[Path], tuple[bool, dict]] | None = None
     max_size_ratio: float | None = None  # a fallback try that breaks this limit is not kept
     distance: Callable[[Path | bytes], float] | None = None
+    step: Callable[[str], None] = lambda s: None  # progress line for long stages
+    batch: int = 8
 
 
 def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path: Path):
@@ -47,8 +49,8 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
     if task.name == "causal-lm":
         ref_engine = OrtEngine(ref_path, ev.threads)
 
-        def check_lm(path: Path):
-            q = compare(ref_engine, OrtEngine(path, ev.threads), task, data.calib, None, ev.batch,
+        def check_lm(path: Path):  # a few windows: a full pass of a language model is minutes
+            q = compare(ref_engine, OrtEngine(path, ev.threads), task, data.calib[:16], None, ev.batch,
                         recipe.data.seq_len, n_boot=100)
             size_ratio = path.stat().st_size / ref_path.stat().st_size
             return calib_ok(recipe.goal, q, size_ratio), {**_brief(q), "size_ratio": round(size_ratio, 4)}
@@ -74,7 +76,8 @@ def _calib_distance(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path
     1 - mean cosine for embeddings (used to rank nodes by sensitivity)."""
     from krimp.eval import fidelity as F
 
-    task, ev, items = handle.task, recipe.eval, data.calib[:n_items]
+    task, ev = handle.task, recipe.eval
+    items = data.calib[:n_items // 4 if task.name == "causal-lm" else n_items]
     seq = recipe.data.seq_len
     if task.name == "causal-lm":
         feeds = list(batches(task, items, ev.batch, seq))
@@ -106,7 +109,7 @@ def _apply_torch_stages(handle: ModelHandle, stages, feeds, threads: int, notes:
     """Check the original model on calibration data, then apply torch stages to a deep copy."""
     module = handle.module
     engine = TorchEngine(module, handle.task, threads)
-    for f in feeds:
+    for f in feeds[:4]:  # a few batches show a model that cannot take the data or overflows
         try:
             out = engine.run(f)
         except Exception as e:  # a model that cannot take the data: say so in one line
@@ -120,7 +123,7 @@ def _apply_torch_stages(handle: ModelHandle, stages, feeds, threads: int, notes:
     for i, cfg in enumerate(stages):
         step(f"stage {i + 1}: {cfg.method}")
         t0 = time.perf_counter()
-        module, info = method_for(cfg).apply_torch(module, cfg, StageContext(handle.task, feeds, threads))
+        module, info = method_for(cfg).apply_torch(module, cfg, StageContext(handle.task, feeds, threads, step=step))
         notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info})
     return module
 
@@ -149,6 +152,14 @@ def _apply_onnx_stages(cur: Path, stages, first: int, recipe: Recipe, handle: Mo
     return cur
 
 
+def _verify_feeds(feeds, task):
+    """Feeds for export checks: two batches, or for language models two short windows (a full batch
+    of long windows costs a minute per check)."""
+    if task.name != "causal-lm":
+        return feeds[:2]
+    return [{k: v[:2, :128] for k, v in feeds[0].items()}]
+
+
 def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
                step: Callable[[str], None]) -> dict[str, Any]:
     """Apply the recipe; returns paths of baseline and compressed models (or modules) and stage notes."""
@@ -165,8 +176,11 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
     module = None
     if handle.module is not None:
         module = _apply_torch_stages(handle, torch_stages, feeds, ev.threads, notes, step)
+    out["module"], out["baseline_module"] = module, handle.module
+    if handle.task.name == "causal-lm" and feeds:
+        out["verify_ids"] = _verify_feeds(feeds, handle.task)[0]["input_ids"]
     if "onnx" not in recipe.export.formats and not onnx_stages:
-        out["module"], out["baseline_module"] = module, handle.module
+        out["torch_only"] = True
         return out
     base = work / "baseline.onnx"
     if handle.module is None:  # an ONNX file was given
@@ -175,12 +189,22 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
     else:
         step("export: baseline ONNX")
         export_onnx(handle.module, handle.task, feeds[0], base, opset, handle.source)
-        out["export_error"] = verify_onnx(base, TorchEngine(handle.module, handle.task, ev.threads), feeds[:2], rtol)
+        out["export_error"] = verify_onnx(base, TorchEngine(handle.module, handle.task, ev.threads),
+                                          _verify_feeds(feeds, handle.task), rtol)
         cur = base
         if torch_stages:
             step("export: compressed ONNX")
             cur = export_onnx(module, handle.task, feeds[0], work / "torch_stages.onnx", opset, handle.source)
-            verify_onnx(cur, TorchEngine(module, handle.task, ev.threads), feeds[:2], rtol * 10)
+            vfeeds = _verify_feeds(feeds, handle.task)
+            verify_onnx(cur, TorchEngine(module, handle.task, ev.threads), vfeeds, rtol * 10)
+            if any(hasattr(m, "krimp_wq") for m in module.modules()):
+                from krimp.export.onnx_nbits import to_matmul_nbits
+
+                step("export: ONNX Runtime MatMulNBits")
+                out["nbits"] = to_matmul_nbits(cur, work / "nbits.onnx", module)
+                cur = work / "nbits.onnx"
+                out["export_error_compressed"] = verify_onnx(
+                    cur, TorchEngine(module, handle.task, ev.threads), vfeeds, rtol * 10)
     out["baseline_onnx"] = base
     if onnx_stages and recipe.export.optimize and handle.module is not None:
         stats = optimize_transformer(cur, work / "fused.onnx", handle.module)

@@ -38,7 +38,9 @@ class DataSpec(_Section):
     eval_source: str | None = None  # overrides `source` for evaluation
     calib_samples: int = pydantic.Field(64, ge=1)
     eval_samples: int = pydantic.Field(256, ge=1)
-    seq_len: int = pydantic.Field(128, ge=2)  # tokens per text sample
+    seq_len: int = pydantic.Field(128, ge=2)  # tokens per text sample (a window for language models)
+    stride: int | None = pydantic.Field(None, ge=1)  # language-model evaluation windows start every
+    # `stride` tokens (default seq_len: disjoint); overlapping windows score only their new tokens
     image_size: int = pydantic.Field(224, ge=8)  # pixels per side for image models
     text_field: str = "text"  # column / key holding text in .csv / .jsonl
     label_field: str = "label"  # column / key holding labels, if any

@@ -56,6 +56,8 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
         raise KrimpError(f"calibration data is empty (source: {calib_src})")
     if not ev_pool:
         raise KrimpError(f"evaluation data is empty (source: {eval_src})")
+    if task.name == "causal-lm":
+        return _lm_windows(spec, task, cal_pool, ev_pool, rng, info)
     cal = _sample(cal_pool, spec.calib_samples, rng)
     ev = _sample(ev_pool, spec.eval_samples, rng)
     prep = (lambda x: x) if task.is_text else task.preprocess_image
@@ -67,6 +69,22 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
                     len(cal), spec.calib_samples, len(ev), spec.eval_samples)
     return Dataset([prep(x) for x, _ in cal], [prep(x) for x, _ in ev],
                    _label_ids(labels, task) if has_labels else None, info)
+
+
+def _lm_windows(spec: DataSpec, task: Task, cal_pool, ev_pool, rng, info) -> Dataset:
+    """Language models see running text: token windows of data.seq_len (see krimp.data.lm)."""
+    from krimp.data.lm import make_windows
+
+    cal = make_windows(task.tokenizer, [t for t, _ in cal_pool], spec.calib_samples, spec.seq_len, None,
+                       "calibration", rng)
+    ev = make_windows(task.tokenizer, [t for t, _ in ev_pool], spec.eval_samples, spec.seq_len, spec.stride,
+                      "evaluation")
+    if len(ev) < spec.eval_samples:
+        log.warning("evaluation text makes %d windows, %d asked", len(ev), spec.eval_samples)
+    info.update(calib_samples=len(cal), eval_samples=len(ev), labelled=False, unit="token windows",
+                seq_len=spec.seq_len, stride=spec.stride or spec.seq_len,
+                calib_tokens=len(cal) * spec.seq_len, eval_tokens=len(ev) * spec.seq_len)
+    return Dataset(cal, ev, None, info)
 
 
 def _sample(pool, n, rng):

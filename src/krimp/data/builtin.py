@@ -3,6 +3,8 @@
 - ``python-docs``: English prose from the Python documentation sources
   (Debian's python3.11-doc at /usr/share/doc/python3.11/html/_sources); where those are absent,
   the docstrings of the Python standard library, which every Python carries.
+- ``wikipedia``: 106 English Wikipedia articles (3.1M characters) from gensim's test data, the
+  closest to WikiText here; one group per article.
 - ``digits``: scikit-learn's held-out 8x8 digits with labels (not the images the CNN trained on).
 - ``photos``: random crops of real photographs from scikit-image.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 from krimp.data.text import passages, read_text_groups
 from krimp.errors import KrimpError
 
-BUILTIN_DATA = ("python-docs", "digits", "photos")
+BUILTIN_DATA = ("python-docs", "wikipedia", "digits", "photos")
 DOC_SOURCES = Path(f"/usr/share/doc/python3.{sys.version_info.minor}/html/_sources")
 _DOCSTRING_MODULES = (
     "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",
@@ -49,9 +51,41 @@ def python_docs_groups(mode: str):
     return groups, "python-docs:stdlib-docstrings"
 
 
+def wikipedia_articles() -> list[str]:
+    """The articles' plain text (wiki markup and bold/italic marks removed), cached once."""
+    import json
+    import os
+    import re
+
+    from krimp.models.builtin import CACHE
+
+    cache = CACHE / "wikipedia-gensim-4.4.0.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    try:
+        from gensim.corpora.wikicorpus import filter_wiki
+        from gensim.scripts.segment_wiki import segment_all_articles
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise KrimpError("builtin:wikipedia needs gensim==4.4.0 (pip install -e '.[models]')") from None
+    path = datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    arts = []
+    for _title, sections, *_ in segment_all_articles(path, include_interlinks=False):
+        text = "\n\n".join(filter_wiki(body) for _, body in sections)
+        arts.append(re.sub(r"'{2,}", "", text))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(arts))
+    os.replace(tmp, cache)
+    return arts
+
+
 def builtin_groups(name: str, mode: str):
     if name == "python-docs":
         return python_docs_groups(mode)
+    if name == "wikipedia":
+        groups = [[(t, None) for t in passages(a, mode)] for a in wikipedia_articles()]
+        return [g for g in groups if g], "wikipedia:gensim-4.4.0 test data (106 articles)"
     raise KrimpError(f"unknown builtin data '{name}' (known: {', '.join(BUILTIN_DATA)})")
 
 

@@ -20,6 +20,8 @@ def _lm_stats(ref_logits, got_logits, feed):
     """Per-sample mean next-token NLL for both models, KL and top-1 agreement over real tokens."""
     ids, mask = feed["input_ids"], feed["attention_mask"].astype(bool)
     tgt, valid = ids[:, 1:], mask[:, 1:] & mask[:, :-1]
+    if "score_mask" in feed:  # token windows: only the targets the window is meant to score
+        valid = valid & feed["score_mask"][:, 1:]
     rows = []
     for b in range(ids.shape[0]):
         v = valid[b]

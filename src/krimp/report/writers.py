@@ -81,6 +81,16 @@ def to_markdown(r: dict) -> str:
         lines.append(f"- `{st['method']}` ({st.get('seconds', 0):.1f} s): nodes kept in float by recipe: "
                      f"{len(st.get('excluded_by_recipe', []))}; by automatic fallback: {len(fb.get('excluded', []))}"
                      + (f" ({', '.join(fb['excluded'])})" if fb.get("excluded") else ""))
+    for st in r["stages"]:
+        if "layer_bits_per_weight" in st:
+            lines.append(f"  - {st['quantized_layers']} layers at {st['layer_bits_per_weight']} bits per weight "
+                         f"(incl. scales); head: {st.get('head', 'float')}; fallbacks: {st.get('fallbacks') or 'none'}")
+    gen = r.get("generation")
+    if gen:
+        lines += ["", "## Greedy generation (sanity check)", "", f"Prompt: {gen['prompt']!r}", "",
+                  f"- baseline: {gen['baseline']!r}", f"- compressed: {gen['compressed']!r}"]
+    if r.get("exports"):
+        lines += ["", "## Export checks", "", f"```\n{json.dumps(r['exports'], indent=1)[:3000]}\n```"]
     ea = r["energy_assumptions"]
     lines += ["", "## Energy and cost (estimates)", "",
               f"{ea['method']}: {ea['watts_per_core']} W per busy core, {ea['usd_per_core_hour']} USD per core-hour; "

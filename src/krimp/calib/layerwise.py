@@ -1,0 +1,178 @@
+"""The layer-wise calibrator: run a decoder-only language model one block at a time.
+
+1. Run the model on the calibration windows only up to the first block, and keep what the block
+   receives (hidden states plus its keyword inputs: attention mask, rotary embeddings, ...).
+2. For each block: run it on the kept inputs with hooks on its linear layers that accumulate the
+   statistics a method asks for (the Hessian ``X^T X``, per-channel mean and max of ``|x|``, a sample
+   of input rows); let the method change the block; run the changed block again and keep its
+   outputs as the next block's inputs, so every block is calibrated on what the already
+   compressed blocks before it produce (as GPTQ, SparseGPT and AWQ do).
+
+Peak memory is the model's own weights plus one block's activations for the calibration windows.
+Blocks are visited in order and touched only through ``process``; a later version can load each
+block from disk just before it is needed, for models larger than memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from krimp.errors import KrimpError
+from krimp.models.arch import block_linears, find_blocks
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class InputStats:
+    """Statistics of the inputs of one linear layer (shared by layers that read the same tensor)."""
+
+    hessian: torch.Tensor | None = None  # sum of x x^T (in, in), float32
+    abs_sum: torch.Tensor | None = None  # sum of |x| per input channel
+    abs_max: torch.Tensor | None = None  # max of |x| per input channel
+    sample: list[torch.Tensor] = field(default_factory=list)  # a few input rows, for loss searches
+    rows: int = 0
+
+    def update(self, x: torch.Tensor, want: set[str], sample_rows: int, gen: torch.Generator) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise KrimpError("calibration produced NaN/Inf activations inside the model")
+        self.rows += x.shape[0]
+        if "hessian" in want:
+            h = x.T @ x
+            self.hessian = h if self.hessian is None else self.hessian.add_(h)
+        a = x.abs()
+        if "abs_mean" in want:
+            s = a.sum(0)
+            self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
+        if "abs_max" in want:
+            m = a.amax(0)
+            self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
+        if "sample" in want and sample_rows:
+            k = min(x.shape[0], max(64, sample_rows // 4))  # a share of every batch, thinned later
+            self.sample.append(x[torch.randperm(x.shape[0], generator=gen)[:k]].clone())
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.rows, 1)
+
+    def sample_rows(self, n: int, seed: int = 0) -> torch.Tensor:
+        """``n`` input rows drawn evenly from all batches seen."""
+        if not self.sample:
+            return torch.zeros(0)
+        rows = torch.cat(self.sample)
+        idx = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n]
+        return rows[idx.sort().values]
+
+
+class BlockRun:
+    """One block and the inputs it receives; what a method's ``process`` works with."""
+
+    def __init__(self, index: int, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]):
+        self.index, self.block, self.inputs, self.kwargs = index, block, inputs, kwargs
+        self.linears = block_linears(block)
+        self.outputs: list[torch.Tensor] | None = None  # of the last collect() pass
+        self.unchanged = False  # a method that keeps the block's function sets this: outputs reused
+
+    @torch.no_grad()
+    def forward(self, hooks: dict[str, Callable] | None = None) -> list[torch.Tensor]:
+        handles = [self.linears[n].register_forward_hook(fn) for n, fn in (hooks or {}).items()]
+        try:
+            outs = []
+            for x, kw in zip(self.inputs, self.kwargs):
+                y = self.block(x, **kw)
+                outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+            return outs
+        finally:
+            for h in handles:
+                h.remove()
+
+    def collect(self, names: list[str], want: set[str], sample_rows: int = 0, seed: int = 0) -> dict[str, InputStats]:
+        """Run the block once and gather input statistics for the named linears. Linears that read
+        the same tensor (q, k and v) share one :class:`InputStats`."""
+        stats: dict[str, InputStats] = {}
+        seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # holding x keeps its address unique
+        gen = torch.Generator().manual_seed(seed + self.index)
+
+        def hook_for(name):
+            def hook(_mod, inp, _out):
+                x = inp[0]
+                key = (x.data_ptr(), tuple(x.shape))
+                owner = seen.setdefault(key, (name, x))[0]
+                if owner == name:
+                    stats.setdefault(name, InputStats()).update(x, want, sample_rows, gen)
+                else:
+                    stats[name] = stats.setdefault(owner, InputStats())
+            return hook
+
+        def reset_seen(*_):
+            seen.clear()
+
+        pre = self.block.register_forward_pre_hook(reset_seen)
+        try:
+            self.outputs = self.forward({n: hook_for(n) for n in names})
+        finally:
+            pre.remove()
+        return stats
+
+
+class LayerwiseCalibrator:
+    """Runs ``process(BlockRun) -> dict`` on each block of ``model`` in order, on ``windows``
+    (token ids, (n, seq)), and returns the per-block notes."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch: int = 8,
+                 step: Callable[[str], None] | None = None, label: str = "calibrating"):
+        self.model, self.windows, self.batch = model, windows, batch
+        self.step = step or (lambda s: log.info("%s", s))
+        self.label = label
+        self.path, self.blocks = find_blocks(model)
+
+    @torch.no_grad()
+    def _block_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
+        inputs, kwargs = [], []
+
+        def grab(_mod, args, kw):
+            kw = dict(kw)
+            x = args[0] if args else kw.pop("hidden_states")
+            inputs.append(x.detach())
+            kw.pop("past_key_values", None), kw.pop("past_key_value", None)
+            kw["use_cache"] = False
+            kwargs.append({k: v for k, v in kw.items()})
+            raise _Stop
+
+        h = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for i in range(0, len(self.windows), self.batch):
+                ids = self.windows[i:i + self.batch]
+                try:
+                    self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            h.remove()
+        return inputs, kwargs
+
+    def run(self, process: Callable[[BlockRun], dict]) -> list[dict]:
+        if len(self.windows) == 0:
+            raise KrimpError("no calibration windows")
+        was_training = self.model.training
+        self.model.eval()
+        inputs, kwargs = self._block_inputs()
+        notes = []
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            self.step(f"{self.label}: block {i + 1}/{n}")
+            run = BlockRun(i, block, inputs, kwargs)
+            notes.append({"block": i, **(process(run) or {})})
+            inputs = run.outputs if (run.unchanged and run.outputs is not None) else run.forward()
+        self.model.train(was_training)
+        return notes

@@ -1,0 +1,286 @@
+"""Weight-only quantization of language models: RTN, GPTQ and AWQ as recipe stages, and the
+SmoothQuant smoothing that prepares a model for W8A8 (followed by an ``int8-dynamic`` stage).
+
+The linears inside the decoder blocks are quantized (names such as
+``model.layers.3.mlp.down_proj``, matched by ``targets`` / ``ignore``); ``overrides`` give a
+pattern its own bits or group size, so mixed precision is a recipe::
+
+    - method: gptq
+      bits: 4
+      group_size: 128
+      overrides: {"*.mlp.down_proj": {bits: 8}}
+
+The output head (tied to the token embedding in small models) is rounded separately to ``head_bits``
+in groups of 32 (llama.cpp's Q8_0 grid at 8 bits), or left in float with ``head_bits: null``.
+Each quantized ``nn.Linear`` keeps computing in float with its dequantized weight and carries the
+codes as ``module.krimp_wq`` (a :class:`~krimp.quant.wq.QuantizedWeight`): what the exporters write.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from typing import Literal
+
+import pydantic
+import torch
+from torch import nn
+
+from krimp.config import BaseConfig, register
+from krimp.errors import KrimpError
+from krimp.quant.wq import QuantizedWeight, WQSpec, rtn
+
+log = logging.getLogger(__name__)
+
+
+class LayerOverride(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    bits: int | None = pydantic.Field(None, ge=2, le=8)
+    group_size: int | None = pydantic.Field(None, ge=8)
+    symmetric: bool | None = None
+    skip: bool = False  # leave this layer in float
+
+
+class _WeightOnly(BaseConfig):
+    bits: int = pydantic.Field(4, ge=2, le=8)
+    group_size: int | None = pydantic.Field(128, ge=8)  # None: one scale per output channel
+    symmetric: bool = True
+    overrides: dict[str, LayerOverride] = pydantic.Field(default_factory=dict)
+    head_bits: int | None = pydantic.Field(8, ge=2, le=8)  # output head / tied embedding, groups of 32
+
+    def spec_for(self, name: str) -> WQSpec | None:
+        """The grid for layer ``name``, or None when the recipe leaves it in float."""
+        if any(fnmatch.fnmatchcase(name, p) for p in self.ignore) or \
+                not any(fnmatch.fnmatchcase(name, p) for p in self.targets):
+            return None
+        spec = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        for pat, o in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pat):
+                if o.skip:
+                    return None
+                spec.update({k: v for k, v in o.model_dump().items() if v is not None and k != "skip"})
+                break
+        return WQSpec(**spec)
+
+
+class RTNConfig(_WeightOnly):
+    """Round-to-nearest weight-only quantization (no data needed)."""
+
+    method = "rtn"
+
+
+class GPTQConfig(_WeightOnly):
+    """GPTQ (Frantar et al. 2022): second-order error compensation, column by column."""
+
+    method = "gptq"
+    damp: float = pydantic.Field(0.01, gt=0, lt=1)  # added to H's diagonal, relative to its mean
+    block_size: int = pydantic.Field(128, ge=1)  # columns per lazy-update block
+    act_order: bool = True  # columns by decreasing Hessian diagonal (groups stay contiguous)
+
+
+class AWQConfig(_WeightOnly):
+    """AWQ (Lin et al. 2023): activation-aware per-channel scales, then weight clipping."""
+
+    method = "awq"
+    grid: int = pydantic.Field(20, ge=2)  # exponents tried for the scale search
+    clip: bool = True  # search a per-group clipping ratio after scaling
+    max_shrink: float = pydantic.Field(0.5, gt=0, lt=1)  # smallest clipping ratio tried is 1 - this
+    sample_tokens: int = pydantic.Field(4096, ge=64)  # input rows kept per layer for the searches
+
+
+class SmoothQuantConfig(BaseConfig):
+    """SmoothQuant (Xiao et al. 2022): move activation outliers into the weights, W8A8-ready."""
+
+    method = "smoothquant"
+    alpha: float = pydantic.Field(0.5, ge=0, le=1)  # migration strength
+
+
+# --------------------------------------------------------------------------------------------------
+
+def set_quantized(lin: nn.Linear, qw: QuantizedWeight) -> None:
+    with torch.no_grad():
+        lin.weight.data = qw.dequantize().to(lin.weight.dtype)
+    lin.krimp_wq = qw
+
+
+def windows_of(ctx) -> torch.Tensor:
+    ids = [torch.as_tensor(f["input_ids"]) for f in ctx.calib_feeds]
+    if not ids:
+        raise KrimpError("no calibration data")
+    return torch.cat(ids)
+
+
+def quantize_head(module: nn.Module, bits: int | None) -> dict:
+    """Round the output head (and so the tied embedding) to ``bits`` in symmetric groups of 32."""
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    if bits is None or head is None or not isinstance(head, nn.Linear):
+        return {}
+    set_quantized(head, rtn(head.weight.detach().float(), WQSpec(bits, 32, True)))
+    tied = head.weight is module.get_input_embeddings().weight
+    return {"head": f"{bits}-bit, groups of 32" + (" (tied to the token embedding)" if tied else "")}
+
+
+def _ragged(cfg, linears: dict[str, nn.Linear]) -> list[str]:
+    out = []
+    for name, lin in linears.items():
+        spec = cfg.spec_for(name)
+        if spec and spec.group_size and lin.in_features % spec.group_size:
+            out.append(f"{name}: width {lin.in_features} is not a multiple of group {spec.group_size}; "
+                       f"its last group has {lin.in_features % spec.group_size} columns")
+    return out
+
+
+def _summary(cfg, module, t0: float, notes: list, extra: dict) -> dict:
+    qlins = [m for m in module.modules() if isinstance(m, nn.Linear) and hasattr(m, "krimp_wq")]
+    if not qlins:
+        raise KrimpError(f"{cfg.method}: no linear layer matched targets {cfg.targets} / ignore {cfg.ignore}")
+    n = sum(m.weight.numel() for m in qlins)
+    bpw = sum(m.krimp_wq.bits_per_weight() * m.weight.numel() for m in qlins) / n
+    ragged = sorted({r.split(": ", 1)[1] for r in notes if "not a multiple" in r})
+    return {"quantized_layers": len(qlins), "quantized_params": n, "layer_bits_per_weight": round(bpw, 3),
+            "seconds": round(time.perf_counter() - t0, 2), "fallbacks": ragged, **extra}
+
+
+def _block_name(path: str, i: int, name: str) -> str:
+    return f"{path}.{i}.{name}"
+
+
+@register(RTNConfig)
+class RTN:
+    """Round-to-nearest: each weight to its nearest grid point. Fast, no data; the baseline."""
+
+    def apply_torch(self, module, cfg: RTNConfig, ctx):
+        from krimp.models.arch import find_blocks
+
+        t0 = time.perf_counter()
+        path, blocks = find_blocks(module)
+        notes = []
+        for i, block in enumerate(blocks):
+            lins = {_block_name(path, i, n): m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+            notes += _ragged(cfg, lins)
+            for name, lin in lins.items():
+                spec = cfg.spec_for(name)
+                if spec:
+                    set_quantized(lin, rtn(lin.weight.detach().float(), spec))
+        return module, _summary(cfg, module, t0, notes, quantize_head(module, cfg.head_bits))
+
+
+@register(GPTQConfig)
+class GPTQ:
+    """GPTQ through the layer-wise calibrator and the shared column-sweep solver."""
+
+    def apply_torch(self, module, cfg: GPTQConfig, ctx):
+        from krimp.calib.layerwise import LayerwiseCalibrator
+        from krimp.quant.gptq import gptq_solve
+
+        t0 = time.perf_counter()
+        cal = LayerwiseCalibrator(module, windows_of(ctx), getattr(ctx, "batch", 8), ctx.step, "gptq")
+        notes: list[str] = []
+
+        def process(run):
+            names = {_block_name(cal.path, run.index, n): n for n in run.linears}
+            todo = {full: local for full, local in names.items() if cfg.spec_for(full)}
+            notes.extend(_ragged(cfg, {f: run.linears[loc] for f, loc in todo.items()}))
+            stats = run.collect(list(todo.values()), {"hessian"})
+            losses = {}
+            for full, local in todo.items():
+                lin = run.linears[local]
+                qw, info = gptq_solve(lin.weight.detach().float(), stats[local].hessian, cfg.spec_for(full),
+                                      block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order)
+                set_quantized(lin, qw)
+                losses[local] = round(info["loss"], 4)
+                notes.extend(f"{full}: {n}" for n in info["notes"])
+            return {"loss": losses}
+
+        blocks = cal.run(process)
+        extra = {"calib_windows": int(len(cal.windows)), "calib_tokens": int(cal.windows.numel()),
+                 "notes": [n for n in notes if "not a multiple" not in n], "block_losses": blocks}
+        return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
+
+
+def _pair_names(cal, run, pairs) -> list[list[str]]:
+    ids = {id(m): n for n, m in run.linears.items()}
+    return [[ids[id(m)] for m in lins] for _, lins, _ in pairs]
+
+
+@register(AWQConfig)
+class AWQ:
+    """AWQ through the layer-wise calibrator: scale search per scale pair, clipping, then rounding."""
+
+    def apply_torch(self, module, cfg: AWQConfig, ctx):
+        from krimp.calib.layerwise import LayerwiseCalibrator
+        from krimp.models.arch import fold_scale, scale_pairs
+        from krimp.quant.awq import search_clip, search_scale
+
+        t0 = time.perf_counter()
+        cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "awq")
+        notes: list[str] = []
+
+        def process(run):
+            full = {n: _block_name(cal.path, run.index, n) for n in run.linears}
+            todo = [n for n in run.linears if cfg.spec_for(full[n])]
+            notes.extend(_ragged(cfg, {full[n]: run.linears[n] for n in todo}))
+            stats = run.collect(list(run.linears), {"abs_mean", "sample"}, cfg.sample_tokens)
+            alphas = {}
+            pairs = scale_pairs(run.block)
+            for (prev, lins, label), names in zip(pairs, _pair_names(cal, run, pairs)):
+                keep = [(lin, n) for lin, n in zip(lins, names) if n in todo]
+                if len(keep) != len(lins):  # a pair only moves scales when all its linears are quantized
+                    continue
+                st = stats[names[0]]
+                x = st.sample_rows(cfg.sample_tokens)
+                ws = [lin.weight.detach().float() for lin in lins]
+                s, a, _ = search_scale(x, st.abs_mean, ws, [cfg.spec_for(full[n]) for n in names], cfg.grid)
+                fold_scale(prev, lins, s)
+                for obj in {id(stats[n]): stats[n] for n in names}.values():  # inputs are now x / s
+                    obj.sample = [smp / s for smp in obj.sample]
+                alphas[label] = a
+            for n in todo:
+                lin, spec = run.linears[n], cfg.spec_for(full[n])
+                w = lin.weight.detach().float()
+                clip = 1.0
+                if cfg.clip and not n.endswith(("q_proj", "k_proj")):  # as the paper: not q/k (attention)
+                    clip = search_clip(stats[n].sample_rows(512), w, spec, cfg.grid, cfg.max_shrink)
+                set_quantized(lin, rtn(w, spec, clip))
+            return {"alpha": alphas}
+
+        blocks = cal.run(process)
+        extra = {"calib_windows": int(len(cal.windows)), "block_alphas": blocks}
+        return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
+
+
+@register(SmoothQuantConfig)
+class SmoothQuant:
+    """SmoothQuant's smoothing: ``s_j = max|x_j|^alpha / max|w_j|^(1-alpha)`` folded into the module
+    before each scale pair. The model computes the same function; its activations are now easy to
+    quantize, so follow this stage with ``int8-dynamic`` (W8A8 on ONNX Runtime)."""
+
+    def apply_torch(self, module, cfg: SmoothQuantConfig, ctx):
+        from krimp.calib.layerwise import LayerwiseCalibrator
+        from krimp.models.arch import fold_scale, scale_pairs
+
+        t0 = time.perf_counter()
+        cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "smoothquant")
+
+        def process(run):
+            stats = run.collect(list(run.linears), {"abs_max"})
+            pairs = scale_pairs(run.block)
+            done = []
+            for (prev, lins, label), names in zip(pairs, _pair_names(cal, run, pairs)):
+                if not any(fnmatch.fnmatchcase(_block_name(cal.path, run.index, n), p)
+                           for n in names for p in cfg.targets):
+                    continue
+                xmax = stats[names[0]].abs_max.clamp_min(1e-5)
+                wmax = torch.stack([lin.weight.detach().float().abs().amax(0) for lin in lins]).amax(0)
+                s = (xmax.pow(cfg.alpha) / wmax.clamp_min(1e-5).pow(1 - cfg.alpha)).clamp_min(1e-5)
+                fold_scale(prev, lins, s)
+                done.append(label)
+            run.unchanged = True  # same function: the collected outputs feed the next block
+            return {"smoothed": done}
+
+        blocks = cal.run(process)
+        n = sum(len(b["smoothed"]) for b in blocks)
+        if n == 0:
+            raise KrimpError("smoothquant: no norm/linear pair found to smooth")
+        return module, {"smoothed_pairs": n, "alpha": cfg.alpha, "seconds": round(time.perf_counter() - t0, 2)}

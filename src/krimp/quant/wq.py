@@ -1,0 +1,123 @@
+"""Weight-only quantization of a linear layer's weight: the grid, round-to-nearest, and the packed
+form every exporter reads (GGUF blocks, ONNX Runtime ``MatMulNBits``, packed safetensors).
+
+Pure tensor math. A weight ``W`` (out, in) is cut into groups of ``group_size`` consecutive input
+columns per output row (one group per row when ``group_size`` is None: per-channel); where the
+group size does not divide the width the last group of each row is shorter (SmolLM2's width 576 in
+groups of 128 is 4 x 128 + 64), a fallback the report states. Each group has
+a scale ``s`` and a zero point ``z``; codes ``u`` are unsigned, ``0 <= u < 2**bits``, and the float
+weight is ``s * (u - z)``. Scales are rounded to float16 when chosen, so the value every runtime
+computes with is exactly what krimp evaluated.
+
+- symmetric: ``z = 2**(bits-1)`` and ``s = m / -2**(bits-1)`` where ``m`` is the group's value of
+  largest magnitude (sign kept), so that value lands exactly on the grid's end and all ``2**bits``
+  codes are used (llama.cpp's Q4_0/Q8_0 grid; ``s`` may be negative);
+- asymmetric: ``s = (max - min) / (2**bits - 1)`` over ``[min(w, 0), max(w, 0)]`` and an integer ``z``
+  (Q4_1-like, and GPTQ's default).
+
+Round-to-nearest (RTN) is :func:`rtn`; GPTQ and AWQ choose better codes on the same grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class WQSpec:
+    """Bits, group size (None = per output channel) and symmetry of a weight-only grid."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be in [2, 8], got {self.bits}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+
+    def group_len(self, cols: int) -> int:
+        """Columns per group; when it does not divide ``cols`` the last group of a row is shorter."""
+        return min(self.group_size or cols, cols)
+
+
+def n_groups(cols: int, g: int) -> int:
+    return -(-cols // g)
+
+
+def grouped(w: torch.Tensor, g: int, fill: float = 0.0) -> torch.Tensor:
+    """(out, cols) -> (out, n_groups, g), the ragged last group padded with ``fill``."""
+    out, cols = w.shape
+    pad = n_groups(cols, g) * g - cols
+    if pad:
+        w = torch.cat([w, w.new_full((out, pad), fill)], 1)
+    return w.reshape(out, -1, g)
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes (out, in) uint8, scales and zeros (out, in // group) float32; value = s * (u - z)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    spec: WQSpec
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def group(self) -> int:
+        return self.spec.group_len(self.codes.shape[1])
+
+    def dequantize(self) -> torch.Tensor:
+        out, cols = self.codes.shape
+        u = grouped(self.codes.float(), self.group)
+        return ((u - self.zeros[..., None]) * self.scales[..., None]).reshape(out, -1)[:, :cols]
+
+    def bits_per_weight(self, scale_bits: int = 16) -> float:
+        """Code bits plus a float16 scale (and a zero point of ``bits`` bits when asymmetric) per group."""
+        per_group = scale_bits + (0 if self.spec.symmetric else self.spec.bits)
+        return self.spec.bits + per_group * self.scales.shape[1] / self.codes.shape[1]
+
+
+def qparams(w: torch.Tensor, spec: WQSpec, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros (out, n_groups) for ``w`` (out, cols); ``clip`` shrinks each group's range
+    (a scalar, or one ratio per group as AWQ's clipping search gives)."""
+    grp = grouped(w.detach().float(), spec.group_len(w.shape[1]))
+    levels = 2**spec.bits
+    if spec.symmetric:
+        idx = grp.abs().argmax(-1, keepdim=True)
+        m = grp.gather(-1, idx)[..., 0] * clip
+        scale = m / -(levels // 2)
+        zero = torch.full_like(scale, levels // 2)
+    else:
+        lo = grp.amin(-1).clamp(max=0) * clip
+        hi = grp.amax(-1).clamp(min=0) * clip
+        scale = (hi - lo) / (levels - 1)
+        safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+        zero = torch.round(-lo / safe).clamp(0, levels - 1)
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))  # an all-zero group keeps 1
+    return scale.half().float(), zero
+
+
+def quantize_cols(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes for columns ``w`` (out, k) that share ``scale``/``zero`` (out, 1) or (out, k)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WQSpec) -> QuantizedWeight:
+    out, cols = w.shape
+    grp = grouped(w.detach().float(), spec.group_len(cols))
+    u = quantize_cols(grp, scale[..., None], zero[..., None], spec.bits)
+    return QuantizedWeight(u.reshape(out, -1)[:, :cols].to(torch.uint8).contiguous(), scale, zero, spec)
+
+
+def rtn(w: torch.Tensor, spec: WQSpec, clip: torch.Tensor | float = 1.0) -> QuantizedWeight:
+    """Round-to-nearest on the grid of ``spec``: the baseline every other method is measured against."""
+    s, z = qparams(w, spec, clip)
+    return quantize(w, s, z, spec)

@@ -1,0 +1,44 @@
+"""Weight-only grids: codes in range, exact ends, ragged groups, bits per weight."""
+
+import pytest
+import torch
+
+from krimp.quant.wq import WQSpec, rtn
+
+
+@pytest.mark.parametrize("bits,sym", [(8, True), (4, True), (4, False), (3, True), (3, False), (2, False)])
+def test_rtn_codes_in_range_and_error_bounded(bits, sym):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    qw = rtn(w, WQSpec(bits, 64, sym))
+    assert qw.codes.dtype == torch.uint8 and int(qw.codes.max()) < 2**bits
+    # round-to-nearest: half a step at most, except that the symmetric grid's positive end is one
+    # code short of its negative end (llama.cpp's grid), which costs at most one step there
+    step = qw.scales.abs().repeat_interleave(64, 1)
+    err = (qw.dequantize() - w).abs()
+    assert (err <= step * (1.0 if sym else 0.5) * 1.002 + 1e-6).all()
+    assert float((err <= step * 0.5 * 1.002 + 1e-6).float().mean()) > 0.99
+
+
+def test_symmetric_grid_puts_largest_magnitude_exactly_on_grid():
+    w = torch.tensor([[0.1, -0.9, 0.3, 0.5] * 8])
+    qw = rtn(w, WQSpec(4, 32, True))
+    assert abs(float(qw.dequantize()[0, 1]) + 0.9) < 1e-3  # -0.9 -> code 0 = -8 steps (fp16 scale)
+    assert int(qw.zeros[0, 0]) == 8
+
+
+def test_ragged_last_group_and_bits_per_weight():
+    torch.manual_seed(1)
+    w = torch.randn(8, 576)
+    qw = rtn(w, WQSpec(4, 128, True))
+    assert qw.scales.shape == (8, 5)  # 4 x 128 + 64
+    assert qw.dequantize().shape == (8, 576)
+    assert qw.bits_per_weight() == pytest.approx(4 + 16 * 5 / 576)
+    assert (qw.dequantize() - w).abs().max() < 0.5
+
+
+def test_more_bits_less_error():
+    torch.manual_seed(2)
+    w = torch.randn(32, 128)
+    errs = [float((rtn(w, WQSpec(b, 32, True)).dequantize() - w).norm()) for b in (2, 3, 4, 8)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 20
