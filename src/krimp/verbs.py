@@ -17,15 +17,30 @@ from krimp.models import ModelHandle, load_model
 from krimp.recipe import DataSpec, EnergySpec, EvalSpec
 
 
-def _engine(h: ModelHandle, threads: int):
-    return OrtEngine(h.onnx_path, threads) if h.onnx_path is not None else TorchEngine(h.module, h.task, threads)
+def _engine(h: ModelHandle, threads: int, seq_len: int = 512):
+    """The artifact's own runtime: ONNX Runtime for .onnx, llama.cpp for .gguf when installed
+    (else PyTorch on the dequantized weights), PyTorch for the rest."""
+    if h.onnx_path is not None:
+        return OrtEngine(h.onnx_path, threads)
+    if h.kind == "gguf" and _has_llama_cpp():
+        from krimp.eval.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(h.source, n_ctx=seq_len, threads=threads)
+    return TorchEngine(h.module, h.task, threads)
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def default_reference(model: str) -> str | None:
-    """For a run folder's model.onnx, the baseline.onnx written beside it."""
+    """For a run folder's model.onnx / model.gguf / packed folder, the baseline.onnx written beside it."""
     p = Path(model)
-    ref = p.parent / "baseline.onnx"
-    return str(ref) if p.name == "model.onnx" and ref.exists() else None
+    folder = p if p.is_dir() else p.parent
+    ref = folder / "baseline.onnx"
+    return str(ref) if p.name != "baseline.onnx" and ref.exists() else None
 
 
 def evaluate(model: str, data: str | None = None, reference: str | None = None, samples: int = 256,
@@ -37,13 +52,21 @@ def evaluate(model: str, data: str | None = None, reference: str | None = None, 
         raise KrimpError(f"reference task {ref.task.name} differs from model task {h.task.name}")
     spec = DataSpec(source=data, eval_samples=samples, calib_samples=1, seq_len=seq_len)
     ds = load_data(spec, h.task, h.builtin_origin)
-    q = compare(_engine(ref, threads), _engine(h, threads), h.task, ds.eval, ds.eval_labels, batch, seq_len)
-    return {"model": h.source, "reference": ref.source, "task": h.task.name, "data": ds.info, **q}
+    eng = _engine(h, threads, seq_len)
+    q = compare(_engine(ref, threads, seq_len), eng, h.task, ds.eval, ds.eval_labels, batch, seq_len)
+    return {"model": h.source, "reference": ref.source, "task": h.task.name, "runtime": eng.runtime,
+            "data": ds.info, **q}
 
 
 def bench(model: str, batch: int = 8, seq: int = 128, threads: int = 2, repeats: int = 20,
           warmup: int = 5, task: str | None = None) -> dict[str, Any]:
     """Latency p50/p95, throughput, peak RSS, size and energy/cost estimates on the model's runtime."""
+    if str(model).endswith(".gguf"):  # llama.cpp: prompt and decode tokens/s
+        from krimp.eval.llamacpp import bench_gguf
+
+        res = bench_gguf(model, threads, prompt=seq, decode=64, repeats=max(3, repeats // 5))
+        res.update(model=str(model))
+        return res
     h = load_model(model, task)
     ev = EvalSpec(batch=batch, seq_len=seq, threads=threads, repeats=repeats, warmup=warmup)
     if h.task.is_text:

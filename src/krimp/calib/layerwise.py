@@ -166,13 +166,21 @@ class LayerwiseCalibrator:
             raise KrimpError("no calibration windows")
         was_training = self.model.training
         self.model.eval()
-        inputs, kwargs = self._block_inputs()
-        notes = []
-        n = len(self.blocks)
-        for i, block in enumerate(self.blocks):
-            self.step(f"{self.label}: block {i + 1}/{n}")
-            run = BlockRun(i, block, inputs, kwargs)
-            notes.append({"block": i, **(process(run) or {})})
-            inputs = run.outputs if (run.unchanged and run.outputs is not None) else run.forward()
-        self.model.train(was_training)
+        cfg = getattr(self.model, "config", None)
+        impl = getattr(cfg, "_attn_implementation", None)
+        try:
+            if impl == "eager":  # fused attention for calibration: same math, about 1.5x faster here
+                cfg._attn_implementation = "sdpa"
+            inputs, kwargs = self._block_inputs()
+            notes = []
+            n = len(self.blocks)
+            for i, block in enumerate(self.blocks):
+                self.step(f"{self.label}: block {i + 1}/{n}")
+                run = BlockRun(i, block, inputs, kwargs)
+                notes.append({"block": i, **(process(run) or {})})
+                inputs = run.outputs if (run.unchanged and run.outputs is not None) else run.forward()
+        finally:
+            if impl == "eager":
+                cfg._attn_implementation = impl
+            self.model.train(was_training)
         return notes

@@ -26,6 +26,13 @@ def bench_cmd(
     if as_json:
         common.console.print_json(json.dumps(r))
         return
+    if r["runtime"] == "llama.cpp":
+        rows = [("runtime", "llama.cpp (llama-cpp-python)"), ("threads", r["threads"]),
+                (f"prompt tokens/s ({r['prompt_tokens']} tokens)", f"{r['prompt_tokens_per_s']:.0f}"),
+                (f"decode tokens/s ({r['decode_tokens']} tokens, greedy)", f"{r['decode_tokens_per_s']:.1f}"),
+                ("peak RSS (MB)", f"{r['peak_rss_mb']:.0f}"), ("size on disk (MB)", f"{r['size_bytes'] / 1e6:.2f}")]
+        common.console.print(common.table(f"krimp bench: {r['model']}", ["metric", "value"], rows))
+        return
     rows = [("runtime", r["runtime"]), ("inputs", r["feed_shapes"]), ("threads", r["threads"]),
             ("latency p50 / p95 (ms)", f"{r['latency_ms_p50']:.2f} / {r['latency_ms_p95']:.2f}"),
             ("throughput (samples/s)", f"{r['throughput_per_s']:.1f}"),

@@ -73,6 +73,8 @@ def load_model(src: str | Path | torch.nn.Module, task: str | None = None, *,
         else:
             return _load_hf(p, task, trust_remote_code)
     suffix = p.suffix.lower()
+    if suffix == ".safetensors" and (p.parent / "config.json").exists():  # e.g. a run's model.safetensors
+        return _load_hf(p.parent, task, trust_remote_code)
     if suffix == ".gguf":
         return _load_gguf(p, trust_remote_code)
     if suffix == ".onnx":

@@ -132,14 +132,19 @@ def _ragged(cfg, linears: dict[str, nn.Linear]) -> list[str]:
 
 
 def _summary(cfg, module, t0: float, notes: list, extra: dict) -> dict:
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
     qlins = [m for m in module.modules() if isinstance(m, nn.Linear) and hasattr(m, "krimp_wq")]
-    if not qlins:
+    blocks = [m for m in qlins if m is not head]
+    if not blocks:
         raise KrimpError(f"{cfg.method}: no linear layer matched targets {cfg.targets} / ignore {cfg.ignore}")
-    n = sum(m.weight.numel() for m in qlins)
-    bpw = sum(m.krimp_wq.bits_per_weight() * m.weight.numel() for m in qlins) / n
+    n = sum(m.weight.numel() for m in blocks)
+    bpw = sum(m.krimp_wq.bits_per_weight() * m.weight.numel() for m in blocks) / n
     ragged = sorted({r.split(": ", 1)[1] for r in notes if "not a multiple" in r})
-    return {"quantized_layers": len(qlins), "quantized_params": n, "layer_bits_per_weight": round(bpw, 3),
-            "seconds": round(time.perf_counter() - t0, 2), "fallbacks": ragged, **extra}
+    out = {"quantized_layers": len(qlins), "quantized_params": n, "layer_bits_per_weight": round(bpw, 3),
+           "seconds": round(time.perf_counter() - t0, 2), "fallbacks": ragged, **extra}
+    if head is not None and hasattr(head, "krimp_wq"):
+        out["head_bits_per_weight"] = round(head.krimp_wq.bits_per_weight(), 3)
+    return out
 
 
 def _block_name(path: str, i: int, name: str) -> str:

@@ -83,7 +83,7 @@ def to_markdown(r: dict) -> str:
                      + (f" ({', '.join(fb['excluded'])})" if fb.get("excluded") else ""))
     for st in r["stages"]:
         if "layer_bits_per_weight" in st:
-            lines.append(f"  - {st['quantized_layers']} layers at {st['layer_bits_per_weight']} bits per weight "
+            lines.append(f"  - {st['quantized_layers']} layers; block linears at {st['layer_bits_per_weight']} bits per weight "
                          f"(incl. scales); head: {st.get('head', 'float')}; fallbacks: {st.get('fallbacks') or 'none'}")
     gen = r.get("generation")
     if gen:
