@@ -29,8 +29,11 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
 bench: setup
+	# llama.cpp itself (llama-cpp-python builds it from source: several minutes on 2 cores, once)
+	$(BIN)/pip install -q -e '.[llama]'
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/int8_minilm.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/int8_efficientnet.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/llm_wbits.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

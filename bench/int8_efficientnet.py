@@ -13,16 +13,15 @@ import argparse
 import tempfile
 from pathlib import Path
 
-
 from _common import calib_reader, quiet, recipe_with_eval, time_models, write
 
 quiet()
 
-import krimp  # noqa: E402
-from krimp.data import load_data  # noqa: E402
-from krimp.eval import fidelity as F  # noqa: E402
-from krimp.eval.compare import collect  # noqa: E402
-from krimp.eval.runtime import OrtEngine, TorchEngine  # noqa: E402
+import krimp
+from krimp.data import load_data
+from krimp.eval import fidelity as F
+from krimp.eval.compare import collect
+from krimp.eval.runtime import OrtEngine, TorchEngine
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_line  # noqa: E402
+from _common import RESULTS, machine_line
 
 WORK = Path("/tmp/krimp-bench-llm")
 METHODS = {
@@ -92,7 +92,7 @@ class Scorer:
         for f, r in zip(self.feeds, self.ref):
             rows += _lm_stats(r.astype(np.float32), engine.run(f), f)
         a = np.array(rows)
-        ppl = lambda x: float(np.exp(np.mean(x)))  # noqa: E731
+        ppl = lambda x: float(np.exp(np.mean(x)))
         return {"ppl_ref": ppl(a[:, 0]), "ppl": bootstrap_ci(a[:, 1], 1000, stat=ppl),
                 "kl": bootstrap_ci(a[:, 2], 1000), "top1": bootstrap_ci(a[:, 3], 1000)}
 

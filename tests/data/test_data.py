@@ -25,7 +25,7 @@ def test_folder_of_text_files_splits_by_file_without_overlap(tmp_path):
     ds = load_data(DataSpec(source=str(tmp_path), calib_samples=20, eval_samples=20), _text_task())
     assert len(ds.calib) == 20 and len(ds.eval) == 20
     assert not set(ds.calib) & set(ds.eval)
-    topics = lambda items: {s.split("topic ")[1].split()[0] for s in items}  # noqa: E731
+    topics = lambda items: {s.split("topic ")[1].split()[0] for s in items}
     assert not topics(ds.calib) & topics(ds.eval)  # whole files go to one side
     assert ds.info["calib_samples"] == 20 and ds.info["eval_samples"] == 20
 

@@ -42,7 +42,7 @@ def test_fidelity_metrics_on_known_cases():
 
 
 def _q(acc_base, acc_comp, cos):
-    ci = lambda v: {"value": v, "ci95": [v, v], "n": 1}  # noqa: E731
+    ci = lambda v: {"value": v, "ci95": [v, v], "n": 1}
     return {"baseline": {"accuracy": ci(acc_base)}, "compressed": {"accuracy": ci(acc_comp)},
             "fidelity": {"cosine": ci(cos)}}
 

@@ -26,5 +26,5 @@ def test_clip_ratios_in_range_and_error_not_worse():
     spec = WQSpec(3, 64, True)
     r = search_clip(x, w, spec, grid=10, max_shrink=0.5)
     assert r.shape == (32, 2) and float(r.min()) >= 0.5 - 1e-6 and float(r.max()) <= 1.0
-    e = lambda q: float(((x @ (q - w).T) ** 2).sum())  # noqa: E731
+    e = lambda q: float(((x @ (q - w).T) ** 2).sum())
     assert e(fake_quant(w, spec, r)) <= e(fake_quant(w, spec)) * 1.0001

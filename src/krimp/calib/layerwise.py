@@ -16,8 +16,8 @@ block from disk just before it is needed, for models larger than memory.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

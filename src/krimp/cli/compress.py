@@ -22,12 +22,11 @@ def compress_cmd(
     import krimp
     from krimp.report.writers import goal_line, summary_rows
 
-    with common.user_errors():
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=common.err_console, transient=True) as prog:
-            t = prog.add_task("starting", total=None)
-            report = krimp.compress(model, recipe, out, overwrite=overwrite,
-                                    step=lambda s: prog.update(t, description=s))
+    with common.user_errors(), Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=common.err_console, transient=True) as prog:
+        t = prog.add_task("starting", total=None)
+        report = krimp.compress(model, recipe, out, overwrite=overwrite,
+                                step=lambda s: prog.update(t, description=s))
     common.console.print(common.table(f"krimp: {report['model']['source']}", ["metric", "baseline", "compressed"],
                                       summary_rows(report)))
     style = "green" if report["within_goal"] else "bold red"

@@ -89,4 +89,4 @@ def builtin_groups(name: str, mode: str):
     raise KrimpError(f"unknown builtin data '{name}' (known: {', '.join(BUILTIN_DATA)})")
 
 
-__all__ = ["builtin_groups", "BUILTIN_DATA"]
+__all__ = ["BUILTIN_DATA", "builtin_groups"]

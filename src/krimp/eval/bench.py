@@ -29,7 +29,7 @@ def summarize(times_s: list[float], batch: int, cpu_s: float, peak_rss_mb: float
         "throughput_per_s": float(batch / np.median(t) * 1e3),
         "cpu_s_per_inference": float(cpu_s / (len(t) * batch)),
         "peak_rss_mb": float(peak_rss_mb),
-        "repeats": int(len(t)),
+        "repeats": len(t),
     }
 
 

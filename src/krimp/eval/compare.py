@@ -44,7 +44,7 @@ def compare(ref_engine, engine, task, items, labels, batch: int, seq_len: int,
         for f in batches(task, items, batch, seq_len):
             rows += _lm_stats(ref_engine.run(f), engine.run(f), f)
         a = np.array(rows)
-        ppl = lambda x: float(np.exp(np.mean(x)))  # noqa: E731
+        ppl = lambda x: float(np.exp(np.mean(x)))
         return {
             "baseline": {"perplexity": bootstrap_ci(a[:, 0], n_boot, stat=ppl)},
             "compressed": {"perplexity": bootstrap_ci(a[:, 1], n_boot, stat=ppl)},

@@ -33,7 +33,7 @@ def check_goal(goal, q: dict, size_ratio: float | None = None, speedup: float | 
     drop = quality_drop(q)
     if drop is not None:
         need(f"quality_drop ({drop[0]})", drop[1], goal.max_quality_drop, False)
-    val = lambda k: f[k]["value"] if k in f else None  # noqa: E731
+    val = lambda k: f[k]["value"] if k in f else None
     need("cosine", val("cosine"), goal.min_cosine, True)
     need("retrieval_agreement", val("retrieval_agreement"), goal.min_retrieval_agreement, True)
     need("top1_agreement", val("top1_agreement"), goal.min_top1_agreement, True)

@@ -3,4 +3,4 @@
 from krimp.models.loader import ModelHandle, load_model
 from krimp.models.tasks import TASKS, Task, make_task
 
-__all__ = ["ModelHandle", "load_model", "Task", "make_task", "TASKS"]
+__all__ = ["TASKS", "ModelHandle", "Task", "load_model", "make_task"]

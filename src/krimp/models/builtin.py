@@ -27,7 +27,7 @@ CACHE = Path(os.environ.get("KRIMP_CACHE", Path.home() / ".cache" / "krimp"))
 
 
 def load_builtin(name: str):
-    from krimp.models.loader import ModelHandle, _load_gguf, _load_hf
+    from krimp.models.loader import ModelHandle, _load_hf
 
     if name == "minilm":
         try:

@@ -4,4 +4,4 @@ from krimp.quant import floats, llm, ort_int8  # noqa: F401  (registration)
 from krimp.quant.floats import Bf16Config, Fp16Config
 from krimp.quant.ort_int8 import DynamicInt8Config, StaticInt8Config
 
-__all__ = ["Fp16Config", "Bf16Config", "DynamicInt8Config", "StaticInt8Config"]
+__all__ = ["Bf16Config", "DynamicInt8Config", "Fp16Config", "StaticInt8Config"]

@@ -77,6 +77,7 @@ class GPTQConfig(_WeightOnly):
     damp: float = pydantic.Field(0.01, gt=0, lt=1)  # added to H's diagonal, relative to its mean
     block_size: int = pydantic.Field(128, ge=1)  # columns per lazy-update block
     act_order: bool = True  # columns by decreasing Hessian diagonal (groups stay contiguous)
+    mse: bool = True  # choose each group's range by a shrink search instead of plain min-max
 
 
 class AWQConfig(_WeightOnly):
@@ -87,6 +88,10 @@ class AWQConfig(_WeightOnly):
     clip: bool = True  # search a per-group clipping ratio after scaling
     max_shrink: float = pydantic.Field(0.5, gt=0, lt=1)  # smallest clipping ratio tried is 1 - this
     sample_tokens: int = pydantic.Field(4096, ge=64)  # input rows kept per layer for the searches
+    # the scale search's loss: the whole block's output on a few windows (captures attention and
+    # gating, like the paper's module outputs) or the pair's linear outputs on sampled rows (faster)
+    loss: Literal["block", "linear"] = "block"
+    loss_windows: int = pydantic.Field(2, ge=1)
 
 
 class SmoothQuantConfig(BaseConfig):
@@ -100,7 +105,9 @@ class SmoothQuantConfig(BaseConfig):
 
 def set_quantized(lin: nn.Linear, qw: QuantizedWeight) -> None:
     with torch.no_grad():
-        lin.weight.data = qw.dequantize().to(lin.weight.dtype)
+        for r in range(0, qw.shape[0], 4096):  # in place, a slice at a time: no second full copy
+            part = QuantizedWeight(qw.codes[r:r + 4096], qw.scales[r:r + 4096], qw.zeros[r:r + 4096], qw.spec)
+            lin.weight[r:r + 4096] = part.dequantize().to(lin.weight.dtype)
     lin.krimp_wq = qw
 
 
@@ -116,7 +123,7 @@ def quantize_head(module: nn.Module, bits: int | None) -> dict:
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
     if bits is None or head is None or not isinstance(head, nn.Linear):
         return {}
-    set_quantized(head, rtn(head.weight.detach().float(), WQSpec(bits, 32, True)))
+    set_quantized(head, rtn(head.weight.detach(), WQSpec(bits, 32, True)))
     tied = head.weight is module.get_input_embeddings().weight
     return {"head": f"{bits}-bit, groups of 32" + (" (tied to the token embedding)" if tied else "")}
 
@@ -192,14 +199,15 @@ class GPTQ:
             for full, local in todo.items():
                 lin = run.linears[local]
                 qw, info = gptq_solve(lin.weight.detach().float(), stats[local].hessian, cfg.spec_for(full),
-                                      block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order)
+                                      block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order,
+                                      mse=cfg.mse)
                 set_quantized(lin, qw)
                 losses[local] = round(info["loss"], 4)
                 notes.extend(f"{full}: {n}" for n in info["notes"])
             return {"loss": losses}
 
         blocks = cal.run(process)
-        extra = {"calib_windows": int(len(cal.windows)), "calib_tokens": int(cal.windows.numel()),
+        extra = {"calib_windows": len(cal.windows), "calib_tokens": int(cal.windows.numel()),
                  "notes": [n for n in notes if "not a multiple" not in n], "block_losses": blocks}
         return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
 
@@ -234,9 +242,12 @@ class AWQ:
                 if len(keep) != len(lins):  # a pair only moves scales when all its linears are quantized
                     continue
                 st = stats[names[0]]
-                x = st.sample_rows(cfg.sample_tokens)
-                ws = [lin.weight.detach().float() for lin in lins]
-                s, a, _ = search_scale(x, st.abs_mean, ws, [cfg.spec_for(full[n]) for n in names], cfg.grid)
+                specs = [cfg.spec_for(full[n]) for n in names]
+                if cfg.loss == "block":
+                    s, a = _block_scale_search(run, prev, lins, specs, st.abs_mean, cfg)
+                else:
+                    ws = [lin.weight.detach().float() for lin in lins]
+                    s, a, _ = search_scale(st.sample_rows(cfg.sample_tokens), st.abs_mean, ws, specs, cfg.grid)
                 fold_scale(prev, lins, s)
                 for obj in {id(stats[n]): stats[n] for n in names}.values():  # inputs are now x / s
                     obj.sample = [smp / s for smp in obj.sample]
@@ -251,8 +262,54 @@ class AWQ:
             return {"alpha": alphas}
 
         blocks = cal.run(process)
-        extra = {"calib_windows": int(len(cal.windows)), "block_alphas": blocks}
+        extra = {"calib_windows": len(cal.windows), "block_alphas": blocks}
         return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
+
+
+def _slice_batch(v, n: int, b: int):
+    if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == b:
+        return v[:n]
+    if isinstance(v, tuple):
+        return tuple(_slice_batch(x, n, b) for x in v)
+    return v
+
+
+@torch.no_grad()
+def _block_scale_search(run, prev, lins, specs, x_mean, cfg) -> tuple[torch.Tensor, float]:
+    """AWQ's grid over ``s = mean|x|^a``: fold ``s``, round the pair's linears, run the whole block on
+    a few calibration windows, keep the ``a`` with the least output error (``a = 0`` is plain RTN)."""
+    from krimp.models.arch import fold_scale
+    from krimp.quant.awq import fake_quant
+
+    b = run.inputs[0].shape[0]
+    x = run.inputs[0][:cfg.loss_windows]
+    kw = {k: _slice_batch(v, cfg.loss_windows, b) for k, v in run.kwargs[0].items()}
+
+    def out():
+        y = run.block(x, **kw)
+        return y[0] if isinstance(y, (tuple, list)) else y
+
+    ref = out()
+    saved = [prev.weight.detach().clone()] + [lin.weight.detach().clone() for lin in lins]
+    pb = prev.bias.detach().clone() if getattr(prev, "bias", None) is not None else None
+    xm = x_mean.clamp_min(1e-8)
+    best = (torch.ones_like(xm), 0.0, float("inf"))
+    for k in range(cfg.grid):
+        a = k / cfg.grid
+        s = xm.pow(a)
+        s = s / (s.max() * s.min()).sqrt()
+        fold_scale(prev, lins, s)
+        for lin, spec in zip(lins, specs):
+            lin.weight.copy_(fake_quant(lin.weight.float(), spec).to(lin.weight.dtype))
+        err = float(((out() - ref) ** 2).mean())
+        if err < best[2]:
+            best = (s, a, err)
+        prev.weight.copy_(saved[0])
+        if pb is not None:
+            prev.bias.copy_(pb)
+        for lin, w in zip(lins, saved[1:]):
+            lin.weight.copy_(w)
+    return best[0], best[1]
 
 
 @register(SmoothQuantConfig)

@@ -11,8 +11,8 @@ Network Quantization", sec. 3.7); krimp uses it to choose which nodes to keep in
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

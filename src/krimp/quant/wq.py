@@ -117,7 +117,16 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WQS
     return QuantizedWeight(u.reshape(out, -1)[:, :cols].to(torch.uint8).contiguous(), scale, zero, spec)
 
 
-def rtn(w: torch.Tensor, spec: WQSpec, clip: torch.Tensor | float = 1.0) -> QuantizedWeight:
-    """Round-to-nearest on the grid of ``spec``: the baseline every other method is measured against."""
-    s, z = qparams(w, spec, clip)
-    return quantize(w, s, z, spec)
+def rtn(w: torch.Tensor, spec: WQSpec, clip: torch.Tensor | float = 1.0, chunk_rows: int = 4096) -> QuantizedWeight:
+    """Round-to-nearest on the grid of ``spec``: the baseline every other method is measured against.
+    Rows are treated ``chunk_rows`` at a time so a large embedding needs little extra memory."""
+    parts = []
+    for r in range(0, w.shape[0], chunk_rows):
+        c = clip[r:r + chunk_rows] if isinstance(clip, torch.Tensor) else clip
+        wr = w[r:r + chunk_rows]
+        s, z = qparams(wr, spec, c)
+        parts.append(quantize(wr, s, z, spec))
+    if len(parts) == 1:
+        return parts[0]
+    return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                           torch.cat([p.zeros for p in parts]), spec)
