@@ -85,3 +85,15 @@ def test_smollm2_w8_gguf_run(tmp_path):
     assert r["compressed"]["fidelity"]["top1_agreement"]["value"] > 0.9
     assert r["within_goal"], r["misses"]  # 8-bit: perplexity within 2%
     assert (tmp_path / "w8" / "model.gguf").stat().st_size < 0.3 * r["baseline"]["size_bytes"]
+
+
+def test_tiny_llama_smoothquant_then_int8_dynamic(tmp_path, tiny_llama):
+    recipe = {"data": {"source": str(_text(tmp_path)), "calib_samples": 4, "eval_samples": 4, "seq_len": 64},
+              "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
+              "stages": [{"method": "smoothquant", "alpha": 0.5},
+                         {"method": "int8-dynamic", "per_channel": True, "fallback": False, "op_types": ["MatMul"]}]}
+    r = krimp.compress(tiny_llama, recipe, tmp_path / "run")
+    assert r["stages"][0]["smoothed_pairs"] == 6
+    assert r["export_check"]["max_relative_error"] < 1e-3
+    assert r["ratios"]["size"] < 0.66  # 7.8 MB float embedding stays; head and blocks (7.8 + 0.2 MB) to int8
+    assert r["compressed"]["fidelity"]["top1_agreement"]["value"] > 0.5
