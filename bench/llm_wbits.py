@@ -33,7 +33,7 @@ METHODS = {
     "awq-w3": {"method": "awq", "bits": 3, "group_size": 128},
     # GGUF block formats, against llama.cpp's own quantizer
     "gptq-q4_0": {"method": "gptq", "bits": 4, "group_size": 32},
-    "gptq-q8_0": {"method": "gptq", "bits": 8, "group_size": 32},
+    "rtn-q8_0": {"method": "rtn", "bits": 8, "group_size": 32},  # at 8 bits rounding is already near-lossless
 }
 
 
@@ -127,6 +127,8 @@ def smoothquant_w8a8(handle, calib_feeds, scorers: dict, alpha: float | None) ->
 
 def llama_peer(scorers: dict, krimp_ggufs: dict, f16: Path) -> dict:
     """llama.cpp's Q8_0 / Q4_0 from the F16 GGUF against krimp's GGUFs of the same block formats."""
+    import ctypes
+
     import llama_cpp
 
     from krimp.eval.llamacpp import LlamaCppEngine, bench_gguf
@@ -137,7 +139,7 @@ def llama_peer(scorers: dict, krimp_ggufs: dict, f16: Path) -> dict:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
         params.nthread = 2
-        rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), params)
+        rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize failed ({rc})")
         files[f"llama.cpp {tname}"] = dst
@@ -157,6 +159,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--eval", type=int, default=16)
     ap.add_argument("--one")
+    ap.add_argument("--resume", action="store_true", help="reuse methods already quantized in " + str(WORK))
     a = ap.parse_args()
     if a.one:
         print(json.dumps(quantize_one(a.one, a.calib)))
@@ -173,12 +176,17 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     quant = {}
-    for name in METHODS:
+    for name in METHODS:  # a finished method's result is kept in WORK, so a rerun resumes
+        done = WORK / name / "quant.json"
+        if a.resume and done.exists():
+            quant[name] = json.loads(done.read_text())
+            continue
         r = subprocess.run([sys.executable, __file__, "--one", name, "--calib", str(a.calib)],
                            capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
         quant[name] = json.loads(r.stdout.strip().splitlines()[-1])
+        done.write_text(json.dumps(quant[name]))
         print(name, quant[name], flush=True)
     h = load_model("builtin:smollm2")
     scorers = {}
@@ -191,6 +199,7 @@ def main() -> None:
         m = load_model(str(WORK / name)).module
         rows[name] = {**quant[name], "scores": {k: s.score(TorchEngine(m, h.task, 2)) for k, s in scorers.items()}}
         print(name, {k: round(v["ppl"]["value"], 3) for k, v in rows[name]["scores"].items()}, flush=True)
+        (WORK / "rows.partial.json").write_text(json.dumps(rows))
     calib = load_data(DataSpec(source="builtin:python-docs", calib_samples=min(a.calib, 32), eval_samples=1,
                                seq_len=512), h.task)
     cfeeds = list(batches(h.task, calib.calib, 8, 512))
@@ -202,7 +211,7 @@ def main() -> None:
 
         f16 = WORK / "float-f16.gguf"
         export_gguf(h.module, h.info["gguf_path"], f16)
-        peer = llama_peer(scorers, {"GPTQ Q8_0": WORK / "gptq-q8_0" / "model.gguf",
+        peer = llama_peer(scorers, {"RTN Q8_0": WORK / "rtn-q8_0" / "model.gguf",
                                     "GPTQ Q4_0": WORK / "gptq-q4_0" / "model.gguf"}, f16)
     except ImportError:
         print("llama-cpp-python not installed: the GGUF peer comparison is skipped (pip install '.[llama]')")
