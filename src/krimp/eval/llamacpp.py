@@ -79,4 +79,4 @@ def _worker(path: str, threads: int, prompt: int, decode: int, repeats: int) -> 
 
 if __name__ == "__main__":
     p, th, pr, de, rep = sys.argv[1:6]
-    print(json.dumps(_worker(p, int(th), int(pr), int(de), int(rep))))
+    sys.stdout.write(json.dumps(_worker(p, int(th), int(pr), int(de), int(rep))) + "\n")  # the parent reads this line

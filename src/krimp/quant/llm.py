@@ -212,7 +212,7 @@ class GPTQ:
         return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
 
 
-def _pair_names(cal, run, pairs) -> list[list[str]]:
+def _pair_names(run, pairs) -> list[list[str]]:
     ids = {id(m): n for n, m in run.linears.items()}
     return [[ids[id(m)] for m in lins] for _, lins, _ in pairs]
 
@@ -237,7 +237,7 @@ class AWQ:
             stats = run.collect(list(run.linears), {"abs_mean", "sample"}, cfg.sample_tokens)
             alphas = {}
             pairs = scale_pairs(run.block)
-            for (prev, lins, label), names in zip(pairs, _pair_names(cal, run, pairs)):
+            for (prev, lins, label), names in zip(pairs, _pair_names(run, pairs)):
                 keep = [(lin, n) for lin, n in zip(lins, names) if n in todo]
                 if len(keep) != len(lins):  # a pair only moves scales when all its linears are quantized
                     continue
@@ -329,7 +329,7 @@ class SmoothQuant:
             stats = run.collect(list(run.linears), {"abs_max"})
             pairs = scale_pairs(run.block)
             done = []
-            for (prev, lins, label), names in zip(pairs, _pair_names(cal, run, pairs)):
+            for (prev, lins, label), names in zip(pairs, _pair_names(run, pairs)):
                 if not any(fnmatch.fnmatchcase(_block_name(cal.path, run.index, n), p)
                            for n in names for p in cfg.targets):
                     continue
