@@ -89,11 +89,11 @@ def _finalize(res: dict, r: Recipe, handle: ModelHandle, work: Path) -> list[dic
         arts.append({"format": "onnx", "role": "baseline", "path": "baseline.onnx"})
     module = res.get("module") or handle.module
     if "safetensors" in r.export.formats:
-        from krimp.export.safetensors_io import save_packed, save_safetensors
+        from krimp.export.safetensors_io import needs_packed, save_packed, save_safetensors
 
         if module is None:
             raise KrimpError("safetensors export needs a torch model; an ONNX file was given")
-        if any(hasattr(m, "krimp_wq") for m in module.modules()):  # packed codes + config + tokenizer
+        if needs_packed(module):  # packed codes / sparse bitmasks + config + tokenizer
             save_packed(module, work, handle.task.tokenizer)
             res["packed_extras"] = [f.name for f in work.iterdir() if f.suffix in (".json", ".txt", ".model")]
         else:

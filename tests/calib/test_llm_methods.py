@@ -104,3 +104,16 @@ def test_packed_safetensors_and_matmulnbits_hold_krimps_weights(llama, tmp_path)
     assert info["matmul_nbits"] == 14 + 1  # block linears and the head
     ref, got = TorchEngine(m, h.task).run(feed), OrtEngine(tmp_path / "nb.onnx").run(feed)
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("propagate,forwards", [("float", 2), ("quantized", 4)])
+def test_gptq_propagate_sets_forwards_per_block(llama, monkeypatch, propagate, forwards):
+    from krimp.calib.layerwise import BlockRun
+
+    calls = []
+    orig = BlockRun.forward
+    monkeypatch.setattr(BlockRun, "forward", lambda self, hooks=None: calls.append(1) or orig(self, hooks))
+    h, ids = llama
+    m, info = _run(h, ids, {"method": "gptq", "bits": 4, "group_size": 32, "propagate": propagate})
+    assert len(calls) == forwards  # two blocks: one forward each, or a second after quantizing
+    assert info["quantized_layers"] == 15 and _kl(h, m, ids[:4]) < 0.05

@@ -6,7 +6,10 @@
    statistics a method asks for (the Hessian ``X^T X``, per-channel mean and max of ``|x|``, a sample
    of input rows); let the method change the block; run the changed block again and keep its
    outputs as the next block's inputs, so every block is calibrated on what the already
-   compressed blocks before it produce (as GPTQ, SparseGPT and AWQ do).
+   compressed blocks before it produce (as GPTQ, SparseGPT and AWQ do). With
+   ``propagate="float"`` the outputs of the statistics pass (the block before it was changed) are
+   fed on instead: one forward per block instead of two, each block calibrated on what the float
+   model would give it.
 
 Peak memory is the model's own weights plus one block's activations for the calibration windows.
 Blocks are visited in order and touched only through ``process``; a later version can load each
@@ -39,6 +42,7 @@ class InputStats:
     hessian: torch.Tensor | None = None  # sum of x x^T (in, in), float32
     abs_sum: torch.Tensor | None = None  # sum of |x| per input channel
     abs_max: torch.Tensor | None = None  # max of |x| per input channel
+    sq_sum: torch.Tensor | None = None  # sum of x^2 per input channel (the Hessian's diagonal)
     sample: list[torch.Tensor] = field(default_factory=list)  # a few input rows, for loss searches
     rows: int = 0
 
@@ -48,9 +52,13 @@ class InputStats:
             raise KrimpError("calibration produced NaN/Inf activations inside the model")
         self.rows += x.shape[0]
         if "hessian" in want:
-            h = x.T @ x
-            self.hessian = h if self.hessian is None else self.hessian.add_(h)
-        a = x.abs()
+            if self.hessian is None:
+                self.hessian = torch.zeros(x.shape[1], x.shape[1])
+            self.hessian.addmm_(x.T, x)  # in place: no (in, in) temporary per batch
+        if "sq_sum" in want:
+            q = (x * x).sum(0)
+            self.sq_sum = q if self.sq_sum is None else self.sq_sum.add_(q)
+        a = x.abs() if want & {"abs_mean", "abs_max"} else None
         if "abs_mean" in want:
             s = a.sum(0)
             self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
@@ -130,8 +138,12 @@ class LayerwiseCalibrator:
     (token ids, (n, seq)), and returns the per-block notes."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch: int = 8,
-                 step: Callable[[str], None] | None = None, label: str = "calibrating"):
+                 step: Callable[[str], None] | None = None, label: str = "calibrating",
+                 propagate: str = "compressed"):
+        if propagate not in ("compressed", "float"):
+            raise ValueError(f"propagate must be 'compressed' or 'float', got {propagate!r}")
         self.model, self.windows, self.batch = model, windows, batch
+        self.propagate = propagate
         self.step = step or (lambda s: log.info("%s", s))
         self.label = label
         self.path, self.blocks = find_blocks(model)
@@ -178,7 +190,8 @@ class LayerwiseCalibrator:
                 self.step(f"{self.label}: block {i + 1}/{n}")
                 run = BlockRun(i, block, inputs, kwargs)
                 notes.append({"block": i, **(process(run) or {})})
-                inputs = run.outputs if (run.unchanged and run.outputs is not None) else run.forward()
+                reuse = run.unchanged or self.propagate == "float"  # float: one forward per block
+                inputs = run.outputs if (reuse and run.outputs is not None) else run.forward()
         finally:
             if impl == "eager":
                 cfg._attn_implementation = impl

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from krimp.errors import KrimpError
 
 
 def save_safetensors(module: torch.nn.Module, path: Path) -> Path:
@@ -29,10 +32,30 @@ def save_safetensors(module: torch.nn.Module, path: Path) -> Path:
 PACKED_FORMAT = "krimp-packed-v1"
 
 
+SPARSE_MIN = 0.1  # a float weight with at least this share of zeros is stored as bitmask + values
+
+
+def sparse_weights(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Layers whose (not quantized) float weight is sparse enough to store as a bitmask."""
+    out = {}
+    for name, m in module.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not hasattr(m, "krimp_wq") and w is not None \
+                and w.numel() >= 1024 and float((w == 0).float().mean()) >= SPARSE_MIN:
+            out[name] = m
+    return out
+
+
+def needs_packed(module: torch.nn.Module) -> bool:
+    return any(hasattr(m, "krimp_wq") for m in module.modules()) or bool(sparse_weights(module))
+
+
 def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
     """``model.safetensors`` with each quantized linear as packed codes (``.qweight``, ``bits`` bits a
-    code), float16 ``.scales`` and uint8 ``.zeros``, the rest as float; plus ``config.json`` and the
-    tokenizer, so the folder reloads with :func:`load_packed` (``krimp eval FOLDER``)."""
+    code), float16 ``.scales`` and uint8 ``.zeros``; each pruned float weight as ``.bitmask`` (one bit
+    per weight, 1 = kept) and ``.values`` (the kept weights in order); the rest as float. Plus
+    ``config.json`` and the tokenizer, so the folder reloads with :func:`load_packed`
+    (``krimp eval FOLDER``)."""
     import json
 
     from safetensors.torch import save_file
@@ -49,12 +72,20 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
         layers[name] = {"bits": qw.spec.bits, "group_size": qw.spec.group_size,
                         "symmetric": qw.spec.symmetric, "shape": list(qw.shape)}
         seen.add(lin.weight.data_ptr())
+    sparse = {}
+    for name, m in sparse_weights(module).items():
+        w = m.weight.detach()
+        keep = (w != 0).flatten()
+        state[f"{name}.bitmask"] = torch.from_numpy(np.packbits(keep.numpy()))
+        state[f"{name}.values"] = w.flatten()[keep].contiguous()
+        sparse[name] = list(w.shape)
+        seen.add(w.data_ptr())
     for k, v in module.state_dict().items():
         if v.data_ptr() in seen or k in state:
             continue
         seen.add(v.data_ptr())
         state[k] = v.detach().contiguous()
-    meta = {"format": PACKED_FORMAT, "layers": json.dumps(layers)}
+    meta = {"format": PACKED_FORMAT, "layers": json.dumps(layers), "sparse": json.dumps(sparse)}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.safetensors"
     tmp = path.with_name(path.name + ".tmp")
@@ -72,7 +103,7 @@ def is_packed(path: Path) -> bool:
     try:
         with safe_open(str(path), "pt") as f:
             return (f.metadata() or {}).get("format") == PACKED_FORMAT
-    except Exception:
+    except Exception:  # noqa: BLE001  (not a safetensors file at all)
         return False
 
 
@@ -89,8 +120,19 @@ def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
 
     with safe_open(str(path), "pt") as f:
         layers = json.loads(f.metadata()["layers"])
-        plain = {k: f.get_tensor(k) for k in f.keys() if not k.endswith((".qweight", ".scales", ".zeros"))}
-        missing, _ = module.load_state_dict(plain, strict=False)
+        sparse = json.loads(f.metadata().get("sparse", "{}"))
+        plain = {k: f.get_tensor(k) for k in f.keys()  # noqa: SIM118 (safe_open is no dict)
+                 if not k.endswith((".qweight", ".scales", ".zeros", ".bitmask", ".values"))}
+        for name, shape in sparse.items():
+            n = int(np.prod(shape))
+            keep = torch.from_numpy(np.unpackbits(f.get_tensor(f"{name}.bitmask").numpy(), count=n).astype(bool))
+            vals = f.get_tensor(f"{name}.values")
+            if int(keep.sum()) != vals.numel():
+                raise KrimpError(f"{path}: {name}: bitmask and values disagree (corrupt file)")
+            w = torch.zeros(n, dtype=vals.dtype)
+            w[keep] = vals
+            plain[f"{name}.weight"] = w.view(shape)
+        module.load_state_dict(plain, strict=False)
         for name, info in layers.items():
             spec = WQSpec(info["bits"], info["group_size"], info["symmetric"])
             codes = unpack(f.get_tensor(f"{name}.qweight"), spec.bits, False, tuple(info["shape"]))

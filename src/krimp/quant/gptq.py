@@ -45,11 +45,13 @@ def best_range(w: torch.Tensor, h_diag: torch.Tensor, spec: WQSpec, grid: int = 
 
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: WQSpec, *, block_size: int = 128,
-               damp: float = 0.01, act_order: bool = False, mse: bool = True) -> tuple[QuantizedWeight, dict]:
+               damp: float = 0.01, act_order: bool = False, mse: bool = True,
+               keep: torch.Tensor | None = None) -> tuple[QuantizedWeight, dict]:
     """Quantize ``W`` (out, in) given ``H`` (in, in) = sum of x x^T over calibration inputs.
 
     ``mse``: each group's range is the shrink (down to 80%) with the least input-weighted rounding
-    error, instead of the plain min-max range. Returns the quantized weight and
+    error, instead of the plain min-max range. ``keep`` (out, in) bool: weights outside it (a pruning
+    mask) stay exactly zero and take no compensation. Returns the quantized weight and
     ``{"loss", "damping", "notes"}``.
     """
     rows, cols = W.shape
@@ -76,7 +78,8 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: WQSpec, *, block_size: in
                 qparams(cur, WQSpec(spec.bits, None, spec.symmetric))
             scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
         s, z = scales[:, k], zeros[:, k]
-        return (quantize_cols(w, s, z, spec.bits) - z) * s
+        q = (quantize_cols(w, s, z, spec.bits) - z) * s
+        return q if keep is None else q * keep[:, c]
 
     res = column_sweep(W, H, on_column, block_size=block_size, damp=damp, perm=perm)
     qw = quantize(res.W, scales, zeros, spec)

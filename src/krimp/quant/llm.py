@@ -78,6 +78,10 @@ class GPTQConfig(_WeightOnly):
     block_size: int = pydantic.Field(128, ge=1)  # columns per lazy-update block
     act_order: bool = True  # columns by decreasing Hessian diagonal (groups stay contiguous)
     mse: bool = True  # choose each group's range by a shrink search instead of plain min-max
+    # what the next block is calibrated on: the float block's outputs (one forward per block) or the
+    # quantized block's (a second forward, as the paper's code). Measured on SmolLM2-135M w4 g128
+    # (32x512 calibration): KL 0.150 either way on held-out docs, 0.377 vs 0.369 on Wikipedia.
+    propagate: Literal["quantized", "float"] = "float"
 
 
 class AWQConfig(_WeightOnly):
@@ -187,7 +191,8 @@ class GPTQ:
         from krimp.quant.gptq import gptq_solve
 
         t0 = time.perf_counter()
-        cal = LayerwiseCalibrator(module, windows_of(ctx), getattr(ctx, "batch", 8), ctx.step, "gptq")
+        cal = LayerwiseCalibrator(module, windows_of(ctx), getattr(ctx, "batch", 8), ctx.step, "gptq",
+                                  "float" if cfg.propagate == "float" else "compressed")
         notes: list[str] = []
 
         def process(run):
@@ -195,15 +200,28 @@ class GPTQ:
             todo = {full: local for full, local in names.items() if cfg.spec_for(full)}
             notes.extend(_ragged(cfg, {f: run.linears[loc] for f, loc in todo.items()}))
             stats = run.collect(list(todo.values()), {"hessian"})
-            losses = {}
+            # linears reading the same input with the same spec (q/k/v, gate/up) share a Hessian, and
+            # GPTQ treats rows independently: one sweep over their stacked rows gives the same result
+            groups: dict[tuple, list[tuple[str, str]]] = {}
             for full, local in todo.items():
-                lin = run.linears[local]
-                qw, info = gptq_solve(lin.weight.detach().float(), stats[local].hessian, cfg.spec_for(full),
-                                      block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order,
-                                      mse=cfg.mse)
-                set_quantized(lin, qw)
-                losses[local] = round(info["loss"], 4)
-                notes.extend(f"{full}: {n}" for n in info["notes"])
+                groups.setdefault((id(stats[local]), cfg.spec_for(full)), []).append((full, local))
+            losses = {}
+            for (_, spec), members in groups.items():
+                lins = [run.linears[local] for _, local in members]
+                W = torch.cat([lin.weight.detach().float() for lin in lins])
+                zero = W == 0  # a pruned model's zeros (rare otherwise) stay zero through the sweep
+                keep = ~zero if zero.float().mean() > 0.01 else None
+                qw, info = gptq_solve(W, stats[members[0][1]].hessian, spec, block_size=cfg.block_size,
+                                      damp=cfg.damp, act_order=cfg.act_order, mse=cfg.mse, keep=keep)
+                r = 0
+                for (full, local), lin in zip(members, lins):
+                    n = lin.out_features
+                    set_quantized(lin, QuantizedWeight(qw.codes[r:r + n], qw.scales[r:r + n],
+                                                       qw.zeros[r:r + n], spec))
+                    r += n
+                losses["+".join(local for _, local in members)] = round(info["loss"], 4)
+                key = "+".join(full for full, _ in members)
+                notes.extend(f"{key}: {note}" for note in info["notes"])
             return {"loss": losses}
 
         blocks = cal.run(process)

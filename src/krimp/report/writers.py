@@ -78,6 +78,11 @@ def to_markdown(r: dict) -> str:
     lines += ["", f"**{goal_line(r)}**", "", "## Stages", ""]
     for st in r["stages"]:
         fb = st.get("fallback") or {}
+        if "sparsity" in st:  # a pruning stage
+            lines.append(f"- `{st['method']}` ({st.get('seconds', 0):.1f} s): {st['pattern']} sparsity "
+                         f"{st['sparsity']:.1%} ({st['pruned_params']:,} of {st['target_params']:,} weights in "
+                         f"{st['pruned_layers']} layers). {st['runtime']}.")
+            continue
         lines.append(f"- `{st['method']}` ({st.get('seconds', 0):.1f} s): nodes kept in float by recipe: "
                      f"{len(st.get('excluded_by_recipe', []))}; by automatic fallback: {len(fb.get('excluded', []))}"
                      + (f" ({', '.join(fb['excluded'])})" if fb.get("excluded") else ""))
