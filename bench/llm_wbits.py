@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, machine_line
 
 WORK = Path("/tmp/krimp-bench-llm")
+PPL_TOL = 0.03  # llama.cpp's perplexity of a krimp GGUF against krimp's own, relative
 METHODS = {
     "rtn-w4": {"method": "rtn", "bits": 4, "group_size": 128},
     "gptq-w4": {"method": "gptq", "bits": 4, "group_size": 128},
@@ -255,6 +256,16 @@ def to_markdown(res: dict) -> str:
             sp = r["speed"]
             lines.append(f"| {label} | {r['bytes']:,} | " + " | ".join(_ci(r['scores'][k]['ppl'], 2) for k in sets)
                          + f" | {sp['prompt_tokens_per_s']:.0f} | {sp['decode_tokens_per_s']:.1f} | {sp['peak_rss_mb']:.0f} |")
+        pairs = {"krimp GPTQ Q4_0": "gptq-q4_0", "krimp RTN Q8_0": "rtn-q8_0"}
+        lines += ["", f"Same GGUF, two runtimes: llama.cpp perplexity against PyTorch's on krimp's dequantized "
+                  f"weights (tolerance {PPL_TOL:.0%}; llama.cpp rounds activations to 8 bits in its dot products):"]
+        for label, row in pairs.items():
+            if label in res["llama_cpp"] and row in res["rows"]:
+                for k in sets:
+                    a = res["llama_cpp"][label]["scores"][k]["ppl"]["value"]
+                    b = res["rows"][row]["scores"][k]["ppl"]["value"]
+                    lines.append(f"- {label} on {k}: llama.cpp {a:.3f}, PyTorch {b:.3f}, difference "
+                                 f"{abs(a - b) / b:.2%} ({'within' if abs(a - b) / b <= PPL_TOL else 'OUTSIDE'} tolerance)")
     lines += ["", f"Wall time of the whole benchmark: {res['wall_s'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,8 @@ class BaseConfig(pydantic.BaseModel):
     method: ClassVar[str] = ""
     #: "torch" methods change a torch module; "onnx" methods change an exported ONNX graph.
     domain: ClassVar[str] = "torch"
+    #: methods that work block by block on a decoder-only language model (krimp.models.arch)
+    needs_decoder_blocks: ClassVar[bool] = False
 
     targets: list[str] = pydantic.Field(default_factory=lambda: ["*"])
     ignore: list[str] = pydantic.Field(default_factory=list)

@@ -197,7 +197,8 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
             step("export: compressed ONNX")
             cur = export_onnx(module, handle.task, feeds[0], work / "torch_stages.onnx", opset, handle.source)
             vfeeds = _verify_feeds(feeds, handle.task)
-            verify_onnx(cur, TorchEngine(module, handle.task, ev.threads), vfeeds, rtol * 10)
+            out["export_error_compressed"] = verify_onnx(cur, TorchEngine(module, handle.task, ev.threads),
+                                                         vfeeds, rtol * 10)
             if any(hasattr(m, "krimp_wq") for m in module.modules()):
                 from krimp.export.onnx_nbits import to_matmul_nbits
 

@@ -112,7 +112,17 @@ def inspect(model: str, task: str | None = None) -> dict[str, Any]:
         layers = Counter(type(m).__name__ for m in h.module.modules() if not list(m.children()))
         dtypes = Counter(str(p.dtype).replace("torch.", "") for p in h.module.parameters())
         domains = {"onnx", "torch"}
-    methods = sorted(k for k, (c, _) in REGISTRY.items() if c.domain in domains)
+    blocks = False
+    if h.module is not None:
+        from krimp.errors import KrimpError
+        from krimp.models.arch import find_blocks
+
+        try:
+            blocks = bool(find_blocks(h.module))
+        except KrimpError:
+            pass
+    methods = sorted(k for k, (c, _) in REGISTRY.items()
+                     if c.domain in domains and (blocks or not c.needs_decoder_blocks))
     return {"model": h.source, "kind": h.kind, "task": h.task.name, "params": h.num_params,
             "size_bytes": _size(h), "layers": dict(layers.most_common()), "dtypes": dict(dtypes),
             "inputs": h.task.input_names, "methods": methods, **h.info}

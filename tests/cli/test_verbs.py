@@ -49,3 +49,12 @@ def test_inspect_lists_quantized_layers_and_methods(run_dir):
     r = json.loads(out)
     assert r["task"] == "image-classification" and "QuantizeLinear" in r["layers"]
     assert "int8" in r["dtypes"] and "int8-static" in r["methods"] and "bf16" not in r["methods"]
+
+
+def test_inspect_offers_layerwise_methods_only_to_language_models(tiny_llama):
+    from krimp.verbs import inspect
+
+    lm = inspect(str(tiny_llama))["methods"]
+    assert {"gptq", "awq", "sparsegpt", "wanda", "magnitude"} <= set(lm)
+    cnn = inspect("builtin:digits-cnn")["methods"]
+    assert "magnitude" in cnn and not {"gptq", "awq", "sparsegpt", "wanda", "rtn"} & set(cnn)

@@ -47,7 +47,24 @@ def sparse_weights(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def needs_packed(module: torch.nn.Module) -> bool:
-    return any(hasattr(m, "krimp_wq") for m in module.modules()) or bool(sparse_weights(module))
+    return any(hasattr(m, "krimp_wq") or hasattr(m, "krimp_structured") for m in module.modules()) \
+        or bool(sparse_weights(module))
+
+
+def linear_shapes(module: torch.nn.Module) -> dict[str, list]:
+    """[out, in, has_bias] of every linear that structured pruning made smaller."""
+    return {n: [m.out_features, m.in_features, m.bias is not None] for n, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear) and hasattr(m, "krimp_structured")}
+
+
+def resize_linears(module: torch.nn.Module, shapes: dict[str, list]) -> None:
+    """Replace the named linears with empty ones of the stored shapes (before loading weights)."""
+    for name, (out, inp, bias) in shapes.items():
+        parent, _, leaf = name.rpartition(".")
+        holder = module.get_submodule(parent) if parent else module
+        new = torch.nn.Linear(inp, out, bias=bias)
+        new.krimp_structured = True
+        setattr(holder, leaf, new)
 
 
 def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
@@ -85,7 +102,8 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
             continue
         seen.add(v.data_ptr())
         state[k] = v.detach().contiguous()
-    meta = {"format": PACKED_FORMAT, "layers": json.dumps(layers), "sparse": json.dumps(sparse)}
+    meta = {"format": PACKED_FORMAT, "layers": json.dumps(layers), "sparse": json.dumps(sparse),
+            "shapes": json.dumps(linear_shapes(module))}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.safetensors"
     tmp = path.with_name(path.name + ".tmp")
@@ -121,6 +139,7 @@ def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
     with safe_open(str(path), "pt") as f:
         layers = json.loads(f.metadata()["layers"])
         sparse = json.loads(f.metadata().get("sparse", "{}"))
+        resize_linears(module, json.loads(f.metadata().get("shapes", "{}")))
         plain = {k: f.get_tensor(k) for k in f.keys()  # noqa: SIM118 (safe_open is no dict)
                  if not k.endswith((".qweight", ".scales", ".zeros", ".bitmask", ".values"))}
         for name, shape in sparse.items():

@@ -73,12 +73,14 @@ class WandaConfig(_PruneConfig):
     """Wanda (Sun et al. 2023): |w| times the input feature's norm, compared per output row."""
 
     method = "wanda"
+    needs_decoder_blocks = True
 
 
 class SparseGPTConfig(_PruneConfig):
     """SparseGPT (Frantar & Alistarh 2023): OBS mask and weight update in one Hessian sweep."""
 
     method = "sparsegpt"
+    needs_decoder_blocks = True
     damp: float = pydantic.Field(0.01, gt=0, lt=1)
     block_size: int = pydantic.Field(128, ge=1)
 
@@ -147,9 +149,8 @@ class _Layerwise:
 
     def apply_torch(self, module, cfg: _PruneConfig, ctx):
         from krimp.calib.layerwise import LayerwiseCalibrator
-        from krimp.quant.llm import windows_of
-
         from krimp.models.arch import find_blocks
+        from krimp.quant.llm import windows_of
 
         t0 = time.perf_counter()
         find_blocks(module)  # layer-wise methods need decoder blocks: a clear error otherwise

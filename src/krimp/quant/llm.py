@@ -43,6 +43,7 @@ class LayerOverride(pydantic.BaseModel):
 
 
 class _WeightOnly(BaseConfig):
+    needs_decoder_blocks = True
     bits: int = pydantic.Field(4, ge=2, le=8)
     group_size: int | None = pydantic.Field(128, ge=8)  # None: one scale per output channel
     symmetric: bool = True
@@ -102,6 +103,7 @@ class SmoothQuantConfig(BaseConfig):
     """SmoothQuant (Xiao et al. 2022): move activation outliers into the weights, W8A8-ready."""
 
     method = "smoothquant"
+    needs_decoder_blocks = True
     alpha: float = pydantic.Field(0.5, ge=0, le=1)  # migration strength
 
 

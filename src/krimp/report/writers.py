@@ -78,6 +78,15 @@ def to_markdown(r: dict) -> str:
     lines += ["", f"**{goal_line(r)}**", "", "## Stages", ""]
     for st in r["stages"]:
         fb = st.get("fallback") or {}
+        if "params_ratio" in st:  # structured pruning
+            rec = st.get("recovery")
+            lines.append(f"- `{st['method']}` ({st.get('seconds', 0):.1f} s): parameters {st['params_before']:,} -> "
+                         f"{st['params_after']:,} ({st['params_ratio']:.2f}x); FFN neurons kept per layer: "
+                         f"{st.get('ffn_kept', 'all')}; heads kept: {st.get('heads_kept', 'all')}; layers removed: "
+                         f"{st.get('layers_removed', [])}"
+                         + (f"; recovery: {rec['steps']} distillation steps, loss {rec['loss_first']} -> "
+                            f"{rec['loss_last']} ({rec['seconds']} s)" if rec else ""))
+            continue
         if "sparsity" in st:  # a pruning stage
             lines.append(f"- `{st['method']}` ({st.get('seconds', 0):.1f} s): {st['pattern']} sparsity "
                          f"{st['sparsity']:.1%} ({st['pruned_params']:,} of {st['target_params']:,} weights in "

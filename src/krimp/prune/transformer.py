@@ -1,0 +1,298 @@
+"""Structured pruning of transformer layers that returns a dense, smaller model of the same family:
+FFN neurons, attention heads, and whole layers, on Hugging Face models (BERT-style encoders such
+as MiniLM, Llama-style decoders such as SmolLM2).
+
+::
+
+    - method: structured
+      ffn: 0.5              # share of FFN neurons removed in every layer
+      heads: 0.25           # share of attention heads removed in every layer
+      layers: 0             # whole layers removed, the least important by block influence
+      importance: activation   # or magnitude (no data)
+      recover_steps: 300    # distillation from the unpruned model on the calibration data
+
+Coupled groups are found by name patterns (:data:`FFN` and :data:`ATTN`): an FFN neuron is a row of
+the up (and gate) projection and the matching column of the down projection; a head is its rows of
+the query/key/value projections and its columns of the output projection. With grouped-query
+attention a key/value head and the query heads that share it go together. The same share is
+removed in every layer, so the model keeps one shape per layer type. Whole layers are ranked by
+block influence, ``1 - cos(input, output)`` of the block on calibration data (Men et al. 2024,
+"ShortGPT: Layers in Large Language Models are More Redundant Than You Expect", arXiv:2403.03853).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import pydantic
+import torch
+from torch import nn
+
+from krimp.config import BaseConfig, register
+from krimp.errors import KrimpError
+from krimp.prune.structured import col_norms, keep_count, row_norms, slice_linear, top_units, unit_rows
+
+log = logging.getLogger(__name__)
+
+LAYER_PATHS = ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "model.layers", "layers")
+# (producers of the FFN activation, its reader)
+FFN = ((("intermediate.dense",), "output.dense"), (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"))
+# (module holding q/k/v, q, k, v, output projection)
+ATTN = (("attention.self", "query", "key", "value", "attention.output.dense"),
+        ("self_attn", "q_proj", "k_proj", "v_proj", "self_attn.o_proj"))
+
+
+@dataclass
+class Heads:
+    holder: nn.Module
+    names: tuple[str, str, str]
+    out_path: str
+    head_dim: int
+    n_q: int
+    n_kv: int
+
+
+class StructuredPruneConfig(BaseConfig):
+    """Remove FFN neurons, attention heads and whole layers; recover by distillation."""
+
+    method = "structured"
+    ffn: float = pydantic.Field(0.0, ge=0, lt=1)
+    heads: float = pydantic.Field(0.0, ge=0, lt=1)
+    layers: int = pydantic.Field(0, ge=0)
+    importance: Literal["activation", "magnitude"] = "activation"
+    recover_steps: int = pydantic.Field(0, ge=0)  # optimizer steps of distillation after pruning
+    lr: float = pydantic.Field(5e-5, gt=0)
+    temperature: float = pydantic.Field(2.0, gt=0)  # for logits; embeddings use cosine + MSE
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    for path in LAYER_PATHS:
+        mod: nn.Module | None = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return path, mod
+    raise KrimpError(f"{type(model).__name__}: no transformer layers found (looked for {', '.join(LAYER_PATHS)}); "
+                     "structured pruning of heads/neurons/layers supports BERT- and Llama-style models")
+
+
+def _get(mod: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+def _set(mod: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(mod, parent) if parent else mod, name, new)
+
+
+def ffn_of(layer: nn.Module) -> tuple[tuple[str, ...], str] | None:
+    for ups, down in FFN:
+        if all(isinstance(_get(layer, u), nn.Linear) for u in ups) and isinstance(_get(layer, down), nn.Linear):
+            return ups, down
+    return None
+
+
+def heads_of(layer: nn.Module, config) -> Heads | None:
+    for holder, q, k, v, out in ATTN:
+        h = _get(layer, holder)
+        if h is None or not all(isinstance(getattr(h, n, None), nn.Linear) for n in (q, k, v)):
+            continue
+        hd = getattr(h, "attention_head_size", None) or getattr(h, "head_dim", None)
+        if not hd:
+            return None
+        n_q = getattr(h, q).out_features // hd
+        n_kv = getattr(h, k).out_features // hd
+        return Heads(h, (q, k, v), out, hd, n_q, n_kv)
+    return None
+
+
+# ---- importance -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _activation_means(model, task, feeds, readers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Mean |x| per input column of each reader linear over the (unpadded) calibration tokens."""
+    sums: dict[str, torch.Tensor] = {}
+    count = [0]
+    mask_box: list[torch.Tensor | None] = [None]
+
+    def hook_for(name):
+        def hook(_m, inp, _out):
+            x = inp[0].detach().float()
+            m = mask_box[0]
+            if m is not None and x.ndim == 3 and m.shape == x.shape[:2]:
+                x = x[m.bool()]
+            s = x.reshape(-1, x.shape[-1]).abs().sum(0)
+            sums[name] = s if name not in sums else sums[name] + s
+        return hook
+
+    hs = [lin.register_forward_hook(hook_for(n)) for n, lin in readers.items()]
+    wrapped = task.export_module(model).eval()
+    try:
+        for f in feeds:
+            args = [torch.from_numpy(f[n]) for n in task.input_names]
+            mask_box[0] = torch.from_numpy(f["attention_mask"]) if "attention_mask" in f else None
+            count[0] += int(mask_box[0].sum()) if mask_box[0] is not None else int(args[0].shape[0] * args[0].shape[1])
+            wrapped(*args)
+    finally:
+        for h in hs:
+            h.remove()
+    return {n: s / max(count[0], 1) for n, s in sums.items()}
+
+
+@torch.no_grad()
+def block_influence(model, task, feeds, layers: nn.ModuleList) -> torch.Tensor:
+    """ShortGPT's block influence per layer: mean over tokens of ``1 - cos(input, output)``."""
+    scores = torch.zeros(len(layers))
+    n = [0]
+    box: dict[int, torch.Tensor] = {}
+
+    def pre(i):
+        def f(_m, args, kwargs):
+            box[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return f
+
+    def post(i):
+        def f(_m, _args, out):
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            x = box.pop(i)
+            scores[i] += (1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).mean()
+        return f
+
+    hs = [la.register_forward_pre_hook(pre(i), with_kwargs=True) for i, la in enumerate(layers)]
+    hs += [la.register_forward_hook(post(i)) for i, la in enumerate(layers)]
+    wrapped = task.export_module(model).eval()
+    try:
+        for f in feeds:
+            wrapped(*[torch.from_numpy(f[k]) for k in task.input_names])
+            n[0] += 1
+    finally:
+        for h in hs:
+            h.remove()
+    return scores / max(n[0], 1)
+
+
+# ---- removal ----------------------------------------------------------------------------------
+
+def prune_ffn(layer: nn.Module, ups: tuple[str, ...], down: str, keep: torch.Tensor) -> None:
+    for u in ups:
+        _set(layer, u, slice_linear(_get(layer, u), rows=keep))
+    _set(layer, down, slice_linear(_get(layer, down), cols=keep))
+
+
+def prune_heads(layer: nn.Module, h: Heads, keep_kv: torch.Tensor) -> None:
+    """Keep key/value heads ``keep_kv`` and the query heads that share them."""
+    group = h.n_q // h.n_kv
+    keep_q = unit_rows(keep_kv, group)  # query heads of the kept groups
+    q, k, v = h.names
+    setattr(h.holder, q, slice_linear(getattr(h.holder, q), rows=unit_rows(keep_q, h.head_dim)))
+    for name in (k, v):
+        setattr(h.holder, name, slice_linear(getattr(h.holder, name), rows=unit_rows(keep_kv, h.head_dim)))
+    _set(layer, h.out_path, slice_linear(_get(layer, h.out_path), cols=unit_rows(keep_q, h.head_dim)))
+    for attr, val in (("num_attention_heads", len(keep_q)), ("num_heads", len(keep_q)),
+                      ("num_key_value_heads", len(keep_kv))):
+        if hasattr(h.holder, attr):
+            setattr(h.holder, attr, val)
+    if hasattr(h.holder, "all_head_size"):
+        h.holder.all_head_size = len(keep_q) * h.head_dim
+
+
+def drop_layers(model: nn.Module, path: str, layers: nn.ModuleList, drop: list[int]) -> None:
+    keep = [la for i, la in enumerate(layers) if i not in set(drop)]
+    _set(model, path, nn.ModuleList(keep))
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg.num_hidden_layers = len(keep)
+        if isinstance(getattr(cfg, "layer_types", None), list):
+            cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in set(drop)]
+    for i, la in enumerate(keep):
+        for m in la.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = i
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@register(StructuredPruneConfig)
+class StructuredPrune:
+    """FFN neurons, attention heads and layers out; then optional distillation from the original."""
+
+    def apply_torch(self, module, cfg: StructuredPruneConfig, ctx):
+        import copy
+
+        t0 = time.perf_counter()
+        path, layers = find_layers(module)
+        if not (cfg.ffn or cfg.heads or cfg.layers):
+            raise KrimpError("structured: nothing to remove; set ffn, heads and/or layers")
+        if cfg.layers >= len(layers):
+            raise KrimpError(f"structured: layers={cfg.layers} would remove all {len(layers)} layers")
+        if cfg.importance == "activation" and not ctx.calib_feeds:
+            raise KrimpError("structured: importance 'activation' needs calibration data")
+        teacher = copy.deepcopy(module).eval() if cfg.recover_steps else None
+        before = _params(module)
+        out: dict = {"params_before": before}
+        if cfg.layers:
+            bi = block_influence(module, ctx.task, ctx.calib_feeds, layers)
+            drop = sorted(torch.topk(-bi, cfg.layers).indices.tolist())
+            drop_layers(module, path, layers, drop)
+            out["layers_removed"] = drop
+            out["block_influence"] = [round(float(x), 4) for x in bi]
+            path, layers = find_layers(module)
+        units = {"ffn": [], "heads": []}
+        for i, layer in enumerate(layers):
+            ffn, att = ffn_of(layer), heads_of(layer, getattr(module, "config", None))
+            if cfg.ffn and ffn is None or cfg.heads and att is None:
+                raise KrimpError(f"{path}.{i}: no FFN/attention projections krimp knows (BERT- or Llama-style names)")
+            units["ffn"].append(ffn)
+            units["heads"].append(att)
+        readers = {}
+        if cfg.importance == "activation":
+            for i, layer in enumerate(layers):
+                if cfg.ffn:
+                    readers[f"{i}.ffn"] = _get(layer, units["ffn"][i][1])
+                if cfg.heads:
+                    readers[f"{i}.heads"] = _get(layer, units["heads"][i].out_path)
+            acts = _activation_means(module, ctx.task, ctx.calib_feeds, readers)
+        kept = {"ffn": [], "heads": []}
+        for i, layer in enumerate(layers):
+            if cfg.ffn:
+                ups, down = units["ffn"][i]
+                dl = _get(layer, down)
+                a = acts[f"{i}.ffn"] if cfg.importance == "activation" else row_norms(*(_get(layer, u) for u in ups))
+                score = a * col_norms(dl)
+                keep = top_units(score, keep_count(dl.in_features, cfg.ffn, f"{path}.{i}.{down}"))
+                prune_ffn(layer, ups, down, keep)
+                kept["ffn"].append(len(keep))
+            if cfg.heads:
+                h = units["heads"][i]
+                ol = _get(layer, h.out_path)
+                group = h.n_q // h.n_kv
+                if cfg.importance == "activation":
+                    a = acts[f"{i}.heads"].reshape(h.n_q, h.head_dim).norm(dim=1)
+                else:
+                    a = row_norms(getattr(h.holder, h.names[0]), size=h.head_dim)
+                score = (a * col_norms(ol, h.head_dim)).reshape(h.n_kv, group).sum(1)
+                keep = top_units(score, keep_count(h.n_kv, cfg.heads, f"{path}.{i} attention heads"
+                                                   + (" (key/value groups)" if group > 1 else "")))
+                prune_heads(layer, h, keep)
+                kept["heads"].append(len(keep) * group)
+        out.update({k: v for k, v in (("ffn_kept", kept["ffn"]), ("heads_kept", kept["heads"])) if v})
+        out["params_after"] = _params(module)
+        out["params_ratio"] = round(out["params_after"] / before, 4)
+        if teacher is not None:
+            from krimp.train.distill import distill
+
+            out["recovery"] = distill(module, teacher, ctx.task, ctx.calib_feeds, cfg.recover_steps, cfg.lr,
+                                      cfg.temperature, ctx.step)
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        return module, out
