@@ -56,6 +56,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     losses = []
     student.train()
+    for m in student.modules():  # batch norms keep their running statistics: small distillation
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):  # batches would corrupt them
+            m.eval()
     try:
         for i in range(steps):
             f = feeds[i % len(feeds)]
