@@ -57,8 +57,12 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
     data = load_data(r.data, handle.task, handle.builtin_origin)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    ckpt = out.parent / f".{out.name}.checkpoints"  # training stages resume from here after an interrupt
     try:
-        res = run_stages(handle, r, data, work, step)
+        res = run_stages(handle, r, data, work, step, ckpt)
+        if res.get("helper"):  # a torchrun helper process: rank 0 writes the run
+            shutil.rmtree(work, ignore_errors=True)
+            return {"out": None, "helper": True}
         artifacts = _finalize(res, r, handle, work)
         step("measuring baseline and compressed models")
         measured = measure_pair(res, handle, r, data, work)
@@ -68,6 +72,7 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
+        shutil.rmtree(ckpt, ignore_errors=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -98,6 +103,11 @@ def _finalize(res: dict, r: Recipe, handle: ModelHandle, work: Path) -> list[dic
             res["packed_extras"] = [f.name for f in work.iterdir() if f.suffix in (".json", ".txt", ".model")]
         else:
             save_safetensors(module, work / "model.safetensors")
+            if hasattr(getattr(module, "config", None), "save_pretrained"):  # reloadable as a model folder
+                module.config.save_pretrained(work)
+                if handle.task.tokenizer is not None:
+                    handle.task.tokenizer.save_pretrained(work)
+                res["packed_extras"] = [f.name for f in work.iterdir() if f.suffix in (".json", ".txt", ".model")]
         arts.append({"format": "safetensors", "role": "compressed", "path": "model.safetensors"})
     if "gguf" in r.export.formats:
         arts.append(_gguf(res, handle, module, work))

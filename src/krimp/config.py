@@ -61,6 +61,7 @@ def method_for(cfg: BaseConfig):
 
 def _ensure_loaded() -> None:
     # Importing the method modules fills REGISTRY; done lazily so `import krimp` stays light.
+    import krimp.distill  # noqa: F401
     import krimp.prune  # noqa: F401
     import krimp.quant  # noqa: F401
 

@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from krimp.eval.runtime import OrtEngine, TorchEngine, batches
 from krimp.export.onnx import export_onnx, optimize_transformer, verify_onnx
 from krimp.models import ModelHandle
 from krimp.recipe import Recipe
+from krimp.train.trainer import is_main
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ class StageContext:
     distance: Callable[[Path | bytes], float] | None = None
     step: Callable[[str], None] = lambda s: None  # progress line for long stages
     batch: int = 8
+    calib_items: list = field(default_factory=list)  # raw items, for stages that batch their own data
+    calib_labels: list[int] | None = None
+    seq_len: int = 128
+    ckpt_dir: Path | None = None  # where a training stage keeps checkpoints that a rerun resumes
 
 
 def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path: Path):
@@ -57,12 +62,13 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
             return calib_ok(recipe.goal, q, size_ratio), {**_brief(q), "size_ratio": round(size_ratio, 4)}
 
         return check_lm
-    ref = collect(OrtEngine(ref_path, ev.threads), task, data.calib, ev.batch, recipe.data.seq_len)
+    items = data.calib[:512]  # enough to check a goal; a large transfer set would make each try slow
+    ref = collect(OrtEngine(ref_path, ev.threads), task, items, ev.batch, recipe.data.seq_len)
     if not np.isfinite(ref).all():
         raise KrimpError("the original model produces NaN/Inf on the calibration data")
 
     def check(path: Path):
-        got = collect(OrtEngine(path, ev.threads), task, data.calib, ev.batch, recipe.data.seq_len)
+        got = collect(OrtEngine(path, ev.threads), task, items, ev.batch, recipe.data.seq_len)
         if not np.isfinite(got).all():
             return False, {"finite": False}
         q = compare_features(task, ref, got, None, ev.top_k, n_boot=100)
@@ -106,9 +112,12 @@ def _brief(q: dict) -> dict:
     return {k: round(v["value"], 5) for k, v in q.get("fidelity", {}).items() if isinstance(v, dict)}
 
 
-def _apply_torch_stages(handle: ModelHandle, stages, feeds, threads: int, notes: list, step):
-    """Check the original model on calibration data, then apply torch stages to a deep copy."""
-    module = handle.module
+def _apply_torch_stages(handle: ModelHandle, stages, feeds, recipe: Recipe, data: Dataset, notes: list, step,
+                        ckpt_root: Path | None = None):
+    """Check the original model on calibration data, then apply torch stages to a deep copy; after
+    each stage, measure its fidelity to the original on a few evaluation items (the report shows
+    quality and size as the recipe goes)."""
+    module, threads = handle.module, recipe.eval.threads
     engine = TorchEngine(module, handle.task, threads)
     for f in feeds[:4]:  # a few batches show a model that cannot take the data or overflows
         try:
@@ -124,9 +133,31 @@ def _apply_torch_stages(handle: ModelHandle, stages, feeds, threads: int, notes:
     for i, cfg in enumerate(stages):
         step(f"stage {i + 1}: {cfg.method}")
         t0 = time.perf_counter()
-        module, info = method_for(cfg).apply_torch(module, cfg, StageContext(handle.task, feeds, threads, step=step))
-        notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info})
+        ctx = StageContext(handle.task, feeds, threads, step=step, calib_items=data.calib,
+                           calib_labels=data.calib_labels, seq_len=recipe.data.seq_len,
+                           ckpt_dir=ckpt_root / f"stage{i}-{cfg.method}" if ckpt_root else None)
+        module, info = method_for(cfg).apply_torch(module, cfg, ctx)
+        note = {"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info}
+        if len(stages) > 1 or cfg.method in ("distill", "qat"):
+            note["after"] = _stage_quality(handle, module, recipe, data)
+        notes.append(note)
     return module
+
+
+def _stage_quality(handle: ModelHandle, module, recipe: Recipe, data: Dataset, n_items: int = 64) -> dict:
+    """Fidelity (and quality) of a stage's torch model against the original on the first evaluation
+    items, its parameter count, and whether the goal's quality and fidelity limits hold on them
+    (a preview as the recipe goes: the final report measures every item on the deployed runtime)."""
+    task, ev = handle.task, recipe.eval
+    items = data.eval[:4 if task.name == "causal-lm" else n_items]
+    seq = recipe.data.seq_len
+    labels = data.eval_labels[:len(items)] if data.eval_labels else None
+    q = compare(TorchEngine(handle.module, task, ev.threads), TorchEngine(module, task, ev.threads), task, items,
+                labels, min(ev.batch, 4) if task.name == "causal-lm" else ev.batch, seq, ev.top_k, n_boot=100)
+    out = {"items": len(items), "params": sum(p.numel() for p in module.parameters()), **_brief(q)}
+    out.update({k: round(v["value"], 5) for k, v in q.get("compressed", {}).items() if isinstance(v, dict)})
+    out["within_goal"] = calib_ok(recipe.goal, q)
+    return out
 
 
 def _apply_onnx_stages(cur: Path, stages, first: int, recipe: Recipe, handle: ModelHandle, data: Dataset,
@@ -162,7 +193,7 @@ def _verify_feeds(feeds, task):
 
 
 def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
-               step: Callable[[str], None]) -> dict[str, Any]:
+               step: Callable[[str], None], ckpt_root: Path | None = None) -> dict[str, Any]:
     """Apply the recipe; returns paths of baseline and compressed models (or modules) and stage notes."""
     ev, rtol, opset = recipe.eval, recipe.export.rtol, recipe.export.opset
     feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
@@ -176,8 +207,11 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
     out: dict[str, Any] = {"stages": notes}
     module = None
     if handle.module is not None:
-        module = _apply_torch_stages(handle, torch_stages, feeds, ev.threads, notes, step)
+        module = _apply_torch_stages(handle, torch_stages, feeds, recipe, data, notes, step, ckpt_root)
     out["module"], out["baseline_module"] = module, handle.module
+    if not is_main():  # data-parallel helpers (torchrun) stop after training; rank 0 writes
+        out["helper"] = True
+        return out
     if handle.task.name == "causal-lm" and feeds:
         out["verify_ids"] = _verify_feeds(feeds, handle.task)[0]["input_ids"]
     if "onnx" not in recipe.export.formats and not onnx_stages:

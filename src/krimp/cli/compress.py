@@ -27,6 +27,8 @@ def compress_cmd(
         t = prog.add_task("starting", total=None)
         report = krimp.compress(model, recipe, out, overwrite=overwrite,
                                 step=lambda s: prog.update(t, description=s))
+    if report.get("helper"):  # a torchrun helper: rank 0 prints the table
+        return
     common.console.print(common.table(f"krimp: {report['model']['source']}", ["metric", "baseline", "compressed"],
                                       summary_rows(report)))
     style = "green" if report["within_goal"] else "bold red"

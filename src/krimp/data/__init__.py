@@ -24,6 +24,7 @@ class Dataset:
     eval: list[Any]
     eval_labels: list[Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    calib_labels: list[int] | None = None  # hard labels for distillation / QAT, when the data has them
 
 
 def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> Dataset:
@@ -67,8 +68,10 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
     if len(cal) < spec.calib_samples or len(ev) < spec.eval_samples:
         log.warning("data has fewer items than asked: calib %d/%d, eval %d/%d",
                     len(cal), spec.calib_samples, len(ev), spec.eval_samples)
+    cal_labels = [lab for _, lab in cal]
     return Dataset([prep(x) for x, _ in cal], [prep(x) for x, _ in ev],
-                   _label_ids(labels, task) if has_labels else None, info)
+                   _label_ids(labels, task) if has_labels else None, info,
+                   _label_ids(cal_labels, task) if cal_labels and all(x is not None for x in cal_labels) else None)
 
 
 def _lm_windows(spec: DataSpec, task: Task, cal_pool, ev_pool, rng, info) -> Dataset:

@@ -1,6 +1,6 @@
 """Quantization methods. Importing this package registers them (see krimp.config.REGISTRY)."""
 
-from krimp.quant import floats, llm, ort_int8  # noqa: F401  (registration)
+from krimp.quant import floats, llm, ort_int8, qat  # noqa: F401  (registration)
 from krimp.quant.floats import Bf16Config, Fp16Config
 from krimp.quant.ort_int8 import DynamicInt8Config, StaticInt8Config
 

@@ -65,6 +65,38 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _stage_line(st: dict) -> str:
+    head = f"- `{st['method']}` ({st.get('seconds', 0):.1f} s): "
+    tr = st.get("training")
+    trained = (f"; {tr['steps']} steps ({tr['samples']:,} samples, {tr['processes']} process(es)), loss "
+               f"{tr['loss_first']} -> {tr['loss_last']} in {tr['seconds']} s"
+               + (", early stop" if tr.get("early_stopped") else "")
+               + (f", resumed at step {tr['resumed_from']}" if tr.get("resumed_from") else "")) if tr else ""
+    if st["method"] == "distill":
+        return (head + f"student of {st.get('student_layers')} layers (teacher {st.get('teacher_layers')}; kept "
+                f"{st.get('kept_layers', '-')}), parameters {st['params_before']:,} -> {st['params_after']:,} "
+                f"({st['params_ratio']:.2f}x); hidden-state map {st.get('layer_map') or 'none'}" + trained)
+    if st["method"] == "qat":
+        return (head + f"{st['quantized_layers']} layers fake-quantized to {st['bits']} bits "
+                f"({st['granularity']}), scales learned (LSQ){trained}; converted to the weight-only grid")
+    if "params_ratio" in st:  # structured pruning
+        rec = st.get("recovery")
+        return (head + f"parameters {st['params_before']:,} -> "
+                f"{st['params_after']:,} ({st['params_ratio']:.2f}x); FFN neurons kept per layer: "
+                f"{st.get('ffn_kept', 'all')}; heads kept: {st.get('heads_kept', 'all')}; layers removed: "
+                f"{st.get('layers_removed', [])}"
+                + (f"; recovery: {rec['steps']} distillation steps, loss {rec['loss_first']} -> "
+                   f"{rec['loss_last']} ({rec['seconds']} s)" if rec else ""))
+    if "sparsity" in st:  # a pruning stage
+        return (head + f"{st['pattern']} sparsity "
+                f"{st['sparsity']:.1%} ({st['pruned_params']:,} of {st['target_params']:,} weights in "
+                f"{st['pruned_layers']} layers). {st['runtime']}.")
+    fb = st.get("fallback") or {}
+    return (head + f"nodes kept in float by recipe: "
+            f"{len(st.get('excluded_by_recipe', []))}; by automatic fallback: {len(fb.get('excluded', []))}"
+            + (f" ({', '.join(fb['excluded'])})" if fb.get("excluded") else ""))
+
+
 def to_markdown(r: dict) -> str:
     s = r["bench_settings"]
     lines = [f"# krimp report: {r['model']['source']}", "",
@@ -77,24 +109,13 @@ def to_markdown(r: dict) -> str:
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(r)]
     lines += ["", f"**{goal_line(r)}**", "", "## Stages", ""]
     for st in r["stages"]:
-        fb = st.get("fallback") or {}
-        if "params_ratio" in st:  # structured pruning
-            rec = st.get("recovery")
-            lines.append(f"- `{st['method']}` ({st.get('seconds', 0):.1f} s): parameters {st['params_before']:,} -> "
-                         f"{st['params_after']:,} ({st['params_ratio']:.2f}x); FFN neurons kept per layer: "
-                         f"{st.get('ffn_kept', 'all')}; heads kept: {st.get('heads_kept', 'all')}; layers removed: "
-                         f"{st.get('layers_removed', [])}"
-                         + (f"; recovery: {rec['steps']} distillation steps, loss {rec['loss_first']} -> "
-                            f"{rec['loss_last']} ({rec['seconds']} s)" if rec else ""))
-            continue
-        if "sparsity" in st:  # a pruning stage
-            lines.append(f"- `{st['method']}` ({st.get('seconds', 0):.1f} s): {st['pattern']} sparsity "
-                         f"{st['sparsity']:.1%} ({st['pruned_params']:,} of {st['target_params']:,} weights in "
-                         f"{st['pruned_layers']} layers). {st['runtime']}.")
-            continue
-        lines.append(f"- `{st['method']}` ({st.get('seconds', 0):.1f} s): nodes kept in float by recipe: "
-                     f"{len(st.get('excluded_by_recipe', []))}; by automatic fallback: {len(fb.get('excluded', []))}"
-                     + (f" ({', '.join(fb['excluded'])})" if fb.get("excluded") else ""))
+        lines.append(_stage_line(st))
+        if st.get("after"):
+            a = st["after"]
+            shown = ", ".join(f"{k} {v}" for k, v in a.items() if k not in ("items", "params", "within_goal"))
+            lines.append(f"  - after this stage (preview on {a['items']} evaluation items, PyTorch): "
+                         f"{a['params']:,} parameters; {shown}; goal's quality limits "
+                         f"{'hold' if a['within_goal'] else 'missed'}")
     for st in r["stages"]:
         if "layer_bits_per_weight" in st:
             lines.append(f"  - {st['quantized_layers']} layers; block linears at {st['layer_bits_per_weight']} bits per weight "

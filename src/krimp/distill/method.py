@@ -1,0 +1,179 @@
+"""Knowledge distillation as a recipe stage: a smaller student learns from the incoming model (the
+teacher) on unlabeled transfer data (the recipe's calibration items); the student goes on to the
+next stage.
+
+Hinton, Vinyals & Dean 2015 (arXiv:1503.02531) for temperature-scaled logits; Sanh et al. 2019,
+DistilBERT (arXiv:1910.01108) for students initialised from every other teacher layer; Jiao et al.
+2019, TinyBERT (arXiv:1909.10351) for hidden-state losses through a learned projection::
+
+    - method: distill
+      student: {every: 2}            # or layers: [1, 3, 5] / depth: 3 / path: my-student / ffn: 0.5
+      weights: {output: 1.0, hidden: 1.0, hard: 0.0}
+      epochs: 1
+
+``output`` is the KL divergence of logits at ``temperature`` (or, for embedding models, token-state
+MSE + pooled cosine); ``hard`` is cross-entropy with labels where the data has them (next-token
+cross-entropy for a causal LM: ``{output: 0, hard: 1}`` is plain training of the same student);
+``hidden`` is MSE between mapped hidden states (``layer_map``: student state -> teacher state).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pydantic
+import torch
+from torch import nn
+
+from krimp.config import BaseConfig, register
+from krimp.distill.students import StudentSpec, build_student, check_layer_map, default_layer_map
+from krimp.errors import KrimpError
+from krimp.train import losses as L
+from krimp.train.trainer import TrainSettings, fingerprint, train, world
+
+log = logging.getLogger(__name__)
+
+
+class LossWeights(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    output: float = pydantic.Field(1.0, ge=0)  # teacher's logits (KL at T) or embeddings (MSE + cosine)
+    hard: float = pydantic.Field(0.0, ge=0)  # labels, or the next token for a causal LM
+    hidden: float = pydantic.Field(0.0, ge=0)  # mapped hidden states (MSE, projected if widths differ)
+
+
+class DistillConfig(BaseConfig):
+    """Distil the incoming model into a student built from it (or given)."""
+
+    method = "distill"
+    student: StudentSpec
+    weights: LossWeights = LossWeights()
+    temperature: float = pydantic.Field(2.0, gt=0)
+    layer_map: dict[int, int] | None = None  # student hidden state -> teacher hidden state
+    epochs: float = pydantic.Field(1.0, gt=0)  # passes over the transfer data ...
+    steps: int | None = pydantic.Field(None, ge=1)  # ... or exactly this many optimizer steps
+    batch: int = pydantic.Field(32, ge=1)
+    lr: float = pydantic.Field(1e-4, gt=0)
+    warmup: float = pydantic.Field(0.1, ge=0, lt=1)
+    weight_decay: float = pydantic.Field(0.01, ge=0)
+    grad_accum: int = pydantic.Field(1, ge=1)
+    checkpoint_every: int = pydantic.Field(50, ge=0)  # steps; a rerun resumes from the last one
+    eval_every: int = pydantic.Field(0, ge=0)  # steps between validations on held-out transfer data
+    patience: int = pydantic.Field(0, ge=0)  # validations without improvement before stopping
+    val_share: float = pydantic.Field(0.05, gt=0, lt=0.5)  # transfer data held out when eval_every > 0
+    seed: int = 0
+
+
+def forward(model: nn.Module, task, args: list[torch.Tensor], hidden: bool):
+    """(main output, hidden states or None): logits, or token states for an embedding model."""
+    if task.name == "image-classification":
+        if hidden:
+            raise KrimpError("distill: hidden-state loss needs a transformer; set weights.hidden: 0")
+        return model(args[0]), None
+    kw = dict(zip(task.input_names, args))
+    if task.name == "causal-lm":
+        kw["use_cache"] = False
+    out = model(**kw, output_hidden_states=True) if hidden else model(**kw)
+    main = out.last_hidden_state if task.name == "embedding" else out.logits
+    return main, (list(out.hidden_states) if hidden else None)
+
+
+def transfer_batches(task, items, labels, batch: int, seq_len: int, seed: int = 0) -> list[tuple[dict, np.ndarray | None]]:
+    """Full batches of the transfer data. Sentences of similar length go together (less padding:
+    about twice as fast on short documentation sentences) and the batches are then shuffled."""
+    if len(items) < batch:
+        raise KrimpError(f"distill: the transfer data has {len(items)} samples, fewer than one batch of {batch}; "
+                         "raise data.calib_samples or lower batch")
+    order = np.arange(len(items))
+    if items and isinstance(items[0], str):
+        order = np.argsort([len(x) for x in items], kind="stable")
+    out = []
+    for i in range(0, len(items) - batch + 1, batch):  # full batches only
+        idx = order[i:i + batch]
+        lab = np.asarray([labels[j] for j in idx]) if labels is not None else None
+        out.append((task.encode([items[j] for j in idx], seq_len), lab))
+    rng = np.random.default_rng(seed)
+    return [out[j] for j in rng.permutation(len(out))]
+
+
+@register(DistillConfig)
+class Distill:
+    """Build the student, train it on the teacher's outputs, hand it on."""
+
+    def apply_torch(self, teacher: nn.Module, cfg: DistillConfig, ctx):
+        t0 = time.perf_counter()
+        task, w = ctx.task, cfg.weights
+        if not (w.output or w.hard or w.hidden):
+            raise KrimpError("distill.weights: all zero; nothing to learn from")
+        labels = ctx.calib_labels if task.name in ("classification", "image-classification") else None
+        if w.hard and task.name != "causal-lm" and labels is None:
+            raise KrimpError("distill.weights.hard > 0 needs labelled transfer data (this data has no labels; "
+                             "for embedders use weights.output and weights.hidden)")
+        batches = transfer_batches(task, ctx.calib_items, labels, cfg.batch, ctx.seq_len, cfg.seed)
+        teacher.eval()
+        student, keep, notes = build_student(teacher, cfg.student, task, [b for b, _ in batches[:8]])
+        hidden = w.hidden > 0
+        lmap = {}
+        proj = nn.ModuleDict()
+        first = [torch.from_numpy(batches[0][0][n]) for n in task.input_names]
+        with torch.no_grad():
+            t_main, t_states = forward(teacher, task, first, hidden)
+            s_main, s_states = forward(student.eval(), task, first, hidden)
+        if s_main.shape[-1] != t_main.shape[-1] and w.output:
+            raise KrimpError(f"distill: the student's output width {s_main.shape[-1]} differs from the "
+                             f"teacher's {t_main.shape[-1]}; the output loss needs them equal")
+        if hidden:
+            lmap = cfg.layer_map or default_layer_map(keep)
+            check_layer_map(lmap, len(s_states) - 1, len(t_states) - 1)
+            for si, ti in lmap.items():
+                ds, dt = s_states[si].shape[-1], t_states[ti].shape[-1]
+                if ds != dt:  # TinyBERT's learned projection from student width to teacher width
+                    proj[str(si)] = nn.Linear(ds, dt, bias=False)
+        named = {f"student.{k}": p for k, p in student.named_parameters() if p.requires_grad}
+        named.update({f"proj.{k}": p for k, p in proj.named_parameters()})
+        train_b, val_b = batches, []
+        if cfg.eval_every:
+            n_val = max(1, int(len(batches) * cfg.val_share))
+            if len(batches) - n_val < 1:
+                raise KrimpError("distill: too little transfer data to hold out validation batches")
+            train_b, val_b = batches[:-n_val], batches[-n_val:]
+        _, n_proc = world()
+        steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_b) / (cfg.grad_accum * n_proc)))
+
+        def loss_fn(b):
+            feed, lab = b
+            args = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in task.input_names]
+            mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
+            loss = torch.zeros(())
+            if w.output or w.hidden:
+                with torch.no_grad():
+                    tm, ts = forward(teacher, task, args, hidden)
+            sm, ss = forward(student, task, args, hidden)
+            if w.output:
+                out = L.embedding_loss(sm, tm, mask) if task.name == "embedding" else \
+                    L.kd_logits(sm, tm, cfg.temperature, mask if sm.ndim == 3 else None)
+                loss = loss + w.output * out
+            if w.hard:
+                hard = L.next_token_ce(sm, args[0], mask) if task.name == "causal-lm" else \
+                    L.hard_ce(sm, torch.from_numpy(lab).long())
+                loss = loss + w.hard * hard
+            if hidden:
+                loss = loss + w.hidden * L.hidden_loss(ss, ts, lmap, proj, mask)
+            return loss
+
+        val_fn = (lambda: float(np.mean([float(loss_fn(b)) for b in val_b]))) if val_b else None
+        settings = TrainSettings(steps=steps, lr=cfg.lr, warmup=cfg.warmup, grad_accum=cfg.grad_accum,
+                                 weight_decay=cfg.weight_decay, checkpoint_every=cfg.checkpoint_every,
+                                 eval_every=cfg.eval_every, patience=cfg.patience, seed=cfg.seed)
+        fp = fingerprint(cfg.to_dict(), task.name, len(ctx.calib_items), ctx.seq_len)
+        res = train(named, loss_fn, train_b, settings, val_fn=val_fn, ckpt_dir=ctx.ckpt_dir, fp=fp,
+                    step=ctx.step, samples_per_batch=cfg.batch, modules=[student, proj])
+        p_t = sum(p.numel() for p in teacher.parameters())
+        p_s = sum(p.numel() for p in student.parameters())
+        info = {**notes, "params_before": p_t, "params_after": p_s, "params_ratio": round(p_s / p_t, 4),
+                "layer_map": {str(k): v for k, v in lmap.items()}, "projections": len(proj),
+                "training": res, "transfer_samples": len(train_b) * cfg.batch,
+                "seconds": round(time.perf_counter() - t0, 2)}
+        return student.eval(), info

@@ -1,0 +1,186 @@
+"""Quantization-aware training of weights: fake quantization with a straight-through estimator and
+learned step sizes, initialised from round-to-nearest, trained by distillation from the float model
+(plus labels where the data has them), then converted to the same weight-only grid PTQ produces.
+
+Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+Inference" (arXiv:1712.05877) for fake quantization with the straight-through estimator; Esser et al.
+2019, "Learned Step Size Quantization" (LSQ, arXiv:1902.08153) for scales learned with gradient scale
+``1 / sqrt(n * Qp)``::
+
+    - method: qat
+      bits: 4
+      group_size: null      # one scale per output channel (or 32, 64, 128 ...)
+      steps: 300            # 0: no training, i.e. round-to-nearest PTQ on the same grid
+
+Every ``nn.Linear`` and ``nn.Conv2d`` matched by ``targets`` / ``ignore`` is trained through a
+parametrization, then left holding its dequantized on-grid weight. Linears of Hugging Face models
+also carry their codes (``krimp_wq``), so they export like PTQ (packed safetensors, ONNX Runtime
+``MatMulNBits``, GGUF); convolutions and plain modules keep the on-grid weights in float.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+
+import pydantic
+import torch
+import torch.nn.utils.parametrize as P
+from torch import nn
+
+from krimp.config import BaseConfig, register
+from krimp.distill.method import LossWeights, forward, transfer_batches
+from krimp.errors import KrimpError
+from krimp.quant.wq import QuantizedWeight, WQSpec, grouped, qparams
+from krimp.train import losses as L
+from krimp.train.trainer import TrainSettings, fingerprint, train
+
+log = logging.getLogger(__name__)
+
+
+class QATConfig(BaseConfig):
+    """Fake-quantized weights with learned scales (LSQ), trained against the float model."""
+
+    method = "qat"
+    bits: int = pydantic.Field(4, ge=2, le=8)
+    group_size: int | None = pydantic.Field(None, ge=8)  # None: one scale per output channel
+    steps: int = pydantic.Field(300, ge=0)  # 0: round-to-nearest only (PTQ on the same grid)
+    batch: int = pydantic.Field(32, ge=1)
+    lr: float = pydantic.Field(1e-4, gt=0)
+    weights: LossWeights = LossWeights()  # output = distillation from the float model; hard = labels
+    temperature: float = pydantic.Field(2.0, gt=0)
+    checkpoint_every: int = pydantic.Field(50, ge=0)
+    seed: int = 0
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round forward, identity backward (the straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``x`` forward; its gradient multiplied by ``g`` backward (LSQ's step-size gradient scale)."""
+    return (x - x * g).detach() + x * g
+
+
+class FakeQuant(nn.Module):
+    """Weight (out, ...) -> its value on a symmetric ``bits``-bit grid of learned scales (out, n_groups):
+    ``s * clamp(round(w / s), -2^(b-1), 2^(b-1) - 1)``, the same grid as :mod:`krimp.quant.wq`."""
+
+    def __init__(self, w: torch.Tensor, spec: WQSpec):
+        super().__init__()
+        self.spec, self.shape = spec, tuple(w.shape)
+        w2 = w.detach().reshape(w.shape[0], -1)
+        s, _ = qparams(w2, spec)
+        self.scale = nn.Parameter(s)
+        self.g = 1.0 / (spec.group_len(w2.shape[1]) * 2 ** (spec.bits - 1)) ** 0.5
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """Signed integer codes of ``w`` under the current scales (no gradient)."""
+        w2 = w.detach().reshape(self.shape[0], -1)
+        z = 2 ** (self.spec.bits - 1)
+        grp = grouped(w2, self.spec.group_len(w2.shape[1]))
+        q = torch.clamp(torch.round(grp / self.scale.detach()[..., None]), -z, z - 1)
+        return q.reshape(self.shape[0], -1)[:, :w2.shape[1]]
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        z = 2 ** (self.spec.bits - 1)
+        w2 = w.reshape(self.shape[0], -1)
+        cols = w2.shape[1]
+        s = grad_scale(self.scale, self.g)[..., None]
+        grp = grouped(w2, self.spec.group_len(cols))
+        q = torch.clamp(round_ste(grp / s), -z, z - 1) * s
+        return q.reshape(self.shape[0], -1)[:, :cols].reshape(self.shape)
+
+
+def targets(model: nn.Module, cfg: QATConfig) -> dict[str, nn.Module]:
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in cfg.ignore) or \
+                not any(fnmatch.fnmatchcase(name, p) for p in cfg.targets):
+            continue
+        out[name] = m
+    return out
+
+
+def convert(layer: nn.Module, fq: FakeQuant, hf: bool) -> QuantizedWeight:
+    """Leave the layer holding its on-grid weight; returns the codes (and attaches them to
+    Hugging Face linears as ``krimp_wq``, which the exporters read)."""
+    w = layer.parametrizations.weight.original.detach()
+    q = fq.codes(w)
+    z = 2 ** (fq.spec.bits - 1)
+    scales = fq.scale.detach().half().float()
+    qw = QuantizedWeight((q + z).to(torch.uint8), scales, torch.full_like(scales, z), fq.spec)
+    P.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    with torch.no_grad():
+        layer.weight.copy_(qw.dequantize().reshape(layer.weight.shape))
+    if hf and isinstance(layer, nn.Linear):
+        layer.krimp_wq = qw
+    return qw
+
+
+@register(QATConfig)
+class QAT:
+    """Fake-quantize, train against the float model, convert."""
+
+    def apply_torch(self, module: nn.Module, cfg: QATConfig, ctx):
+        import copy
+
+        t0 = time.perf_counter()
+        task, w = ctx.task, cfg.weights
+        if cfg.steps and not (w.output or w.hard) or w.hidden:
+            raise KrimpError("qat.weights: set output (distillation from the float model) and/or hard (labels); "
+                             "hidden is not used by qat")
+        layers = targets(module, cfg)
+        if not layers:
+            raise KrimpError("qat: no nn.Linear / nn.Conv2d matches targets/ignore")
+        spec = WQSpec(cfg.bits, cfg.group_size, True)
+        teacher = copy.deepcopy(module).eval() if cfg.steps and w.output else None
+        fqs = {}
+        for name, layer in layers.items():
+            fqs[name] = FakeQuant(layer.weight, spec)
+            P.register_parametrization(layer, "weight", fqs[name])
+        res = None
+        try:
+            if cfg.steps:
+                res = self._train(module, teacher, fqs, cfg, ctx)
+        finally:
+            hf = hasattr(module, "config")
+            bpw = [convert(layer, fqs[n], hf).bits_per_weight() for n, layer in layers.items()]
+        granularity = "per output channel" if cfg.group_size is None else f"groups of {cfg.group_size}"
+        return module.eval(), {"quantized_layers": len(layers), "bits": cfg.bits, "granularity": granularity,
+                               "bits_per_weight_mean": round(sum(bpw) / len(bpw), 3),
+                               "packed": hasattr(module, "config"), "training": res,
+                               "seconds": round(time.perf_counter() - t0, 2)}
+
+    def _train(self, module, teacher, fqs, cfg: QATConfig, ctx) -> dict:
+        task, w = ctx.task, cfg.weights
+        labels = ctx.calib_labels if task.name in ("classification", "image-classification") else None
+        if w.hard and labels is None and task.name != "causal-lm":
+            raise KrimpError("qat.weights.hard > 0 needs labelled calibration data (this data has no labels)")
+        batches = transfer_batches(task, ctx.calib_items, labels, cfg.batch, ctx.seq_len, cfg.seed)
+
+        def loss_fn(b):
+            feed, lab = b
+            args = [torch.from_numpy(feed[n]) for n in task.input_names]
+            mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
+            sm, _ = forward(module, task, args, False)
+            loss = torch.zeros(())
+            if teacher is not None:
+                with torch.no_grad():
+                    tm, _ = forward(teacher, task, args, False)
+                loss = loss + w.output * (L.embedding_loss(sm, tm, mask) if task.name == "embedding" else
+                                          L.kd_logits(sm, tm, cfg.temperature, mask if sm.ndim == 3 else None))
+            if w.hard:
+                loss = loss + w.hard * (L.next_token_ce(sm, args[0], mask) if task.name == "causal-lm"
+                                        else L.hard_ce(sm, torch.from_numpy(lab).long()))
+            return loss
+
+        named = {k: p for k, p in module.named_parameters() if p.requires_grad}
+        settings = TrainSettings(steps=cfg.steps, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
+        fp = fingerprint(cfg.to_dict(), task.name, len(ctx.calib_items), ctx.seq_len)
+        return train(named, loss_fn, batches, settings, ckpt_dir=ctx.ckpt_dir, fp=fp, step=ctx.step,
+                     samples_per_batch=cfg.batch, modules=[module])

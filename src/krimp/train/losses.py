@@ -1,0 +1,75 @@
+"""Distillation losses, pure tensor math.
+
+- Logits: KL(teacher || student) of temperature-softened distributions, scaled by ``T^2``
+  (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network", arXiv:1503.02531),
+  mixed with the hard-label cross-entropy where labels exist (Sanh et al. 2019, DistilBERT,
+  arXiv:1910.01108).
+- Embeddings: token-state MSE relative to the teacher's variance, plus ``1 - cos`` of the
+  mean-pooled sentence embeddings (Reimers & Gurevych 2020, arXiv:2004.09813).
+- Hidden states: MSE between a student layer (through a learned linear projection when the widths
+  differ) and the teacher layer it is mapped to (Jiao et al. 2019, TinyBERT, arXiv:1909.10351).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None or mask.shape != x.shape:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1)
+
+
+def kd_logits(s: torch.Tensor, t: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))`` over the last axis, averaged over ``mask``."""
+    T = temperature
+    ls, lt = F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1)
+    return _masked_mean((lt.exp() * (lt - ls)).sum(-1), mask) * T * T
+
+
+def hard_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with integer labels (class logits (B, C), labels (B,))."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Language-model loss: position ``i`` predicts token ``i + 1``, averaged over ``mask[:, 1:]``."""
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                         reduction="none").view(ids.shape[0], -1)
+    return _masked_mean(ce, None if mask is None else mask[:, 1:])
+
+
+def pooled(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return h.mean(1)
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def state_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE over unmasked token states (B, L, D), relative to the teacher's variance (scale-free)."""
+    per_tok = ((s.float() - t.float()) ** 2).mean(-1)
+    return _masked_mean(per_tok, mask) / t.float().var().clamp_min(1e-8)
+
+
+def embedding_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None,
+                   mse: float = 1.0, cosine: float = 1.0) -> torch.Tensor:
+    """Token-state MSE (weight ``mse``) plus ``1 - cos`` of pooled embeddings (weight ``cosine``)."""
+    cos = F.cosine_similarity(pooled(s.float(), mask), pooled(t.float(), mask), dim=-1)
+    return mse * state_mse(s, t, mask) + cosine * (1 - cos).mean()
+
+
+def hidden_loss(s_hidden: list[torch.Tensor], t_hidden: list[torch.Tensor], layer_map: dict[int, int],
+                proj: torch.nn.ModuleDict | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the mapped pairs of :func:`state_mse` (student layer -> teacher layer), the
+    student's states passed through ``proj[str(student_layer)]`` when there is one."""
+    total = s_hidden[0].new_zeros((), dtype=torch.float32)
+    for si, ti in layer_map.items():
+        h = s_hidden[si]
+        if proj is not None and str(si) in proj:
+            h = proj[str(si)](h)
+        total = total + state_mse(h, t_hidden[ti], mask)
+    return total / max(len(layer_map), 1)
