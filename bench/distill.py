@@ -9,7 +9,8 @@
   held-out sentences.
 - smollm2: SmolLM2-135M -> half depth (recipes/smollm2-distill-half.yaml) against the same student
   trained with plain next-token loss for the same steps; held-out perplexity.
-- digits: QAT INT4 (recipes/digits-qat-int4.yaml) against round-to-nearest PTQ INT4 on the same grid.
+- digits: QAT INT4 (recipes/digits-qat-int4.yaml) against round-to-nearest PTQ INT4 on the same grid,
+  and QAT W8A8 (``activations: 8``, exported as ONNX QDQ INT8) against min-max PTQ on the same grid.
 
 Writes bench/results/distill.{md,json}.
 """
@@ -103,6 +104,14 @@ def digits(tmp: Path) -> dict:
         out[name] = {"accuracy": [_v(rep["baseline"]["quality"], "accuracy"), _v(rep["compressed"]["quality"], "accuracy")],
                      "delta_ci95": rep.get("accuracy_delta", {}).get("ci95"), "steps": steps,
                      "seconds": rep["stages"][0]["seconds"]}
+    for name, steps in (("ptq_w8a8", 0), ("qat_w8a8", base["stages"][0]["steps"])):  # QDQ INT8 artifacts
+        r = json.loads(json.dumps(base))
+        r["stages"][0].update(steps=steps, bits=8, activations=8)
+        rep = krimp.compress(None, r, tmp / name)
+        out[name] = {"accuracy": [_v(rep["baseline"]["quality"], "accuracy"), _v(rep["compressed"]["quality"], "accuracy")],
+                     "delta_ci95": rep.get("accuracy_delta", {}).get("ci95"), "steps": steps,
+                     "seconds": rep["stages"][0]["seconds"], "speedup_p50": rep["ratios"]["speedup_p50"],
+                     "size_ratio": rep["ratios"]["size"]}
     lost = out["ptq_int4"]["accuracy"][0] - out["ptq_int4"]["accuracy"][1]
     lost_q = out["qat_int4"]["accuracy"][0] - out["qat_int4"]["accuracy"][1]
     out["recovered_share"] = round(1 - lost_q / lost, 3) if lost > 0 else None
@@ -145,7 +154,8 @@ def markdown(res: dict) -> str:
         for k, label in (("student", "3-layer student FP32"), ("student_int8", "student + INT8")):
             lines.append(f"| {label} | {m['params'][1]:,} | {m['latency_ms'][k]} | {m['speedup'][k]}x | "
                          f"{m['size_bytes'][k] / 1e6:.1f} MB | {m['smaller'][k]}x | {f[k]['cosine']['value']:.4f} "
-                         f"{f[k]['cosine']['ci95']} | {f[k]['retrieval_agreement']['value']:.3f} |")
+                         f"[{f[k]['cosine']['ci95'][0]:.4f}, {f[k]['cosine']['ci95'][1]:.4f}] | "
+                         f"{f[k]['retrieval_agreement']['value']:.3f} |")
         lines += ["", f"Distillation: {m['distill_steps']} steps, {m['transfer_samples']:,} sentences, "
                       f"{m['distill_seconds'] / 60:.1f} min (loss {m['loss'][0]} -> {m['loss'][1]}); "
                       f"teacher layers kept {m['kept_layers']}; INT8 nodes left in float: {m['int8_fallback']}.", ""]
@@ -161,9 +171,11 @@ def markdown(res: dict) -> str:
         lines.append("")
     d = res.get("digits")
     if d:
-        lines += ["## Digits CNN: QAT INT4 vs PTQ INT4 (per-channel, symmetric)", "",
+        lines += ["## Digits CNN: QAT vs PTQ on the same grids (INT4 weight-only; W8A8 = ONNX QDQ INT8)", "",
                   "| variant | accuracy float -> INT4 | delta 95% CI | steps |", "|---|---|---|---|"]
-        for k in ("ptq_int4", "qat_int4"):
+        for k in ("ptq_int4", "qat_int4", "ptq_w8a8", "qat_w8a8"):
+            if k not in d:
+                continue
             lines.append(f"| {k} | {d[k]['accuracy'][0]} -> {d[k]['accuracy'][1]} | {[round(x, 4) for x in d[k]['delta_ci95']]} | {d[k]['steps']} |")
         lines += ["", f"Share of PTQ's accuracy loss recovered by QAT: {d['recovered_share']}.", ""]
     return "\n".join(lines) + "\n"

@@ -231,9 +231,19 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
             step("export: compressed ONNX")
             cur = export_onnx(module, handle.task, feeds[0], work / "torch_stages.onnx", opset, handle.source)
             vfeeds = _verify_feeds(feeds, handle.task)
-            out["export_error_compressed"] = verify_onnx(cur, TorchEngine(module, handle.task, ev.threads),
-                                                         vfeeds, rtol * 10)
-            if any(hasattr(m, "krimp_wq") for m in module.modules()):
+            has_act = any(hasattr(m, "krimp_act") for m in module.modules())
+            if not has_act:  # (trained activation grids enter the graph below; checked there)
+                out["export_error_compressed"] = verify_onnx(cur, TorchEngine(module, handle.task, ev.threads),
+                                                             vfeeds, rtol * 10)
+            if has_act:
+                from krimp.export.onnx_qdq import to_qdq
+
+                step("export: ONNX QDQ INT8 (trained scales)")
+                out["qdq"] = to_qdq(cur, work / "qdq.onnx", module)
+                cur = work / "qdq.onnx"
+                out["export_error_compressed"] = verify_onnx(
+                    cur, TorchEngine(module, handle.task, ev.threads), vfeeds, rtol * 10)
+            elif any(hasattr(m, "krimp_wq") for m in module.modules()):
                 from krimp.export.onnx_nbits import to_matmul_nbits
 
                 step("export: ONNX Runtime MatMulNBits")

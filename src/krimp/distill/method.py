@@ -63,6 +63,7 @@ class DistillConfig(BaseConfig):
     eval_every: int = pydantic.Field(0, ge=0)  # steps between validations on held-out transfer data
     patience: int = pydantic.Field(0, ge=0)  # validations without improvement before stopping
     val_share: float = pydantic.Field(0.05, gt=0, lt=0.5)  # transfer data held out when eval_every > 0
+    dropout: float | None = pydantic.Field(0.0, ge=0, lt=1)  # the student's dropout while training (None: its own)
     seed: int = 0
 
 
@@ -114,6 +115,10 @@ class Distill:
         batches = transfer_batches(task, ctx.calib_items, labels, cfg.batch, ctx.seq_len, cfg.seed)
         teacher.eval()
         student, keep, notes = build_student(teacher, cfg.student, task, [b for b, _ in batches[:8]])
+        if cfg.dropout is not None:  # matching a teacher is not a noisy-label problem: no dropout by default
+            for m in student.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = cfg.dropout
         hidden = w.hidden > 0
         lmap = {}
         proj = nn.ModuleDict()

@@ -11,11 +11,18 @@ Inference" (arXiv:1712.05877) for fake quantization with the straight-through es
       bits: 4
       group_size: null      # one scale per output channel (or 32, 64, 128 ...)
       steps: 300            # 0: no training, i.e. round-to-nearest PTQ on the same grid
+      activations: null     # 8: also fake-quantize each layer's input (uint8, per tensor) -> ONNX QDQ INT8
+      act_scales: learned   # or frozen at the observed min-max range
 
 Every ``nn.Linear`` and ``nn.Conv2d`` matched by ``targets`` / ``ignore`` is trained through a
 parametrization, then left holding its dequantized on-grid weight. Linears of Hugging Face models
 also carry their codes (``krimp_wq``), so they export like PTQ (packed safetensors, ONNX Runtime
 ``MatMulNBits``, GGUF); convolutions and plain modules keep the on-grid weights in float.
+
+With ``activations: 8`` the weights use a per-channel 8-bit grid (7-bit where the CPU lacks VNNI,
+as ONNX Runtime's static INT8 does) and the inputs of the same layers are fake-quantized too (see
+:mod:`krimp.quant.qat_act`); the ONNX export then holds int8 weights and QuantizeLinear /
+DequantizeLinear pairs with the trained scales: the artifact static INT8 PTQ produces.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
+from typing import Literal
 
 import pydantic
 import torch
@@ -51,6 +59,9 @@ class QATConfig(BaseConfig):
     weights: LossWeights = LossWeights()  # output = distillation from the float model; hard = labels
     temperature: float = pydantic.Field(2.0, gt=0)
     checkpoint_every: int = pydantic.Field(50, ge=0)
+    activations: Literal[8] | None = None  # 8: inputs fake-quantized too (uint8 per tensor), QDQ export
+    act_scales: Literal["learned", "frozen"] = "learned"
+    observer_batches: int = pydantic.Field(8, ge=1)
     seed: int = 0
 
 
@@ -106,7 +117,7 @@ def targets(model: nn.Module, cfg: QATConfig) -> dict[str, nn.Module]:
     return out
 
 
-def convert(layer: nn.Module, fq: FakeQuant, hf: bool) -> QuantizedWeight:
+def convert(layer: nn.Module, fq: FakeQuant, attach: bool) -> QuantizedWeight:
     """Leave the layer holding its on-grid weight; returns the codes (and attaches them to
     Hugging Face linears as ``krimp_wq``, which the exporters read)."""
     w = layer.parametrizations.weight.original.detach()
@@ -117,7 +128,7 @@ def convert(layer: nn.Module, fq: FakeQuant, hf: bool) -> QuantizedWeight:
     P.remove_parametrizations(layer, "weight", leave_parametrized=False)
     with torch.no_grad():
         layer.weight.copy_(qw.dequantize().reshape(layer.weight.shape))
-    if hf and isinstance(layer, nn.Linear):
+    if attach and isinstance(layer, nn.Linear):
         layer.krimp_wq = qw
     return qw
 
@@ -129,39 +140,76 @@ class QAT:
     def apply_torch(self, module: nn.Module, cfg: QATConfig, ctx):
         import copy
 
+        from krimp.quant import qat_act
+
         t0 = time.perf_counter()
         task, w = ctx.task, cfg.weights
         if cfg.steps and not (w.output or w.hard) or w.hidden:
             raise KrimpError("qat.weights: set output (distillation from the float model) and/or hard (labels); "
                              "hidden is not used by qat")
+        act = cfg.activations is not None
+        if act and cfg.group_size is not None:
+            raise KrimpError("qat.activations: 8 needs per-channel weights (group_size: null); ONNX QDQ has no "
+                             "grouped INT8 weights for MatMul/Conv")
+        folded = qat_act.fold_conv_bn(module) if act else 0
         layers = targets(module, cfg)
         if not layers:
             raise KrimpError("qat: no nn.Linear / nn.Conv2d matches targets/ignore")
-        spec = WQSpec(cfg.bits, cfg.group_size, True)
+        bits, notes = cfg.bits, {}
+        if act and bits == 8:
+            from krimp.quant.ort_int8 import cpu_has_vnni
+
+            if not cpu_has_vnni():  # u8 x s8 products can saturate without VNNI: ORT's reduce_range
+                bits, notes["weight_bits_note"] = 7, "7-bit weight grid: this CPU lacks VNNI (reduce_range)"
+        spec = WQSpec(bits, cfg.group_size, True)
         teacher = copy.deepcopy(module).eval() if cfg.steps and w.output else None
         fqs = {}
         for name, layer in layers.items():
             fqs[name] = FakeQuant(layer.weight, spec)
             P.register_parametrization(layer, "weight", fqs[name])
+        afq, batches = {}, None
+        if act or cfg.steps:
+            batches = self._batches(cfg, ctx)
+        if act:
+            afq = qat_act.attach(layers, cfg.act_scales == "learned")
+            module.eval()
+            with torch.no_grad():
+                for feed, _ in batches[:cfg.observer_batches]:
+                    forward(module, task, [torch.from_numpy(feed[n]) for n in task.input_names], False)
+            for qs in afq.values():
+                for q in qs:
+                    q.start()
         res = None
         try:
             if cfg.steps:
-                res = self._train(module, teacher, fqs, cfg, ctx)
+                res = self._train(module, teacher, fqs, afq, batches, cfg, ctx)
         finally:
             hf = hasattr(module, "config")
-            bpw = [convert(layer, fqs[n], hf).bits_per_weight() for n, layer in layers.items()]
+            qws = {n: convert(layer, fqs[n], hf and not act) for n, layer in layers.items()}
+        bpw = [qw.bits_per_weight() for qw in qws.values()]
+        if act:
+            for n, layer in layers.items():
+                grids = [q.freeze() for q in afq[n]]
+                layer.krimp_act = {"input": grids[0], "output": grids[1] if len(grids) > 1 else None,
+                                   "weight": qws[n]}
+            notes["activations"] = {"bits": 8, "scales": cfg.act_scales, "layers": len(afq),
+                                    "quantized_outputs": sum(len(qs) - 1 for qs in afq.values()),
+                                    "batch_norms_folded": folded}
         granularity = "per output channel" if cfg.group_size is None else f"groups of {cfg.group_size}"
-        return module.eval(), {"quantized_layers": len(layers), "bits": cfg.bits, "granularity": granularity,
+        return module.eval(), {"quantized_layers": len(layers), "bits": bits, "granularity": granularity,
                                "bits_per_weight_mean": round(sum(bpw) / len(bpw), 3),
-                               "packed": hasattr(module, "config"), "training": res,
+                               "packed": hasattr(module, "config") and not act, **notes, "training": res,
                                "seconds": round(time.perf_counter() - t0, 2)}
 
-    def _train(self, module, teacher, fqs, cfg: QATConfig, ctx) -> dict:
+    def _batches(self, cfg: QATConfig, ctx) -> list:
         task, w = ctx.task, cfg.weights
         labels = ctx.calib_labels if task.name in ("classification", "image-classification") else None
-        if w.hard and labels is None and task.name != "causal-lm":
+        if cfg.steps and w.hard and labels is None and task.name != "causal-lm":
             raise KrimpError("qat.weights.hard > 0 needs labelled calibration data (this data has no labels)")
-        batches = transfer_batches(task, ctx.calib_items, labels, cfg.batch, ctx.seq_len, cfg.seed)
+        return transfer_batches(task, ctx.calib_items, labels, cfg.batch, ctx.seq_len, cfg.seed)
+
+    def _train(self, module, teacher, fqs, afq, batches, cfg: QATConfig, ctx) -> dict:
+        task, w = ctx.task, cfg.weights
 
         def loss_fn(b):
             feed, lab = b
@@ -180,6 +228,8 @@ class QAT:
             return loss
 
         named = {k: p for k, p in module.named_parameters() if p.requires_grad}
+        named.update({f"{n}.act{i}_scale": q.scale for n, qs in afq.items() for i, q in enumerate(qs)
+                      if q.scale.requires_grad})
         settings = TrainSettings(steps=cfg.steps, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
         fp = fingerprint(cfg.to_dict(), task.name, len(ctx.calib_items), ctx.seq_len)
         return train(named, loss_fn, batches, settings, ckpt_dir=ctx.ckpt_dir, fp=fp, step=ctx.step,
