@@ -35,6 +35,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/int8_efficientnet.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/llm_wbits.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prune.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/distill.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prune_structured.py
 
 clean:
