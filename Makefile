@@ -37,6 +37,8 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prune.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/distill.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prune_structured.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/mixed_precision.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/search.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

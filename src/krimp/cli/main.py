@@ -1,4 +1,4 @@
-"""``krimp``: compress, eval, bench, inspect."""
+"""``krimp``: compress, eval, bench, inspect, sensitivity, search."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 
 
 def _register() -> None:
-    from krimp.cli import bench, compress, evaluate, inspect
+    from krimp.cli import bench, compress, evaluate, inspect, search, sensitivity
 
     app.command("compress")(compress.compress_cmd)
     app.command("eval")(evaluate.eval_cmd)
     app.command("bench")(bench.bench_cmd)
     app.command("inspect")(inspect.inspect_cmd)
+    app.command("sensitivity")(sensitivity.sensitivity_cmd)
+    app.command("search")(search.search_cmd)
 
 
 _register()

@@ -16,6 +16,9 @@ Recipe::
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import logging
 import tempfile
 from pathlib import Path
@@ -117,6 +120,10 @@ class StaticInt8:
             feeds = ctx.calib_feeds[: cfg.calib_batches]
 
             def run(exclude: list[str]) -> None:
+                with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print
+                    _static(exclude)
+
+            def _static(exclude: list[str]) -> None:
                 quantize_static(
                     str(pre), str(dst), _Reader(feeds), calibrate_method=method,
                     quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
