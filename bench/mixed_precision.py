@@ -46,7 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--target", type=float, default=4.0)
-    ap.add_argument("--widths", default="3,4,8")
+    ap.add_argument("--widths", default="3,4,8;3,4,5,6,8",
+                    help="width sets to allocate from, ';' between sets (each gets its own mixed recipe)")
     ap.add_argument("--eval-windows", type=int, default=4, help="Wikipedia windows of 256 tokens per measurement")
     ap.add_argument("--measure-widths", default="3", help="widths measured beside 4 (others carried by the proxy)")
     ap.add_argument("--keep", default=None, help="folder to keep (and reuse) the sensitivity measurements in")
@@ -55,7 +56,8 @@ def main() -> None:
     from krimp.quant.wq import WQSpec
     from krimp.search.mixed import mixed_recipe, run_sensitivity
 
-    widths = [int(w) for w in a.widths.split(",")]
+    sets = [[int(w) for w in ws.split(",")] for ws in a.widths.split(";")]
+    widths = sorted({w for ws in sets for w in ws})
     raw: dict = {"target_bits": a.target, "widths": widths, "data": DATA}
     with tempfile.TemporaryDirectory(prefix="krimp-bench-mixed-") as tmp:
         tmp = Path(tmp)
@@ -73,10 +75,11 @@ def main() -> None:
             raw[f"sensitivity_{kind}"] = {"seconds": round(s["seconds"], 1),
                                           "measured_widths": s.get("measured_widths"),
                                           "top": [r["layer"] for r in s["layers"][:10]]}
-            metrics = ("kl", "ppl") if measure else ("proxy",)
-            for metric in metrics:
-                _, choice = mixed_recipe(s["layers"], "rtn", WQSpec(4, 128), a.target, "builtin:smollm2", {}, metric)
-                label = kind if metric in ("kl", "proxy") else f"{kind}, ppl"
+            for ws in sets if measure else sets[-1:]:
+                rows = [{**r, "proxy": {b: v for b, v in r["proxy"].items() if int(b) in ws}} for r in s["layers"]]
+                _, choice = mixed_recipe(rows, "rtn", WQSpec(4, 128), a.target, "builtin:smollm2", {},
+                                         "kl" if measure else "proxy")
+                label = f"{kind}, widths {'/'.join(map(str, ws))}"
                 sens[label] = {"choice": choice}
                 raw[f"widths {label}"] = dict(sorted(Counter(choice.values()).items()))
             print(f"sensitivity ({kind}): {s['seconds']:.0f} s", flush=True)
@@ -89,7 +92,7 @@ def main() -> None:
             for kind, s in sens.items():
                 over = {k: {"bits": b} for k, b in s["choice"].items() if b != 4}
                 results[f"{m} mixed ({kind})"] = run({**base, "stages": [{**uniform, "overrides": over}]},
-                                                     tmp / f"{m}-{kind}")
+                                                     tmp / f"{m}-{kind}".replace("/", "-").replace(", ", "-"))
             for k in [k for k in results if k.startswith(m)]:
                 print(f"  {k}: {results[k]}", flush=True)
         raw["results"] = results
@@ -104,18 +107,20 @@ def main() -> None:
     notes = [f"float perplexity {base_ppl:.3f}; {DATA['eval_samples']} held-out Python-docs windows of "
              f"{DATA['seq_len']} tokens; GPTQ calibrated on {DATA['calib_samples']} windows from other files",
              f"mixed widths chosen for a mean of {a.target} code bits from {widths} (layers per width: "
-             + "; ".join(f"{k}: {v}" for k, v in raw.items() if k.startswith("widths ")) + "); measured "
+             + "; ".join(f"{k[7:]}: {v}" for k, v in raw.items() if k.startswith("widths ")) + "); measured "
              f"sensitivity took {m['seconds']:.0f} s (210 layers at widths {s_widths}, Wikipedia "
              f"{a.eval_windows} x 256 tokens), the proxy "
-             f"{raw['sensitivity_proxy']['seconds']:.0f} s; 'ppl' allocates on each layer's perplexity change "
-             "instead of its KL",
+             f"{raw['sensitivity_proxy']['seconds']:.0f} s; the measured allocation costs each width by its measured "
+             "KL where measured, else carries it "
+             "from the nearest measured width by the proxy's ratio",
              "packed safetensors hold each layer at its own width; the GGUF (Q4_0) and ONNX (MatMulNBits) "
-             "writers store 3-bit codes in 4-bit containers"]
+             "writers store 3-bit codes in 4-bit containers (and ONNX 5- and 6-bit codes in 8-bit ones, "
+             "so the size at 4.0 bits is real in safetensors only)"]
     lines = ["### Mixed precision from sensitivity vs uniform 4-bit (SmolLM2-135M)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     lines += [""] + [f"- {n}" for n in notes] + [f"- machine: {machine_line()}",
-                                                  "- command: `python bench/mixed_precision.py`"]
+                                                  f"- command: `python bench/mixed_precision.py --methods {a.methods}`"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "mixed_precision.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "mixed_precision.json").write_text(json.dumps(raw, indent=1, default=str))

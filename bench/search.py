@@ -137,7 +137,9 @@ def main() -> None:
     text = "\n".join(["### Recipe search against single-method presets", "", "| " + " | ".join(header) + " |",
                       "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, x)) + " |" for x in rows] + [""]
                      + [f"- {n}" for n in notes]
-                     + [f"- machine: {machine_line()}", "- command: `python bench/search.py`"])
+                     + [f"- machine: {machine_line()}",
+                        f"- command: `python bench/search.py --only {a.only} --trials {a.trials} "
+                        f"--workers {a.workers}`"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "search.md").write_text(text + "\n")
     (RESULTS / "search.json").write_text(json.dumps(raw, indent=1, default=str))

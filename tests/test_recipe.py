@@ -76,5 +76,15 @@ def test_shipped_recipes_parse():
 
     files = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
     assert len(files) >= 3
+    from krimp.search.space import load_space
+
+    searches = [f for f in files if f.name.startswith("search-")]
+    assert searches
     for f in files:
-        assert Recipe.from_yaml(f).stages, f
+        if f in searches:
+            with pytest.raises(KrimpError, match="krimp search"):
+                Recipe.from_yaml(f)
+            space = load_space(f)
+            assert space.spec.candidates, f
+        else:
+            assert Recipe.from_yaml(f).stages, f

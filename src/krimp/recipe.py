@@ -110,6 +110,8 @@ class Recipe(_Section):
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> Recipe:
         if not isinstance(d, dict):
             raise KrimpError(f"{where}: expected a mapping at the top level, got {type(d).__name__}")
+        if "search" in d:
+            raise KrimpError(f"{where} is a search recipe (it has a 'search:' section): run `krimp search {where}`")
         _check_keys(d, cls, where)
         try:
             return cls(**d)

@@ -84,14 +84,19 @@ def test_model_without_decoder_blocks_is_a_clear_error(minilm):
         method_for(cfg).apply_torch(copy.deepcopy(minilm.module), cfg, StageContext(minilm.task, feeds, 2))
 
 
-def test_packed_safetensors_and_matmulnbits_hold_krimps_weights(llama, tmp_path):
+@pytest.mark.parametrize("overrides", [{}, {"*.gate_proj": {"bits": 5}, "*.up_proj": {"bits": 6},
+                                             "*.q_proj": {"bits": 3}}])
+def test_packed_safetensors_and_matmulnbits_hold_krimps_weights(llama, tmp_path, overrides):
+    """Also with the mixed widths a sensitivity recipe writes (3/5/6 bits beside 4)."""
     from krimp.eval.runtime import OrtEngine, TorchEngine
     from krimp.export.onnx import export_onnx
     from krimp.export.onnx_nbits import to_matmul_nbits
     from krimp.export.safetensors_io import save_packed
 
     h, ids = llama
-    m, _ = _run(h, ids, {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False})
+    m, _ = _run(h, ids, {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False, "overrides": overrides})
+    widths = {mod.krimp_wq.spec.bits for mod in m.modules() if hasattr(mod, "krimp_wq")}
+    assert widths == ({3, 4, 5, 6, 8} if overrides else {4, 8})  # the head at 8 bits by default
     save_packed(m, tmp_path / "packed", h.task.tokenizer)
     back = load_model(tmp_path / "packed").module
     for (n, a), b in zip(m.state_dict().items(), back.state_dict().values()):

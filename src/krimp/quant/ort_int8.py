@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-
 import logging
 import tempfile
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pydantic
 
 from krimp.config import BaseConfig, register
@@ -118,6 +118,8 @@ class StaticInt8:
                 log.warning("ONNX Runtime pre-processing failed (%s); quantizing the plain graph", e)
                 pre = src
             feeds = ctx.calib_feeds[: cfg.calib_batches]
+            if cfg.calibration != "minmax":  # ORT's histograms stack every batch: one shape for all
+                feeds = same_shape(feeds)
 
             def run(exclude: list[str]) -> None:
                 with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print
@@ -134,6 +136,22 @@ class StaticInt8:
                 )
 
             return _with_fallback(run, pre, dst, cfg, ctx)
+
+
+def same_shape(feeds: list[dict]) -> list[dict]:
+    """Zero-pad every input to the largest shape seen across batches (text batches are padded to
+    their own longest sequence; a zero attention mask keeps the added positions out of the result)."""
+    if not feeds:
+        return feeds
+    top = {k: np.max([f[k].shape for f in feeds], axis=0) for k in feeds[0]}
+    out = []
+    for f in feeds:
+        g = {}
+        for k, v in f.items():
+            pad = [(0, int(t) - n) for n, t in zip(v.shape, top[k])]
+            g[k] = np.pad(v, pad) if any(p for _, p in pad) else v
+        out.append(g)
+    return out
 
 
 class _Reader:
