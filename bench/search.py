@@ -1,6 +1,6 @@
 """The recipe search against single-method presets, through ``krimp search`` as a user runs it.
 
-    python bench/search.py [--only minilm,smollm2] [--trials 12] [--workers 1,2]
+    python bench/search.py [--only minilm,smollm2] [--trials 12] [--workers 1,2] [--keep-presets]
 
 For each model: every preset recipe (the search recipe's own data, eval and goal with one fixed
 stage) is compressed and measured; then the search runs with a fixed trial budget, once per worker
@@ -31,11 +31,13 @@ PRESETS = {
     "minilm": {"fp16": [{"method": "fp16"}],
                "int8-dynamic": [{"method": "int8-dynamic", "per_channel": True}],
                "int8-static": [{"method": "int8-static", "calibration": "minmax"}]},
-    "smollm2": {"int8-dynamic": [{"method": "int8-dynamic", "per_channel": True}],
+    "smollm2": {"int8-dynamic": [{"method": "int8-dynamic", "per_channel": True, "fallback": False}],
                 "rtn-w8": [{"method": "rtn", "bits": 8, "group_size": 128}],
                 "rtn-w4": [{"method": "rtn", "bits": 4, "group_size": 128}],
                 "gptq-w4": [{"method": "gptq", "bits": 4, "group_size": 128}],
-                "awq-w4": [{"method": "awq", "bits": 4, "group_size": 128}]},
+                "awq-w4": [{"method": "awq", "bits": 4, "group_size": 128}],
+                "smoothquant-w8a8": [{"method": "smoothquant"},  # the paper's alpha 0.5
+                                     {"method": "int8-dynamic", "per_channel": True, "fallback": False}]},
 }
 
 
@@ -45,18 +47,25 @@ def _point(rep: dict) -> dict:
             "wall_s": rep.get("wall_s")}
 
 
-def presets(name: str, tmp: Path) -> dict:
+def presets(name: str, tmp: Path, kept: dict) -> dict:
+    """Run each preset; with ``kept`` (``--keep-presets``), reuse an earlier result of the same stages
+    on the same base recipe."""
     import krimp
 
     base = yaml.safe_load((ROOT / f"search-{name}.yaml").read_text())
     base.pop("search")
     out = {}
     for p, stages in PRESETS[name].items():
+        old = kept.get(p, {})
+        if old.get("stages") == stages and old.get("base") == base and "error" not in old:
+            out[p] = {**old, "kept_from": old.get("kept_from") or old.get("date")}
+            print(f"  preset {p}: kept from {out[p]['kept_from']}", flush=True)
+            continue
         t = time.perf_counter()
         try:
             rep = krimp.compress(None, {**base, "stages": stages}, tmp / f"preset-{p}")
-            out[p] = _point(rep)
-        except Exception as e:  # a preset that fails is a result too
+            out[p] = {**_point(rep), "stages": stages, "base": base, "date": time.strftime("%Y-%m-%d")}
+        except Exception as e:  # noqa: BLE001 -- a preset that fails is a result too
             out[p] = {"error": str(e).splitlines()[0][:200]}
         print(f"  preset {p}: {out[p]} ({time.perf_counter() - t:.0f} s)", flush=True)
     return out
@@ -82,9 +91,9 @@ def covered(p: dict, front: list[dict]) -> int | None:
     return None
 
 
-def part(name: str, tmp: Path, trials: int, worker_counts: list[int]) -> dict:
+def part(name: str, tmp: Path, trials: int, worker_counts: list[int], kept: dict) -> dict:
     print(f"{name}:", flush=True)
-    pre = presets(name, tmp)
+    pre = presets(name, tmp, kept)
     runs = {w: search(name, tmp, trials, w) for w in worker_counts}
     s = runs[worker_counts[0]]
     done = {r["number"]: r for r in s["trials"] if r["state"] == "COMPLETE"}
@@ -107,13 +116,16 @@ def main() -> None:
     ap.add_argument("--only", default="minilm,smollm2")
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--keep-presets", action="store_true",
+                    help="reuse preset results in search.json whose stages and base recipe are unchanged")
     a = ap.parse_args()
     quiet()
     workers = [int(w) for w in a.workers.split(",")]
     raw = json.loads((RESULTS / "search.json").read_text()) if (RESULTS / "search.json").exists() else {}
     with tempfile.TemporaryDirectory(prefix="krimp-bench-search-") as tmp:
         for name in a.only.split(","):
-            raw[name] = {**part(name, Path(tmp), a.trials, workers), "trials_budget": a.trials,
+            kept = raw.get(name, {}).get("presets", {}) if a.keep_presets else {}
+            raw[name] = {**part(name, Path(tmp), a.trials, workers, kept), "trials_budget": a.trials,
                          "date": time.strftime("%Y-%m-%d")}
     rows, notes = [], []
     for name, r in raw.items():
@@ -122,7 +134,8 @@ def main() -> None:
                 rows.append([name, f"preset {p}", "failed", "", "", "", v["error"][:60]])
                 continue
             cov = r["coverage"].get(p)
-            rows.append([name, f"preset {p}", f"{v['quality_drop']:.4f}", f"{v['size']:.1f}", f"{v['latency']:.1f}",
+            label = f"preset {p}" + (f" (kept from {v['kept_from']})" if v.get("kept_from") else "")
+            rows.append([name, label, f"{v['quality_drop']:.4f}", f"{v['size']:.1f}", f"{v['latency']:.1f}",
                          "yes" if v["within_goal"] else "no", f"trial {cov}" if cov is not None else "not covered"])
         b = r["best"]
         if b:
@@ -138,8 +151,8 @@ def main() -> None:
                       "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, x)) + " |" for x in rows] + [""]
                      + [f"- {n}" for n in notes]
                      + [f"- machine: {machine_line()}",
-                        f"- command: `python bench/search.py --only {a.only} --trials {a.trials} "
-                        f"--workers {a.workers}`"])
+                        (f"- last command: `python bench/search.py --only {a.only} --trials {a.trials} "
+                         f"--workers {a.workers}` (rows of models it did not run are kept from earlier runs)")])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "search.md").write_text(text + "\n")
     (RESULTS / "search.json").write_text(json.dumps(raw, indent=1, default=str))

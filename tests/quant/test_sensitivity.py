@@ -47,3 +47,55 @@ def test_sensitivity_ranks_the_outlier_layer_first(tmp_path):
         assert [n for n, _ in ranked] == ["second", "first"]
         assert ranked[0][1] > 3 * ranked[1][1] > 0
     assert node_sensitivity(p, distance, feeds, ["second"], "static")[0][0] == "first"
+
+
+def _chain(tmp_path, n=5, outlier=2):
+    """x -> m0 -> h0 -> m1 -> ... ; the input of node m{outlier} has one huge channel that the node's
+    weights scale back down."""
+    rng = np.random.default_rng(3)
+    ws, nodes, prev = [], [], "x"
+    for i in range(n):
+        w = rng.normal(size=(16, 16)).astype(np.float32) / 4
+        if i == outlier - 1:
+            w[:, 5] *= 1000.0
+        if i == outlier:
+            w[5, :] /= 1000.0
+        ws.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == n - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"m{i}"))
+        prev = out
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16])], ws)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    p = tmp_path / "chain.onnx"
+    onnx.save(m, p)
+    return p
+
+
+def test_proxy_shortlist_measures_only_the_shortlist_and_keeps_the_outlier_node(tmp_path):
+    from krimp.quant.sensitivity import proxy_errors
+
+    p = _chain(tmp_path)
+    feeds = [{"x": np.random.default_rng(4).normal(size=(64, 16)).astype(np.float32)}]
+    ref = OrtEngine(p).run(feeds[0])
+    calls = []
+
+    def distance(model) -> float:
+        calls.append(1)
+        out = OrtEngine(model).run(feeds[0])
+        return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+    for mode in ("static", "dynamic"):
+        proxy = proxy_errors(onnx.load(str(p)), [f"m{i}" for i in range(5)], feeds, mode, 8)
+        assert max(proxy, key=proxy.get) == "m2"
+        assert proxy["m2"] > 10 * max(v for k, v in proxy.items() if k != "m2")
+        full = node_sensitivity(p, distance, feeds, [], mode)
+        calls.clear()
+        info: dict = {}
+        short = node_sensitivity(p, distance, feeds, [], mode, shortlist=2, info=info)
+        assert len(calls) == 2 and len(short) == 2
+        assert short[0][0] == full[0][0] == "m2"
+        assert info == {"candidates": 5, "measured": 2, "shortlist": "local INT8 error proxy"}
+        calls.clear()
+        assert len(node_sensitivity(p, distance, feeds, [], mode, shortlist=2, min_nodes=10)) == 5 == len(calls)

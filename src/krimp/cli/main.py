@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import typer
 
@@ -35,7 +36,12 @@ def _register() -> None:
 _register()
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # `kill PID` cleans up like Ctrl-C: no partial output is left behind
+
+
 def run() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

@@ -6,7 +6,10 @@ the model's output from the float model when only that node is quantized. Then, 
 each node is taken out of INT8 and kept out only if the model re-quantized without it is closer
 to the float model on calibration data (KL of logits, or 1 - cosine of embeddings) (forward selection: taking a node out can also hurt, because the
 quantizer then places its neighbours' quantize/dequantize pairs differently), until the goal
-holds or ``max_nodes`` are out.
+holds or ``max_nodes`` are out. A graph over ``BIG_GRAPH_BYTES`` with more than ``SHORTLIST``
+candidates (a language model) is ranked on a shortlist chosen by a local error proxy, so the
+ranking costs minutes, not hours; smaller graphs measure every node (the proxy is cruder for
+convolutions than for matrix products).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 from krimp.quant.sensitivity import node_sensitivity
 
 log = logging.getLogger(__name__)
+SHORTLIST = 48  # a big graph with more candidate nodes than this: measure a proxy's shortlist only
+BIG_GRAPH_BYTES = 256 * 2**20
 
 
 def _distance(metrics: dict) -> float:
@@ -38,7 +43,10 @@ def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int
     ok, metrics = ctx.goal_check(dst)
     if ok:
         return {"needed": False, "calib_metrics": metrics}
-    ranked = node_sensitivity(src, ctx.distance, ctx.calib_feeds, excluded, mode, bits, ctx.threads)
+    shortlist: dict = {}
+    big = Path(src).stat().st_size > BIG_GRAPH_BYTES  # every measurement loads a copy of the graph
+    ranked = node_sensitivity(src, ctx.distance, ctx.calib_feeds, excluded, mode, bits, ctx.threads,
+                              shortlist=2 * (max_nodes + 4) if big else None, min_nodes=SHORTLIST, info=shortlist)
     log.info("goal missed on calibration data (%s); ranking %d nodes for float fallback",
              metrics, len(ranked))
     tries = [{"excluded": [], "ok": ok, "calib_metrics": metrics}]
@@ -58,7 +66,7 @@ def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int
                 chosen, best, ok = chosen + [name], _distance(metrics), ok_try
                 best_file.write_bytes(dst.read_bytes())
         dst.write_bytes(best_file.read_bytes())
-    return {"needed": True, "met_on_calib": ok, "excluded": chosen,
+    return {"needed": True, "met_on_calib": ok, "excluded": chosen, **({"ranked": shortlist} if shortlist else {}),
             "ranking": [{"node": n, "distance_alone": round(e, 6)} for n, e in ranked[: max_nodes + 4]],
             "tries": [{"node": (t["excluded"] or [None])[-1], "accepted": t["excluded"] == chosen[: len(t["excluded"])],
                        "ok": t["ok"], "calib_metrics": t["calib_metrics"]} for t in tries]}
