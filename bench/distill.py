@@ -76,7 +76,8 @@ def smollm2(tmp: Path, steps: int) -> dict:
 
     base = Recipe.from_yaml(ROOT / "smollm2-distill-half.yaml").to_dict()
     out = {}
-    for name, weights in (("distilled", {"output": 1.0, "hard": 0.0}), ("plain", {"output": 0.0, "hard": 1.0})):
+    plain = {"output": 0.0, "hard": 1.0, "hidden": 0.0}  # the recipe's own weights are the distilled run
+    for name, weights in (("distilled", base["stages"][0].get("weights", {})), ("plain", plain)):
         r = json.loads(json.dumps(base))
         r["stages"][0].update(weights=weights, steps=steps)
         rep = krimp.compress(None, r, tmp / name)
@@ -86,7 +87,7 @@ def smollm2(tmp: Path, steps: int) -> dict:
                      "ci95": rep["compressed"]["quality"]["perplexity"]["ci95"],
                      "kl_to_teacher": _v(rep["compressed"]["fidelity"], "kl"),
                      "params": [st["params_before"], st["params_after"]], "steps": st["training"]["steps"],
-                     "seconds": st["training"]["seconds"]}
+                     "seconds": st["training"]["seconds"], "weights": weights, "kept_layers": st["kept_layers"]}
         print(json.dumps({name: out[name]}), flush=True)
     return out
 
@@ -168,6 +169,9 @@ def markdown(res: dict) -> str:
             r = s[k]
             lines.append(f"| {k} | {r['params'][1]:,} | {r['steps']} | {r['perplexity'][0]} -> {r['perplexity'][1]} | "
                          f"{[round(x, 2) for x in r['ci95']]} | {r['kl_to_teacher']} | {r['seconds']} |")
+        if "weights" in s["distilled"]:
+            lines += ["", (f"Loss weights: distilled {s['distilled']['weights']}, plain {s['plain']['weights']}; "
+                           f"teacher layers kept {s['distilled']['kept_layers']}.")]
         lines.append("")
     d = res.get("digits")
     if d:

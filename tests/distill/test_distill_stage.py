@@ -79,3 +79,31 @@ def test_bad_input(tmp_path):
     with pytest.raises(KrimpError, match="model not found"):
         krimp.compress(None, _recipe(student={"path": "/nonexistent"}), tmp_path / "e")
     assert not any(p.name in ("a", "b", "c", "d", "e") for p in tmp_path.iterdir())
+
+
+def test_causal_lm_student_by_influence(tmp_path):
+    """A 4-layer Llama distilled into its 2 most influential layers with KL + next-token loss: the
+    layers kept are the top-2 by block influence, the loss falls, the student reloads."""
+    import transformers as tf
+
+    from krimp.models import load_model
+    from krimp.models.builtin import load_builtin
+
+    tok = load_builtin("minilm").task.tokenizer
+    cfg = tf.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    recipe = {"model": str(tmp_path / "teacher"), "task": "causal-lm",
+              "data": {"source": "builtin:python-docs", "calib_samples": 64, "eval_samples": 8, "seq_len": 32},
+              "eval": {"batch": 4, "seq_len": 32, "threads": 2}, "goal": {"max_quality_drop": 10.0},
+              "export": {"formats": ["safetensors"]},
+              "stages": [{"method": "distill", "student": {"depth": 2, "by": "influence"}, "temperature": 1.0,
+                          "weights": {"output": 1.0, "hard": 1.0}, "steps": 16, "batch": 4, "lr": 3e-3}]}
+    r = krimp.compress(None, recipe, tmp_path / "run")
+    st = r["stages"][0]
+    infl = torch.tensor(st["layer_influence"])
+    assert st["kept_layers"] == sorted(torch.topk(infl, 2).indices.tolist()) and len(infl) == 4
+    assert st["training"]["loss_last"] < 0.95 * st["training"]["loss_first"]  # 10.36 -> 9.33 measured
+    assert len(load_model(tmp_path / "run", "causal-lm").module.model.layers) == 2

@@ -60,3 +60,19 @@ def test_given_student_wider_than_teacher(minilm, tmp_path):
     minilm.task.tokenizer.save_pretrained(tmp_path)
     with pytest.raises(KrimpError, match="wider than its teacher"):
         build_student(minilm.module, StudentSpec(path=str(tmp_path)), minilm.task, [])
+
+
+def test_student_keeps_the_most_influential_layers(minilm):
+    from krimp.prune.transformer import block_influence, find_layers
+
+    task = minilm.task
+    feeds = [task.encode(["a list keeps items in order", "dicts map keys to values", "open() returns a file"], 32)]
+    student, keep, notes = build_student(minilm.module, StudentSpec(depth=3, by="influence"), task, feeds)
+    scores = block_influence(minilm.module, task, feeds, find_layers(minilm.module)[1])
+    assert keep == sorted(torch.topk(scores, 3).indices.tolist()) == notes["kept_layers"]
+    assert len(notes["layer_influence"]) == 6 and min(scores[keep]) >= max(scores[[i for i in range(6) if i not in keep]])
+    assert torch.equal(student.encoder.layer[0].output.dense.weight, minilm.module.encoder.layer[keep[0]].output.dense.weight)
+    with pytest.raises(ValueError, match="give depth"):
+        StudentSpec(every=2, by="influence")
+    with pytest.raises(KrimpError, match="needs transfer data"):
+        build_student(minilm.module, StudentSpec(depth=3, by="influence"), task, [])

@@ -7,7 +7,7 @@ DistilBERT (arXiv:1910.01108) for students initialised from every other teacher 
 2019, TinyBERT (arXiv:1909.10351) for hidden-state losses through a learned projection::
 
     - method: distill
-      student: {every: 2}            # or layers: [1, 3, 5] / depth: 3 / path: my-student / ffn: 0.5
+      student: {every: 2}            # or layers: [1, 3, 5] / depth: 3 (by: influence) / path: my-student / ffn: 0.5
       weights: {output: 1.0, hidden: 1.0, hard: 0.0}
       epochs: 1
 

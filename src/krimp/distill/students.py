@@ -2,7 +2,11 @@
 
 - Shallower: keep some of the teacher's layers, initialised from them (DistilBERT keeps every
   other layer, Sanh et al. 2019, arXiv:1910.01108): ``layers: [1, 3, 5]``, ``every: 2`` (layers
-  k-1, 2k-1, ...: the last layer is kept) or ``depth: 3`` (evenly spaced, first and last kept).
+  k-1, 2k-1, ...: the last layer is kept) or ``depth: 3`` (evenly spaced, first and last kept);
+  ``depth: 15, by: influence`` keeps the layers that change their input most on the transfer data
+  (ShortGPT's block influence, Men et al. 2024, arXiv:2403.03853). Deep decoders need it: on
+  SmolLM2-135M every other layer leaves a student at perplexity 4.8 million before training, the
+  15 most influential layers one at 3,600 (teacher 31).
 - Narrower: FFN neurons and attention heads removed by the structured-pruning machinery
   (:mod:`krimp.prune.transformer`, magnitude importance), ``ffn: 0.5``, ``heads: 0.25``.
 - Given: ``path: folder`` loads a model the user built; it may not be wider or deeper than the teacher.
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Literal
 
 import pydantic
+import torch
 from torch import nn
 
 from krimp.errors import KrimpError
@@ -30,7 +36,8 @@ class StudentSpec(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
     layers: list[int] | None = None  # teacher layers to keep, by index
     every: int | None = pydantic.Field(None, ge=1)  # keep every k-th layer
-    depth: int | None = pydantic.Field(None, ge=1)  # keep this many, evenly spaced
+    depth: int | None = pydantic.Field(None, ge=1)  # keep this many ...
+    by: Literal["even", "influence"] = "even"  # ... evenly spaced, or the most influential on the data
     ffn: float = pydantic.Field(0.0, ge=0, lt=1)  # share of FFN neurons removed in each layer
     heads: float = pydantic.Field(0.0, ge=0, lt=1)  # share of attention heads removed in each layer
     path: str | None = None  # a student model folder given by the user
@@ -40,6 +47,8 @@ class StudentSpec(pydantic.BaseModel):
         given = [k for k in ("layers", "every", "depth", "path") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of layers / every / depth / path, not {' and '.join(given)}")
+        if self.by != "even" and self.depth is None:
+            raise ValueError("by: influence chooses which layers a 'depth' student keeps; give depth")
         if self.path is not None and (self.ffn or self.heads):
             raise ValueError("ffn / heads narrow a student built from the teacher, not one given by path")
         return self
@@ -69,7 +78,7 @@ def kept_layers(spec: StudentSpec, n: int) -> list[int]:
 
 def build_student(teacher: nn.Module, spec: StudentSpec, task, feeds) -> tuple[nn.Module, list[int], dict]:
     """The student, the teacher layer each student layer came from, and notes for the report."""
-    from krimp.prune.transformer import drop_layers, find_layers
+    from krimp.prune.transformer import block_influence, drop_layers, find_layers
 
     if spec.path is not None:
         return _given(teacher, spec.path, task)
@@ -84,10 +93,18 @@ def build_student(teacher: nn.Module, spec: StudentSpec, task, feeds) -> tuple[n
         raise KrimpError(f"distill.student: {type(teacher).__name__} has no transformer layers krimp can drop; "
                          "give a student model with 'path'") from None
     keep = kept_layers(spec, len(layers))
+    notes = {}
+    if spec.by == "influence" and spec.depth < len(layers):
+        if not feeds:
+            raise KrimpError("distill.student.by: influence needs transfer data to measure the layers on")
+        scores = block_influence(teacher, task, feeds, find_layers(teacher)[1])
+        keep = sorted(torch.topk(scores, spec.depth).indices.tolist())
+        notes["layer_influence"] = [round(float(x), 4) for x in scores]
+        log.info("distill: keeping the %d most influential layers %s", spec.depth, keep)
     drop = [i for i in range(len(layers)) if i not in keep]
     if drop:
         drop_layers(student, path, layers, drop)
-    notes = {"teacher_layers": len(layers), "student_layers": len(keep), "kept_layers": keep}
+    notes.update({"teacher_layers": len(layers), "student_layers": len(keep), "kept_layers": keep})
     if spec.ffn or spec.heads:
         from krimp.pipeline import StageContext
         from krimp.prune.transformer import StructuredPrune, StructuredPruneConfig
