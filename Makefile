@@ -23,7 +23,10 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/krimp compress recipes/minilm-int8.yaml --out runs/minilm-int8 --overwrite
+	# krimp exits 3 when the run completes but misses its goal: the report says by how much and
+	# whether within noise; that is a result to read, not a set-up failure
+	HF_HUB_OFFLINE=1 $(BIN)/krimp compress recipes/minilm-int8.yaml --out runs/minilm-int8 --overwrite \
+		|| [ $$? -eq 3 ]
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
