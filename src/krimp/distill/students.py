@@ -22,7 +22,6 @@ import logging
 from typing import Literal
 
 import pydantic
-import torch
 from torch import nn
 
 from krimp.errors import KrimpError
@@ -78,7 +77,7 @@ def kept_layers(spec: StudentSpec, n: int) -> list[int]:
 
 def build_student(teacher: nn.Module, spec: StudentSpec, task, feeds) -> tuple[nn.Module, list[int], dict]:
     """The student, the teacher layer each student layer came from, and notes for the report."""
-    from krimp.prune.transformer import block_influence, drop_layers, find_layers
+    from krimp.prune.transformer import drop_layers, find_layers, least_influential
 
     if spec.path is not None:
         return _given(teacher, spec.path, task)
@@ -97,8 +96,8 @@ def build_student(teacher: nn.Module, spec: StudentSpec, task, feeds) -> tuple[n
     if spec.by == "influence" and spec.depth < len(layers):
         if not feeds:
             raise KrimpError("distill.student.by: influence needs transfer data to measure the layers on")
-        scores = block_influence(teacher, task, feeds, find_layers(teacher)[1])
-        keep = sorted(torch.topk(scores, spec.depth).indices.tolist())
+        left_out, scores = least_influential(student, task, feeds, layers, len(layers) - spec.depth)
+        keep = [i for i in range(len(layers)) if i not in left_out]
         notes["layer_influence"] = [round(float(x), 4) for x in scores]
         log.info("distill: keeping the %d most influential layers %s", spec.depth, keep)
     drop = [i for i in range(len(layers)) if i not in keep]

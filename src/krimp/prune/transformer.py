@@ -180,6 +180,13 @@ def block_influence(model, task, feeds, layers: nn.ModuleList) -> torch.Tensor:
     return scores / max(n[0], 1)
 
 
+def least_influential(model, task, feeds, layers: nn.ModuleList, n: int) -> tuple[list[int], torch.Tensor]:
+    """The ``n`` layers with the lowest block influence (ascending index), and every layer's score:
+    the layers to remove (structured pruning) or to leave out of a student (distillation)."""
+    bi = block_influence(model, task, feeds, layers)
+    return sorted(torch.topk(-bi, n).indices.tolist()), bi
+
+
 # ---- removal ----------------------------------------------------------------------------------
 
 def prune_ffn(layer: nn.Module, ups: tuple[str, ...], down: str, keep: torch.Tensor) -> None:
@@ -242,8 +249,7 @@ class StructuredPrune:
         before = _params(module)
         out: dict = {"params_before": before}
         if cfg.layers:
-            bi = block_influence(module, ctx.task, ctx.calib_feeds, layers)
-            drop = sorted(torch.topk(-bi, cfg.layers).indices.tolist())
+            drop, bi = least_influential(module, ctx.task, ctx.calib_feeds, layers, cfg.layers)
             drop_layers(module, path, layers, drop)
             out["layers_removed"] = drop
             out["block_influence"] = [round(float(x), 4) for x in bi]
