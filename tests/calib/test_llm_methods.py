@@ -122,3 +122,29 @@ def test_gptq_propagate_sets_forwards_per_block(llama, monkeypatch, propagate, f
     m, info = _run(h, ids, {"method": "gptq", "bits": 4, "group_size": 32, "propagate": propagate})
     assert len(calls) == forwards  # two blocks: one forward each, or a second after quantizing
     assert info["quantized_layers"] == 15 and _kl(h, m, ids[:4]) < 0.05
+
+
+def test_calibrator_feeds_each_block_the_previous_blocks_outputs_from_two_buffers(llama):
+    """The block inputs live in two buffers swapped block after block; what block i receives must
+    still be exactly what the full model gives it, and keyword tensors equal across batches (rotary
+    tables) are kept once."""
+    from krimp.calib.layerwise import LayerwiseCalibrator
+
+    h, ids = llama
+    model = copy.deepcopy(h.module)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # inputs of each block
+    seen, ptrs = [], set()
+
+    def process(run):
+        seen.append(torch.cat(run.inputs))
+        ptrs.add(run.inputs[0].data_ptr())
+        assert run.kwargs[1]["position_embeddings"][0] is run.kwargs[0]["position_embeddings"][0]
+        run.collect(list(run.linears), {"hessian"})
+        return {}
+
+    LayerwiseCalibrator(model, ids, batch=8, propagate="float").run(process)
+    assert len(seen) == len(hidden) - 1
+    for i, x in enumerate(seen):
+        assert torch.allclose(x, hidden[i], atol=1e-5), f"block {i} got the wrong inputs"
+    assert len(ptrs) == 2  # two buffers, reused

@@ -82,11 +82,34 @@ class InputStats:
         return rows[idx.sort().values]
 
 
+def _same_or(prev, v):
+    """``prev`` when it is a tensor equal to ``v`` (so one copy is kept), else ``v``."""
+    if isinstance(v, torch.Tensor) and isinstance(prev, torch.Tensor) and prev.shape == v.shape \
+            and prev.dtype == v.dtype and torch.equal(prev, v):
+        return prev
+    if isinstance(v, tuple) and isinstance(prev, tuple) and len(v) == len(prev):
+        return tuple(_same_or(p, x) for p, x in zip(prev, v))
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the system (glibc keeps them otherwise, and a long calibration's
+    resident memory creeps up block after block)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class BlockRun:
     """One block and the inputs it receives; what a method's ``process`` works with."""
 
-    def __init__(self, index: int, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]):
+    def __init__(self, index: int, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
+                 out_buffer: torch.Tensor | None = None):
         self.index, self.block, self.inputs, self.kwargs = index, block, inputs, kwargs
+        self.out_buffer = out_buffer  # outputs are written here when they fit (no new allocation per pass)
         self.linears = block_linears(block)
         self.outputs: list[torch.Tensor] | None = None  # of the last collect() pass
         self.unchanged = False  # a method that keeps the block's function sets this: outputs reused
@@ -95,10 +118,15 @@ class BlockRun:
     def forward(self, hooks: dict[str, Callable] | None = None) -> list[torch.Tensor]:
         handles = [self.linears[n].register_forward_hook(fn) for n, fn in (hooks or {}).items()]
         try:
-            outs = []
+            outs, r = [], 0
+            buf = self.out_buffer
             for x, kw in zip(self.inputs, self.kwargs):
                 y = self.block(x, **kw)
-                outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+                y = y[0] if isinstance(y, (tuple, list)) else y
+                if buf is not None and y.shape[1:] == buf.shape[1:] and r + len(y) <= len(buf):
+                    y = buf[r:r + len(y)].copy_(y)
+                outs.append(y)
+                r += len(y)
             return outs
         finally:
             for h in handles:
@@ -149,16 +177,25 @@ class LayerwiseCalibrator:
         self.path, self.blocks = find_blocks(model)
 
     @torch.no_grad()
-    def _block_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
+    def _block_inputs(self) -> tuple[list[torch.Tensor], list[dict], torch.Tensor | None]:
+        """The first block's inputs for every window, as views of one buffer (windows, seq, hidden),
+        and its keyword inputs; a keyword tensor equal to the previous batch's (masks, rotary tables)
+        is shared, not kept once per batch."""
         inputs, kwargs = [], []
+        buf: list[torch.Tensor] = []
+        n = len(self.windows)
 
         def grab(_mod, args, kw):
             kw = dict(kw)
-            x = args[0] if args else kw.pop("hidden_states")
-            inputs.append(x.detach())
+            x = (args[0] if args else kw.pop("hidden_states")).detach()
+            if not buf:
+                buf.append(torch.empty((n, *x.shape[1:]), dtype=x.dtype))
+            r = sum(len(t) for t in inputs)
+            inputs.append(buf[0][r:r + len(x)].copy_(x) if x.shape[1:] == buf[0].shape[1:] else x)
             kw.pop("past_key_values", None), kw.pop("past_key_value", None)
             kw["use_cache"] = False
-            kwargs.append({k: v for k, v in kw.items()})
+            prev = kwargs[-1] if kwargs else {}
+            kwargs.append({k: _same_or(prev.get(k), v) for k, v in kw.items()})
             raise _Stop
 
         h = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -171,7 +208,7 @@ class LayerwiseCalibrator:
                     pass
         finally:
             h.remove()
-        return inputs, kwargs
+        return inputs, kwargs, (buf[0] if buf else None)
 
     def run(self, process: Callable[[BlockRun], dict]) -> list[dict]:
         if len(self.windows) == 0:
@@ -183,15 +220,22 @@ class LayerwiseCalibrator:
         try:
             if impl == "eager":  # fused attention for calibration: same math, about 1.5x faster here
                 cfg._attn_implementation = "sdpa"
-            inputs, kwargs = self._block_inputs()
+            inputs, kwargs, held = self._block_inputs()
+            # two buffers of block activations, swapped after each block: the next block's inputs are
+            # written over the previous block's, so memory stays flat along the model
+            spare = torch.empty_like(held) if held is not None else None
             notes = []
             n = len(self.blocks)
             for i, block in enumerate(self.blocks):
                 self.step(f"{self.label}: block {i + 1}/{n}")
-                run = BlockRun(i, block, inputs, kwargs)
+                run = BlockRun(i, block, inputs, kwargs, spare)
                 notes.append({"block": i, **(process(run) or {})})
                 reuse = run.unchanged or self.propagate == "float"  # float: one forward per block
                 inputs = run.outputs if (reuse and run.outputs is not None) else run.forward()
+                del run
+                if spare is not None and inputs and inputs[0].data_ptr() == spare.data_ptr():
+                    held, spare = spare, held
+                _trim_heap()
         finally:
             if impl == "eager":
                 cfg._attn_implementation = impl
