@@ -14,9 +14,7 @@ DistilBERT (arXiv:1910.01108) for students initialised from every other teacher 
 ``output`` is the KL divergence of logits at ``temperature`` (or, for embedding models, token-state
 MSE + pooled cosine); ``hard`` is cross-entropy with labels where the data has them (next-token
 cross-entropy for a causal LM: ``{output: 0, hard: 1}`` is plain training of the same student);
-``hidden`` is MSE between mapped hidden states (``layer_map``: student state -> teacher state);
-``relation`` (embedders) matches each sentence's softened similarities to the rest of the batch
-(Tung & Mori 2019, arXiv:1907.09682), the neighbour structure that retrieval reads.
+``hidden`` is MSE between mapped hidden states (``layer_map``: student state -> teacher state).
 """
 
 from __future__ import annotations
@@ -44,7 +42,6 @@ class LossWeights(pydantic.BaseModel):
     output: float = pydantic.Field(1.0, ge=0)  # teacher's logits (KL at T) or embeddings (MSE + cosine)
     hard: float = pydantic.Field(0.0, ge=0)  # labels, or the next token for a causal LM
     hidden: float = pydantic.Field(0.0, ge=0)  # mapped hidden states (MSE, projected if widths differ)
-    relation: float = pydantic.Field(0.0, ge=0)  # embedders: in-batch neighbour similarities (KL per row)
 
 
 class DistillConfig(BaseConfig):
@@ -54,7 +51,6 @@ class DistillConfig(BaseConfig):
     student: StudentSpec
     weights: LossWeights = LossWeights()
     temperature: float = pydantic.Field(2.0, gt=0)
-    relation_temperature: float = pydantic.Field(0.05, gt=0)  # softening of cosine similarities (weights.relation)
     layer_map: dict[int, int] | None = None  # student hidden state -> teacher hidden state
     epochs: float = pydantic.Field(1.0, gt=0)  # passes over the transfer data ...
     steps: int | None = pydantic.Field(None, ge=1)  # ... or exactly this many optimizer steps
@@ -110,11 +106,8 @@ class Distill:
     def apply_torch(self, teacher: nn.Module, cfg: DistillConfig, ctx):
         t0 = time.perf_counter()
         task, w = ctx.task, cfg.weights
-        if not (w.output or w.hard or w.hidden or w.relation):
+        if not (w.output or w.hard or w.hidden):
             raise KrimpError("distill.weights: all zero; nothing to learn from")
-        if w.relation and task.name != "embedding":
-            raise KrimpError(f"distill.weights.relation compares sentence embeddings; this model's task is "
-                             f"{task.name} (use weights.output)")
         labels = ctx.calib_labels if task.name in ("classification", "image-classification") else None
         if w.hard and task.name != "causal-lm" and labels is None:
             raise KrimpError("distill.weights.hard > 0 needs labelled transfer data (this data has no labels; "
@@ -159,7 +152,7 @@ class Distill:
             args = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in task.input_names]
             mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
             loss = torch.zeros(())
-            if w.output or w.hidden or w.relation:
+            if w.output or w.hidden:
                 with torch.no_grad():
                     tm, ts = forward(teacher, task, args, hidden)
             sm, ss = forward(student, task, args, hidden)
@@ -167,8 +160,6 @@ class Distill:
                 out = L.embedding_loss(sm, tm, mask) if task.name == "embedding" else \
                     L.kd_logits(sm, tm, cfg.temperature, mask if sm.ndim == 3 else None)
                 loss = loss + w.output * out
-            if w.relation:
-                loss = loss + w.relation * L.relation_loss(sm, tm, mask, cfg.relation_temperature)
             if w.hard:
                 hard = L.next_token_ce(sm, args[0], mask) if task.name == "causal-lm" else \
                     L.hard_ce(sm, torch.from_numpy(lab).long())

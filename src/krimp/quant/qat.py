@@ -144,9 +144,9 @@ class QAT:
 
         t0 = time.perf_counter()
         task, w = ctx.task, cfg.weights
-        if cfg.steps and not (w.output or w.hard) or w.hidden or w.relation:
+        if cfg.steps and not (w.output or w.hard) or w.hidden:
             raise KrimpError("qat.weights: set output (distillation from the float model) and/or hard (labels); "
-                             "hidden and relation are not used by qat")
+                             "hidden is not used by qat")
         act = cfg.activations is not None
         if act and cfg.group_size is not None:
             raise KrimpError("qat.activations: 8 needs per-channel weights (group_size: null); ONNX QDQ has no "

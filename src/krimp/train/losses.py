@@ -6,10 +6,6 @@
   arXiv:1910.01108).
 - Embeddings: token-state MSE relative to the teacher's variance, plus ``1 - cos`` of the
   mean-pooled sentence embeddings (Reimers & Gurevych 2020, arXiv:2004.09813).
-- Relations: each sentence's softened similarities to the other sentences of the batch, student
-  against teacher (KL per row): the geometry that nearest-neighbour search reads, not just each
-  embedding's direction (Tung & Mori 2019, "Similarity-Preserving Knowledge Distillation",
-  arXiv:1907.09682; Park et al. 2019, "Relational Knowledge Distillation", arXiv:1904.05068).
 - Hidden states: MSE between a student layer (through a learned linear projection when the widths
   differ) and the teacher layer it is mapped to (Jiao et al. 2019, TinyBERT, arXiv:1909.10351).
 """
@@ -64,24 +60,6 @@ def embedding_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None =
     """Token-state MSE (weight ``mse``) plus ``1 - cos`` of pooled embeddings (weight ``cosine``)."""
     cos = F.cosine_similarity(pooled(s.float(), mask), pooled(t.float(), mask), dim=-1)
     return mse * state_mse(s, t, mask) + cosine * (1 - cos).mean()
-
-
-def relation_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None,
-                  temperature: float = 0.05) -> torch.Tensor:
-    """KL(teacher || student) of each row of the in-batch cosine-similarity matrix of pooled
-    embeddings, softened at ``temperature`` and with the diagonal left out; 0 when the student
-    ranks and spaces every sentence's neighbours in the batch as the teacher does. Token states
-    (B, L, D) are mean-pooled over ``mask`` first; pooled embeddings (B, D) are used as they are."""
-    es = F.normalize(pooled(s.float(), mask) if s.ndim == 3 else s.float(), dim=-1)
-    et = F.normalize(pooled(t.float(), mask) if t.ndim == 3 else t.float(), dim=-1)
-    n = es.shape[0]
-    if n < 2:
-        return es.new_zeros(())
-    off = ~torch.eye(n, dtype=torch.bool, device=es.device)
-    ss = (es @ es.T)[off].view(n, n - 1) / temperature
-    st = (et @ et.T)[off].view(n, n - 1) / temperature
-    lt = F.log_softmax(st, -1)
-    return (lt.exp() * (lt - F.log_softmax(ss, -1))).sum(-1).mean()
 
 
 def hidden_loss(s_hidden: list[torch.Tensor], t_hidden: list[torch.Tensor], layer_map: dict[int, int],
