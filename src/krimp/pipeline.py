@@ -21,8 +21,10 @@ import numpy as np
 from krimp.config import method_for
 from krimp.data import Dataset
 from krimp.errors import KrimpError
+from krimp.eval.bench import faster_of
 from krimp.eval.compare import collect, compare, compare_features
 from krimp.eval.goal import calib_ok
+from krimp.eval.measure import bench_feed
 from krimp.eval.runtime import OrtEngine, TorchEngine, batches
 from krimp.export.onnx import export_onnx, optimize_transformer, verify_onnx
 from krimp.models import ModelHandle
@@ -59,7 +61,7 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
             q = compare(ref_engine, OrtEngine(path, ev.threads), task, data.calib[:16], None, ev.batch,
                         recipe.data.seq_len, n_boot=100)
             size_ratio = path.stat().st_size / ref_path.stat().st_size
-            return calib_ok(recipe.goal, q, size_ratio), {**_brief(q), "size_ratio": round(size_ratio, 4)}
+            return calib_ok(recipe.goal, q, size_ratio, confident=True), {**_brief(q), "size_ratio": round(size_ratio, 4)}
 
         return check_lm
     items = data.calib[:512]  # enough to check a goal; a large transfer set would make each try slow
@@ -73,7 +75,7 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
             return False, {"finite": False}
         q = compare_features(task, ref, got, None, ev.top_k, n_boot=100)
         size_ratio = path.stat().st_size / ref_path.stat().st_size
-        return calib_ok(recipe.goal, q, size_ratio), {**_brief(q), "size_ratio": round(size_ratio, 4)}
+        return calib_ok(recipe.goal, q, size_ratio, confident=True), {**_brief(q), "size_ratio": round(size_ratio, 4)}
 
     return check
 
@@ -254,6 +256,14 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
     out["baseline_onnx"] = base
     if onnx_stages and recipe.export.optimize and handle.module is not None:
         stats = optimize_transformer(cur, work / "fused.onnx", handle.module)
+        if stats and recipe.export.optimize == "auto":
+            step("timing the fused graph against the plain one")
+            ms = faster_of(cur, work / "fused.onnx", bench_feed(handle.task, recipe.eval, data), recipe.eval.threads)
+            out["fusion_choice"] = {"plain_ms": round(ms["a"], 2), "fused_ms": round(ms["b"], 2),
+                                    "kept": ms["b"] < ms["a"]}
+            log.info("transformer fusion: plain %.1f ms, fused %.1f ms", ms["a"], ms["b"])
+            if ms["b"] >= ms["a"]:
+                stats = None
         if stats:
             out["fusions"], cur = stats, work / "fused.onnx"
     out["compressed_onnx"] = _apply_onnx_stages(cur, onnx_stages, len(torch_stages), recipe, handle, data,

@@ -16,7 +16,7 @@ Unknown keys are reported with their place and the closest valid key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -82,7 +82,9 @@ class ExportSpec(_Section):
     formats: list[str] = pydantic.Field(default_factory=lambda: ["onnx"])
     opset: int = pydantic.Field(17, ge=17)
     rtol: float = pydantic.Field(1e-3, gt=0)  # allowed max |onnx - torch| / max |torch| after export
-    optimize: bool = True  # fuse BERT-like encoders (attention, layer norm, GELU) before ONNX stages
+    # fuse BERT-like encoders (attention, layer norm, GELU) before ONNX stages: true, false, or "auto"
+    # (keep the fused graph only where it runs faster than the plain one here, in float32)
+    optimize: bool | Literal["auto"] = "auto"
 
 
 class Recipe(_Section):

@@ -65,3 +65,22 @@ def bench_engine(engine, feed: dict[str, np.ndarray], warmup: int, repeats: int)
     out = summarize(times, batch, cpu, peak_rss_mb())
     out["peak_rss_note"] = "in-process: includes krimp and the baseline model"
     return out
+
+
+def faster_of(a: Path, b: Path, feed: dict[str, np.ndarray], threads: int, rounds: int = 7) -> dict:
+    """Median latency (ms) of two ONNX models on ``feed``, timed in this process in alternating
+    runs (after one warm-up each, idle threads not spinning) so that background load hits both
+    alike; for choosing between
+    two graphs of the same model, not for reporting."""
+    from krimp.eval.runtime import OrtEngine
+
+    engines = {"a": OrtEngine(a, threads, spin=False), "b": OrtEngine(b, threads, spin=False)}
+    for e in engines.values():
+        e.run(feed)
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for _ in range(rounds):
+        for k, e in engines.items():
+            t = time.perf_counter()
+            e.run(feed)
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v) * 1e3) for k, v in times.items()}

@@ -17,8 +17,11 @@ def quality_drop(q: dict) -> tuple[str, float] | None:
     return None
 
 
-def check_goal(goal, q: dict, size_ratio: float | None = None, speedup: float | None = None):
-    """(within_goal, misses). Each miss: {"metric", "limit", "value", "by"}."""
+def check_goal(goal, q: dict, size_ratio: float | None = None, speedup: float | None = None,
+               confident: bool = False):
+    """(within_goal, misses). Each miss: {"metric", "limit", "value", "by"}. With ``confident`` a
+    fidelity limit must hold for the whole 95% interval (its lower bound for a minimum, its upper
+    bound for a maximum), not only for the point estimate."""
     f = q.get("fidelity", {})
     misses = []
 
@@ -33,20 +36,26 @@ def check_goal(goal, q: dict, size_ratio: float | None = None, speedup: float | 
     drop = quality_drop(q)
     if drop is not None:
         need(f"quality_drop ({drop[0]})", drop[1], goal.max_quality_drop, False)
-    val = lambda k: f[k]["value"] if k in f else None
-    need("cosine", val("cosine"), goal.min_cosine, True)
-    need("retrieval_agreement", val("retrieval_agreement"), goal.min_retrieval_agreement, True)
-    need("top1_agreement", val("top1_agreement"), goal.min_top1_agreement, True)
-    need("kl", val("kl"), goal.max_kl, False)
+    def val(k, side=None):
+        if k not in f:
+            return None
+        ci = f[k].get("ci95")
+        return ci[side] if confident and ci and side is not None else f[k]["value"]
+
+    need("cosine", val("cosine", 0), goal.min_cosine, True)
+    need("retrieval_agreement", val("retrieval_agreement", 0), goal.min_retrieval_agreement, True)
+    need("top1_agreement", val("top1_agreement", 0), goal.min_top1_agreement, True)
+    need("kl", val("kl", 1), goal.max_kl, False)
     need("size_ratio", size_ratio, goal.max_size_ratio, False)
     need("speedup", speedup, goal.min_speedup, True)
     return not misses, misses
 
 
-def calib_ok(goal, q: dict, size_ratio: float | None = None) -> bool:
+def calib_ok(goal, q: dict, size_ratio: float | None = None, confident: bool = False) -> bool:
     """For the float fallback on calibration data: quality, fidelity and size limits hold (latency
-    is measured later, alone)."""
-    return check_goal(goal.model_copy(update={"min_speedup": None}), q, size_ratio)[0]
+    is measured later, alone); ``confident``: fidelity limits hold for the whole 95% interval, a
+    margin so that held-out data, which differs a little, still meets the goal."""
+    return check_goal(goal.model_copy(update={"min_speedup": None}), q, size_ratio, confident=confident)[0]
 
 
 def borderline(goal, q: dict) -> list[dict]:

@@ -37,7 +37,7 @@ class _Int8Base(BaseConfig):
     domain = "onnx"
     per_channel: bool = True  # one scale per output channel of each weight
     reduce_range: Literal["auto", True, False] = "auto"  # 7-bit weights on x86 without VNNI
-    op_types: list[str] | None = None  # None: ONNX Runtime's default set for the mode
+    op_types: list[str] | None = None  # None: ONNX Runtime's default set (int8-static on text: MatMul, Gemm, Attention)
     fallback: bool = True  # take the most harmful nodes out of INT8 until the goal holds
     max_fallback_nodes: int = pydantic.Field(8, ge=0)
     # what a fallback MatMul keeps: "int8" weights with float activations (weight-only, blocks of
@@ -125,13 +125,17 @@ class StaticInt8:
                 with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print
                     _static(exclude)
 
+            # text transformers: the weight-bearing ops only. Adds, Muls and Wheres of the plain graph
+            # also carry the attention mask (0 / float-min), whose range breaks histogram calibration
+            op_types = cfg.op_types or (["MatMul", "Gemm", "Attention"] if ctx.task.is_text else None)
+
             def _static(exclude: list[str]) -> None:
                 quantize_static(
                     str(pre), str(dst), _Reader(feeds), calibrate_method=method,
                     quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
                     per_channel=cfg.per_channel, reduce_range=_reduce_range(cfg),
                     activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
-                    op_types_to_quantize=cfg.op_types, nodes_to_exclude=exclude,
+                    op_types_to_quantize=op_types, nodes_to_exclude=exclude,
                     extra_options={"CalibPercentile": cfg.percentile, "DefaultTensorType": 1},
                 )
 

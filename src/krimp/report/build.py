@@ -78,6 +78,7 @@ def build_report(recipe, handle, data, res, artifacts, measured, wall_s: float) 
         "within_noise": borderline(recipe.goal, q),
         "stages": res["stages"],
         "fusions": res.get("fusions"),
+        "fusion_choice": res.get("fusion_choice"),  # export.optimize: auto: both graphs timed here
         "export_check": {"max_relative_error": res.get("export_error"), "tolerance": recipe.export.rtol,
                          **({"compressed_max_relative_error": res["export_error_compressed"]}
                             if "export_error_compressed" in res else {})},
