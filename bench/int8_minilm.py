@@ -80,15 +80,20 @@ def main() -> None:
                      f"{size / base_size:.2f}", f"{cos:.4f}", f"{agr:.3f}"])
         raw[name] = {"speedup": base_t / times[name]["p50_ms"], "size_ratio": size / base_size, "cosine": cos,
                      "top10_agreement": agr}
-    fb = rep["stages"][0].get("fallback") or {}
+    fb = rep["stages"][-1].get("fallback") or {}
     write("int8_minilm", "MiniLM-L6 INT8 on ONNX Runtime vs peers (batch 8 x 128 tokens, 2 threads)",
           ["variant", "speed vs FP32 ORT (p50)", "p50 ms", "size ratio", "mean cosine", "top-10 agreement"], rows,
           [f"{len(data.eval)} held-out sentences from {data.info.get('source')}; {len(data.calib)} calibration sentences",
-           f"krimp recipe: dynamic INT8, per-channel weights, {_graph(rep)}; nodes kept in float by the automatic "
+           f"krimp recipe: {_smoothing(rep)}dynamic INT8, per-channel weights, {_graph(rep)}; nodes kept in float by the automatic "
            f"fallback (until the goal holds for the whole 95% interval on calibration data): "
            f"{len(fb.get('excluded', []))}",
            "ONNX Runtime rows: each timed in a fresh process (krimp's bench worker), best median of 2 interleaved passes of 5 warm-up + 20 runs; PyTorch rows in-process, round-robin (size ratio of the saved state dict)"],
           raw)
+
+
+def _smoothing(rep: dict) -> str:
+    sq = [st for st in rep["stages"] if st["method"] == "smoothquant"]
+    return f"SmoothQuant input scaling (alpha {sq[0]['alpha']}) of {sq[0]['smoothed_pairs']} inputs, then " if sq else ""
 
 
 def _graph(rep: dict) -> str:

@@ -98,6 +98,9 @@ def _finalize(res: dict, r: Recipe, handle: ModelHandle, work: Path) -> list[dic
 
         if module is None:
             raise KrimpError("safetensors export needs a torch model; an ONNX file was given")
+        if any(hasattr(m, "krimp_in_scale") for m in module.modules()):
+            raise KrimpError("safetensors export: a smoothed encoder's input scales exist only in its ONNX graph; "
+                             "export it as onnx (export.formats: [onnx])")
         if needs_packed(module):  # packed codes / sparse bitmasks + config + tokenizer
             save_packed(module, work, handle.task.tokenizer)
             res["packed_extras"] = [f.name for f in work.iterdir() if f.suffix in (".json", ".txt", ".model")]

@@ -341,8 +341,12 @@ class SmoothQuant:
     def apply_torch(self, module, cfg: SmoothQuantConfig, ctx):
         from krimp.calib.layerwise import LayerwiseCalibrator
         from krimp.models.arch import fold_scale, scale_pairs
+        from krimp.quant.smooth_encoder import encoder_layers, smooth_encoder
 
         t0 = time.perf_counter()
+        if ctx.task.name != "causal-lm" and encoder_layers(module):  # BERT-like encoders: explicit scales
+            info = smooth_encoder(module, ctx.task, ctx.calib_feeds, cfg.alpha)
+            return module, {**info, "seconds": round(time.perf_counter() - t0, 2)}
         cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "smoothquant")
 
         def process(run):

@@ -99,19 +99,53 @@ def _alive(t) -> bool:
 
 
 def reap_stale(study, storage, out: Path) -> list[int]:
-    """Mark trials whose worker is gone as FAIL (stale) and enqueue their points again."""
+    """Mark trials whose worker is gone as FAIL (stale) and enqueue their points again. Workers on
+    one host reap one at a time (a lock file in ``out``): SQLite reads outside a write transaction,
+    so two workers could both see a trial RUNNING and both queue its point again."""
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    with _host_lock(out / ".reap.lock"):
+        return _reap(study, storage, out)
+
+
+class _host_lock:
+    """An exclusive advisory lock on a file (a no-op where fcntl is missing)."""
+
+    def __init__(self, path: Path):
+        self.path, self.fh = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.fh = open(self.path, "a")  # noqa: SIM115 (held until __exit__)
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            self.fh.close()  # releases the lock
+
+
+def _reap(study, storage, out: Path) -> list[int]:
     from optuna.trial import TrialState
 
     reaped = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _alive(t):
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        if t.state != TrialState.RUNNING or _alive(t):
             continue
         try:
             storage.set_trial_user_attr(t._trial_id, "stale", "its worker stopped before the trial ended")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except Exception:  # another worker got there first
             continue
-        if t.params and not t.user_attrs.get("retry_of_stale"):
+        if t.params and not t.user_attrs.get("retry_of_stale") and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retry_of_stale": True})
         for p in (out / "trials").glob(f".{t.number:04d}.*"):  # its partial output
             shutil.rmtree(p, ignore_errors=True)
