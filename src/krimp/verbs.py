@@ -112,7 +112,7 @@ def inspect(model: str, task: str | None = None) -> dict[str, Any]:
         layers = Counter(type(m).__name__ for m in h.module.modules() if not list(m.children()))
         dtypes = Counter(str(p.dtype).replace("torch.", "") for p in h.module.parameters())
         domains = {"onnx", "torch"}
-    blocks = False
+    blocks = encoder = False  # decoder blocks (layer-wise methods); a BERT-like encoder (smoothquant)
     if h.module is not None:
         from krimp.errors import KrimpError
         from krimp.models.arch import find_blocks
@@ -121,8 +121,13 @@ def inspect(model: str, task: str | None = None) -> dict[str, Any]:
             blocks = bool(find_blocks(h.module))
         except KrimpError:
             pass
+        if not blocks and h.task.name != "causal-lm":
+            from krimp.quant.smooth_encoder import encoder_layers
+
+            encoder = bool(encoder_layers(h.module))
     methods = sorted(k for k, (c, _) in REGISTRY.items()
-                     if c.domain in domains and (blocks or not c.needs_decoder_blocks))
+                     if c.domain in domains and (blocks or not c.needs_decoder_blocks
+                                                 or (encoder and c.method == "smoothquant")))
     return {"model": h.source, "kind": h.kind, "task": h.task.name, "params": h.num_params,
             "size_bytes": _size(h), "layers": dict(layers.most_common()), "dtypes": dict(dtypes),
             "inputs": h.task.input_names, "methods": methods, **h.info}

@@ -57,4 +57,6 @@ def test_inspect_offers_layerwise_methods_only_to_language_models(tiny_llama):
     lm = inspect(str(tiny_llama))["methods"]
     assert {"gptq", "awq", "sparsegpt", "wanda", "magnitude"} <= set(lm)
     cnn = inspect("builtin:digits-cnn")["methods"]
-    assert "magnitude" in cnn and not {"gptq", "awq", "sparsegpt", "wanda", "rtn"} & set(cnn)
+    assert "magnitude" in cnn and not {"gptq", "awq", "sparsegpt", "wanda", "rtn"} & set(cnn) and "smoothquant" not in cnn
+    enc = inspect("builtin:minilm")["methods"]  # BERT-like encoder: smoothquant, but no layer-wise methods
+    assert "smoothquant" in enc and "int8-dynamic" in enc and not {"gptq", "awq", "sparsegpt"} & set(enc)
