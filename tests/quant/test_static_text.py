@@ -18,8 +18,12 @@ def test_same_shape_pads_every_batch_to_the_largest():
 
 
 @pytest.mark.parametrize("calibration", ["percentile"])
-def test_minilm_static_int8_with_histogram_calibration(tmp_path, calibration):
+def test_minilm_static_int8_with_histogram_calibration(tmp_path, calibration, monkeypatch):
     import krimp
+
+    cwd = tmp_path / "cwd"  # ONNX Runtime's pre-processing must not leave files in the working directory
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
 
     recipe = {"model": "builtin:minilm",
               "data": {"source": "builtin:python-docs", "calib_samples": 32, "eval_samples": 32, "seq_len": 64},
@@ -30,3 +34,4 @@ def test_minilm_static_int8_with_histogram_calibration(tmp_path, calibration):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "run" / "model.onnx")).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     assert rep["quality_drop"]["value"] < 0.05, rep["quality_drop"]
+    assert not list(cwd.iterdir()), sorted(p.name for p in cwd.iterdir())

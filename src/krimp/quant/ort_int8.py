@@ -64,6 +64,19 @@ class StaticInt8Config(_Int8Base):
     calib_batches: int = pydantic.Field(16, ge=1)
 
 
+@contextlib.contextmanager
+def _working_dir(path: str | Path):
+    """Run a block with ``path`` as the working directory (for tools that write beside it)."""
+    import os
+
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def cpu_has_vnni() -> bool:
     """True where 8-bit dot products cannot saturate (VNNI, AMX) or the CPU is not x86."""
     import platform
@@ -113,7 +126,10 @@ class StaticInt8:
         with tempfile.TemporaryDirectory(prefix="krimp-") as tmp:
             pre = Path(tmp) / "pre.onnx"
             try:
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=not ctx.task.is_text)
+                # from inside tmp: when its symbolic shape inference is incomplete, ONNX Runtime saves
+                # the model (with its weights as a uuid-named .data file) into the working directory
+                with _working_dir(tmp):
+                    quant_pre_process(str(Path(src).resolve()), str(pre), skip_symbolic_shape=not ctx.task.is_text)
             except Exception as e:  # pre-processing is an optimisation; quantize the plain graph
                 log.warning("ONNX Runtime pre-processing failed (%s); quantizing the plain graph", e)
                 pre = src
