@@ -84,16 +84,18 @@ def main() -> None:
     write("int8_minilm", "MiniLM-L6 INT8 on ONNX Runtime vs peers (batch 8 x 128 tokens, 2 threads)",
           ["variant", "speed vs FP32 ORT (p50)", "p50 ms", "size ratio", "mean cosine", "top-10 agreement"], rows,
           [f"{len(data.eval)} held-out sentences from {data.info.get('source')}; {len(data.calib)} calibration sentences",
-           f"krimp recipe: {_smoothing(rep)}dynamic INT8, per-channel weights, {_graph(rep)}; nodes kept in float by the automatic "
-           f"fallback (until the goal holds for the whole 95% interval on calibration data): "
-           f"{len(fb.get('excluded', []))}",
+           (f"krimp recipe: {_smoothing(rep)}dynamic INT8, per-channel weights, {_graph(rep)}; nodes kept in "
+            f"float by the automatic fallback (until the goal holds for the whole 95% interval on calibration "
+            f"data): {len(fb.get('excluded', []))}"),
            "ONNX Runtime rows: each timed in a fresh process (krimp's bench worker), best median of 2 interleaved passes of 5 warm-up + 20 runs; PyTorch rows in-process, round-robin (size ratio of the saved state dict)"],
           raw)
 
 
 def _smoothing(rep: dict) -> str:
     sq = [st for st in rep["stages"] if st["method"] == "smoothquant"]
-    return f"SmoothQuant input scaling (alpha {sq[0]['alpha']}) of {sq[0]['smoothed_pairs']} inputs, then " if sq else ""
+    if not sq:
+        return ""
+    return f"SmoothQuant input scaling (alpha {sq[0]['alpha']}) of {sq[0]['smoothed_pairs']} inputs, then "
 
 
 def _graph(rep: dict) -> str:

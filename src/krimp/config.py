@@ -29,6 +29,7 @@ class BaseConfig(pydantic.BaseModel):
     domain: ClassVar[str] = "torch"
     #: methods that work block by block on a decoder-only language model (krimp.models.arch)
     needs_decoder_blocks: ClassVar[bool] = False
+    runs_on_encoders: ClassVar[bool] = False  # also on BERT-like encoders, where decoder blocks are needed otherwise
 
     targets: list[str] = pydantic.Field(default_factory=lambda: ["*"])
     ignore: list[str] = pydantic.Field(default_factory=list)

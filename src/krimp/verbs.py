@@ -127,7 +127,7 @@ def inspect(model: str, task: str | None = None) -> dict[str, Any]:
             encoder = bool(encoder_layers(h.module))
     methods = sorted(k for k, (c, _) in REGISTRY.items()
                      if c.domain in domains and (blocks or not c.needs_decoder_blocks
-                                                 or (encoder and c.method == "smoothquant")))
+                                                 or (encoder and c.runs_on_encoders)))
     return {"model": h.source, "kind": h.kind, "task": h.task.name, "params": h.num_params,
             "size_bytes": _size(h), "layers": dict(layers.most_common()), "dtypes": dict(dtypes),
             "inputs": h.task.input_names, "methods": methods, **h.info}

@@ -104,6 +104,7 @@ class SmoothQuantConfig(BaseConfig):
 
     method = "smoothquant"
     needs_decoder_blocks = True
+    runs_on_encoders = True  # explicit input scales (krimp.quant.smooth_encoder)
     alpha: float = pydantic.Field(0.5, ge=0, le=1)  # migration strength
 
 

@@ -26,15 +26,17 @@ log = logging.getLogger(__name__)
 
 
 def encoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers of a BERT-like encoder (``encoder.layer``), or []."""
-    for path in ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "model.encoder.layer"):
-        try:
-            layers = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "intermediate"):
-            return list(layers)
-    return []
+    """The layers of a BERT-like encoder (found as structured pruning finds them, with BERT's
+    ``attention.self`` and ``intermediate``), or []."""
+    from krimp.prune.transformer import find_layers
+
+    try:
+        _, layers = find_layers(model)
+    except KrimpError:
+        return []
+    bert = all(hasattr(layer, "intermediate") and hasattr(getattr(layer, "attention", None), "self")
+               for layer in layers)
+    return list(layers) if bert else []
 
 
 def _scale_first_input(mod: nn.Module, args: tuple, kwargs: dict):
