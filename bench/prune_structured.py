@@ -55,17 +55,28 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     res = {"machine": machine_line(), "rows": rows, "wall_s": time.perf_counter() - t0}
     RESULTS.mkdir(exist_ok=True)
+    old = RESULTS / "prune_structured.json"
+    if old.exists():  # --only: the other recipes' rows of the last run stay, marked with that run's date
+        prev = json.loads(old.read_text())
+        ran = {r["recipe"] for r in rows}
+        when = prev.get("date") or time.strftime("%Y-%m-%d", time.localtime(old.stat().st_mtime))
+        kept = [r | {"date": r.get("date") or when} for r in prev.get("rows", []) if r["recipe"] not in ran]
+        rows = sorted(kept + [r | {"date": time.strftime("%Y-%m-%d")} for r in rows],
+                      key=lambda r: RECIPES.index(r["recipe"]) if r["recipe"] in RECIPES else 99)
+        res["rows"] = rows
+    res["date"] = time.strftime("%Y-%m-%d")
     (RESULTS / "prune_structured.json").write_text(json.dumps(res, indent=1))
     lines = ["# Structured pruning (bench/prune_structured.py)", "", f"Machine: {res['machine']}.", "",
-             "| recipe | params | MACs | ONNX Runtime speed-up (p50) | latency ms base -> pruned | quality / fidelity | "
-             "recovery loss | within goal |", "|---|---|---|---|---|---|---|---|"]
+             ("| recipe | params | MACs | ONNX Runtime speed-up (p50) | latency ms base -> pruned | quality / fidelity | "
+              "recovery loss | within goal | date |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rec = r["recovery"] or {}
         lines.append(f"| {r['recipe']} | {r['params_ratio']:.2f}x | {r['macs_ratio'] or '-'} | {r['speedup_p50']:.2f}x | "
                      f"{r['latency_ms'][0]:.2f} -> {r['latency_ms'][1]:.2f} | "
                      + ", ".join(f"{k} {v}" for k, v in r["quality"].items())
-                     + f" | {rec.get('loss_first', '-')} -> {rec.get('loss_last', '-')} | {r['within_goal']} |")
-    lines += ["", f"Wall time: {res['wall_s'] / 60:.1f} min."]
+                     + f" | {rec.get('loss_first', '-')} -> {rec.get('loss_last', '-')} | {r['within_goal']} "
+                     f"| {r.get('date', '-')} |")
+    lines += ["", f"Wall time of the last run ({', '.join(a.only.split(','))}): {res['wall_s'] / 60:.1f} min."]
     (RESULTS / "prune_structured.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -47,3 +47,49 @@ def test_channel_pruning_bad_input(minilm):
     cfg = config_from_dict({"method": "channels", "ratio": 0.5})
     with pytest.raises(KrimpError, match="method 'structured'"):
         method_for(cfg).apply_torch(minilm.module, cfg, StageContext(minilm.task, [{"x": 1}], 2))
+
+
+def test_obs_channels_of_efficientnet_beat_magnitude_one_shot_and_export(tmp_path):
+    """Expanded channels of the inverted-residual blocks, chosen and re-fitted by structured OBS on
+    calibration crops, against Torch-Pruning's magnitude ranking, on held-out crops (no recovery)."""
+    from krimp.data import load_data
+    from krimp.eval.runtime import OrtEngine, batches
+    from krimp.export.onnx import export_onnx
+    from krimp.recipe import DataSpec
+
+    h = load_model("builtin:efficientnet-lite0")
+    d = load_data(DataSpec(source="builtin:photos", calib_samples=96, eval_samples=64), h.task)
+    cal, ev = list(batches(h.task, d.calib, 16, 0)), list(batches(h.task, d.eval, 16, 0))
+
+    def run(imp):
+        cfg = config_from_dict({"method": "channels", "ratio": 0.3, "importance": imp, "round_to": 8})
+        return method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, cal, 2))
+
+    def top1(m):
+        with torch.no_grad():
+            return torch.cat([m(torch.from_numpy(f["pixel_values"])).argmax(1) for f in ev])
+
+    m_obs, info = run("obs")
+    m_mag, _ = run("magnitude")
+    b = m_obs._blocks[3]
+    assert b._expand_conv.out_channels == b._depthwise_conv.out_channels == b._project_conv.in_channels == 104
+    assert b._project_conv.out_channels == 40  # a block's output (read by the residual and the next block) stays
+    errs = info["obs_relative_error"]  # every block's expanded channels, plus block outputs with one reader
+    assert sum(k.endswith("_project_conv") for k in errs) == 16 and max(errs.values()) < 0.5, errs
+    assert info["macs_ratio"] < 0.8
+    ref = top1(h.module)
+    a_obs, a_mag = float((top1(m_obs) == ref).float().mean()), float((top1(m_mag) == ref).float().mean())
+    assert a_obs > 0.5 and a_obs > a_mag + 0.3, (a_obs, a_mag)
+    p = tmp_path / "m.onnx"
+    export_onnx(m_obs, h.task, ev[0], p, 17)
+    with torch.no_grad():
+        want = m_obs(torch.from_numpy(ev[0]["pixel_values"])).numpy()
+    assert np.allclose(OrtEngine(p, 2).run(ev[0]), want, atol=1e-3)
+
+
+def test_obs_channels_need_an_exclusive_1x1_reader():
+    h = load_model("builtin:digits-cnn")
+    x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    cfg = config_from_dict({"method": "channels", "ratio": 0.25, "importance": "obs"})
+    with pytest.raises(KrimpError, match="no channels read by a single 1x1"):
+        method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, [{"pixel_values": x}], 2))

@@ -92,6 +92,11 @@ def test_llama_heads_by_kv_group_and_layers(tiny_llama):
     assert m.model.layers[0].mlp.up_proj.out_features == 96 and info["heads_kept"] == [2]
     out = _out(h, m, feeds[0])
     assert out.shape == (8, 32, h.module.config.vocab_size) and torch.isfinite(out).all()
+    # structured OBS on a bias-free Llama: same shapes, re-fitted projections, same architecture
+    mo, io = _run(h, {"method": "structured", "heads": 0.5, "ffn": 0.25, "importance": "obs"}, feeds)
+    att = mo.model.layers[1].self_attn
+    assert att.o_proj.in_features == 32 and att.o_proj.bias is None and io["ffn_kept"] == [96, 96]
+    assert torch.isfinite(_out(h, mo, feeds[0])).all()
 
 
 def test_distillation_recovers_minilm_and_the_run_reloads(tmp_path, mini):
@@ -127,3 +132,50 @@ def test_structured_bad_input():
     h = load_model("builtin:digits-cnn")
     with pytest.raises(KrimpError, match="no transformer layers found"):
         _run(h, {"method": "structured", "ffn": 0.5}, [])
+
+
+def _cos(h, m, ev):
+    a, b = _out(h, h.module, ev).numpy(), _out(h, m, ev).numpy()
+    return float((h.task.features(a, ev) * h.task.features(b, ev)).sum(1).mean())
+
+
+def test_obs_keeps_minilm_closer_than_activation_ranking(mini):
+    """Structured OBS (choice by output error, re-fitted output projections) against the activation
+    x weight-norm ranking, one shot, on held-out sentences."""
+    h, feeds, ev = mini
+    m_act, _ = _run(h, {"method": "structured", "ffn": 0.5, "heads": 0.25, "importance": "activation"}, feeds)
+    m_obs, info = _run(h, {"method": "structured", "ffn": 0.5, "heads": 0.25, "importance": "obs"}, feeds)
+    assert info["ffn_kept"] == [768] * 6 and info["heads_kept"] == [9] * 6
+    layer = m_obs.encoder.layer[0]
+    assert layer.output.dense.in_features == 768 and layer.attention.output.dense.in_features == 9 * 32
+    c_act, c_obs = _cos(h, m_act, ev), _cos(h, m_obs, ev)
+    assert c_obs > c_act + 0.05, (c_obs, c_act)
+
+
+def test_recovery_resumes_from_its_checkpoint_after_ctrl_c(tmp_path, mini):
+    from krimp.train.distill import distill
+
+    h, feeds, _ = mini
+    m0, _ = _run(h, {"method": "structured", "ffn": 0.5}, feeds)
+
+    def go(stop_at=None):
+        m = copy.deepcopy(m0)
+
+        def step(msg):
+            if stop_at and f"step {stop_at}/" in msg:
+                raise KeyboardInterrupt
+
+        r = distill(m, h.module, h.task, feeds, 10, 1e-4, step=step, hidden=1.0, ckpt_dir=tmp_path / "ck",
+                    fp="x", checkpoint_every=100)
+        return m, r
+
+    with pytest.raises(KeyboardInterrupt):
+        go(stop_at=6)
+    assert (tmp_path / "ck" / "state.json").exists()
+    resumed, r = go()
+    assert r["resumed_from"] == 6 and r["steps"] == 10
+    straight = copy.deepcopy(m0)
+    distill(straight, h.module, h.task, feeds, 10, 1e-4, hidden=1.0)  # the same run, never stopped
+    for a, b in zip(resumed.parameters(), straight.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.equal(resumed.encoder.layer[3].output.dense.weight, m0.encoder.layer[3].output.dense.weight)

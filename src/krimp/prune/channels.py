@@ -12,7 +12,9 @@ layer whole, and recovers accuracy by distillation from the unpruned network
     - method: channels
       ratio: 0.5              # share of channels removed in every coupled group
       importance: magnitude   # L2 norm of each group's weights; or lamp, or bn (batch-norm
-                              # scale: groups without a batch norm are left whole)
+                              # scale: groups without a batch norm are left whole), or obs
+                              # (channels read by one 1x1 conv only, chosen and re-fitted on
+                              # calibration images: krimp.prune.channels_obs)
       recover_steps: 300
 """
 
@@ -40,12 +42,13 @@ class ChannelPruneConfig(BaseConfig):
 
     method = "channels"
     ratio: float = pydantic.Field(0.5, ge=0, lt=1)
-    importance: Literal["magnitude", "lamp", "bn"] = "magnitude"
+    importance: Literal["magnitude", "lamp", "bn", "obs"] = "magnitude"
     global_pruning: bool = False  # one ranking over all layers instead of the same share per layer
     round_to: int | None = pydantic.Field(None, ge=1)  # keep channel counts a multiple of this
     recover_steps: int = pydantic.Field(0, ge=0)
     lr: float = pydantic.Field(1e-3, gt=0)
     temperature: float = pydantic.Field(2.0, gt=0)
+    augment: bool = False  # recovery on random crops, flips and mixes of the calibration images
 
 
 def _macs(model: nn.Module, example: torch.Tensor) -> int:
@@ -55,11 +58,26 @@ def _macs(model: nn.Module, example: torch.Tensor) -> int:
     return int(macs)
 
 
+def _meta_prune(module: nn.Module, example: torch.Tensor, cfg: ChannelPruneConfig, ignored: list) -> None:
+    """Torch-Pruning's pruner with a weight-based importance, the same share in every group."""
+    import torch_pruning as tp
+
+    imp = {"magnitude": tp.importance.GroupMagnitudeImportance(p=2),
+           "lamp": tp.importance.LAMPImportance(p=2),
+           "bn": tp.importance.BNScaleImportance()}[cfg.importance]
+    try:
+        pruner = tp.pruner.MetaPruner(module, example, importance=imp, pruning_ratio=cfg.ratio,
+                                      global_pruning=cfg.global_pruning, ignored_layers=ignored,
+                                      round_to=cfg.round_to)
+        pruner.step()
+    except Exception as e:  # noqa: BLE001  (the graph tracer raises many types)
+        raise KrimpError(f"channels: the dependency analysis cannot follow this model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 @register(ChannelPruneConfig)
 class ChannelPrune:
     def apply_torch(self, module, cfg: ChannelPruneConfig, ctx):
-        import torch_pruning as tp
-
         t0 = time.perf_counter()
         if ctx.task.name != "image-classification":
             raise KrimpError("channels: channel pruning is for convolutional image models; for transformers use "
@@ -74,21 +92,20 @@ class ChannelPrune:
         ignored = [linears[-1]]  # the output layer keeps its classes
         ignored += [m for m in linears if any(fnmatch.fnmatchcase(names[id(m)], p) for p in cfg.ignore)
                     or not any(fnmatch.fnmatchcase(names[id(m)], p) for p in cfg.targets)]
-        imp = {"magnitude": tp.importance.GroupMagnitudeImportance(p=2),
-               "lamp": tp.importance.LAMPImportance(p=2),
-               "bn": tp.importance.BNScaleImportance()}[cfg.importance]
         teacher = copy.deepcopy(module).eval() if cfg.recover_steps else None
         module.eval()
         before = sum(p.numel() for p in module.parameters())
         macs0 = _macs(module, example)
-        try:
-            pruner = tp.pruner.MetaPruner(module, example, importance=imp, pruning_ratio=cfg.ratio,
-                                          global_pruning=cfg.global_pruning, ignored_layers=ignored,
-                                          round_to=cfg.round_to)
-            pruner.step()
-        except Exception as e:  # noqa: BLE001  (the graph tracer raises many types)
-            raise KrimpError(f"channels: the dependency analysis cannot follow this model "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        if cfg.importance == "obs":
+            from krimp.prune.channels_obs import obs_prune_channels
+
+            errors = obs_prune_channels(module, example, ctx.calib_feeds, ctx.task.input_names[0], cfg.ratio,
+                                        cfg.round_to, ignored, ctx.step)
+            if not errors:
+                raise KrimpError("channels: importance 'obs' found no channels read by a single 1x1 convolution "
+                                 "(inverted-residual expansions); use importance 'magnitude'")
+        else:
+            _meta_prune(module, example, cfg, ignored)
         for m in module.modules():
             if isinstance(m, nn.Conv2d) and m.out_channels == 0:
                 raise KrimpError(f"channels: pruning removed every channel of {names.get(id(m), m)}")
@@ -96,11 +113,16 @@ class ChannelPrune:
                "macs_before": macs0, "macs_after": _macs(module, example)}
         out["params_ratio"] = round(out["params_after"] / before, 4)
         out["macs_ratio"] = round(out["macs_after"] / max(macs0, 1), 4)
+        if cfg.importance == "obs":
+            out["obs_relative_error"] = errors
         out["channels"] = {names.get(id(m), "?"): m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)}
         if teacher is not None:
             from krimp.train.distill import distill
+            from krimp.train.trainer import fingerprint
 
+            fp = fingerprint(cfg.to_dict(), len(ctx.calib_feeds), out["channels"])
             out["recovery"] = distill(module, teacher, ctx.task, ctx.calib_feeds, cfg.recover_steps, cfg.lr,
-                                      cfg.temperature, ctx.step)
+                                      cfg.temperature, ctx.step, ckpt_dir=ctx.ckpt_dir, fp=fp,
+                                      augment=cfg.augment)
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return module, out

@@ -8,14 +8,18 @@ as MiniLM, Llama-style decoders such as SmolLM2).
       ffn: 0.5              # share of FFN neurons removed in every layer
       heads: 0.25           # share of attention heads removed in every layer
       layers: 0             # whole layers removed, the least important by block influence
-      importance: activation   # or magnitude (no data)
+      importance: activation   # or obs (choose by output error, re-fit: krimp.prune.obs), or magnitude (no data)
       recover_steps: 300    # distillation from the unpruned model on the calibration data
+      hidden: 1.0           # recovery also matches every layer's hidden states
 
 Coupled groups are found by name patterns (:data:`FFN` and :data:`ATTN`): an FFN neuron is a row of
 the up (and gate) projection and the matching column of the down projection; a head is its rows of
 the query/key/value projections and its columns of the output projection. With grouped-query
 attention a key/value head and the query heads that share it go together. The same share is
-removed in every layer, so the model keeps one shape per layer type. Whole layers are ranked by
+removed in every layer, so the model keeps one shape per layer type. With ``importance: obs`` the
+units are chosen layer by layer by structured OBS on the reading projection's input statistics, and
+that projection's remaining weights are re-fitted (:mod:`krimp.prune.obs`; ZipLM, Kurtic et al.
+2023, arXiv:2302.04089). Whole layers are ranked by
 block influence, ``1 - cos(input, output)`` of the block on calibration data (Men et al. 2024,
 "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect", arXiv:2403.03853).
 """
@@ -33,6 +37,7 @@ from torch import nn
 
 from krimp.config import BaseConfig, register
 from krimp.errors import KrimpError
+from krimp.prune.obs import obs_remove_units
 from krimp.prune.structured import col_norms, keep_count, row_norms, slice_linear, top_units, unit_rows
 
 log = logging.getLogger(__name__)
@@ -62,10 +67,12 @@ class StructuredPruneConfig(BaseConfig):
     ffn: float = pydantic.Field(0.0, ge=0, lt=1)
     heads: float = pydantic.Field(0.0, ge=0, lt=1)
     layers: int = pydantic.Field(0, ge=0)
-    importance: Literal["activation", "magnitude"] = "activation"
+    importance: Literal["obs", "activation", "magnitude"] = "activation"
     recover_steps: int = pydantic.Field(0, ge=0)  # optimizer steps of distillation after pruning
     lr: float = pydantic.Field(5e-5, gt=0)
     temperature: float = pydantic.Field(2.0, gt=0)  # for logits; embeddings use cosine + MSE
+    hidden: float = pydantic.Field(0.0, ge=0)  # weight of every layer's hidden-state MSE in recovery
+    obs_batches: int = pydantic.Field(256, ge=1)  # calibration batches for the OBS statistics (recovery uses all)
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -117,11 +124,15 @@ def heads_of(layer: nn.Module, config) -> Heads | None:
 
 # ---- importance -------------------------------------------------------------------------------
 
+class _Stop(Exception):
+    pass
+
+
 @torch.no_grad()
-def _activation_means(model, task, feeds, readers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    """Mean |x| per input column of each reader linear over the (unpadded) calibration tokens."""
-    sums: dict[str, torch.Tensor] = {}
-    count = [0]
+def _reader_inputs(model, task, feeds, readers: dict[str, nn.Linear], add, stop: nn.Module | None = None) -> int:
+    """Run the calibration feeds and call ``add(name, rows)`` with the (unpadded) input rows of each
+    reader linear; the forward ends after ``stop`` when given. Returns the number of tokens seen."""
+    count = 0
     mask_box: list[torch.Tensor | None] = [None]
 
     def hook_for(name):
@@ -130,22 +141,78 @@ def _activation_means(model, task, feeds, readers: dict[str, nn.Linear]) -> dict
             m = mask_box[0]
             if m is not None and x.ndim == 3 and m.shape == x.shape[:2]:
                 x = x[m.bool()]
-            s = x.reshape(-1, x.shape[-1]).abs().sum(0)
-            sums[name] = s if name not in sums else sums[name] + s
+            add(name, x.reshape(-1, x.shape[-1]))
         return hook
 
+    def halt(*_):
+        raise _Stop
+
     hs = [lin.register_forward_hook(hook_for(n)) for n, lin in readers.items()]
+    if stop is not None:
+        hs.append(stop.register_forward_hook(halt))
     wrapped = task.export_module(model).eval()
     try:
         for f in feeds:
             args = [torch.from_numpy(f[n]) for n in task.input_names]
             mask_box[0] = torch.from_numpy(f["attention_mask"]) if "attention_mask" in f else None
-            count[0] += int(mask_box[0].sum()) if mask_box[0] is not None else int(args[0].shape[0] * args[0].shape[1])
-            wrapped(*args)
+            count += int(mask_box[0].sum()) if mask_box[0] is not None else int(args[0].shape[0] * args[0].shape[1])
+            try:
+                wrapped(*args)
+            except _Stop:
+                pass
     finally:
         for h in hs:
             h.remove()
-    return {n: s / max(count[0], 1) for n, s in sums.items()}
+    return count
+
+
+def _activation_means(model, task, feeds, readers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Mean |x| per input column of each reader linear over the (unpadded) calibration tokens."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name, x):
+        s = x.abs().sum(0)
+        sums[name] = s if name not in sums else sums[name] + s
+
+    count = _reader_inputs(model, task, feeds, readers, add)
+    return {n: s / max(count, 1) for n, s in sums.items()}
+
+
+def _input_gram(model, task, feeds, reader: nn.Linear, stop: nn.Module) -> torch.Tensor:
+    """Sum of ``x x^T`` over the calibration tokens at ``reader``'s input, with a trailing column of
+    ones when the reader has a bias (so a bias update can absorb the removed units' mean)."""
+    box: list[torch.Tensor] = []
+
+    def add(_name, x):
+        if reader.bias is not None:
+            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+        if not box:
+            box.append(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
+        box[0].addmm_(x.T.double(), x.double())
+
+    _reader_inputs(model, task, feeds, {"r": reader}, add, stop)
+    if not box:
+        raise KrimpError("structured: calibration data never reached the layer being pruned")
+    return box[0]
+
+
+def _obs_choose(lin: nn.Linear, gram: torch.Tensor, unit: int, n_units: int, keep: int,
+                where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The units of ``lin``'s input to keep (structured OBS) and the re-fitted weights of the kept
+    columns (the bias as a last column when ``lin`` has one)."""
+    W = lin.weight.detach().double()
+    if lin.bias is not None:
+        W = torch.cat([W, lin.bias.detach().double()[:, None]], 1)
+    kept, W1, rel = obs_remove_units(W, gram, unit, n_units, n_units - keep)
+    log.info("%s: removed %d of %d units, relative output error %.4f", where, n_units - keep, n_units, rel)
+    return kept, W1
+
+
+@torch.no_grad()
+def _write(lin: nn.Linear, W1: torch.Tensor) -> None:
+    lin.weight.copy_(W1[:, :lin.in_features].to(lin.weight.dtype))
+    if lin.bias is not None:
+        lin.bias.copy_(W1[:, -1].to(lin.bias.dtype))
 
 
 @torch.no_grad()
@@ -243,8 +310,8 @@ class StructuredPrune:
             raise KrimpError("structured: nothing to remove; set ffn, heads and/or layers")
         if cfg.layers >= len(layers):
             raise KrimpError(f"structured: layers={cfg.layers} would remove all {len(layers)} layers")
-        if cfg.importance == "activation" and not ctx.calib_feeds:
-            raise KrimpError("structured: importance 'activation' needs calibration data")
+        if cfg.importance != "magnitude" and not ctx.calib_feeds:
+            raise KrimpError(f"structured: importance '{cfg.importance}' needs calibration data")
         teacher = copy.deepcopy(module).eval() if cfg.recover_steps else None
         before = _params(module)
         out: dict = {"params_before": before}
@@ -270,35 +337,58 @@ class StructuredPrune:
                     readers[f"{i}.heads"] = _get(layer, units["heads"][i].out_path)
             acts = _activation_means(module, ctx.task, ctx.calib_feeds, readers)
         kept = {"ffn": [], "heads": []}
+        obs = cfg.importance == "obs"
         for i, layer in enumerate(layers):
-            if cfg.ffn:
-                ups, down = units["ffn"][i]
-                dl = _get(layer, down)
-                a = acts[f"{i}.ffn"] if cfg.importance == "activation" else row_norms(*(_get(layer, u) for u in ups))
-                score = a * col_norms(dl)
-                keep = top_units(score, keep_count(dl.in_features, cfg.ffn, f"{path}.{i}.{down}"))
-                prune_ffn(layer, ups, down, keep)
-                kept["ffn"].append(len(keep))
+            feeds = ctx.calib_feeds[:cfg.obs_batches]
             if cfg.heads:
                 h = units["heads"][i]
                 ol = _get(layer, h.out_path)
                 group = h.n_q // h.n_kv
-                if cfg.importance == "activation":
-                    a = acts[f"{i}.heads"].reshape(h.n_q, h.head_dim).norm(dim=1)
+                n_keep = keep_count(h.n_kv, cfg.heads, f"{path}.{i} attention heads"
+                                    + (" (key/value groups)" if group > 1 else ""))
+                if obs:
+                    ctx.step(f"structured OBS: layer {i + 1}/{len(layers)} heads")
+                    gram = _input_gram(module, ctx.task, feeds, ol, stop=layer)
+                    keep, W1 = _obs_choose(ol, gram, group * h.head_dim, h.n_kv, n_keep, f"{path}.{i} heads")
+                    prune_heads(layer, h, keep)
+                    _write(_get(layer, h.out_path), W1)
                 else:
-                    a = row_norms(getattr(h.holder, h.names[0]), size=h.head_dim)
-                score = (a * col_norms(ol, h.head_dim)).reshape(h.n_kv, group).sum(1)
-                keep = top_units(score, keep_count(h.n_kv, cfg.heads, f"{path}.{i} attention heads"
-                                                   + (" (key/value groups)" if group > 1 else "")))
-                prune_heads(layer, h, keep)
+                    if cfg.importance == "activation":
+                        a = acts[f"{i}.heads"].reshape(h.n_q, h.head_dim).norm(dim=1)
+                    else:
+                        a = row_norms(getattr(h.holder, h.names[0]), size=h.head_dim)
+                    score = (a * col_norms(ol, h.head_dim)).reshape(h.n_kv, group).sum(1)
+                    keep = top_units(score, n_keep)
+                    prune_heads(layer, h, keep)
                 kept["heads"].append(len(keep) * group)
+            if cfg.ffn:
+                ups, down = units["ffn"][i]
+                dl = _get(layer, down)
+                n_keep = keep_count(dl.in_features, cfg.ffn, f"{path}.{i}.{down}")
+                if obs:
+                    ctx.step(f"structured OBS: layer {i + 1}/{len(layers)} FFN")
+                    gram = _input_gram(module, ctx.task, feeds, dl, stop=layer)
+                    keep, W1 = _obs_choose(dl, gram, 1, dl.in_features, n_keep, f"{path}.{i} FFN")
+                    prune_ffn(layer, ups, down, keep)
+                    _write(_get(layer, down), W1)
+                else:
+                    a = acts[f"{i}.ffn"] if cfg.importance == "activation" else row_norms(*(_get(layer, u) for u in ups))
+                    keep = top_units(a * col_norms(dl), n_keep)
+                    prune_ffn(layer, ups, down, keep)
+                kept["ffn"].append(len(keep))
         out.update({k: v for k, v in (("ffn_kept", kept["ffn"]), ("heads_kept", kept["heads"])) if v})
         out["params_after"] = _params(module)
         out["params_ratio"] = round(out["params_after"] / before, 4)
         if teacher is not None:
             from krimp.train.distill import distill
+            from krimp.train.trainer import fingerprint
 
+            kept_layers = [i for i in range(len(layers) + len(out.get("layers_removed", [])))
+                           if i not in set(out.get("layers_removed", []))]
+            lmap = {j + 1: t + 1 for j, t in enumerate(kept_layers)}
+            fp = fingerprint(cfg.to_dict(), ctx.task.name, len(ctx.calib_feeds), out)
             out["recovery"] = distill(module, teacher, ctx.task, ctx.calib_feeds, cfg.recover_steps, cfg.lr,
-                                      cfg.temperature, ctx.step)
+                                      cfg.temperature, ctx.step, hidden=cfg.hidden, layer_map=lmap,
+                                      ckpt_dir=ctx.ckpt_dir, fp=fp)
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return module, out

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -73,3 +75,28 @@ def hidden_loss(s_hidden: list[torch.Tensor], t_hidden: list[torch.Tensor], laye
             h = proj[str(si)](h)
         total = total + state_mse(h, t_hidden[ti], mask)
     return total / max(len(layer_map), 1)
+
+
+def matching_views(x: torch.Tensor, min_area: float = 0.08, mixup: bool = True) -> torch.Tensor:
+    """Randomly changed copies of a batch of images (B, C, H, W) for teacher and student to agree
+    on ("function matching", Beyer et al. 2022, "Knowledge distillation: A good teacher is patient
+    and consistent", arXiv:2106.05237): a random resized crop of each image (8% to 100% of its area,
+    aspect 3/4 to 4/3), a horizontal flip for half of them, then mixup with another image of the
+    batch. A small set of photos then gives a new view at every step instead of the same few crops.
+    Uses torch's global random state (seeded, and saved in checkpoints, by the trainer)."""
+    B, _, H, W = x.shape
+    out = torch.empty_like(x)
+    for i in range(B):
+        area = float(torch.empty(()).uniform_(min_area, 1.0)) * H * W
+        ratio = math.exp(float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3))))
+        h = min(H, max(8, round(math.sqrt(area / ratio))))
+        w = min(W, max(8, round(math.sqrt(area * ratio))))
+        top = int(torch.randint(0, H - h + 1, ()))
+        left = int(torch.randint(0, W - w + 1, ()))
+        crop = x[i:i + 1, :, top:top + h, left:left + w]
+        view = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
+        out[i] = view[0].flip(-1) if bool(torch.rand(()) < 0.5) else view[0]
+    if not mixup:
+        return out
+    lam = float(torch.rand(()))
+    return lam * out + (1 - lam) * out[torch.randperm(B)]
