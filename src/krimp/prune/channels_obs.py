@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from krimp.prune.obs import obs_remove_units
+from krimp.prune.obs import obs_cut_reader
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,8 @@ class _Stop(Exception):
     pass
 
 
-def _exclusive_reader(DG, conv: nn.Conv2d):
-    """The Torch-Pruning group of ``conv``'s input channels when ``conv`` is their only reader and
-    some layer produces them; else None."""
+def _exclusive_reader(DG, conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is the only reader of its input channels and some layer produces them."""
     import torch_pruning as tp
 
     group = DG.get_pruning_group(conv, tp.prune_conv_in_channels, idxs=list(range(conv.in_channels)))
@@ -38,9 +37,7 @@ def _exclusive_reader(DG, conv: nn.Conv2d):
                if getattr(d.handler, "__name__", "") == "prune_in_channels" and isinstance(d.target.module, (nn.Conv2d, nn.Linear))]
     producers = [d.target.module for d, _ in group
                  if getattr(d.handler, "__name__", "") == "prune_out_channels" and isinstance(d.target.module, nn.Conv2d)]
-    if readers != [conv] or not producers:
-        return None
-    return group
+    return readers == [conv] and bool(producers)
 
 
 @torch.no_grad()
@@ -90,7 +87,7 @@ def obs_prune_channels(model: nn.Module, example: torch.Tensor, feeds: list, inp
             h.remove()
     errors = {}
     for k, conv in enumerate(order):
-        if _exclusive_reader(DG, conv) is None:
+        if not _exclusive_reader(DG, conv):
             continue
         n = conv.in_channels
         keep = n - round(n * ratio)
@@ -100,16 +97,15 @@ def obs_prune_channels(model: nn.Module, example: torch.Tensor, feeds: list, inp
             continue
         step(f"channel OBS: {names[id(conv)]} ({k + 1}/{len(order)})")
         gram = _pixel_gram(model, feeds, input_name, conv)
-        W = conv.weight.detach().double().reshape(conv.out_channels, n)
-        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
-        kept, W1, rel = obs_remove_units(torch.cat([W, b[:, None]], 1), gram, 1, n, n - keep)
+        b = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)  # the gram has the ones column
+        kept, W1, b1, rel = obs_cut_reader(conv.weight.reshape(conv.out_channels, n), b, gram, 1, n, n - keep)
         drop = sorted(set(range(n)) - set(kept.tolist()))
         DG.get_pruning_group(conv, tp.prune_conv_in_channels, idxs=drop).prune()
         with torch.no_grad():
-            conv.weight.copy_(W1[:, :-1].reshape(conv.weight.shape).to(conv.weight.dtype))
+            conv.weight.copy_(W1.reshape(conv.weight.shape))
             if conv.bias is None:  # the removed channels' mean goes into a bias (folded into the next batch norm)
                 conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
-            conv.bias.copy_(W1[:, -1].to(conv.weight.dtype))
+            conv.bias.copy_(b1)
         errors[names[id(conv)]] = round(rel, 5)
         log.info("%s: kept %d of %d input channels, relative output error %.4f", names[id(conv)], keep, n, rel)
     return errors

@@ -82,3 +82,17 @@ def obs_remove_units(W: torch.Tensor, H: torch.Tensor, unit: int, n_units: int, 
     keep = torch.nonzero(alive).flatten()
     cols = torch.cat([idx[keep].flatten(), torch.arange(n_units * unit, n_in)])
     return keep, W1[:, cols].to(W.dtype), total / max(base, 1e-30)
+
+
+def obs_cut_reader(weight: torch.Tensor, bias: torch.Tensor | None, H: torch.Tensor, unit: int, n_units: int,
+                   n_remove: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """:func:`obs_remove_units` for a layer with ``weight`` (out, in) and an optional ``bias``; with a
+    bias, ``H`` has one more row and column for the constant input 1. Returns (kept units, the
+    re-fitted weights of the kept columns, the re-fitted bias or None, the relative error)."""
+    W = weight.detach().double()
+    if bias is not None:
+        W = torch.cat([W, bias.detach().double()[:, None]], 1)
+    kept, W1, rel = obs_remove_units(W, H, unit, n_units, n_remove)
+    if bias is None:
+        return kept, W1.to(weight.dtype), None, rel
+    return kept, W1[:, :-1].to(weight.dtype), W1[:, -1].to(weight.dtype), rel

@@ -37,7 +37,7 @@ from torch import nn
 
 from krimp.config import BaseConfig, register
 from krimp.errors import KrimpError
-from krimp.prune.obs import obs_remove_units
+from krimp.prune.obs import obs_cut_reader
 from krimp.prune.structured import col_norms, keep_count, row_norms, slice_linear, top_units, unit_rows
 
 log = logging.getLogger(__name__)
@@ -197,22 +197,19 @@ def _input_gram(model, task, feeds, reader: nn.Linear, stop: nn.Module) -> torch
 
 
 def _obs_choose(lin: nn.Linear, gram: torch.Tensor, unit: int, n_units: int, keep: int,
-                where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The units of ``lin``'s input to keep (structured OBS) and the re-fitted weights of the kept
-    columns (the bias as a last column when ``lin`` has one)."""
-    W = lin.weight.detach().double()
-    if lin.bias is not None:
-        W = torch.cat([W, lin.bias.detach().double()[:, None]], 1)
-    kept, W1, rel = obs_remove_units(W, gram, unit, n_units, n_units - keep)
+                where: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+    """The units of ``lin``'s input to keep (structured OBS) and the re-fitted (weight, bias) of the
+    kept columns."""
+    kept, W1, b1, rel = obs_cut_reader(lin.weight, lin.bias, gram, unit, n_units, n_units - keep)
     log.info("%s: removed %d of %d units, relative output error %.4f", where, n_units - keep, n_units, rel)
-    return kept, W1
+    return kept, (W1, b1)
 
 
 @torch.no_grad()
-def _write(lin: nn.Linear, W1: torch.Tensor) -> None:
-    lin.weight.copy_(W1[:, :lin.in_features].to(lin.weight.dtype))
-    if lin.bias is not None:
-        lin.bias.copy_(W1[:, -1].to(lin.bias.dtype))
+def _write(lin: nn.Linear, refit: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    lin.weight.copy_(refit[0])
+    if refit[1] is not None:
+        lin.bias.copy_(refit[1])
 
 
 @torch.no_grad()
