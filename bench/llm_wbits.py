@@ -1,11 +1,12 @@
 """Weight-only quantization of SmolLM2-135M: RTN vs GPTQ vs AWQ at 4 and 3 bits (groups of 128),
 SmoothQuant W8A8, and krimp's GGUF against llama.cpp's own quantizer in llama.cpp.
 
-    python bench/llm_wbits.py [--calib 128] [--eval 16]
+    python bench/llm_wbits.py [--calib 128] [--eval 16] [--calib-source builtin:python-docs,builtin:wikipedia]
 
 Each method quantizes in a fresh process (its wall time and peak RSS are its own), calibrated on
-python-docs windows; every model is then scored on held-out windows of the Wikipedia excerpt and of
-the documentation: perplexity, KL and top-1 agreement to the float model, 95% bootstrap intervals.
+windows of the calibration halves of the documentation and the Wikipedia excerpt (half from each;
+before 2026-11-29 of the documentation only); every model is then scored on windows of the held-out
+halves of each: perplexity, KL and top-1 agreement to the float model, 95% bootstrap intervals.
 Writes bench/results/llm_wbits.{md,json}.
 """
 
@@ -38,7 +39,18 @@ METHODS = {
 }
 
 
-def quantize_one(name: str, calib: int) -> dict:
+CALIB_SOURCES = "builtin:python-docs,builtin:wikipedia"
+
+
+def calib_spec(sources: str, n: int):
+    """Calibration windows from the calibration halves of ``sources`` (comma-separated)."""
+    from krimp.recipe import DataSpec
+
+    src = sources.split(",")
+    return DataSpec(source=src if len(src) > 1 else src[0], calib_samples=n, eval_samples=1, seq_len=512)
+
+
+def quantize_one(name: str, calib: int, sources: str = CALIB_SOURCES) -> dict:
     """Child process: quantize, write packed safetensors and GGUF, report time and peak RSS."""
     import torch
 
@@ -49,11 +61,10 @@ def quantize_one(name: str, calib: int) -> dict:
     from krimp.export.safetensors_io import save_packed
     from krimp.models import load_model
     from krimp.pipeline import StageContext
-    from krimp.recipe import DataSpec
 
     torch.set_num_threads(2)
     h = load_model("builtin:smollm2")
-    d = load_data(DataSpec(source="builtin:python-docs", calib_samples=calib, eval_samples=1, seq_len=512), h.task)
+    d = load_data(calib_spec(sources, calib), h.task)
     feeds = list(batches(h.task, d.calib, 8, 512))
     cfg = config_from_dict(METHODS[name])
     t0 = time.perf_counter()
@@ -160,10 +171,11 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--eval", type=int, default=16)
     ap.add_argument("--one")
+    ap.add_argument("--calib-source", default=CALIB_SOURCES, help="comma-separated data sources to calibrate on")
     ap.add_argument("--resume", action="store_true", help="reuse methods already quantized in " + str(WORK))
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(quantize_one(a.one, a.calib)))
+        print(json.dumps(quantize_one(a.one, a.calib, a.calib_source)))
         return
     import torch
 
@@ -182,7 +194,8 @@ def main() -> None:
         if a.resume and done.exists():
             quant[name] = json.loads(done.read_text())
             continue
-        r = subprocess.run([sys.executable, __file__, "--one", name, "--calib", str(a.calib)],
+        r = subprocess.run([sys.executable, __file__, "--one", name, "--calib", str(a.calib),
+                            "--calib-source", a.calib_source],
                            capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
@@ -201,8 +214,7 @@ def main() -> None:
         rows[name] = {**quant[name], "scores": {k: s.score(TorchEngine(m, h.task, 2)) for k, s in scorers.items()}}
         print(name, {k: round(v["ppl"]["value"], 3) for k, v in rows[name]["scores"].items()}, flush=True)
         (WORK / "rows.partial.json").write_text(json.dumps(rows))
-    calib = load_data(DataSpec(source="builtin:python-docs", calib_samples=min(a.calib, 32), eval_samples=1,
-                               seq_len=512), h.task)
+    calib = load_data(calib_spec(a.calib_source, min(a.calib, 32)), h.task)
     cfeeds = list(batches(h.task, calib.calib, 8, 512))
     rows["w8a8 (no smoothing)"] = smoothquant_w8a8(h, cfeeds, scorers, None)
     rows["smoothquant-w8a8"] = smoothquant_w8a8(h, cfeeds, scorers, 0.5)
@@ -216,7 +228,8 @@ def main() -> None:
                                     "GPTQ Q4_0": WORK / "gptq-q4_0" / "model.gguf"}, f16)
     except ImportError:
         print("llama-cpp-python not installed: the GGUF peer comparison is skipped (pip install '.[llama]')")
-    res = {"machine": machine_line(), "calib_windows": a.calib, "eval_windows": a.eval, "rows": rows,
+    res = {"machine": machine_line(), "calib_windows": a.calib, "calib_sources": a.calib_source,
+           "eval_windows": a.eval, "rows": rows,
            "llama_cpp": peer, "wall_s": time.perf_counter() - t_all}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "llm_wbits.json").write_text(json.dumps(res, indent=1))
@@ -231,7 +244,7 @@ def _ci(m: dict, d: int = 3) -> str:
 def to_markdown(res: dict) -> str:
     sets = list(next(iter(res["rows"].values()))["scores"])
     lines = ["# SmolLM2-135M weight quantization (bench/llm_wbits.py)", "", f"Machine: {res['machine']}.",
-             f"Calibration: {res['calib_windows']} x 512 tokens of python-docs; evaluation: {res['eval_windows']} x 512 "
+             f"Calibration: {res['calib_windows']} x 512 tokens of {res.get('calib_sources', 'builtin:python-docs')} (calibration halves); evaluation: {res['eval_windows']} x 512 "
              "tokens of each held-out set; 95% bootstrap intervals over windows. Float reference perplexity: "
              + ", ".join(f"{k} {res['rows']['float']['scores'][k]['ppl']['value']:.3f}" for k in sets) + ".", "",
              "| method | " + " | ".join(f"ppl {k} | KL {k} | top-1 {k}" for k in sets)

@@ -31,11 +31,14 @@ class _Section(pydantic.BaseModel):
 
 class DataSpec(_Section):
     """Where calibration and evaluation data come from. Calibration and evaluation never overlap:
-    when both come from one source, items (files for a folder of files) are split between them."""
+    when both come from one source, items (files for a folder of files) are split between them.
+    A list of sources is a mix: each source is split in the same halves as alone, calibration uses
+    only their calibration halves and evaluation only their evaluation halves (language models
+    take an equal share of windows from each source)."""
 
-    source: str | None = None  # default: the task's builtin set
-    calib_source: str | None = None  # overrides `source` for calibration
-    eval_source: str | None = None  # overrides `source` for evaluation
+    source: str | list[str] | None = None  # default: the task's builtin set; a list mixes sources
+    calib_source: str | list[str] | None = None  # overrides `source` for calibration
+    eval_source: str | list[str] | None = None  # overrides `source` for evaluation
     calib_samples: int = pydantic.Field(64, ge=1)
     eval_samples: int = pydantic.Field(256, ge=1)
     seq_len: int = pydantic.Field(128, ge=2)  # tokens per text sample (a window for language models)

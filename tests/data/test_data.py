@@ -104,3 +104,34 @@ def test_text_and_label_fields_are_configurable(tmp_path):
     ds = load_data(DataSpec(source=str(p), calib_samples=4, eval_samples=6, text_field="body", label_field="y"),
                    make_task("classification", tokenizer=_Tok()))
     assert len(ds.eval) == 6 and ds.eval_labels is not None and "topic" in ds.eval[0]
+
+
+def _topic_folder(root, name, n_files=10):
+    root.mkdir()
+    for f in range(n_files):
+        (root / f"doc{f}.txt").write_text("\n\n".join(SENT.format(i=i, t=f"{name}{f}") for i in range(6)))
+    return str(root)
+
+
+def test_a_mix_of_sources_calibrates_on_each_and_never_on_held_out_items(tmp_path):
+    a, b = _topic_folder(tmp_path / "a", "a"), _topic_folder(tmp_path / "b", "b")
+    topics = lambda items: {s.split("topic ")[1].split()[0] for s in items}
+    mix = load_data(DataSpec(calib_source=[a, b], eval_source=b, calib_samples=60, eval_samples=30), _text_task())
+    cal = topics(mix.calib)
+    assert any(t.startswith("a") for t in cal) and any(t.startswith("b") for t in cal)
+    assert not cal & topics(mix.eval)
+    alone = load_data(DataSpec(source=a, calib_samples=30, eval_samples=30), _text_task())
+    assert not cal & topics(alone.eval)  # source a's held-out half, as a run on a alone scores it
+    assert {t for t in cal if t.startswith("a")} <= topics(alone.calib)
+    assert mix.info["split"] == "calibration and evaluation halves of each source"
+    with pytest.raises(KrimpError, match="cannot be mixed"):
+        load_data(DataSpec(calib_source=[a, "builtin:photos"], calib_samples=4, eval_samples=4), _text_task())
+
+
+def test_language_model_windows_come_evenly_from_each_source(minilm, tmp_path):
+    a, b = _topic_folder(tmp_path / "a", "apple", 20), _topic_folder(tmp_path / "b", "banana", 20)
+    task = make_task("causal-lm", tokenizer=minilm.task.tokenizer)
+    d = load_data(DataSpec(source=[a, b], calib_samples=6, eval_samples=4, seq_len=32), task)
+    words = [minilm.task.tokenizer.decode(w.ids) for w in d.calib]
+    assert len(d.calib) == 6 and len(d.eval) == 4
+    assert sum("apple" in w for w in words) == 3 and sum("banana" in w for w in words) == 3

@@ -57,7 +57,7 @@ def mini(minilm):
     return minilm, list(batches(minilm.task, d.calib, 16, 64)), minilm.task.encode(d.eval, 64)
 
 
-@pytest.mark.parametrize("importance", ["activation", "magnitude"])
+@pytest.mark.parametrize("importance", ["activation", "magnitude", "taylor"])
 def test_minilm_ffn_and_heads_equal_the_zeroed_original(mini, importance):
     h, feeds, ev = mini
     m, info = _run(h, {"method": "structured", "ffn": 0.5, "heads": 0.25, "importance": importance}, feeds)

@@ -33,7 +33,12 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
     calib_src = spec.calib_source or spec.source or default
     eval_src = spec.eval_source or spec.source or default
     rng = np.random.default_rng(spec.seed)
-    if calib_src == eval_src:
+    cal_parts = ev_parts = None
+    if isinstance(calib_src, list) or isinstance(eval_src, list):
+        cal_parts, ev_parts, info = _mixed_pools(spec, task, _as_list(calib_src), _as_list(eval_src))
+        cal_pool, ev_pool = [i for p in cal_parts for i in p], [i for p in ev_parts for i in p]
+        calib_src, eval_src = "+".join(_as_list(calib_src)), "+".join(_as_list(eval_src))
+    elif calib_src == eval_src:
         groups, label = _groups(calib_src, task, spec)
         order = rng.permutation(len(groups))
         cal_pool = [it for i in order[0::2] for it in groups[i]]
@@ -47,7 +52,7 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
         eg, el = _groups(eval_src, task, spec)
         cal_pool, ev_pool = [i for g in cg for i in g], [i for g in eg for i in g]
         info = {"calib_source": cl, "eval_source": el, "split": "separate sources"}
-    if calib_src.startswith("builtin:photos"):
+    if cal_parts is None and calib_src.startswith("builtin:photos"):
         from krimp.data.images import photo_crops
 
         cal_pool = [(c, None) for c in photo_crops(spec.calib_samples, "left", spec.seed + 1)]
@@ -58,7 +63,7 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
     if not ev_pool:
         raise KrimpError(f"evaluation data is empty (source: {eval_src})")
     if task.name == "causal-lm":
-        return _lm_windows(spec, task, cal_pool, ev_pool, rng, info)
+        return _lm_windows(spec, task, cal_parts or [cal_pool], ev_parts or [ev_pool], rng, info)
     cal = _sample(cal_pool, spec.calib_samples, rng)
     ev = _sample(ev_pool, spec.eval_samples, rng)
     prep = (lambda x: x) if task.is_text else task.preprocess_image
@@ -74,20 +79,50 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
                    _label_ids(cal_labels, task) if cal_labels and all(x is not None for x in cal_labels) else None)
 
 
-def _lm_windows(spec: DataSpec, task: Task, cal_pool, ev_pool, rng, info) -> Dataset:
-    """Language models see running text: token windows of data.seq_len (see krimp.data.lm)."""
+def _lm_windows(spec: DataSpec, task: Task, cal_pools: list, ev_pools: list, rng, info) -> Dataset:
+    """Language models see running text: token windows of data.seq_len (see krimp.data.lm); with
+    several sources, an equal share of the windows from each."""
     from krimp.data.lm import make_windows
 
-    cal = make_windows(task.tokenizer, [t for t, _ in cal_pool], spec.calib_samples, spec.seq_len, None,
-                       "calibration", rng)
-    ev = make_windows(task.tokenizer, [t for t, _ in ev_pool], spec.eval_samples, spec.seq_len, spec.stride,
-                      "evaluation")
+    def windows(pools, n, stride, what, r):
+        per = -(-n // len(pools))
+        out = [w for p in pools for w in make_windows(task.tokenizer, [t for t, _ in p], per, spec.seq_len, stride,
+                                                      what, r)]
+        return out[:n]
+
+    cal = windows(cal_pools, spec.calib_samples, None, "calibration", rng)
+    ev = windows(ev_pools, spec.eval_samples, spec.stride, "evaluation", None)
     if len(ev) < spec.eval_samples:
         log.warning("evaluation text makes %d windows, %d asked", len(ev), spec.eval_samples)
     info.update(calib_samples=len(cal), eval_samples=len(ev), labelled=False, unit="token windows",
                 seq_len=spec.seq_len, stride=spec.stride or spec.seq_len,
                 calib_tokens=len(cal) * spec.seq_len, eval_tokens=len(ev) * spec.seq_len)
     return Dataset(cal, ev, None, info)
+
+
+def _as_list(src: str | list[str]) -> list[str]:
+    return list(src) if isinstance(src, list) else [src]
+
+
+def _mixed_pools(spec: DataSpec, task: Task, calib_srcs: list[str], eval_srcs: list[str]):
+    """Several sources: each is split into the same disjoint halves as when it is used alone
+    (calibration the even groups of its seeded order, evaluation the odd ones), and calibration
+    takes only calibration halves, evaluation only evaluation halves, so no item used to calibrate
+    is ever scored, here or in a run that evaluates on one of these sources alone."""
+    halves: dict[str, tuple[list, list, str]] = {}
+    for src in dict.fromkeys(calib_srcs + eval_srcs):
+        if src.startswith("builtin:photos"):
+            raise KrimpError("builtin:photos cannot be mixed with other sources; use it alone")
+        groups, label = _groups(src, task, spec)
+        if len(groups) == 1:  # one file: its items are split instead, as when used alone
+            halves[src] = (groups[0][0::2], groups[0][1::2], label)
+            continue
+        order = np.random.default_rng(spec.seed).permutation(len(groups))
+        halves[src] = ([it for i in order[0::2] for it in groups[i]], [it for i in order[1::2] for it in groups[i]],
+                       label)
+    info = {"calib_sources": [halves[s][2] for s in calib_srcs], "eval_sources": [halves[s][2] for s in eval_srcs],
+            "split": "calibration and evaluation halves of each source"}
+    return [halves[s][0] for s in calib_srcs], [halves[s][1] for s in eval_srcs], info
 
 
 def _sample(pool, n, rng):

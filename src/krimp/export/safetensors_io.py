@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 
 from krimp.errors import KrimpError
+
+log = logging.getLogger(__name__)
 
 
 def save_safetensors(module: torch.nn.Module, path: Path) -> Path:
@@ -109,7 +112,11 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
-    module.config.save_pretrained(folder)
+    if hasattr(getattr(module, "config", None), "save_pretrained"):  # reloadable as a model folder
+        module.config.save_pretrained(folder)
+    else:  # a plain torch module: load_packed(MyModel(), path) fills it
+        log.info("%s: no model config to write; fill your own module with krimp.export.safetensors_io.load_packed",
+                 path)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return path

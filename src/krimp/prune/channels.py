@@ -12,7 +12,9 @@ layer whole, and recovers accuracy by distillation from the unpruned network
     - method: channels
       ratio: 0.5              # share of channels removed in every coupled group
       importance: magnitude   # L2 norm of each group's weights; or lamp, or bn (batch-norm
-                              # scale: groups without a batch norm are left whole), or obs
+                              # scale: groups without a batch norm are left whole), or taylor
+                              # (first-order output change on calibration images:
+                              # krimp.prune.taylor), or obs
                               # (channels read by one 1x1 conv only, chosen and re-fitted on
                               # calibration images: krimp.prune.channels_obs)
       recover_steps: 300
@@ -42,7 +44,7 @@ class ChannelPruneConfig(BaseConfig):
 
     method = "channels"
     ratio: float = pydantic.Field(0.5, ge=0, lt=1)
-    importance: Literal["magnitude", "lamp", "bn", "obs"] = "magnitude"
+    importance: Literal["magnitude", "lamp", "bn", "taylor", "obs"] = "magnitude"
     global_pruning: bool = False  # one ranking over all layers instead of the same share per layer
     round_to: int | None = pydantic.Field(None, ge=1)  # keep channel counts a multiple of this
     recover_steps: int = pydantic.Field(0, ge=0)
@@ -58,13 +60,19 @@ def _macs(model: nn.Module, example: torch.Tensor) -> int:
     return int(macs)
 
 
-def _meta_prune(module: nn.Module, example: torch.Tensor, cfg: ChannelPruneConfig, ignored: list) -> None:
-    """Torch-Pruning's pruner with a weight-based importance, the same share in every group."""
+def _meta_prune(module: nn.Module, example: torch.Tensor, cfg: ChannelPruneConfig, ignored: list,
+                feeds: list, input_name: str) -> None:
+    """Torch-Pruning's pruner with a weight- or gradient-based importance, the same share in every group."""
     import torch_pruning as tp
 
-    imp = {"magnitude": tp.importance.GroupMagnitudeImportance(p=2),
-           "lamp": tp.importance.LAMPImportance(p=2),
-           "bn": tp.importance.BNScaleImportance()}[cfg.importance]
+    if cfg.importance == "taylor":
+        from krimp.prune.taylor import ProbedGroupTaylor, probe_grads
+
+        imp = ProbedGroupTaylor(probe_grads(module, feeds, input_name))
+    else:
+        imp = {"magnitude": tp.importance.GroupMagnitudeImportance(p=2),
+               "lamp": tp.importance.LAMPImportance(p=2),
+               "bn": tp.importance.BNScaleImportance()}[cfg.importance]
     try:
         pruner = tp.pruner.MetaPruner(module, example, importance=imp, pruning_ratio=cfg.ratio,
                                       global_pruning=cfg.global_pruning, ignored_layers=ignored,
@@ -105,7 +113,7 @@ class ChannelPrune:
                 raise KrimpError("channels: importance 'obs' found no channels read by a single 1x1 convolution "
                                  "(inverted-residual expansions); use importance 'magnitude'")
         else:
-            _meta_prune(module, example, cfg, ignored)
+            _meta_prune(module, example, cfg, ignored, ctx.calib_feeds, ctx.task.input_names[0])
         for m in module.modules():
             if isinstance(m, nn.Conv2d) and m.out_channels == 0:
                 raise KrimpError(f"channels: pruning removed every channel of {names.get(id(m), m)}")

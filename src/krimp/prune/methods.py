@@ -8,7 +8,7 @@
 
 Which layers: in a decoder-only language model, the linears inside the decoder blocks (names such
 as ``model.layers.3.mlp.down_proj``); in any other model (``magnitude`` only), every ``nn.Linear``
-and ungrouped ``nn.Conv2d`` except the output head; ``targets`` / ``ignore`` narrow that down.
+and ungrouped ``nn.Conv2d`` except the output head (the output embeddings, else the last layer); ``targets`` / ``ignore`` narrow that down.
 ``wanda`` and ``sparsegpt`` run through the layer-wise calibrator, so every block is pruned on
 the inputs the already pruned blocks before it produce.
 
@@ -96,9 +96,13 @@ def prunable(module: nn.Module, cfg: _PruneConfig) -> dict[str, nn.Module]:
         layers = {f"{path}.{i}.{n}": m for i, b in enumerate(blocks)
                   for n, m in b.named_modules() if isinstance(m, nn.Linear)}
     except KrimpError:
-        head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
         layers = {n: m for n, m in module.named_modules()
-                  if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)) and m is not head}
+                  if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}
+        head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+        if head is None:  # a classifier or plain module: its last layer makes the output
+            head = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1:]
+            head = head[0] if head else None
+        layers = {n: m for n, m in layers.items() if m is not head}
     out = {n: m for n, m in layers.items() if cfg.wants(n)}
     if not out:
         raise KrimpError(f"{cfg.method}: no prunable layer matched targets {cfg.targets} / ignore {cfg.ignore}")

@@ -8,7 +8,8 @@ as MiniLM, Llama-style decoders such as SmolLM2).
       ffn: 0.5              # share of FFN neurons removed in every layer
       heads: 0.25           # share of attention heads removed in every layer
       layers: 0             # whole layers removed, the least important by block influence
-      importance: activation   # or obs (choose by output error, re-fit: krimp.prune.obs), or magnitude (no data)
+      importance: activation   # or obs (choose by output error, re-fit: krimp.prune.obs), taylor
+                               # (first-order output change: krimp.prune.taylor), or magnitude (no data)
       recover_steps: 300    # distillation from the unpruned model on the calibration data
       hidden: 1.0           # recovery also matches every layer's hidden states
 
@@ -67,12 +68,12 @@ class StructuredPruneConfig(BaseConfig):
     ffn: float = pydantic.Field(0.0, ge=0, lt=1)
     heads: float = pydantic.Field(0.0, ge=0, lt=1)
     layers: int = pydantic.Field(0, ge=0)
-    importance: Literal["obs", "activation", "magnitude"] = "activation"
+    importance: Literal["obs", "taylor", "activation", "magnitude"] = "activation"
     recover_steps: int = pydantic.Field(0, ge=0)  # optimizer steps of distillation after pruning
     lr: float = pydantic.Field(5e-5, gt=0)
     temperature: float = pydantic.Field(2.0, gt=0)  # for logits; embeddings use cosine + MSE
     hidden: float = pydantic.Field(0.0, ge=0)  # weight of every layer's hidden-state MSE in recovery
-    obs_batches: int = pydantic.Field(256, ge=1)  # calibration batches for the OBS statistics (recovery uses all)
+    obs_batches: int = pydantic.Field(256, ge=1)  # calibration batches for OBS and Taylor scores (recovery uses all)
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -294,6 +295,44 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _unit_scores(model, cfg: StructuredPruneConfig, ctx, layers: nn.ModuleList, units: dict) -> dict[str, torch.Tensor]:
+    """Importance per FFN neuron (``"{i}.ffn"``) and per key/value head group (``"{i}.heads"``) of
+    every layer, all measured on the unpruned model: ``magnitude`` (the norms of the weights that
+    produce and read a unit), ``activation`` (its mean size on calibration data times the norm of
+    the weights that read it), ``taylor`` (:mod:`krimp.prune.taylor`)."""
+    readers: dict[str, tuple[nn.Linear, int]] = {}
+    for i, layer in enumerate(layers):
+        if cfg.ffn:
+            readers[f"{i}.ffn"] = (_get(layer, units["ffn"][i][1]), 1)
+        if cfg.heads:
+            readers[f"{i}.heads"] = (_get(layer, units["heads"][i].out_path), units["heads"][i].head_dim)
+    if cfg.importance == "taylor":
+        from krimp.prune.taylor import taylor_unit_scores
+
+        acts = taylor_unit_scores(model, ctx.task, ctx.calib_feeds[:cfg.obs_batches], readers, step=ctx.step)
+    elif cfg.importance == "activation":
+        acts = _activation_means(model, ctx.task, ctx.calib_feeds, {n: r for n, (r, _s) in readers.items()})
+    out = {}
+    for i, layer in enumerate(layers):
+        if cfg.heads:
+            h = units["heads"][i]
+            group = h.n_q // h.n_kv
+            if cfg.importance == "taylor":
+                out[f"{i}.heads"] = acts[f"{i}.heads"].reshape(h.n_kv, group).sum(1)
+            else:
+                a = acts[f"{i}.heads"].reshape(h.n_q, h.head_dim).norm(dim=1) if cfg.importance == "activation" \
+                    else row_norms(getattr(h.holder, h.names[0]), size=h.head_dim)
+                out[f"{i}.heads"] = (a * col_norms(readers[f"{i}.heads"][0], h.head_dim)).reshape(h.n_kv, group).sum(1)
+        if cfg.ffn:
+            ups, _down = units["ffn"][i]
+            if cfg.importance == "taylor":
+                out[f"{i}.ffn"] = acts[f"{i}.ffn"]
+            else:
+                a = acts[f"{i}.ffn"] if cfg.importance == "activation" else row_norms(*(_get(layer, u) for u in ups))
+                out[f"{i}.ffn"] = a * col_norms(readers[f"{i}.ffn"][0])
+    return out
+
+
 @register(StructuredPruneConfig)
 class StructuredPrune:
     """FFN neurons, attention heads and layers out; then optional distillation from the original."""
@@ -325,14 +364,7 @@ class StructuredPrune:
                 raise KrimpError(f"{path}.{i}: no FFN/attention projections krimp knows (BERT- or Llama-style names)")
             units["ffn"].append(ffn)
             units["heads"].append(att)
-        readers = {}
-        if cfg.importance == "activation":
-            for i, layer in enumerate(layers):
-                if cfg.ffn:
-                    readers[f"{i}.ffn"] = _get(layer, units["ffn"][i][1])
-                if cfg.heads:
-                    readers[f"{i}.heads"] = _get(layer, units["heads"][i].out_path)
-            acts = _activation_means(module, ctx.task, ctx.calib_feeds, readers)
+        scores = _unit_scores(module, cfg, ctx, layers, units) if cfg.importance != "obs" else {}
         kept = {"ffn": [], "heads": []}
         obs = cfg.importance == "obs"
         for i, layer in enumerate(layers):
@@ -350,12 +382,7 @@ class StructuredPrune:
                     prune_heads(layer, h, keep)
                     _write(_get(layer, h.out_path), W1)
                 else:
-                    if cfg.importance == "activation":
-                        a = acts[f"{i}.heads"].reshape(h.n_q, h.head_dim).norm(dim=1)
-                    else:
-                        a = row_norms(getattr(h.holder, h.names[0]), size=h.head_dim)
-                    score = (a * col_norms(ol, h.head_dim)).reshape(h.n_kv, group).sum(1)
-                    keep = top_units(score, n_keep)
+                    keep = top_units(scores[f"{i}.heads"], n_keep)
                     prune_heads(layer, h, keep)
                 kept["heads"].append(len(keep) * group)
             if cfg.ffn:
@@ -369,8 +396,7 @@ class StructuredPrune:
                     prune_ffn(layer, ups, down, keep)
                     _write(_get(layer, down), W1)
                 else:
-                    a = acts[f"{i}.ffn"] if cfg.importance == "activation" else row_norms(*(_get(layer, u) for u in ups))
-                    keep = top_units(a * col_norms(dl), n_keep)
+                    keep = top_units(scores[f"{i}.ffn"], n_keep)
                     prune_ffn(layer, ups, down, keep)
                 kept["ffn"].append(len(keep))
         out.update({k: v for k, v in (("ffn_kept", kept["ffn"]), ("heads_kept", kept["heads"])) if v})

@@ -90,7 +90,12 @@ def _stage_line(st: dict) -> str:
     if "sparsity" in st:  # a pruning stage
         return (head + f"{st['pattern']} sparsity "
                 f"{st['sparsity']:.1%} ({st['pruned_params']:,} of {st['target_params']:,} weights in "
-                f"{st['pruned_layers']} layers). {st['runtime']}.")
+                f"{st['pruned_layers']} layers)"
+                + (f", raised on a cubic schedule from step {st['prune_from_step']} to {st['prune_until_step']}"
+                   if "prune_until_step" in st else "")
+                + (f"; {rec['steps']} distillation steps, loss {rec['loss_first']} -> {rec['loss_last']} "
+                   f"({rec['seconds']} s)" if (rec := st.get("recovery")) else "")
+                + f". {st['runtime']}.")
     fb = st.get("fallback") or {}
     return (head + f"nodes kept in float by recipe: "
             f"{len(st.get('excluded_by_recipe', []))}; by automatic fallback: {len(fb.get('excluded', []))}"

@@ -43,7 +43,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
             steps: int, lr: float, temperature: float = 2.0,
             step: Callable[[str], None] | None = None, *, hidden: float = 0.0,
             layer_map: dict[int, int] | None = None, ckpt_dir: Path | None = None, fp: str = "",
-            checkpoint_every: int = 50, augment: bool = False) -> dict:
+            checkpoint_every: int = 50, augment: bool = False,
+            on_step: Callable[[int], None] | None = None) -> dict:
     """``steps`` AdamW steps over ``feeds`` (cycled), linear warm-up then cosine decay. Returns the
     first and last loss (mean over the first / last tenth of steps).
 
@@ -55,7 +56,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
     ``augment`` (images): teacher and student see the same random view of each batch
     (:func:`krimp.train.losses.matching_views`), not the fixed calibration images.
     The student trains in eval mode: matching a teacher is not a noisy-label problem, and dropout
-    only adds noise to the target (batch norms keep their statistics).
+    only adds noise to the target (batch norms keep their statistics). ``on_step`` goes to the
+    trainer (:func:`krimp.train.trainer.train`).
     """
     if not feeds:
         raise KrimpError("recovery needs calibration data (data.calib_samples > 0)")
@@ -89,5 +91,5 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
     settings = TrainSettings(steps=steps, lr=lr, checkpoint_every=checkpoint_every if ckpt_dir else 0)
     res = train(named, loss_fn, feeds, settings, ckpt_dir=ckpt_dir, fp=fp, step=step,
                 modules=[],  # eval mode: no dropout noise in matching
-                samples_per_batch=len(next(iter(feeds[0].values()))))
+                samples_per_batch=len(next(iter(feeds[0].values()))), on_step=on_step)
     return {k: res[k] for k in ("steps", "loss_first", "loss_last", "seconds", "resumed_from")} | {"lr": lr, "hidden": hidden}

@@ -136,13 +136,15 @@ def _load(ckpt: Path, named: dict[str, torch.Tensor], opt, sched, fp: str) -> di
 def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.Tensor], batches: Sequence,
           s: TrainSettings, *, val_fn: Callable[[], float] | None = None, ckpt_dir: Path | None = None,
           fp: str = "", step: Callable[[str], None] | None = None, samples_per_batch: int = 1,
-          modules: Sequence[torch.nn.Module] = ()) -> dict:
+          modules: Sequence[torch.nn.Module] = (), on_step: Callable[[int], None] | None = None) -> dict:
     """Minimise ``loss_fn(batch)`` over ``batches`` (cycled) for ``s.steps`` optimizer steps,
     updating the parameters in ``named`` (name -> parameter; the names key the checkpoints).
 
     ``val_fn`` returns a validation loss (lower is better) every ``s.eval_every`` steps;
     ``modules`` are put in train mode while training (batch norms excepted: their running
-    statistics stay as they are) and back in eval mode after. Returns losses, steps, timing.
+    statistics stay as they are) and back in eval mode after. ``on_step(t)`` runs once before the
+    first step (``t``: the step reached, 0 or the resumed one) and after every optimizer step ``t``,
+    before its checkpoint (gradual pruning masks the weights there). Returns losses, steps, timing.
     """
     rank, n_proc = world()
     per_step = s.grad_accum * n_proc
@@ -167,6 +169,8 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
             if n_proc > 1:
                 _broadcast(params)
     best_weights = None
+    if on_step is not None:
+        on_step(state["step"])
     _mode(modules, True)
     t0, done0 = time.perf_counter(), state["step"]
     stopped = False
@@ -187,6 +191,8 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step(i + 1)
             state["losses"].append(total)
             state["step"] = i + 1
             if step and (i % 5 == 0 or i == s.steps - 1):

@@ -1,0 +1,85 @@
+"""Label-free first-order Taylor importance: the probe estimate matches the exact output change of
+removing a unit, and it ranks transformer units and CNN channels better than weight magnitude."""
+
+import copy
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from krimp.config import config_from_dict, method_for
+from krimp.eval.runtime import batches
+from krimp.models import load_model
+from krimp.pipeline import StageContext
+from krimp.prune.taylor import taylor_unit_scores
+
+
+def test_probe_estimate_matches_the_exact_first_order_change():
+    """f(x) = W2 relu(W1 x): removing hidden unit u changes f by W2[:, u] a_u(x), so the summed
+    squared change is sum_x a_u(x)^2 ||W2[:, u]||^2, which the random probes must estimate."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    x = torch.randn(2000, 6)
+    feeds = [{"x": x[i:i + 1].numpy()} for i in range(len(x))]
+    task = types.SimpleNamespace(input_names=["x"], export_module=lambda m: m)
+    got = taylor_unit_scores(mlp, task, feeds, {"out": (mlp[2], 1)})["out"]
+    with torch.no_grad():
+        a = mlp[1](mlp[0](x))
+    exact = (a ** 2).sum(0) * (mlp[2].weight ** 2).sum(0)
+    assert torch.allclose(got, exact, rtol=0.15), (got, exact)
+    assert all(p.requires_grad for p in mlp.parameters())  # the model is left as it was
+    assert not mlp[2]._forward_pre_hooks
+
+
+@pytest.fixture(scope="module")
+def mini(minilm):
+    from krimp.data import load_data
+    from krimp.recipe import DataSpec
+
+    d = load_data(DataSpec(calib_samples=32, eval_samples=16, seq_len=64), minilm.task)
+    return minilm, list(batches(minilm.task, d.calib, 16, 64)), minilm.task.encode(d.eval, 64)
+
+
+def _cos(h, m, ev):
+    def out(mod):
+        with torch.no_grad():
+            return h.task.export_module(mod)(*[torch.from_numpy(ev[n]) for n in h.task.input_names]).numpy()
+    return float((h.task.features(out(h.module), ev) * h.task.features(out(m), ev)).sum(1).mean())
+
+
+def test_taylor_ranks_minilm_units_better_than_magnitude(mini):
+    """One shot, 50% of FFN neurons and 25% of heads, held-out cosine (measured: 0.68 against 0.62)."""
+    h, feeds, ev = mini
+
+    def run(imp):
+        cfg = config_from_dict({"method": "structured", "ffn": 0.5, "heads": 0.25, "importance": imp})
+        return method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, feeds, 2))
+
+    (m_t, info), (m_m, _) = run("taylor"), run("magnitude")
+    assert info["ffn_kept"] == [768] * 6 and info["heads_kept"] == [9] * 6
+    c_t, c_m = _cos(h, m_t, ev), _cos(h, m_m, ev)
+    assert c_t > c_m + 0.03, (c_t, c_m)
+
+
+def test_taylor_ranks_digits_channels_better_than_magnitude():
+    """One shot, 25% of the channels of every coupled group; held-out agreement (measured: 0.56
+    against 0.34). First-order estimates hold for small removals: at 40% both collapse."""
+    from krimp.data import load_data
+    from krimp.recipe import DataSpec
+
+    h = load_model("builtin:digits-cnn")
+    d = load_data(DataSpec(source="builtin:digits", calib_samples=398, eval_samples=398), h.task)
+    cal, ev = list(batches(h.task, d.calib, 16, 0)), list(batches(h.task, d.eval, 64, 0))
+
+    def agreement(imp):
+        cfg = config_from_dict({"method": "channels", "ratio": 0.25, "importance": imp})
+        m, info = method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, cal, 2))
+        assert info["channels"] == {"features.0": 12, "features.3": 24, "features.7": 48}
+        assert all(p.grad is None for p in m.parameters())  # the probe gradients are gone
+        with torch.no_grad():
+            x = [torch.from_numpy(np.ascontiguousarray(f["pixel_values"])) for f in ev]
+            return float(torch.cat([(h.module(b).argmax(1) == m(b).argmax(1)).float() for b in x]).mean())
+
+    a_t, a_m = agreement("taylor"), agreement("magnitude")
+    assert a_t > a_m + 0.1, (a_t, a_m)
