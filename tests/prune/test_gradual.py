@@ -91,3 +91,25 @@ def test_gradual_resumes_after_ctrl_c(tmp_path, digits):
     for (n, a), b in zip(resumed.named_parameters(), straight.parameters()):
         assert torch.equal(a == 0, b == 0), n  # the same mask ...
         assert torch.allclose(a, b, atol=1e-5), n  # ... and the same weights
+
+
+def test_finish_restores_the_final_sparsity_if_a_mask_was_lost():
+    """An interruption between an optimizer step and its masking can save non-zero pruned weights;
+    the end of the stage prunes to the final sparsity again (and changes nothing otherwise)."""
+    from krimp.prune.gradual import GradualPruneConfig, _Masker
+
+    torch.manual_seed(0)
+    layers = {"a": torch.nn.Linear(40, 20), "b": torch.nn.Linear(20, 10)}
+    m = _Masker(layers, GradualPruneConfig(sparsity=0.75, steps=10, end=0.5, prune_every=1))
+    for t in range(11):
+        m(t)
+    kept = {n: (lin.weight != 0).clone() for n, lin in layers.items()}
+    assert all(int((~k).sum()) == 0.75 * k.numel() for k in kept.values())
+    m.finish()
+    assert all(torch.equal(layers[n].weight != 0, kept[n]) for n in layers)  # a normal run: no change
+    with torch.no_grad():
+        for lin in layers.values():
+            lin.weight.add_(1e-3)  # the mask is lost
+    m2 = _Masker(layers, m.cfg)  # as a resumed stage builds it: from the weights' zeros (none now)
+    m2.finish()
+    assert all(int((lin.weight == 0).sum()) == 0.75 * lin.weight.numel() for lin in layers.values())

@@ -94,13 +94,28 @@ class _Masker:
             self.keep = {n: m.weight != 0 for n, m in self.layers.items()}
         if is_pruning_step(t, self.t0, self.t_end, self.cfg.prune_every):
             s = cubic_sparsity(t, self.cfg.sparsity, self.t0, self.t_end, self.cfg.initial)
-            scores = {n: m.weight.detach().abs().float() * self.keep[n] for n, m in self.layers.items()}
-            if self.cfg.scope == "global":
-                thr = global_threshold(list(scores.values()), s)
-                self.keep = {n: v > thr for n, v in scores.items()}
-            else:
-                self.keep = {n: layer_mask(v, s) for n, v in scores.items()}
+            self._prune_to(s)
             self.history.append([t, round(s, 4)])
+        self._apply()
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """The final sparsity, whatever happened: a no-op after a normal run; it re-prunes by magnitude
+        if an interruption saved weights between an optimizer step and their masking."""
+        if self.keep is None:
+            self.keep = {n: m.weight != 0 for n, m in self.layers.items()}
+        self._prune_to(self.cfg.sparsity)
+        self._apply()
+
+    def _prune_to(self, s: float) -> None:
+        scores = {n: m.weight.detach().abs().float() * self.keep[n] for n, m in self.layers.items()}
+        if self.cfg.scope == "global":
+            thr = global_threshold(list(scores.values()), s)
+            self.keep = {n: v > thr for n, v in scores.items()}
+        else:
+            self.keep = {n: layer_mask(v, s) for n, v in scores.items()}
+
+    def _apply(self) -> None:
         for n, m in self.layers.items():
             m.weight.mul_(self.keep[n].to(m.weight.dtype))
 
@@ -120,7 +135,7 @@ class GradualPrune:
         fp = fingerprint(cfg.to_dict(), ctx.task.name, len(ctx.calib_feeds), sorted(layers))
         rec = distill(module, teacher, ctx.task, ctx.calib_feeds, cfg.steps, cfg.lr, cfg.temperature, ctx.step,
                       ckpt_dir=ctx.ckpt_dir, fp=fp, on_step=masker)
-        masker(cfg.steps)  # a run resumed after its last step still leaves the final mask applied
+        masker.finish()
         return module, _summary(cfg, layers, t0, {"scope": cfg.scope, "schedule": masker.history,
                                                   "prune_from_step": masker.t0, "prune_until_step": masker.t_end,
                                                   "recovery": rec})
