@@ -50,6 +50,31 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
     assert torch.allclose(m2.weight, ref.weight, atol=1e-6) and torch.allclose(m2.bias, ref.bias, atol=1e-6)
 
 
+def test_ctrl_c_right_after_an_optimizer_step_is_not_taken_twice(tmp_path):
+    """Ctrl-C between the optimizer step and the step count (here inside ``on_step``): the
+    checkpoint records that step as taken, so the resumed run ends with the uninterrupted weights."""
+    data = _problem()
+    s = TrainSettings(steps=12, lr=0.05, checkpoint_every=100)
+    seen = []
+    ref = _model()
+    train(dict(ref.named_parameters()), _loss(ref), data, s, on_step=seen.append)
+    assert seen == list(range(13))  # once before the first step, then after each
+    m = _model()
+    fired = []
+
+    def on_step(t):
+        if t == 5 and not fired:
+            fired.append(t)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(dict(m.named_parameters()), _loss(m), data, s, ckpt_dir=tmp_path / "ck", fp="r", on_step=on_step)
+    m2 = _model()
+    res = train(dict(m2.named_parameters()), _loss(m2), data, s, ckpt_dir=tmp_path / "ck", fp="r")
+    assert res["resumed_from"] == 5 and res["steps"] == 12
+    assert torch.allclose(m2.weight, ref.weight, atol=1e-6) and torch.allclose(m2.bias, ref.bias, atol=1e-6)
+
+
 def test_checkpoint_of_another_run_is_not_resumed(tmp_path):
     data = _problem()
     m = _model()

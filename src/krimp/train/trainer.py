@@ -188,6 +188,7 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
                 _average_grads(params, n_proc)
             if s.clip:
                 torch.nn.utils.clip_grad_norm_(params, s.clip)
+            state["pending_loss"] = total
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -217,6 +218,7 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
             if stopped:
                 break
     except KeyboardInterrupt:
+        _settle(opt, sched, state, on_step)
         if ckpt_dir is not None and rank == 0 and state["step"] > 0:
             _save(ckpt_dir, named, opt, sched, state)
             log.warning("interrupted at step %d; checkpoint saved in %s, rerun to resume", state["step"], ckpt_dir)
@@ -234,6 +236,21 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
             "early_stopped": stopped, "validation": state["val"], "processes": n_proc,
             "resumed_from": done0 or None, "seconds": round(time.perf_counter() - t0, 1),
             "settings": asdict(s)}
+
+
+def _settle(opt, sched, state: dict, on_step: Callable[[int], None] | None) -> None:
+    """After Ctrl-C: if the optimizer had already taken the step that the interrupted iteration was
+    on, finish that step's bookkeeping (scheduler, ``on_step``, the step count), so the checkpoint's
+    weights and its step agree and a resumed run does not take the same step twice."""
+    taken = max((int(st["step"]) for st in opt.state.values() if "step" in st), default=0)
+    if taken != state["step"] + 1:
+        return
+    if sched.last_epoch < taken:
+        sched.step()
+    if on_step is not None:
+        on_step(taken)
+    state["step"] = taken
+    state["losses"].append(state.get("pending_loss", 0.0))
 
 
 def _mode(modules: Sequence[torch.nn.Module], training: bool) -> None:
