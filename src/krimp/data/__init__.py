@@ -40,12 +40,7 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
         calib_src, eval_src = "+".join(_as_list(calib_src)), "+".join(_as_list(eval_src))
     elif calib_src == eval_src:
         groups, label = _groups(calib_src, task, spec)
-        order = rng.permutation(len(groups))
-        cal_pool = [it for i in order[0::2] for it in groups[i]]
-        ev_pool = [it for i in order[1::2] for it in groups[i]]
-        if len(groups) == 1:  # one file: split its items instead
-            items = groups[0]
-            cal_pool, ev_pool = items[0::2], items[1::2]
+        cal_pool, ev_pool = _halves(groups, rng)
         info = {"source": label, "split": "disjoint halves of one source"}
     else:
         cg, cl = _groups(calib_src, task, spec)
@@ -100,6 +95,15 @@ def _lm_windows(spec: DataSpec, task: Task, cal_pools: list, ev_pools: list, rng
     return Dataset(cal, ev, None, info)
 
 
+def _halves(groups: list[list], rng: np.random.Generator) -> tuple[list, list]:
+    """(calibration, evaluation) items of one source: the even and odd groups of a seeded order
+    (one group, such as a single file: its even and odd items)."""
+    order = rng.permutation(len(groups))
+    if len(groups) == 1:
+        return groups[0][0::2], groups[0][1::2]
+    return [it for i in order[0::2] for it in groups[i]], [it for i in order[1::2] for it in groups[i]]
+
+
 def _as_list(src: str | list[str]) -> list[str]:
     return list(src) if isinstance(src, list) else [src]
 
@@ -114,12 +118,7 @@ def _mixed_pools(spec: DataSpec, task: Task, calib_srcs: list[str], eval_srcs: l
         if src.startswith("builtin:photos"):
             raise KrimpError("builtin:photos cannot be mixed with other sources; use it alone")
         groups, label = _groups(src, task, spec)
-        if len(groups) == 1:  # one file: its items are split instead, as when used alone
-            halves[src] = (groups[0][0::2], groups[0][1::2], label)
-            continue
-        order = np.random.default_rng(spec.seed).permutation(len(groups))
-        halves[src] = ([it for i in order[0::2] for it in groups[i]], [it for i in order[1::2] for it in groups[i]],
-                       label)
+        halves[src] = (*_halves(groups, np.random.default_rng(spec.seed)), label)
     info = {"calib_sources": [halves[s][2] for s in calib_srcs], "eval_sources": [halves[s][2] for s in eval_srcs],
             "split": "calibration and evaluation halves of each source"}
     return [halves[s][0] for s in calib_srcs], [halves[s][1] for s in eval_srcs], info

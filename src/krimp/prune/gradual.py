@@ -98,15 +98,6 @@ class _Masker:
             self.history.append([t, round(s, 4)])
         self._apply()
 
-    @torch.no_grad()
-    def finish(self) -> None:
-        """The final sparsity, whatever happened: a no-op after a normal run; it re-prunes by magnitude
-        if an interruption saved weights between an optimizer step and their masking."""
-        if self.keep is None:
-            self.keep = {n: m.weight != 0 for n, m in self.layers.items()}
-        self._prune_to(self.cfg.sparsity)
-        self._apply()
-
     def _prune_to(self, s: float) -> None:
         scores = {n: m.weight.detach().abs().float() * self.keep[n] for n, m in self.layers.items()}
         if self.cfg.scope == "global":
@@ -135,7 +126,6 @@ class GradualPrune:
         fp = fingerprint(cfg.to_dict(), ctx.task.name, len(ctx.calib_feeds), sorted(layers))
         rec = distill(module, teacher, ctx.task, ctx.calib_feeds, cfg.steps, cfg.lr, cfg.temperature, ctx.step,
                       ckpt_dir=ctx.ckpt_dir, fp=fp, on_step=masker)
-        masker.finish()
         return module, _summary(cfg, layers, t0, {"scope": cfg.scope, "schedule": masker.history,
                                                   "prune_from_step": masker.t0, "prune_until_step": masker.t_end,
                                                   "recovery": rec})

@@ -99,9 +99,8 @@ def prunable(module: nn.Module, cfg: _PruneConfig) -> dict[str, nn.Module]:
         layers = {n: m for n, m in module.named_modules()
                   if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}
         head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-        if head is None:  # a classifier or plain module: its last layer makes the output
-            head = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1:]
-            head = head[0] if head else None
+        if head is None and layers:  # a classifier or plain module: its last layer makes the output
+            head = list(layers.values())[-1]
         layers = {n: m for n, m in layers.items() if m is not head}
     out = {n: m for n, m in layers.items() if cfg.wants(n)}
     if not out:
