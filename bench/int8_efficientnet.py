@@ -24,6 +24,90 @@ from krimp.eval.compare import collect
 from krimp.eval.runtime import OrtEngine, TorchEngine
 
 
+def rounding_rows(fp32: Path, feeds: list[dict], task, tmp: Path) -> dict[str, Path]:
+    """Where the error comes from, without fallback: krimp's int8-static with nearest (ONNX Runtime's)
+    and GPTQ weight rounding, and each one's INT8 weights alone in the float graph, and INT8
+    activations alone (float weights)."""
+    from krimp.config import config_from_dict, method_for
+    from krimp.pipeline import StageContext
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp / "pre.onnx"  # batch norms folded, as int8-static sees the graph: the same weights
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    fp32 = pre
+    ctx = StageContext(task, feeds, 2)
+    out = {}
+    for rounding in ("nearest", "gptq"):
+        cfg = config_from_dict({"method": "int8-static", "calibration": "minmax", "weight_rounding": rounding,
+                                "fallback": False})
+        dst = tmp / f"static-{rounding}.onnx"
+        method_for(cfg).apply_onnx(fp32, dst, cfg, ctx)
+        out[f"int8-static, {rounding} rounding, no fallback"] = dst
+        out[f"  its INT8 weights alone ({rounding}), float activations"] = weights_alone(dst, fp32, tmp)
+        if rounding == "nearest":
+            out["  INT8 activations alone, float weights"] = activations_alone(dst, fp32, tmp)
+    return out
+
+
+def _weight_dq(m):
+    """Conv/Gemm node name -> (its weight's DequantizeLinear node) in a QDQ model."""
+    producer = {o: n for n in m.graph.node for o in n.output}
+    return {n.name: producer[n.input[1]] for n in m.graph.node if n.op_type in ("Conv", "Gemm")
+            and n.input[1] in producer and producer[n.input[1]].op_type == "DequantizeLinear"}
+
+
+def weights_alone(qdq: Path, fp32: Path, tmp: Path) -> Path:
+    """The float graph with each weight replaced by the QDQ model's dequantized INT8 weight."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    q, f = onnx.load(str(qdq)), onnx.load(str(fp32))
+    qi = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    fi = {t.name: t for t in f.graph.initializer}
+    for node in f.graph.node:
+        dq = _weight_dq(q).get(node.name) if node.op_type in ("Conv", "Gemm") else None
+        if dq is None or node.input[1] not in fi:
+            continue
+        w = numpy_helper.to_array(fi[node.input[1]])
+        codes, scale = qi[dq.input[0]].astype(np.float32), qi[dq.input[1]].astype(np.float32)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * codes.ndim
+        if scale.size > 1:
+            shape[axis] = -1
+        deq = codes * scale.reshape(shape)
+        if deq.shape == w.shape:
+            fi[node.input[1]].CopyFrom(numpy_helper.from_array(deq.astype(np.float32), node.input[1]))
+    out = tmp / f"{qdq.stem}-weights-alone.onnx"
+    onnx.save(f, str(out))
+    return out
+
+
+def activations_alone(qdq: Path, fp32: Path, tmp: Path) -> Path:
+    """The QDQ model with every weight's DequantizeLinear replaced by the float weight."""
+    import onnx
+    from onnx import helper
+
+    q, f = onnx.load(str(qdq)), onnx.load(str(fp32))
+    fw = {t.name: t for t in f.graph.initializer}
+    fnodes = {n.name: n for n in f.graph.node}
+    names = {t.name for t in q.graph.initializer}
+    for name, dq in _weight_dq(q).items():
+        w = fnodes[name].input[1] if name in fnodes else None
+        if w not in fw:
+            continue
+        if w not in names:
+            q.graph.initializer.append(fw[w])
+            names.add(w)
+        idx = list(q.graph.node).index(dq)
+        q.graph.node.remove(dq)
+        q.graph.node.insert(idx, helper.make_node("Identity", [w], [dq.output[0]], name=dq.name + "_float"))
+    out = tmp / f"{qdq.stem}-activations-alone.onnx"
+    onnx.save(q, str(out))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval", type=int, default=400)
@@ -48,6 +132,7 @@ def main() -> None:
     quantize_dynamic(str(fp32), str(tmp / "ort_dynamic.onnx"))
     models["ORT quantize_dynamic (defaults)"] = tmp / "ort_dynamic.onnx"
     models["krimp efficientnet-int8 recipe"] = tmp / "krimp" / "model.onnx"
+    models.update(rounding_rows(fp32, feeds, task, tmp))
     engines = {k: OrtEngine(p, 2) for k, p in models.items()}
     torch_fp32 = TorchEngine(h.module, task, 2)
     engines["PyTorch FP32"] = torch_fp32
@@ -74,7 +159,8 @@ def main() -> None:
            f"nodes kept in float by the automatic fallback: {len(fb.get('excluded', []))} "
            f"({', '.join(fb.get('excluded', []))})",
            "ONNX Runtime rows: each timed in a fresh process (krimp's bench worker), best median of 2 interleaved "
-           "passes of 5 warm-up + 20 runs; PyTorch in-process"],
+           "passes of 5 warm-up + 20 runs; PyTorch in-process",
+           "indented rows: where the error comes from (no fallback; the INT8 weights of the row above put back into the float graph, or the float weights put back into the QDQ graph); their speed says nothing"],
           raw)
 
 

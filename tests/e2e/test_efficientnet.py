@@ -25,6 +25,13 @@ def test_static_int8_with_fallback_is_smaller_and_mostly_faithful(run):
     assert agree["value"] >= 0.75  # plain ONNX Runtime static INT8 gives about 0.6 here
     assert agree["ci95"][0] <= agree["value"] <= agree["ci95"][1]
     assert r["export_check"]["max_relative_error"] < 1e-3
+    # every convolution's INT8 weights rounded by GPTQ on ONNX Runtime's grid: the layers' output
+    # error well below nearest rounding's (about 0.37 of it with 128 crops)
+    wr = r["stages"][0]["weight_rounding"]
+    assert wr["method"] == "gptq" and wr["convs"] >= 40 and wr["error_vs_nearest"] < 0.6
+    from krimp.report.writers import to_markdown
+
+    assert f"conv weights rounded by GPTQ: {wr['convs']} convs" in to_markdown(r)
 
 
 def test_fallback_finds_the_known_sensitive_early_layers(run):
@@ -34,4 +41,6 @@ def test_fallback_finds_the_known_sensitive_early_layers(run):
     # quantizing block 0's depthwise conv alone moves the output most (measured separately)
     assert any("_blocks.0/_depthwise_conv" in n for n in top)
     assert 1 <= len(fb["excluded"]) <= 8
-    assert run["stages"][0]["calib_metrics"]["top1_agreement"] >= fb["tries"][0]["calib_metrics"]["top1_agreement"]
+    # the fallback keeps a node out only when that lowers KL to the float model on calibration data
+    # (top-1 agreement on 64 crops is too coarse to choose by)
+    assert run["stages"][0]["calib_metrics"]["kl"] <= fb["tries"][0]["calib_metrics"]["kl"]

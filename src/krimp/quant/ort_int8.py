@@ -62,6 +62,10 @@ class StaticInt8Config(_Int8Base):
     weight_type: Literal["int8", "uint8"] = "int8"
     format: Literal["qdq", "qoperator"] = "qdq"
     calib_batches: int = pydantic.Field(16, ge=1)
+    # convolution weights: GPTQ's error-compensating rounding on ONNX Runtime's grid
+    # (krimp.quant.conv_gptq; QDQ only) or ONNX Runtime's nearest rounding
+    weight_rounding: Literal["gptq", "nearest"] = "gptq"
+    rounding_damp: float = pydantic.Field(0.01, gt=0, lt=1)
 
 
 @contextlib.contextmanager
@@ -137,9 +141,19 @@ class StaticInt8:
             if cfg.calibration != "minmax":  # ORT's histograms stack every batch: one shape for all
                 feeds = same_shape(feeds)
 
+            stats, rounding = {}, {"method": "nearest"}
+            if cfg.weight_rounding == "gptq" and cfg.format == "qdq":
+                from krimp.quant.conv_gptq import conv_hessians
+
+                stats = conv_hessians(pre, feeds)
+
             def run(exclude: list[str]) -> None:
                 with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print
                     _static(exclude)
+                if stats:
+                    from krimp.quant.conv_gptq import round_conv_weights
+
+                    rounding.update(round_conv_weights(dst, stats, cfg.rounding_damp))
 
             # text transformers: the weight-bearing ops only. Adds, Muls and Wheres of the plain graph
             # also carry the attention mask (0 / float-min), whose range breaks histogram calibration
@@ -155,7 +169,8 @@ class StaticInt8:
                     extra_options={"CalibPercentile": cfg.percentile, "DefaultTensorType": 1},
                 )
 
-            return _with_fallback(run, pre, dst, cfg, ctx)
+            info = _with_fallback(run, pre, dst, cfg, ctx)
+            return {**info, "weight_rounding": rounding}
 
 
 def same_shape(feeds: list[dict]) -> list[dict]:

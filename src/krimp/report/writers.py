@@ -99,7 +99,9 @@ def _stage_line(st: dict) -> str:
     fb = st.get("fallback") or {}
     return (head + f"nodes kept in float by recipe: "
             f"{len(st.get('excluded_by_recipe', []))}; by automatic fallback: {len(fb.get('excluded', []))}"
-            + (f" ({', '.join(fb['excluded'])})" if fb.get("excluded") else ""))
+            + (f" ({', '.join(fb['excluded'])})" if fb.get("excluded") else "")
+            + (f"; conv weights rounded by GPTQ: {wr['convs']} convs, output error {wr['error_vs_nearest']} "
+               "of nearest rounding's" if (wr := st.get("weight_rounding") or {}).get("convs") else ""))
 
 
 def to_markdown(r: dict) -> str:
