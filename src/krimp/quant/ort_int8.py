@@ -141,7 +141,7 @@ class StaticInt8:
             if cfg.calibration != "minmax":  # ORT's histograms stack every batch: one shape for all
                 feeds = same_shape(feeds)
 
-            stats, rounding = {}, {"method": "nearest"}
+            stats, rounding = {}, {}  # rounding info per set of excluded nodes (fallback tries)
             if cfg.weight_rounding == "gptq" and cfg.format == "qdq":
                 from krimp.quant.conv_gptq import conv_hessians
 
@@ -153,7 +153,7 @@ class StaticInt8:
                 if stats:
                     from krimp.quant.conv_gptq import round_conv_weights
 
-                    rounding.update(round_conv_weights(dst, stats, cfg.rounding_damp))
+                    rounding[tuple(sorted(exclude))] = round_conv_weights(dst, stats, cfg.rounding_damp)
 
             # text transformers: the weight-bearing ops only. Adds, Muls and Wheres of the plain graph
             # also carry the attention mask (0 / float-min), whose range breaks histogram calibration
@@ -170,7 +170,8 @@ class StaticInt8:
                 )
 
             info = _with_fallback(run, pre, dst, cfg, ctx)
-            return {**info, "weight_rounding": rounding}
+            kept = tuple(sorted(info["excluded_by_recipe"] + (info.get("fallback") or {}).get("excluded", [])))
+            return {**info, "weight_rounding": rounding.get(kept, {"method": "nearest"})}
 
 
 def same_shape(feeds: list[dict]) -> list[dict]:
