@@ -104,3 +104,42 @@ def test_round_conv_weights_on_a_real_qdq_model(tmp_path):
     ref = net(held).detach().numpy()
     err = {p.stem: float(np.mean((OrtEngine(p, 1).run({"x": held.numpy()}) - ref) ** 2)) for p in (near, gptq)}
     assert err["gptq"] < 0.9 * err["near"]
+
+
+def test_fake_rounded_weights_are_on_the_int8_grid_the_quantizer_uses():
+    """What the fallback's sensitivity ranking quantizes a conv with: GPTQ codes on the symmetric
+    per-channel grid max|w| / 127 (63 with 7-bit reduced range), dequantized."""
+    from krimp.quant.conv_gptq import fake_rounded
+
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(8, 3, 3, 3, generator=g)
+    x = _inputs(k=27)
+    stats = {"conv": (W, x.T @ x)}
+    for bits, qmax in ((8, 127), (7, 63)):
+        q = torch.from_numpy(fake_rounded(stats, bits)["conv"])
+        assert q.shape == W.shape
+        scale = W.reshape(8, -1).abs().amax(1) / qmax
+        codes = q.reshape(8, -1) / scale[:, None]
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= qmax + 1e-4
+        near = torch.round(W.reshape(8, -1) / scale[:, None]) * scale[:, None]
+        err = lambda m: float((((W.reshape(8, -1) - m) @ stats["conv"][1]) * (W.reshape(8, -1) - m)).sum())
+        assert err(q.reshape(8, -1)) < err(near)
+
+
+def test_sensitivity_measures_a_node_with_the_weight_it_is_given(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from krimp.quant.sensitivity import _with_one_node_quantized
+
+    net = _Net().eval()
+    f32 = tmp_path / "f32.onnx"
+    torch.onnx.export(net, (torch.rand(2, 3, 32, 32),), str(f32), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+    model = onnx.load(str(f32))
+    node = next(n for n in model.graph.node if n.op_type == "Conv")
+    given = np.full(tuple(net.stem.weight.shape), 0.25, np.float32)
+    for weight, check in ((given, lambda w: np.array_equal(w, given)), (None, lambda w: not np.array_equal(w, given))):
+        m = _with_one_node_quantized(model, node, "static", 8, (0.0, 1.0), weight)
+        w = next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == node.input[1])
+        assert check(w)

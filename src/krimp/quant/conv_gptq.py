@@ -163,3 +163,17 @@ def round_conv_weights(qdq_path: str | Path, stats: dict[str, tuple[torch.Tensor
     onnx.save(m, str(qdq_path))
     return {"method": "gptq", "convs": len(ratios),
             "error_vs_nearest": round(float(np.mean(ratios)), 4) if ratios else None}
+
+
+def fake_rounded(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], bits: int = 8,
+                 damp: float = 0.01) -> dict[str, np.ndarray]:
+    """Each convolution's weight GPTQ-rounded on the symmetric per-channel grid ONNX Runtime uses
+    (``max|w| / (2^(bits-1) - 1)``), dequantized: what the fallback's sensitivity ranking measures."""
+    qmax = 2 ** (bits - 1) - 1
+    out = {}
+    for name, (W, H) in stats.items():
+        rows = W.shape[0]
+        scale = W.reshape(rows, -1).abs().amax(1) / qmax
+        codes, _ = fixed_scale_gptq(W.reshape(rows, -1), H, scale, qmax, damp)
+        out[name] = (codes * scale[:, None]).reshape(W.shape).numpy()
+    return out

@@ -2,7 +2,8 @@
 holds on calibration data.
 
 Nodes are ranked by one-at-a-time sensitivity (:mod:`krimp.quant.sensitivity`): the distance of
-the model's output from the float model when only that node is quantized. Then, in that order,
+the model's output from the float model when only that node is quantized (with the weights it will
+really get: GPTQ-rounded convolutions under ``weight_rounding: gptq``). Then, in that order,
 each node is taken out of INT8 and kept out only if the model re-quantized without it is closer
 to the float model on calibration data (KL of logits, or 1 - cosine of embeddings) (forward selection: taking a node out can also hurt, because the
 quantizer then places its neighbours' quantize/dequantize pairs differently), until the goal
@@ -37,7 +38,7 @@ def _distance(metrics: dict) -> float:
 
 
 def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int, ctx,
-                  mode: str = "static", bits: int = 8) -> dict:
+                  mode: str = "static", bits: int = 8, weights: dict | None = None) -> dict:
     """Take nodes out of INT8 by forward selection until ``ctx.goal_check`` passes; keep the best
     try that stays within the size limit."""
     ok, metrics = ctx.goal_check(dst)
@@ -46,7 +47,8 @@ def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int
     shortlist: dict = {}
     big = Path(src).stat().st_size > BIG_GRAPH_BYTES  # every measurement loads a copy of the graph
     ranked = node_sensitivity(src, ctx.distance, ctx.calib_feeds, excluded, mode, bits, ctx.threads,
-                              shortlist=2 * (max_nodes + 4) if big else None, min_nodes=SHORTLIST, info=shortlist)
+                              shortlist=2 * (max_nodes + 4) if big else None, min_nodes=SHORTLIST, info=shortlist,
+                             weights=weights)
     log.info("goal missed on calibration data (%s); ranking %d nodes for float fallback",
              metrics, len(ranked))
     tries = [{"excluded": [], "ok": ok, "calib_metrics": metrics}]

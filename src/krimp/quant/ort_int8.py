@@ -169,7 +169,12 @@ class StaticInt8:
                     extra_options={"CalibPercentile": cfg.percentile, "DefaultTensorType": 1},
                 )
 
-            info = _with_fallback(run, pre, dst, cfg, ctx)
+            rounded = None  # the fallback ranks each conv as it will really be rounded
+            if stats:
+                from krimp.quant.conv_gptq import fake_rounded
+
+                rounded = fake_rounded(stats, 7 if _reduce_range(cfg) else 8, cfg.rounding_damp)
+            info = _with_fallback(run, pre, dst, cfg, ctx, rounded)
             kept = tuple(sorted(info["excluded_by_recipe"] + (info.get("fallback") or {}).get("excluded", [])))
             return {**info, "weight_rounding": rounding.get(kept, {"method": "nearest"})}
 
@@ -223,7 +228,7 @@ def weight_only_int8(path: Path, nodes: list[str], block_size: int = 32) -> list
     return todo
 
 
-def _with_fallback(run, src: Path, dst: Path, cfg: _Int8Base, ctx) -> dict:
+def _with_fallback(run, src: Path, dst: Path, cfg: _Int8Base, ctx, weights: dict | None = None) -> dict:
     excluded = select_excluded(src, cfg.targets, cfg.ignore)
     info = {"excluded_by_recipe": excluded, "reduce_range": _reduce_range(cfg)}
 
@@ -236,6 +241,7 @@ def _with_fallback(run, src: Path, dst: Path, cfg: _Int8Base, ctx) -> dict:
     if cfg.fallback and cfg.max_fallback_nodes > 0 and ctx.goal_check is not None:
         mode = "dynamic" if isinstance(cfg, DynamicInt8Config) else "static"
         bits = 7 if _reduce_range(cfg) else 8
-        info["fallback"] = auto_fallback(run_with, src, dst, excluded, cfg.max_fallback_nodes, ctx, mode, bits)
+        info["fallback"] = auto_fallback(run_with, src, dst, excluded, cfg.max_fallback_nodes, ctx, mode, bits,
+                                         weights)
         info["fallback"]["weights"] = cfg.fallback_weights
     return info

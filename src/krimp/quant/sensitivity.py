@@ -63,7 +63,8 @@ def _input_ranges(path: Path, names: list[str], feeds, threads: int) -> dict[str
     return {n: (min(lo[n], 0.0), max(hi[n], 0.0)) for n in names}
 
 
-def _with_one_node_quantized(model, node, mode: str, bits: int, rng: tuple[float, float] | None):
+def _with_one_node_quantized(model, node, mode: str, bits: int, rng: tuple[float, float] | None,
+                             weight: np.ndarray | None = None):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -76,7 +77,8 @@ def _with_one_node_quantized(model, node, mode: str, bits: int, rng: tuple[float
         t = inits.get(name)
         if t is not None and len(t.dims) >= 2 and t.data_type == TensorProto.FLOAT:
             arr = numpy_helper.to_array(t)
-            t.CopyFrom(numpy_helper.from_array(_fake_weight(arr, _weight_axis(n), bits), name))
+            q = weight if weight is not None and weight.shape == arr.shape else _fake_weight(arr, _weight_axis(n), bits)
+            t.CopyFrom(numpy_helper.from_array(q.astype(arr.dtype), name))
     x = n.input[0]
     if x in inits or n.op_type in ("Gather", "EmbedLayerNormalization"):
         return m
@@ -199,8 +201,12 @@ def _quantized(node, inits: dict, mode: str) -> bool:
 
 def node_sensitivity(float_path: Path, distance: Callable[[bytes], float], feeds, skip: list[str],
                      mode: str, bits: int = 8, threads: int = 2, shortlist: int | None = None,
-                     min_nodes: int = 0, info: dict | None = None) -> list[tuple[str, float]]:
+                     min_nodes: int = 0, info: dict | None = None,
+                     weights: dict[str, np.ndarray] | None = None) -> list[tuple[str, float]]:
     """(node, output distance to float when only this node is quantized), most sensitive first.
+
+    ``weights``: a node's quantized weight as the quantizer will really round it (GPTQ rounding of
+    convolutions), used instead of nearest rounding.
 
     With ``shortlist`` and more candidate nodes than that (and than ``min_nodes``), only the
     ``shortlist`` nodes with the highest :func:`proxy_errors` are measured (and returned); ``info``
@@ -224,6 +230,6 @@ def node_sensitivity(float_path: Path, distance: Callable[[bytes], float], feeds
     out = []
     for name in names:
         node = nodes[name]
-        m = _with_one_node_quantized(model, node, mode, bits, ranges.get(node.input[0]))
+        m = _with_one_node_quantized(model, node, mode, bits, ranges.get(node.input[0]), (weights or {}).get(name))
         out.append((name, float(distance(m.SerializeToString()))))
     return sorted(out, key=lambda x: -x[1])
