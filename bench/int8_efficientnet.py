@@ -66,8 +66,9 @@ def weights_alone(qdq: Path, fp32: Path, tmp: Path) -> Path:
     q, f = onnx.load(str(qdq)), onnx.load(str(fp32))
     qi = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
     fi = {t.name: t for t in f.graph.initializer}
+    dqs = _weight_dq(q)
     for node in f.graph.node:
-        dq = _weight_dq(q).get(node.name) if node.op_type in ("Conv", "Gemm") else None
+        dq = dqs.get(node.name)
         if dq is None or node.input[1] not in fi:
             continue
         w = numpy_helper.to_array(fi[node.input[1]])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from krimp.quant.conv_gptq import conv_hessians, fixed_scale_gptq, round_conv_weights
+from krimp.quant.conv_gptq import conv_hessians, fixed_scale_gptq, gptq_round_convs, round_conv_weights
 
 
 def _inputs(n=4096, k=27, seed=0):
@@ -92,6 +92,11 @@ def test_round_conv_weights_on_a_real_qdq_model(tmp_path):
     assert [tuple(h.shape) for _, h in stats.values()] == [(27, 27), (16, 9, 9), (16, 16)]
     info = round_conv_weights(gptq, stats)
     assert info["convs"] == 3 and info["error_vs_nearest"] < 0.9
+    # codes computed once (as int8-static does for all its fallback tries) are written as they are
+    # where ONNX Runtime's scales are the same: the same model as rounding from scratch
+    again = tmp_path / "again.onnx"
+    again.write_bytes(near.read_bytes())
+    assert round_conv_weights(again, stats, gptq_round_convs(stats, 127)) == info
 
     def weights(path):
         inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
@@ -101,29 +106,45 @@ def test_round_conv_weights_on_a_real_qdq_model(tmp_path):
     assert set(qn) == set(qg) and all(np.array_equal(sn[k], sg[k]) for k in sn)  # only the codes change
     assert any(not np.array_equal(qn[k], qg[k]) for k in qn)
     assert all(np.abs(v.astype(int)).max() <= 127 for v in qg.values())
+    qa, _ = weights(again)
+    assert all(np.array_equal(qa[k], qg[k]) for k in qg)
+    # a dead channel, whose scale ONNX Runtime floors (ours is 0): it keeps ONNX Runtime's codes,
+    # the other channels the codes computed once
+    cached = gptq_round_convs(stats, 127)
+    dw = next(k for k in cached if "dw" in k)
+    r = cached[dw]
+    cached[dw] = type(r)(r.codes, torch.cat([torch.zeros(1), r.scale[1:]]), r.error_vs_nearest)
+    merged = tmp_path / "merged.onnx"
+    merged.write_bytes(near.read_bytes())
+    round_conv_weights(merged, stats, cached)
+    qm, _ = weights(merged)
+    key = next(k for k in qm if qm[k].shape == tuple(r.codes.shape) and not np.array_equal(qm[k], qn[k]))
+    assert not np.array_equal(r.codes.numpy()[0], qn[key][0])  # so keeping ORT's row 0 is visible
+    assert np.array_equal(qm[key][0], qn[key][0]) and np.array_equal(qm[key][1:], r.codes.numpy()[1:])
     ref = net(held).detach().numpy()
     err = {p.stem: float(np.mean((OrtEngine(p, 1).run({"x": held.numpy()}) - ref) ** 2)) for p in (near, gptq)}
     assert err["gptq"] < 0.9 * err["near"]
 
 
-def test_fake_rounded_weights_are_on_the_int8_grid_the_quantizer_uses():
-    """What the fallback's sensitivity ranking quantizes a conv with: GPTQ codes on the symmetric
-    per-channel grid max|w| / 127 (63 with 7-bit reduced range), dequantized."""
-    from krimp.quant.conv_gptq import fake_rounded
-
+def test_codes_computed_once_are_on_the_int8_grid_the_quantizer_uses():
+    """What the fallback's sensitivity ranking and every fallback try use for a conv: GPTQ codes on
+    ONNX Runtime's symmetric per-channel grid max|w| / 127 (64 with its reduced range)."""
     g = torch.Generator().manual_seed(2)
     W = torch.randn(8, 3, 3, 3, generator=g)
     x = _inputs(k=27)
     stats = {"conv": (W, x.T @ x)}
-    for bits, qmax in ((8, 127), (7, 63)):
-        q = torch.from_numpy(fake_rounded(stats, bits)["conv"])
-        assert q.shape == W.shape
+    for qmax in (127, 64):
+        r = gptq_round_convs(stats, qmax)["conv"]
+        q = torch.from_numpy(r.dequantized())
+        assert q.shape == W.shape and r.codes.shape == W.shape
         scale = W.reshape(8, -1).abs().amax(1) / qmax
+        assert torch.allclose(r.scale, scale)
         codes = q.reshape(8, -1) / scale[:, None]
         assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= qmax + 1e-4
         near = torch.round(W.reshape(8, -1) / scale[:, None]) * scale[:, None]
         err = lambda m: float((((W.reshape(8, -1) - m) @ stats["conv"][1]) * (W.reshape(8, -1) - m)).sum())
         assert err(q.reshape(8, -1)) < err(near)
+        assert r.error_vs_nearest == pytest.approx(err(q.reshape(8, -1)) / err(near), rel=1e-3)
 
 
 def test_sensitivity_measures_a_node_with_the_weight_it_is_given(tmp_path):

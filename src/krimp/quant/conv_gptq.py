@@ -25,6 +25,7 @@ Hessian per channel, swept channel by channel.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,11 +125,39 @@ def conv_hessians(model_path: str | Path, feeds: list[dict]) -> dict[str, tuple[
             for n in convs if (k := n.name) in hs}
 
 
+@dataclass(frozen=True)
+class RoundedConv:
+    """A convolution weight's GPTQ codes on a symmetric per-channel grid."""
+
+    codes: torch.Tensor  # integers, the weight's shape
+    scale: torch.Tensor  # (out channels,)
+    error_vs_nearest: float
+
+    def dequantized(self) -> np.ndarray:
+        return (self.codes * self.scale.reshape(-1, *[1] * (self.codes.ndim - 1))).numpy()
+
+
+def gptq_round_convs(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], qmax: int = 127,
+                     damp: float = 0.01) -> dict[str, RoundedConv]:
+    """Every convolution of :func:`conv_hessians` GPTQ-rounded once, on the grid ONNX Runtime's
+    symmetric per-channel quantizer gives it: ``max|w| / qmax`` (``qmax`` 127, or 64 with its
+    reduced range). The fallback's sensitivity ranking and every fallback try reuse these codes."""
+    out = {}
+    for name, (W, H) in stats.items():
+        rows = W.shape[0]
+        scale = W.reshape(rows, -1).abs().amax(1) / qmax
+        codes, ratio = fixed_scale_gptq(W.reshape(rows, -1), H, scale, qmax, damp)
+        out[name] = RoundedConv(codes.reshape(W.shape), scale, ratio)
+    return out
+
+
 def round_conv_weights(qdq_path: str | Path, stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                       damp: float = 0.01) -> dict:
+                       rounded: dict[str, RoundedConv] | None = None, damp: float = 0.01) -> dict:
     """Re-round, in place, the INT8 weights of the QDQ model's convolutions named in ``stats``
-    (:func:`conv_hessians` of the float model it came from). Returns how many and the mean ratio
-    of their output error to nearest rounding's."""
+    (:func:`conv_hessians` of the float model it came from). Codes in ``rounded`` are written as
+    they are where ONNX Runtime chose the same scales (all but its dead channels); otherwise they
+    are computed on its scales.
+    Returns how many convolutions and the mean ratio of their output error to nearest rounding's."""
     import onnx
     from onnx import numpy_helper
 
@@ -155,25 +184,19 @@ def round_conv_weights(qdq_path: str | Path, stats: dict[str, tuple[torch.Tensor
         W, H = stats[node.name]
         if W.shape != q.shape:
             continue
-        qmax = int(np.abs(q).max()) or 127  # ONNX Runtime's range (7 bits with reduce_range)
-        codes, ratio = fixed_scale_gptq(W.reshape(rows, -1), H, scale, qmax, damp)
-        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(codes.reshape(q.shape).numpy().astype(np.int8),
-                                                            dq.input[0]))
-        ratios.append(ratio)
+        r = (rounded or {}).get(node.name)
+        same = torch.isclose(r.scale, scale, rtol=1e-5, atol=0) if r is not None else None
+        if same is None or same.float().mean() < 0.9:  # another grid: round on ONNX Runtime's scales
+            qmax = int(np.abs(q).max()) or 127  # its range (64 with reduce_range)
+            codes, ratio = fixed_scale_gptq(W.reshape(rows, -1), H, scale, qmax, damp)
+            new_codes, ratio_r = codes.reshape(q.shape), ratio
+        else:  # ONNX Runtime floors the scale of dead (all ~0) channels: those keep its own codes
+            keep = same.reshape(-1, *[1] * (q.ndim - 1))
+            new_codes, ratio_r = torch.where(keep, r.codes, torch.from_numpy(q.astype(np.float32))), r.error_vs_nearest
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(new_codes.numpy().astype(np.int8), dq.input[0]))
+        ratios.append(ratio_r)
     onnx.save(m, str(qdq_path))
+    log.info("GPTQ rounding: %d convolutions, output error %.3f of nearest rounding's", len(ratios),
+             float(np.mean(ratios)) if ratios else float("nan"))
     return {"method": "gptq", "convs": len(ratios),
             "error_vs_nearest": round(float(np.mean(ratios)), 4) if ratios else None}
-
-
-def fake_rounded(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], bits: int = 8,
-                 damp: float = 0.01) -> dict[str, np.ndarray]:
-    """Each convolution's weight GPTQ-rounded on the symmetric per-channel grid ONNX Runtime uses
-    (``max|w| / (2^(bits-1) - 1)``), dequantized: what the fallback's sensitivity ranking measures."""
-    qmax = 2 ** (bits - 1) - 1
-    out = {}
-    for name, (W, H) in stats.items():
-        rows = W.shape[0]
-        scale = W.reshape(rows, -1).abs().amax(1) / qmax
-        codes, _ = fixed_scale_gptq(W.reshape(rows, -1), H, scale, qmax, damp)
-        out[name] = (codes * scale[:, None]).reshape(W.shape).numpy()
-    return out

@@ -141,11 +141,13 @@ class StaticInt8:
             if cfg.calibration != "minmax":  # ORT's histograms stack every batch: one shape for all
                 feeds = same_shape(feeds)
 
-            stats, rounding = {}, {}  # rounding info per set of excluded nodes (fallback tries)
+            # GPTQ rounding: conv Hessians and codes computed once, written into every fallback try
+            stats, codes, rounding = {}, {}, {}  # rounding: info per set of excluded nodes
             if cfg.weight_rounding == "gptq" and cfg.format == "qdq":
-                from krimp.quant.conv_gptq import conv_hessians
+                from krimp.quant.conv_gptq import conv_hessians, gptq_round_convs
 
                 stats = conv_hessians(pre, feeds)
+                codes = gptq_round_convs(stats, 64 if _reduce_range(cfg) else 127, cfg.rounding_damp)
 
             def run(exclude: list[str]) -> None:
                 with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print
@@ -153,7 +155,7 @@ class StaticInt8:
                 if stats:
                     from krimp.quant.conv_gptq import round_conv_weights
 
-                    rounding[tuple(sorted(exclude))] = round_conv_weights(dst, stats, cfg.rounding_damp)
+                    rounding[tuple(sorted(exclude))] = round_conv_weights(dst, stats, codes, cfg.rounding_damp)
 
             # text transformers: the weight-bearing ops only. Adds, Muls and Wheres of the plain graph
             # also carry the attention mask (0 / float-min), whose range breaks histogram calibration
@@ -169,12 +171,8 @@ class StaticInt8:
                     extra_options={"CalibPercentile": cfg.percentile, "DefaultTensorType": 1},
                 )
 
-            rounded = None  # the fallback ranks each conv as it will really be rounded
-            if stats:
-                from krimp.quant.conv_gptq import fake_rounded
-
-                rounded = fake_rounded(stats, 7 if _reduce_range(cfg) else 8, cfg.rounding_damp)
-            info = _with_fallback(run, pre, dst, cfg, ctx, rounded)
+            # the fallback ranks each conv with the weight it will really get
+            info = _with_fallback(run, pre, dst, cfg, ctx, {n: r.dequantized() for n, r in codes.items()} or None)
             kept = tuple(sorted(info["excluded_by_recipe"] + (info.get("fallback") or {}).get("excluded", [])))
             return {**info, "weight_rounding": rounding.get(kept, {"method": "nearest"})}
 
