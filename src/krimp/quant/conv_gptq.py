@@ -188,8 +188,8 @@ def round_conv_weights(qdq_path: str | Path, stats: dict[str, tuple[torch.Tensor
         same = torch.isclose(r.scale, scale, rtol=1e-5, atol=0) if r is not None else None
         if same is None or same.float().mean() < 0.9:  # another grid: round on ONNX Runtime's scales
             qmax = int(np.abs(q).max()) or 127  # its range (64 with reduce_range)
-            codes, ratio = fixed_scale_gptq(W.reshape(rows, -1), H, scale, qmax, damp)
-            new_codes, ratio_r = codes.reshape(q.shape), ratio
+            new_codes, ratio_r = fixed_scale_gptq(W.reshape(rows, -1), H, scale, qmax, damp)
+            new_codes = new_codes.reshape(q.shape)
         else:  # ONNX Runtime floors the scale of dead (all ~0) channels: those keep its own codes
             keep = same.reshape(-1, *[1] * (q.ndim - 1))
             new_codes, ratio_r = torch.where(keep, r.codes, torch.from_numpy(q.astype(np.float32))), r.error_vs_nearest
