@@ -29,6 +29,8 @@ PPL_TOL = 0.03  # llama.cpp's perplexity of a krimp GGUF against krimp's own, re
 METHODS = {
     "rtn-w4": {"method": "rtn", "bits": 4, "group_size": 128},
     "gptq-w4": {"method": "gptq", "bits": 4, "group_size": 128},
+    # the paper's objective: each window's first position (the attention sink) weighs one token
+    "gptq-w4-sink1": {"method": "gptq", "bits": 4, "group_size": 128, "sink_weight": 1},
     "awq-w4": {"method": "awq", "bits": 4, "group_size": 128},
     "rtn-w3": {"method": "rtn", "bits": 3, "group_size": 128},
     "gptq-w3": {"method": "gptq", "bits": 3, "group_size": 128},

@@ -148,3 +148,43 @@ def test_calibrator_feeds_each_block_the_previous_blocks_outputs_from_two_buffer
     for i, x in enumerate(seen):
         assert torch.allclose(x, hidden[i], atol=1e-5), f"block {i} got the wrong inputs"
     assert len(ptrs) == 2  # two buffers, reused
+
+
+def test_first_position_weight_counts_each_windows_first_token_that_many_times():
+    from krimp.calib.layerwise import InputStats
+
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    st = InputStats()
+    st.update(x, {"hessian", "sq_sum"}, 0, torch.Generator(), first_weight=9.0)
+    c = torch.ones(5)
+    c[0] = 9.0
+    want = torch.einsum("bti,btj,t->ij", x, x, c)
+    assert torch.allclose(st.hessian, want, atol=1e-5) and torch.allclose(st.sq_sum, torch.diag(want), atol=1e-5)
+    assert st.rows == 15
+    plain = InputStats()
+    plain.update(x, {"hessian"}, 0, torch.Generator())
+    assert torch.allclose(plain.hessian, torch.einsum("bti,btj->ij", x, x), atol=1e-5)
+
+
+def test_gptq_sink_weight_changes_the_solve_and_is_validated(llama, monkeypatch):
+    import krimp.quant.gptq as G
+
+    h, ids = llama
+    seen = {}
+    solve = G.gptq_solve
+
+    def spy(W, H, spec, **kw):
+        seen.setdefault("H", []).append(H.clone())
+        return solve(W, H, spec, **kw)
+
+    monkeypatch.setattr(G, "gptq_solve", spy)
+    hs = {}
+    for sw in (1.0, 16.0):
+        seen.clear()
+        _run(h, ids, {"method": "gptq", "bits": 4, "group_size": 32, "head_bits": None, "sink_weight": sw})
+        hs[sw] = seen["H"][0]  # block 0's q/k/v Hessian: the same float inputs either way
+    extra = hs[16.0] - hs[1.0]  # 15 more copies of the first positions' x x^T: positive semi-definite
+    assert float(torch.linalg.eigvalsh(extra).min()) > -1e-3 * float(extra.diagonal().max())
+    assert float(extra.diagonal().sum()) > 0.01 * float(hs[1.0].diagonal().sum())
+    with pytest.raises(KrimpError, match="sink_weight"):
+        config_from_dict({"method": "gptq", "sink_weight": 0.5})

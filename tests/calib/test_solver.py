@@ -5,8 +5,8 @@ import torch
 
 from krimp.calib.solver import column_sweep
 from krimp.errors import KrimpError
-from krimp.quant.gptq import gptq_solve
-from krimp.quant.wq import WQSpec, rtn
+from krimp.quant.gptq import best_range, gptq_solve
+from krimp.quant.wq import WQSpec, qparams, quantize_cols, rtn
 
 
 def _layer(seed=0, rows=96, cols=256, n=2048):
@@ -64,3 +64,18 @@ def test_gptq_on_stacked_rows_equals_separate_solves():
     parts = [gptq_solve(p, H, spec, block_size=64, act_order=True)[0] for p in (w[:64], w[64:])]
     sep = torch.cat([p.dequantize() for p in parts])
     assert (joint.dequantize() == sep).float().mean() > 0.999
+
+
+def test_range_search_turns_the_symmetric_grid_round_when_that_fits_better():
+    # one group of 14 weights on a grid of sevenths with the largest (+1) positive: the plain 4-bit rule
+    # (largest on -8, steps of 1/8, shrinks down to 80%) cannot hit sevenths; the grid turned round can
+    w = (torch.arange(-7, 8).float() / 7)[None, 1:]
+    s, z = best_range(w, torch.ones(14), WQSpec(4, None, True))
+    assert float(s[0, 0]) > 0 and float(z[0, 0]) == 8  # turned: the largest weight codes to 15 (+7 steps)
+    err = float((((quantize_cols(w, s, z, 4) - z) * s - w) ** 2).sum())
+    s0, z0 = qparams(w, WQSpec(4, None, True))
+    err_plain = float((((quantize_cols(w, s0, z0, 4) - z0) * s0 - w) ** 2).sum())
+    assert float(s0[0, 0]) < 0 and err < 1e-6 and err_plain > 1e-3
+    # asymmetric grids have no orientation to choose: scales stay positive
+    s_a, _ = best_range(-w, torch.ones(14), WQSpec(4, None, False))
+    assert float(s_a[0, 0]) > 0

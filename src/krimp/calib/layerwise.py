@@ -46,17 +46,26 @@ class InputStats:
     sample: list[torch.Tensor] = field(default_factory=list)  # a few input rows, for loss searches
     rows: int = 0
 
-    def update(self, x: torch.Tensor, want: set[str], sample_rows: int, gen: torch.Generator) -> None:
+    def update(self, x: torch.Tensor, want: set[str], sample_rows: int, gen: torch.Generator,
+               first_weight: float = 1.0) -> None:
+        """Add ``x`` (batch, seq, in) or (rows, in). ``first_weight``: each window's first position
+        counts this many times in the second moments (``hessian``, ``sq_sum``)."""
+        w2 = None
+        if first_weight != 1.0 and x.dim() == 3 and x.shape[1] > 1:
+            w2 = x.detach().float().clone()
+            w2[:, 0] *= first_weight ** 0.5
+            w2 = w2.reshape(-1, x.shape[-1])
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x).all():
             raise KrimpError("calibration produced NaN/Inf activations inside the model")
         self.rows += x.shape[0]
+        xw = x if w2 is None else w2
         if "hessian" in want:
             if self.hessian is None:
                 self.hessian = torch.zeros(x.shape[1], x.shape[1])
-            self.hessian.addmm_(x.T, x)  # in place: no (in, in) temporary per batch
+            self.hessian.addmm_(xw.T, xw)  # in place: no (in, in) temporary per batch
         if "sq_sum" in want:
-            q = (x * x).sum(0)
+            q = (xw * xw).sum(0)
             self.sq_sum = q if self.sq_sum is None else self.sq_sum.add_(q)
         a = x.abs() if want & {"abs_mean", "abs_max"} else None
         if "abs_mean" in want:
@@ -132,9 +141,11 @@ class BlockRun:
             for h in handles:
                 h.remove()
 
-    def collect(self, names: list[str], want: set[str], sample_rows: int = 0, seed: int = 0) -> dict[str, InputStats]:
+    def collect(self, names: list[str], want: set[str], sample_rows: int = 0, seed: int = 0,
+                first_weight: float = 1.0) -> dict[str, InputStats]:
         """Run the block once and gather input statistics for the named linears. Linears that read
-        the same tensor (q, k and v) share one :class:`InputStats`."""
+        the same tensor (q, k and v) share one :class:`InputStats`; ``first_weight`` as in
+        :meth:`InputStats.update`."""
         stats: dict[str, InputStats] = {}
         seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # holding x keeps its address unique
         gen = torch.Generator().manual_seed(seed + self.index)
@@ -145,7 +156,7 @@ class BlockRun:
                 key = (x.data_ptr(), tuple(x.shape))
                 owner = seen.setdefault(key, (name, x))[0]
                 if owner == name:
-                    stats.setdefault(name, InputStats()).update(x, want, sample_rows, gen)
+                    stats.setdefault(name, InputStats()).update(x, want, sample_rows, gen, first_weight)
                 else:
                     stats[name] = stats.setdefault(owner, InputStats())
             return hook

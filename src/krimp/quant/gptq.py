@@ -29,18 +29,27 @@ from krimp.quant.wq import QuantizedWeight, WQSpec, n_groups, qparams, quantize,
 def best_range(w: torch.Tensor, h_diag: torch.Tensor, spec: WQSpec, grid: int = 10,
                max_shrink: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero for columns ``w`` (out, k), the range shrunk by the ratio that minimises
-    the rounding error weighted by the inputs' energy ``h_diag`` (k,) (GPTQ's ``mse`` grid search)."""
+    the rounding error weighted by the inputs' energy ``h_diag`` (k,) (GPTQ's ``mse`` grid search).
+
+    A symmetric grid has levels -8..7 (4 bits): one side is a step longer than the other. The plain
+    rule puts the group's largest weight on the long side; the search also tries it on the short
+    side (scale ``-8/7`` of the plain one), which the formats allow since their scale is signed
+    (llama.cpp's Q4_0 ``d``, ONNX Runtime's MatMulNBits scale).
+    """
     one = WQSpec(spec.bits, None, spec.symmetric)
     best_s, best_z = qparams(w, one)
     best = torch.full((w.shape[0],), float("inf"))
+    half = 2 ** (spec.bits - 1)
     for i in range(grid + 1):
         r = 1 - max_shrink * i / grid
-        s, z = qparams(w, one, r)
-        err = (((quantize_cols(w, s, z, spec.bits) - z) * s - w) ** 2 * h_diag).sum(1)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_s = torch.where(better[:, None], s, best_s)
-        best_z = torch.where(better[:, None], z, best_z)
+        s0, z = qparams(w, one, r)
+        turned = (-s0 * half / (half - 1)).half().float() if spec.symmetric else None
+        for s in (s0,) if turned is None else (s0, turned):
+            err = (((quantize_cols(w, s, z, spec.bits) - z) * s - w) ** 2 * h_diag).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_s = torch.where(better[:, None], s, best_s)
+            best_z = torch.where(better[:, None], z, best_z)
     return best_s, best_z
 
 

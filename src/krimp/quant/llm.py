@@ -33,6 +33,8 @@ from krimp.quant.wq import QuantizedWeight, WQSpec, rtn
 
 log = logging.getLogger(__name__)
 
+SINK_WEIGHT = 16.0  # GPTQ's default weight of each window's first position in the Hessian
+
 
 class LayerOverride(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
@@ -83,6 +85,13 @@ class GPTQConfig(_WeightOnly):
     # quantized block's (a second forward, as the paper's code). Measured on SmolLM2-135M w4 g128
     # (32x512 calibration): KL 0.150 either way on held-out docs, 0.377 vs 0.369 on Wikipedia.
     propagate: Literal["quantized", "float"] = "float"
+    # how many tokens each window's first position weighs in the Hessian. Every later token reads it
+    # through attention (the "attention sink": Xiao et al. 2023, "Efficient Streaming Language Models
+    # with Attention Sinks"; its keys and values matter for quantization: Liu et al. 2024, IntactKV),
+    # so its errors cost more than one token's. 1 is the paper's objective. SmolLM2-135M w4 g128,
+    # held-out Wikipedia / docs ppl: 24.52 / 25.54 at 1, 23.00 / 24.12 at 4, 22.90 / 24.04 at 16,
+    # 22.90 / 24.37 at 64 (bench/results/gptq_findings.md)
+    sink_weight: float = pydantic.Field(SINK_WEIGHT, ge=1)
 
 
 class AWQConfig(_WeightOnly):
@@ -202,7 +211,7 @@ class GPTQ:
             names = {_block_name(cal.path, run.index, n): n for n in run.linears}
             todo = {full: local for full, local in names.items() if cfg.spec_for(full)}
             notes.extend(_ragged(cfg, {f: run.linears[loc] for f, loc in todo.items()}))
-            stats = run.collect(list(todo.values()), {"hessian"})
+            stats = run.collect(list(todo.values()), {"hessian"}, first_weight=cfg.sink_weight)
             # linears reading the same input with the same spec (q/k/v, gate/up) share a Hessian, and
             # GPTQ treats rows independently: one sweep over their stacked rows gives the same result
             groups: dict[tuple, list[tuple[str, str]]] = {}
