@@ -50,22 +50,22 @@ class InputStats:
                first_weight: float = 1.0) -> None:
         """Add ``x`` (batch, seq, in) or (rows, in). ``first_weight``: each window's first position
         counts this many times in the second moments (``hessian``, ``sq_sum``)."""
-        w2 = None
-        if first_weight != 1.0 and x.dim() == 3 and x.shape[1] > 1:
-            w2 = x.detach().float().clone()
-            w2[:, 0] *= first_weight ** 0.5
-            w2 = w2.reshape(-1, x.shape[-1])
+        # the first positions once more, times (first_weight - 1): a rank-batch term, no copy of x
+        x0 = x[:, 0].detach().float() if first_weight != 1.0 and x.dim() == 3 and x.shape[1] > 1 else None
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x).all():
             raise KrimpError("calibration produced NaN/Inf activations inside the model")
         self.rows += x.shape[0]
-        xw = x if w2 is None else w2
         if "hessian" in want:
             if self.hessian is None:
                 self.hessian = torch.zeros(x.shape[1], x.shape[1])
-            self.hessian.addmm_(xw.T, xw)  # in place: no (in, in) temporary per batch
+            self.hessian.addmm_(x.T, x)  # in place: no (in, in) temporary per batch
+            if x0 is not None:
+                self.hessian.addmm_(x0.T, x0, alpha=first_weight - 1)
         if "sq_sum" in want:
-            q = (xw * xw).sum(0)
+            q = (x * x).sum(0)
+            if x0 is not None:
+                q += (first_weight - 1) * (x0 * x0).sum(0)
             self.sq_sum = q if self.sq_sum is None else self.sq_sum.add_(q)
         a = x.abs() if want & {"abs_mean", "abs_max"} else None
         if "abs_mean" in want:
