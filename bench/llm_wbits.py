@@ -231,12 +231,17 @@ def main() -> None:
     except ImportError:
         print("llama-cpp-python not installed: the GGUF peer comparison is skipped (pip install '.[llama]')")
     res = {"machine": machine_line(), "calib_windows": a.calib, "calib_sources": a.calib_source,
+           "float32_bytes": sum(p.numel() * 4 for p in h.module.parameters()),  # tied weights once
            "eval_windows": a.eval, "rows": rows,
            "llama_cpp": peer, "wall_s": time.perf_counter() - t_all}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "llm_wbits.json").write_text(json.dumps(res, indent=1))
     (RESULTS / "llm_wbits.md").write_text(to_markdown(res))
     print(to_markdown(res))
+
+
+def _mb(v) -> str:
+    return f"{v:.0f}" if isinstance(v, (int, float)) else ""
 
 
 def _ci(m: dict, d: int = 3) -> str:
@@ -260,9 +265,13 @@ def to_markdown(res: dict) -> str:
                 [f"{s['ppl']['value']:.2f}", "0", "1"]
         size = r.get("gguf_bytes") or r.get("bytes") or ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('bits_per_weight', '')} | {size} | "
-                     f"{r.get('seconds', 0):.1f} | {r.get('peak_rss_mb', '')} |")
+                     f"{r.get('seconds', 0):.1f} | {_mb(r.get('peak_rss_mb'))} |")
     lines += ["", "Artifact bytes: the GGUF for weight-only rows (3-bit codes are stored in 4-bit blocks), the "
-              "ONNX file for W8A8. Bits/weight: the quantized block linears and the 8-bit head, scales included."]
+              "ONNX file for W8A8. Bits/weight: the quantized block linears and the 8-bit head, scales included. "
+              "Peak RSS: the quantizing process's high-water mark (VmHWM), from start to the end of "
+              "quantization, model load and calibration data included"
+              + (f"; 3x the float32 model ({res['float32_bytes']:,} bytes) is "
+                 f"{3 * res['float32_bytes'] / 2**20:.0f} MiB." if res.get("float32_bytes") else ".")]
     if res.get("llama_cpp"):
         lines += ["", "## GGUF in llama.cpp (2 threads)", "",
                   "| file | bytes | " + " | ".join(f"ppl {k} (llama.cpp)" for k in sets)

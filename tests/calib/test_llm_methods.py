@@ -117,17 +117,20 @@ def test_gptq_propagate_sets_forwards_per_block(llama, monkeypatch, propagate, f
 
     calls = []
     orig = BlockRun.forward
-    monkeypatch.setattr(BlockRun, "forward", lambda self, hooks=None: calls.append(1) or orig(self, hooks))
+    monkeypatch.setattr(BlockRun, "forward", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
     h, ids = llama
     m, info = _run(h, ids, {"method": "gptq", "bits": 4, "group_size": 32, "propagate": propagate})
     assert len(calls) == forwards  # two blocks: one forward each, or a second after quantizing
     assert info["quantized_layers"] == 15 and _kl(h, m, ids[:4]) < 0.05
 
 
-def test_calibrator_feeds_each_block_the_previous_blocks_outputs_from_two_buffers(llama):
-    """The block inputs live in two buffers swapped block after block; what block i receives must
-    still be exactly what the full model gives it, and keyword tensors equal across batches (rotary
-    tables) are kept once."""
+@pytest.mark.parametrize("propagate,last_use,buffers", [
+    ("float", True, 1), ("float", False, 2), ("compressed", True, 1), ("compressed", False, 1)])
+def test_calibrator_feeds_each_block_the_previous_blocks_outputs(llama, propagate, last_use, buffers):
+    """What block i receives must be exactly what the full model gives it. The outputs are written
+    over the inputs (one activation buffer) unless the method still reads the inputs after its
+    statistics pass under float propagation (then two buffers, swapped block after block); keyword
+    tensors equal across batches (rotary tables) are kept once."""
     from krimp.calib.layerwise import LayerwiseCalibrator
 
     h, ids = llama
@@ -140,14 +143,17 @@ def test_calibrator_feeds_each_block_the_previous_blocks_outputs_from_two_buffer
         seen.append(torch.cat(run.inputs))
         ptrs.add(run.inputs[0].data_ptr())
         assert run.kwargs[1]["position_embeddings"][0] is run.kwargs[0]["position_embeddings"][0]
-        run.collect(list(run.linears), {"hessian"})
+        run.collect(list(run.linears), {"hessian"}, last_use=last_use)
+        if propagate == "float" and last_use:  # the inputs are gone: a second pass is refused
+            with pytest.raises(RuntimeError, match="overwritten"):
+                run.forward()
         return {}
 
-    LayerwiseCalibrator(model, ids, batch=8, propagate="float").run(process)
+    LayerwiseCalibrator(model, ids, batch=8, propagate=propagate).run(process)
     assert len(seen) == len(hidden) - 1
     for i, x in enumerate(seen):
         assert torch.allclose(x, hidden[i], atol=1e-5), f"block {i} got the wrong inputs"
-    assert len(ptrs) == 2  # two buffers, reused
+    assert len(ptrs) == buffers
 
 
 def test_first_position_weight_counts_each_windows_first_token_that_many_times():

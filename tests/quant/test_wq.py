@@ -42,3 +42,18 @@ def test_more_bits_less_error():
     w = torch.randn(32, 128)
     errs = [float((rtn(w, WQSpec(b, 32, True)).dequantize() - w).norm()) for b in (2, 3, 4, 8)]
     assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 20
+
+
+@pytest.mark.parametrize("bits,cols", [(4, 576), (3, 33), (2, 1), (8, 64)])
+def test_codes_of_four_bits_or_fewer_are_held_two_to_a_byte(bits, cols):
+    from krimp.quant.wq import QuantizedWeight
+
+    g = torch.Generator().manual_seed(bits)
+    u = torch.randint(0, 2**bits, (10, cols), generator=g, dtype=torch.uint8)
+    s, z = torch.rand(10, 1, generator=g) + 0.1, torch.full((10, 1), 2.0**(bits - 1))
+    qw = QuantizedWeight(u, s, z, WQSpec(bits, None, True))
+    held = qw._data.numel() * qw._data.element_size()
+    assert held == 10 * (-(-cols // 2) if bits <= 4 else cols)
+    assert torch.equal(qw.codes, u) and qw.shape == (10, cols)
+    part = qw.rows(3, 7)  # rows without unpacking, as GPTQ splits its stacked q/k/v
+    assert torch.equal(part.codes, u[3:7]) and torch.equal(part.dequantize(), qw.dequantize()[3:7])

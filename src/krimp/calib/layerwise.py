@@ -11,7 +11,11 @@
    fed on instead: one forward per block instead of two, each block calibrated on what the float
    model would give it.
 
-Peak memory is the model's own weights plus one block's activations for the calibration windows.
+Peak memory is the model's own weights plus one block's activations for the calibration windows:
+the activations of all windows live in one buffer, and each batch's outputs are written over its
+own inputs once nothing needs them (the last pass of a block), so no second buffer is needed. A
+method that still reads the inputs after its statistics pass, under ``propagate="float"``, gets a
+second buffer for the outputs.
 Blocks are visited in order and touched only through ``process``; a later version can load each
 block from disk just before it is needed, for models larger than memory.
 """
@@ -113,39 +117,54 @@ def _trim_heap() -> None:
 
 
 class BlockRun:
-    """One block and the inputs it receives; what a method's ``process`` works with."""
+    """One block and the inputs it receives; what a method's ``process`` works with.
+
+    ``keep_outputs``: the statistics pass keeps its outputs (they feed the next block, as under
+    ``propagate="float"``); ``spare``: gives a buffer for them when the inputs must survive the pass.
+    """
 
     def __init__(self, index: int, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
-                 out_buffer: torch.Tensor | None = None):
+                 keep_outputs: bool = False, spare: Callable[[], torch.Tensor | None] | None = None):
         self.index, self.block, self.inputs, self.kwargs = index, block, inputs, kwargs
-        self.out_buffer = out_buffer  # outputs are written here when they fit (no new allocation per pass)
+        self.keep_outputs, self._spare = keep_outputs, spare
         self.linears = block_linears(block)
-        self.outputs: list[torch.Tensor] | None = None  # of the last collect() pass
-        self.unchanged = False  # a method that keeps the block's function sets this: outputs reused
+        self.outputs: list[torch.Tensor] | None = None  # of the statistics pass, when kept
+        self.consumed = False  # the inputs were overwritten by the outputs
 
     @torch.no_grad()
-    def forward(self, hooks: dict[str, Callable] | None = None) -> list[torch.Tensor]:
+    def forward(self, hooks: dict[str, Callable] | None = None, into: str = "new") -> list[torch.Tensor] | None:
+        """Run the block on every batch. ``into``: where the outputs go: ``"inputs"`` over each batch's
+        own inputs (they are gone after), ``"spare"`` into the spare buffer, ``"new"`` fresh tensors,
+        ``"none"`` nowhere (a statistics-only pass; returns None)."""
+        if self.consumed:
+            raise RuntimeError(f"block {self.index}: its inputs were already overwritten by its outputs")
         handles = [self.linears[n].register_forward_hook(fn) for n, fn in (hooks or {}).items()]
+        buf = self._spare() if into == "spare" and self._spare else None
         try:
             outs, r = [], 0
-            buf = self.out_buffer
             for x, kw in zip(self.inputs, self.kwargs):
                 y = self.block(x, **kw)
                 y = y[0] if isinstance(y, (tuple, list)) else y
-                if buf is not None and y.shape[1:] == buf.shape[1:] and r + len(y) <= len(buf):
+                if into == "inputs" and y.shape == x.shape and y.dtype == x.dtype:
+                    y = x.copy_(y)
+                elif buf is not None and y.shape[1:] == buf.shape[1:] and r + len(y) <= len(buf):
                     y = buf[r:r + len(y)].copy_(y)
-                outs.append(y)
+                if into != "none":
+                    outs.append(y)
                 r += len(y)
-            return outs
+            if into == "inputs":
+                self.consumed = True
+            return outs if into != "none" else None
         finally:
             for h in handles:
                 h.remove()
 
     def collect(self, names: list[str], want: set[str], sample_rows: int = 0, seed: int = 0,
-                first_weight: float = 1.0) -> dict[str, InputStats]:
+                first_weight: float = 1.0, last_use: bool = False) -> dict[str, InputStats]:
         """Run the block once and gather input statistics for the named linears. Linears that read
         the same tensor (q, k and v) share one :class:`InputStats`; ``first_weight`` as in
-        :meth:`InputStats.update`."""
+        :meth:`InputStats.update`. ``last_use``: the method reads ``inputs`` no more after this
+        pass, so outputs that are kept may be written over them (no second buffer)."""
         stats: dict[str, InputStats] = {}
         seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # holding x keeps its address unique
         gen = torch.Generator().manual_seed(seed + self.index)
@@ -164,9 +183,10 @@ class BlockRun:
         def reset_seen(*_):
             seen.clear()
 
+        into = ("inputs" if last_use else "spare") if self.keep_outputs else "none"
         pre = self.block.register_forward_pre_hook(reset_seen)
         try:
-            self.outputs = self.forward({n: hook_for(n) for n in names})
+            self.outputs = self.forward({n: hook_for(n) for n in names}, into)
         finally:
             pre.remove()
         return stats
@@ -232,20 +252,26 @@ class LayerwiseCalibrator:
             if impl == "eager":  # fused attention for calibration: same math, about 1.5x faster here
                 cfg._attn_implementation = "sdpa"
             inputs, kwargs, held = self._block_inputs()
-            # two buffers of block activations, swapped after each block: the next block's inputs are
-            # written over the previous block's, so memory stays flat along the model
-            spare = torch.empty_like(held) if held is not None else None
+            spare: list[torch.Tensor] = []  # a second activation buffer, made only when a pass needs it
+
+            def get_spare():
+                if not spare and held is not None:
+                    spare.append(torch.empty_like(held))
+                return spare[0] if spare else None
+
+            keep = self.propagate == "float"  # float: the statistics pass's outputs feed on
             notes = []
             n = len(self.blocks)
             for i, block in enumerate(self.blocks):
                 self.step(f"{self.label}: block {i + 1}/{n}")
-                run = BlockRun(i, block, inputs, kwargs, spare)
+                run = BlockRun(i, block, inputs, kwargs, keep, get_spare)
                 notes.append({"block": i, **(process(run) or {})})
-                reuse = run.unchanged or self.propagate == "float"  # float: one forward per block
-                inputs = run.outputs if (reuse and run.outputs is not None) else run.forward()
+                if keep and run.outputs is None:  # the method gathered no statistics: a plain pass
+                    run.outputs = run.forward(into="inputs")
+                inputs = run.outputs if keep else run.forward(into="inputs")
                 del run
-                if spare is not None and inputs and inputs[0].data_ptr() == spare.data_ptr():
-                    held, spare = spare, held
+                if spare and inputs and inputs[0].data_ptr() == spare[0].data_ptr():
+                    held, spare[0] = spare[0], held  # the outputs were written to the spare buffer
                 _trim_heap()
         finally:
             if impl == "eager":

@@ -164,7 +164,7 @@ class _Layerwise:
         def process(run):
             todo = {n: f"{cal.path}.{run.index}.{n}" for n in run.linears}
             todo = {n: f for n, f in todo.items() if f in layers}
-            stats = run.collect(list(todo), self.want)
+            stats = run.collect(list(todo), self.want, last_use=True)
             losses = {}
             for n, full in todo.items():
                 lin = run.linears[n]

@@ -122,8 +122,7 @@ class SmoothQuantConfig(BaseConfig):
 def set_quantized(lin: nn.Linear, qw: QuantizedWeight) -> None:
     with torch.no_grad():
         for r in range(0, qw.shape[0], 4096):  # in place, a slice at a time: no second full copy
-            part = QuantizedWeight(qw.codes[r:r + 4096], qw.scales[r:r + 4096], qw.zeros[r:r + 4096], qw.spec)
-            lin.weight[r:r + 4096] = part.dequantize().to(lin.weight.dtype)
+            lin.weight[r:r + 4096] = qw.rows(r, r + 4096).dequantize().to(lin.weight.dtype)
     lin.krimp_wq = qw
 
 
@@ -211,7 +210,8 @@ class GPTQ:
             names = {_block_name(cal.path, run.index, n): n for n in run.linears}
             todo = {full: local for full, local in names.items() if cfg.spec_for(full)}
             notes.extend(_ragged(cfg, {f: run.linears[loc] for f, loc in todo.items()}))
-            stats = run.collect(list(todo.values()), {"hessian"}, first_weight=cfg.sink_weight)
+            stats = run.collect(list(todo.values()), {"hessian"}, first_weight=cfg.sink_weight,
+                                last_use=True)  # float propagation: outputs over the inputs
             # linears reading the same input with the same spec (q/k/v, gate/up) share a Hessian, and
             # GPTQ treats rows independently: one sweep over their stacked rows gives the same result
             groups: dict[tuple, list[tuple[str, str]]] = {}
@@ -228,8 +228,7 @@ class GPTQ:
                 r = 0
                 for (full, local), lin in zip(members, lins):
                     n = lin.out_features
-                    set_quantized(lin, QuantizedWeight(qw.codes[r:r + n], qw.scales[r:r + n],
-                                                       qw.zeros[r:r + n], spec))
+                    set_quantized(lin, qw.rows(r, r + n))
                     r += n
                 losses["+".join(local for _, local in members)] = round(info["loss"], 4)
                 key = "+".join(full for full, _ in members)
@@ -357,10 +356,11 @@ class SmoothQuant:
         if ctx.task.name != "causal-lm" and encoder_layers(module):  # BERT-like encoders: explicit scales
             info = smooth_encoder(module, ctx.task, ctx.calib_feeds, cfg.alpha)
             return module, {**info, "seconds": round(time.perf_counter() - t0, 2)}
-        cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "smoothquant")
+        # smoothing keeps each block's function: the statistics pass's outputs feed the next block
+        cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "smoothquant", "float")
 
         def process(run):
-            stats = run.collect(list(run.linears), {"abs_max"})
+            stats = run.collect(list(run.linears), {"abs_max"}, last_use=True)
             pairs = scale_pairs(run.block)
             done = []
             for (prev, lins, label), names in zip(pairs, _pair_names(run, pairs)):
@@ -372,7 +372,6 @@ class SmoothQuant:
                 s = (xmax.pow(cfg.alpha) / wmax.clamp_min(1e-5).pow(1 - cfg.alpha)).clamp_min(1e-5)
                 fold_scale(prev, lins, s)
                 done.append(label)
-            run.unchanged = True  # same function: the collected outputs feed the next block
             return {"smoothed": done}
 
         blocks = cal.run(process)

@@ -57,32 +57,65 @@ def grouped(w: torch.Tensor, g: int, fill: float = 0.0) -> torch.Tensor:
     return w.reshape(out, -1, g)
 
 
-@dataclass
-class QuantizedWeight:
-    """Codes (out, in) uint8, scales and zeros (out, in // group) float32; value = s * (u - z)."""
+def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """Codes (out, cols) below 16 -> (out, ceil(cols / 2)) uint8, column ``2j`` in the low nibble."""
+    if u.shape[1] % 2:
+        u = torch.cat([u, u.new_zeros(u.shape[0], 1)], 1)
+    u = u.to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
 
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    spec: WQSpec
+
+def unpack_nibbles(p: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: (out, ceil(cols / 2)) uint8 -> (out, cols) uint8."""
+    return torch.stack([p & 15, p >> 4], -1).reshape(p.shape[0], -1)[:, :cols]
+
+
+class QuantizedWeight:
+    """Codes (out, in), scales and zeros (out, n_groups) float32; value = s * (u - z).
+
+    Codes of 4 bits or fewer are held two to a byte (a 4-bit model's codes take half the memory
+    while the rest of it is quantized); :attr:`codes` gives them unpacked, as uint8."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: WQSpec,
+                 *, _packed: torch.Tensor | None = None, _cols: int | None = None):
+        self.scales, self.zeros, self.spec = scales, zeros, spec
+        if _packed is not None:  # rows of an already packed weight (see :meth:`rows`)
+            self._data, self._cols = _packed, _cols
+        else:
+            self._cols = codes.shape[1]
+            self._data = pack_nibbles(codes) if spec.bits <= 4 else codes.to(torch.uint8).contiguous()
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if self.spec.bits <= 4:
+            return unpack_nibbles(self._data, self._cols)
+        return self._data
+
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Output rows ``start:stop``, without unpacking."""
+        return QuantizedWeight(None, self.scales[start:stop], self.zeros[start:stop], self.spec,
+                               _packed=self._data[start:stop], _cols=self._cols)
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight(shape={self.shape}, spec={self.spec})"
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
+        return (self._data.shape[0], self._cols)
 
     @property
     def group(self) -> int:
-        return self.spec.group_len(self.codes.shape[1])
+        return self.spec.group_len(self._cols)
 
     def dequantize(self) -> torch.Tensor:
-        out, cols = self.codes.shape
+        out, cols = self.shape
         u = grouped(self.codes.float(), self.group)
         return ((u - self.zeros[..., None]) * self.scales[..., None]).reshape(out, -1)[:, :cols]
 
     def bits_per_weight(self, scale_bits: int = 16) -> float:
         """Code bits plus a float16 scale (and a zero point of ``bits`` bits when asymmetric) per group."""
         per_group = scale_bits + (0 if self.spec.symmetric else self.spec.bits)
-        return self.spec.bits + per_group * self.scales.shape[1] / self.codes.shape[1]
+        return self.spec.bits + per_group * self.scales.shape[1] / self._cols
 
 
 def qparams(w: torch.Tensor, spec: WQSpec, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
