@@ -266,9 +266,8 @@ class LayerwiseCalibrator:
                 self.step(f"{self.label}: block {i + 1}/{n}")
                 run = BlockRun(i, block, inputs, kwargs, keep, get_spare)
                 notes.append({"block": i, **(process(run) or {})})
-                if keep and run.outputs is None:  # the method gathered no statistics: a plain pass
-                    run.outputs = run.forward(into="inputs")
-                inputs = run.outputs if keep else run.forward(into="inputs")
+                # float: the statistics pass's outputs, unless the method gathered none
+                inputs = run.outputs if keep and run.outputs is not None else run.forward(into="inputs")
                 del run
                 if spare and inputs and inputs[0].data_ptr() == spare[0].data_ptr():
                     held, spare[0] = spare[0], held  # the outputs were written to the spare buffer

@@ -58,7 +58,9 @@ def grouped(w: torch.Tensor, g: int, fill: float = 0.0) -> torch.Tensor:
 
 
 def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
-    """Codes (out, cols) below 16 -> (out, ceil(cols / 2)) uint8, column ``2j`` in the low nibble."""
+    """Codes (out, cols) below 16 -> (out, ceil(cols / 2)) uint8, column ``2j`` in the low nibble.
+    Row-aligned, unlike :func:`krimp.quant.primitives.pack` (dense across rows, for files): rows can be
+    sliced while packed, and unpacking is two bit operations."""
     if u.shape[1] % 2:
         u = torch.cat([u, u.new_zeros(u.shape[0], 1)], 1)
     u = u.to(torch.uint8)
