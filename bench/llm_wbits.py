@@ -190,11 +190,12 @@ def main() -> None:
     torch.set_num_threads(2)
     WORK.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    quant = {}
+    quant, reused = {}, []
     for name in METHODS:  # a finished method's result is kept in WORK, so a rerun resumes
         done = WORK / name / "quant.json"
         if a.resume and done.exists():
             quant[name] = json.loads(done.read_text())
+            reused.append(name)
             continue
         r = subprocess.run([sys.executable, __file__, "--one", name, "--calib", str(a.calib),
                             "--calib-source", a.calib_source],
@@ -233,7 +234,7 @@ def main() -> None:
     res = {"machine": machine_line(), "calib_windows": a.calib, "calib_sources": a.calib_source,
            "float32_bytes": sum(p.numel() * 4 for p in h.module.parameters()),  # tied weights once
            "eval_windows": a.eval, "rows": rows,
-           "llama_cpp": peer, "wall_s": time.perf_counter() - t_all}
+           "llama_cpp": peer, "wall_s": time.perf_counter() - t_all, "reused": reused}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "llm_wbits.json").write_text(json.dumps(res, indent=1))
     (RESULTS / "llm_wbits.md").write_text(to_markdown(res))
@@ -291,6 +292,10 @@ def to_markdown(res: dict) -> str:
                     lines.append(f"- {label} on {k}: llama.cpp {a:.3f}, PyTorch {b:.3f}, difference "
                                  f"{abs(a - b) / b:.2%} ({'within' if abs(a - b) / b <= PPL_TOL else 'OUTSIDE'} tolerance)")
     lines += ["", f"Wall time of the whole benchmark: {res['wall_s'] / 60:.1f} min."]
+    if res.get("reused"):
+        lines += ["", (f"Run with --resume: {', '.join(res['reused'])} were quantized by an earlier run "
+                       "of this bench (same code for them) and only scored in this one; their quant s and "
+                       "peak RSS are from that run.")]
     return "\n".join(lines) + "\n"
 
 

@@ -156,6 +156,25 @@ def test_calibrator_feeds_each_block_the_previous_blocks_outputs(llama, propagat
     assert len(ptrs) == buffers
 
 
+def test_collect_keeps_about_sample_rows_rows_drawn_from_every_batch(llama):
+    """AWQ's loss searches read ``sample_rows`` input rows; the calibrator holds about that many
+    per input (the same share of each batch), not a quarter of every batch thinned later."""
+    from krimp.calib.layerwise import LayerwiseCalibrator
+
+    h, ids = llama  # 16 windows: batches of 4 -> 4 batches
+    counts = []
+
+    def process(run):
+        stats = run.collect(list(run.linears), {"sample"}, sample_rows=100)
+        for st in {id(s): s for s in stats.values()}.values():
+            counts.append([len(x) for x in st.sample])
+            assert len(st.sample_rows(100)) == 100
+        return {}
+
+    LayerwiseCalibrator(copy.deepcopy(h.module), ids, batch=4).run(process)
+    assert counts and all(c == [25, 25, 25, 25] for c in counts), counts
+
+
 def test_first_position_weight_counts_each_windows_first_token_that_many_times():
     from krimp.calib.layerwise import InputStats
 

@@ -52,8 +52,9 @@ class InputStats:
 
     def update(self, x: torch.Tensor, want: set[str], sample_rows: int, gen: torch.Generator,
                first_weight: float = 1.0) -> None:
-        """Add ``x`` (batch, seq, in) or (rows, in). ``first_weight``: each window's first position
-        counts this many times in the second moments (``hessian``, ``sq_sum``)."""
+        """Add ``x`` (batch, seq, in) or (rows, in). ``sample_rows``: rows of ``x`` kept at random
+        for ``sample``. ``first_weight``: each window's first position counts this many times in
+        the second moments (``hessian``, ``sq_sum``)."""
         # the first positions once more, times (first_weight - 1): a rank-batch term, no copy of x
         x0 = x[:, 0].detach().float() if first_weight != 1.0 and x.dim() == 3 and x.shape[1] > 1 else None
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -79,7 +80,7 @@ class InputStats:
             m = a.amax(0)
             self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
         if "sample" in want and sample_rows:
-            k = min(x.shape[0], max(64, sample_rows // 4))  # a share of every batch, thinned later
+            k = min(x.shape[0], sample_rows)
             self.sample.append(x[torch.randperm(x.shape[0], generator=gen)[:k]].clone())
 
     @property
@@ -162,12 +163,14 @@ class BlockRun:
     def collect(self, names: list[str], want: set[str], sample_rows: int = 0, seed: int = 0,
                 first_weight: float = 1.0, last_use: bool = False) -> dict[str, InputStats]:
         """Run the block once and gather input statistics for the named linears. Linears that read
-        the same tensor (q, k and v) share one :class:`InputStats`; ``first_weight`` as in
+        the same tensor (q, k and v) share one :class:`InputStats`; ``sample_rows`` input rows are
+        kept for ``sample``, the same share of every batch; ``first_weight`` as in
         :meth:`InputStats.update`. ``last_use``: the method reads ``inputs`` no more after this
         pass, so outputs that are kept may be written over them (no second buffer)."""
         stats: dict[str, InputStats] = {}
         seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # holding x keeps its address unique
         gen = torch.Generator().manual_seed(seed + self.index)
+        per_batch = -(-sample_rows // max(len(self.inputs), 1))  # about sample_rows in all, no more held
 
         def hook_for(name):
             def hook(_mod, inp, _out):
@@ -175,7 +178,7 @@ class BlockRun:
                 key = (x.data_ptr(), tuple(x.shape))
                 owner = seen.setdefault(key, (name, x))[0]
                 if owner == name:
-                    stats.setdefault(name, InputStats()).update(x, want, sample_rows, gen, first_weight)
+                    stats.setdefault(name, InputStats()).update(x, want, per_batch, gen, first_weight)
                 else:
                     stats[name] = stats.setdefault(owner, InputStats())
             return hook
