@@ -50,9 +50,9 @@ class InputStats:
     sample: list[torch.Tensor] = field(default_factory=list)  # a few input rows, for loss searches
     rows: int = 0
 
-    def update(self, x: torch.Tensor, want: set[str], sample_rows: int, gen: torch.Generator,
+    def update(self, x: torch.Tensor, want: set[str], keep_rows: int, gen: torch.Generator,
                first_weight: float = 1.0) -> None:
-        """Add ``x`` (batch, seq, in) or (rows, in). ``sample_rows``: rows of ``x`` kept at random
+        """Add ``x`` (batch, seq, in) or (rows, in). ``keep_rows``: rows of this ``x`` kept at random
         for ``sample``. ``first_weight``: each window's first position counts this many times in
         the second moments (``hessian``, ``sq_sum``)."""
         # the first positions once more, times (first_weight - 1): a rank-batch term, no copy of x
@@ -79,8 +79,8 @@ class InputStats:
         if "abs_max" in want:
             m = a.amax(0)
             self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
-        if "sample" in want and sample_rows:
-            k = min(x.shape[0], sample_rows)
+        if "sample" in want and keep_rows:
+            k = min(x.shape[0], keep_rows)
             self.sample.append(x[torch.randperm(x.shape[0], generator=gen)[:k]].clone())
 
     @property
