@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from krimp.errors import KrimpError
-from krimp.train.trainer import TrainSettings, train
+from krimp.train.trainer import TrainSettings, _optimizer, train
 
 
 def _problem(seed=0, n=8):
@@ -120,6 +120,44 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(KrimpError, match="loss is nan"):
         train(dict(m.named_parameters()), lambda b: torch.tensor(float("nan"), requires_grad=True), data,
               TrainSettings(steps=3, lr=0.1))
+
+
+def test_bf16_runs_the_loss_under_autocast_and_keeps_float32_weights():
+    """``precision: bf16`` computes the loss under bfloat16 autocast (the linear layer's output is
+    bfloat16) while the weights and their updates stay float32, and it still fits the problem."""
+    data = _problem()
+    m, ref = _model(), _model()
+    seen = []
+
+    def loss(b):
+        y = m(b[0])
+        seen.append(y.dtype)
+        return ((y.float() - b[1]) ** 2).mean()
+
+    res = train(dict(m.named_parameters()), loss, data, TrainSettings(steps=40, lr=0.05, precision="bf16"))
+    train(dict(ref.named_parameters()), _loss(ref), data, TrainSettings(steps=40, lr=0.05))
+    assert set(seen) == {torch.bfloat16} and m.weight.dtype == torch.float32
+    assert res["loss_last"] < 0.2 * res["loss_first"]
+    assert torch.allclose(m.weight, ref.weight, atol=0.05)  # bfloat16 has 8 bits of mantissa
+    with pytest.raises(KrimpError, match="precision 'fp16' is not known"):
+        train(dict(m.named_parameters()), _loss(m), data, TrainSettings(steps=1, lr=0.05, precision="fp16"))
+
+
+def test_optimizer_is_fused_adamw_with_the_same_steps_as_the_loop():
+    """The trainer's AdamW is the fused kernel where torch has it; it takes the same steps as the
+    per-tensor loop (the speed is in bench, not here)."""
+    s = TrainSettings(steps=5, lr=0.05, weight_decay=0.01)
+    a, b = _model(), _model()
+    opt = _optimizer(list(a.parameters()), s)
+    assert opt.defaults.get("fused") is True
+    loop = torch.optim.AdamW(b.parameters(), lr=0.05, weight_decay=0.01)
+    x, y = _problem()[0]
+    for o, m in ((opt, a), (loop, b)):
+        for _ in range(5):
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+            o.zero_grad()
+    assert torch.allclose(a.weight, b.weight, atol=1e-6) and not torch.equal(a.weight, _model().weight)
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Literal
 
 import numpy as np
 import pydantic
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from krimp.config import BaseConfig, register
+from krimp.distill.cache import TeacherCache
 from krimp.distill.students import StudentSpec, build_student, check_layer_map, default_layer_map
 from krimp.errors import KrimpError
 from krimp.train import losses as L
@@ -64,6 +66,8 @@ class DistillConfig(BaseConfig):
     patience: int = pydantic.Field(0, ge=0)  # validations without improvement before stopping
     val_share: float = pydantic.Field(0.05, gt=0, lt=0.5)  # transfer data held out when eval_every > 0
     dropout: float | None = pydantic.Field(0.0, ge=0, lt=1)  # the student's dropout while training (None: its own)
+    teacher_cache_gb: float = pydantic.Field(4.0, ge=0)  # keep the teacher's outputs after epoch 1 when they fit
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: matmuls in bfloat16 (1.2x per step on this AMX CPU)
     seed: int = 0
 
 
@@ -72,13 +76,13 @@ def forward(model: nn.Module, task, args: list[torch.Tensor], hidden: bool):
     if task.name == "image-classification":
         if hidden:
             raise KrimpError("distill: hidden-state loss needs a transformer; set weights.hidden: 0")
-        return model(args[0]), None
+        return model(args[0]).float(), None
     kw = dict(zip(task.input_names, args))
     if task.name == "causal-lm":
         kw["use_cache"] = False
     out = model(**kw, output_hidden_states=True) if hidden else model(**kw)
     main = out.last_hidden_state if task.name == "embedding" else out.logits
-    return main, (list(out.hidden_states) if hidden else None)
+    return main.float(), ([h.float() for h in out.hidden_states] if hidden else None)  # losses in float32 under bf16
 
 
 def transfer_batches(task, items, labels, batch: int, seq_len: int, seed: int = 0) -> list[tuple[dict, np.ndarray | None]]:
@@ -146,6 +150,8 @@ class Distill:
             train_b, val_b = batches[:-n_val], batches[-n_val:]
         _, n_proc = world()
         steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_b) / (cfg.grad_accum * n_proc)))
+        cache = TeacherCache([b for b, _ in train_b + val_b], (t_main, t_states), set(lmap.values()),
+                             cfg.teacher_cache_gb, steps * cfg.grad_accum * n_proc > len(train_b))
 
         def loss_fn(b):
             feed, lab = b
@@ -154,7 +160,7 @@ class Distill:
             loss = torch.zeros(())
             if w.output or w.hidden:
                 with torch.no_grad():
-                    tm, ts = forward(teacher, task, args, hidden)
+                    tm, ts = cache(feed, lambda: forward(teacher, task, args, hidden))
             sm, ss = forward(student, task, args, hidden)
             if w.output:
                 out = L.embedding_loss(sm, tm, mask) if task.name == "embedding" else \
@@ -171,7 +177,8 @@ class Distill:
         val_fn = (lambda: float(np.mean([float(loss_fn(b)) for b in val_b]))) if val_b else None
         settings = TrainSettings(steps=steps, lr=cfg.lr, warmup=cfg.warmup, grad_accum=cfg.grad_accum,
                                  weight_decay=cfg.weight_decay, checkpoint_every=cfg.checkpoint_every,
-                                 eval_every=cfg.eval_every, patience=cfg.patience, seed=cfg.seed)
+                                 eval_every=cfg.eval_every, patience=cfg.patience, seed=cfg.seed,
+                                 precision=cfg.precision)
         fp = fingerprint(cfg.to_dict(), task.name, len(ctx.calib_items), ctx.seq_len)
         res = train(named, loss_fn, train_b, settings, val_fn=val_fn, ckpt_dir=ctx.ckpt_dir, fp=fp,
                     step=ctx.step, samples_per_batch=cfg.batch, modules=[student, proj])
@@ -180,5 +187,6 @@ class Distill:
         info = {**notes, "params_before": p_t, "params_after": p_s, "params_ratio": round(p_s / p_t, 4),
                 "layer_map": {str(k): v for k, v in lmap.items()}, "projections": len(proj),
                 "training": res, "transfer_samples": len(train_b) * cfg.batch,
+                "teacher_cache_gib": round(cache.gib, 2) if cache.on else None,
                 "seconds": round(time.perf_counter() - t0, 2)}
         return student.eval(), info

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class TrainSettings:
     eval_every: int = 0  # optimizer steps between validations (0: none)
     patience: int = 0  # validations without improvement before stopping early (0: never)
     seed: int = 0
+    precision: str = "fp32"  # "bf16": matmuls autocast to bfloat16; weights, optimizer and loss stay float32
 
 
 # ---- torch.distributed ------------------------------------------------------------------------
@@ -132,6 +134,36 @@ def _load(ckpt: Path, named: dict[str, torch.Tensor], opt, sched, fp: str) -> di
     return state
 
 
+# ---- speed ------------------------------------------------------------------------------------
+def _optimizer(params: list[torch.Tensor], s: TrainSettings) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all tensors: on CPU 4x faster than the per-tensor loop, which
+    matters when a 30k-word embedding table is trained) where this torch and the tensors allow it."""
+    try:
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+
+def autocast(precision: str, device: torch.device):
+    """The context the loss is computed in: bfloat16 autocast for ``precision == "bf16"`` (mixed
+    precision, Micikevicius et al. 2018, arXiv:1710.03740; bfloat16 needs no loss scaling)."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision != "bf16":
+        raise KrimpError(f"training precision '{precision}' is not known (use fp32 or bf16)")
+    if device.type == "cpu" and not bf16_native():
+        log.warning("this CPU has no native bfloat16 (AVX512-BF16 / AMX): bf16 training is emulated and slower")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def bf16_native() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (oneDNN's own test)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 # ---- the loop ---------------------------------------------------------------------------------
 def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.Tensor], batches: Sequence,
           s: TrainSettings, *, val_fn: Callable[[], float] | None = None, ckpt_dir: Path | None = None,
@@ -156,7 +188,8 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
     params = list(named.values())
     if n_proc > 1:
         _broadcast(params)
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    opt = _optimizer(params, s)
+    amp = autocast(s.precision, params[0].device)
     warm = max(1, int(s.steps * s.warmup))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, s.steps) / s.steps)))
@@ -179,7 +212,8 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
             total = 0.0
             for a in range(s.grad_accum):
                 b = batches[((i * s.grad_accum + a) * n_proc + rank) % len(batches)]
-                loss = loss_fn(b) / s.grad_accum
+                with amp:
+                    loss = loss_fn(b) / s.grad_accum
                 if not torch.isfinite(loss.detach()):
                     raise KrimpError(f"training: loss is {float(loss)} at step {i}; lower the learning rate")
                 loss.backward()
@@ -201,7 +235,7 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
                 step(f"training: step {i + 1}/{s.steps}, loss {total:.4f}, {rate:.1f} samples/s")
             if val_fn is not None and s.eval_every and ((i + 1) % s.eval_every == 0 or i + 1 == s.steps):
                 _mode(modules, False)
-                with torch.no_grad():
+                with torch.no_grad(), amp:
                     v = float(val_fn())
                 _mode(modules, True)
                 state["val"].append([i + 1, v])
