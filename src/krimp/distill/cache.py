@@ -2,8 +2,9 @@
 
 A run of several epochs feeds the teacher the same batches again and again; its outputs do not
 change (the teacher is frozen and in eval mode), so after the first epoch only the student needs to
-run. This is the saving of offline distillation (teacher targets computed once, as in Sanh et al.
-2019, DistilBERT, and most logit-caching setups) without writing targets to disk. The outputs are
+run. This is the saving of distillation from stored teacher outputs (Shen & Xing 2022, "A Fast
+Knowledge Distillation Framework for Visual Recognition", arXiv:2112.01528, store soft labels once
+for all epochs), here kept in memory rather than written to disk. The outputs are
 held in float16 (11 significant bits; the targets move by at most 0.05%), and only when all of
 them fit in the memory limit; otherwise every step runs the teacher as before.
 """
