@@ -61,8 +61,9 @@ def test_obs_channels_of_efficientnet_beat_magnitude_one_shot_and_export(tmp_pat
     d = load_data(DataSpec(source="builtin:photos", calib_samples=96, eval_samples=64), h.task)
     cal, ev = list(batches(h.task, d.calib, 16, 0)), list(batches(h.task, d.eval, 16, 0))
 
-    def run(imp):
-        cfg = config_from_dict({"method": "channels", "ratio": 0.3, "importance": imp, "round_to": 8})
+    def run(imp, glob=False):
+        cfg = config_from_dict({"method": "channels", "ratio": 0.3, "importance": imp, "round_to": 8,
+                                "global_pruning": glob})
         return method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, cal, 2))
 
     def top1(m):
@@ -80,6 +81,19 @@ def test_obs_channels_of_efficientnet_beat_magnitude_one_shot_and_export(tmp_pat
     ref = top1(h.module)
     a_obs, a_mag = float((top1(m_obs) == ref).float().mean()), float((top1(m_mag) == ref).float().mean())
     assert a_obs > 0.5 and a_obs > a_mag + 0.3, (a_obs, a_mag)
+    # global: one error threshold over the blocks; about the same share removed in total, unevenly
+    m_glob, info_g = run("obs", glob=True)
+    ge = info_g["obs_relative_error"]
+
+    def expanded(m):
+        return sum(c.in_channels for n, c in m.named_modules() if n.endswith("_project_conv") or n == "_conv_head")
+
+    assert abs(expanded(m_glob) / expanded(h.module) - expanded(m_obs) / expanded(h.module)) < 0.03
+    shares = [c.in_channels / c0.in_channels for (n, c), c0 in zip(m_glob.named_modules(), h.module.modules())
+              if n.endswith("_project_conv")]
+    assert max(shares) - min(shares) > 0.2, shares
+    assert max(ge.values()) < max(errs.values()) and sum(ge.values()) < sum(errs.values()), (ge, errs)
+    assert float((top1(m_glob) == ref).float().mean()) > 0.5
     p = tmp_path / "m.onnx"
     export_onnx(m_obs, h.task, ev[0], p, 17)
     with torch.no_grad():

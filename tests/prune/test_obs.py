@@ -57,3 +57,20 @@ def test_dead_inputs_and_bad_requests():
         obs_remove_units(W, X.T @ X, 1, 16, 16)
     with pytest.raises(KrimpError, match="do not fit"):
         obs_remove_units(W, X.T @ X, 4, 16, 2)
+
+
+def test_error_path_and_one_threshold_over_layers():
+    """The greedy path holds the error after each removal (ending at the reported one); the global
+    allocation removes the asked share in total with every layer stopped at one threshold."""
+    from krimp.prune.channels_obs import equal_error_counts
+
+    X, W = _data(32)
+    path: list[float] = []
+    _, _, rel = obs_remove_units(W, X.T @ X, 1, 32, 20, path=path)
+    assert len(path) == 20 and path[-1] == pytest.approx(rel) and path == sorted(path)
+    cheap, dear = [0.001 * k for k in range(1, 10)], [0.01 * k for k in range(1, 10)]
+    counts = equal_error_counts([cheap, dear, path], [10, 10, 32], 0.5)
+    assert sum(counts) == 26 and counts[0] == 9  # the cheap layer goes as far as it may
+    tau = max(p[c - 1] for p, c in zip([cheap, dear, path], counts) if c)
+    assert all(c == len(p) or p[c] > tau for p, c in zip([cheap, dear, path], counts))
+    assert equal_error_counts([cheap], [10], 0.0) == [0]

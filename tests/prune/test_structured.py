@@ -110,6 +110,10 @@ def test_distillation_recovers_minilm_and_the_run_reloads(tmp_path, mini):
         return float((h.task.features(a, ev) * h.task.features(b, ev)).sum(1).mean())
 
     assert cos(m1) > cos(m0) + 0.02  # held-out sentences, not the ones it trained on
+    m2, i2 = _run(h, {"method": "structured", "ffn": 0.5, "heads": 0.25, "recover_steps": 20, "lr": 3e-4,
+                      "precision": "bf16"}, feeds)  # bfloat16 matmuls: weights stay float32, recovery as good
+    assert i2["recovery"]["precision"] == "bf16" and all(p.dtype == torch.float32 for p in m2.parameters())
+    assert cos(m2) > cos(m0) + 0.02 and abs(cos(m2) - cos(m1)) < 0.01, (cos(m2), cos(m1))
     recipe = {"data": {"calib_samples": 32, "eval_samples": 16, "seq_len": 64},
               "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 100},
               "export": {"formats": ["onnx", "safetensors"]},

@@ -17,6 +17,8 @@ layer whole, and recovers accuracy by distillation from the unpruned network
                               # krimp.prune.taylor), or obs
                               # (channels read by one 1x1 conv only, chosen and re-fitted on
                               # calibration images: krimp.prune.channels_obs)
+      global_pruning: false   # true: one ranking over all layers (obs: every layer stops at the
+                              # same relative output error, so the shares differ)
       recover_steps: 300
 """
 
@@ -51,6 +53,7 @@ class ChannelPruneConfig(BaseConfig):
     lr: float = pydantic.Field(1e-3, gt=0)
     temperature: float = pydantic.Field(2.0, gt=0)
     augment: bool = False  # recovery on random crops, flips and mixes of the calibration images
+    precision: Literal["fp32", "bf16"] = "fp32"  # recovery's convolutions and matmuls in bfloat16 (autocast)
 
 
 def _macs(model: nn.Module, example: torch.Tensor) -> int:
@@ -108,7 +111,7 @@ class ChannelPrune:
             from krimp.prune.channels_obs import obs_prune_channels
 
             errors = obs_prune_channels(module, example, ctx.calib_feeds, ctx.task.input_names[0], cfg.ratio,
-                                        cfg.round_to, ignored, ctx.step)
+                                        cfg.round_to, ignored, ctx.step, cfg.global_pruning)
             if not errors:
                 raise KrimpError("channels: importance 'obs' found no channels read by a single 1x1 convolution "
                                  "(inverted-residual expansions); use importance 'magnitude'")
@@ -131,6 +134,6 @@ class ChannelPrune:
             fp = fingerprint(cfg.to_dict(), len(ctx.calib_feeds), out["channels"])
             out["recovery"] = distill(module, teacher, ctx.task, ctx.calib_feeds, cfg.recover_steps, cfg.lr,
                                       cfg.temperature, ctx.step, ckpt_dir=ctx.ckpt_dir, fp=fp,
-                                      augment=cfg.augment)
+                                      augment=cfg.augment, precision=cfg.precision)
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return module, out

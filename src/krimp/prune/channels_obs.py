@@ -6,7 +6,12 @@ Alistarh 2022, arXiv:2208.11580). A 1x1 convolution is a linear map applied at e
 statistics are ``sum x x^T`` over the pixels of the calibration images.
 
 Readers are visited in forward order and each is calibrated on what the already pruned layers
-before it produce. Channels read by more than one layer (a block's output, shared by the residual
+before it produce. Every reader loses the same share of its channels, or, with ``global_pruning``,
+the shares differ so that every reader stops at the same relative output error: each reader's
+greedy OBS error path (the error after 1, 2, ... removals) is measured on the unpruned network
+first and one threshold over all of them removes ``ratio`` of the channels in total (the per-layer
+error tables of Optimal Brain Compression, Frantar & Alistarh 2022, with one shared threshold in
+place of their solver; on EfficientNet-Lite0 this bought speed, not fidelity: README). Channels read by more than one layer (a block's output, shared by the residual
 add and the next block) are left whole: no single re-fit can make up for them. The dependency
 graph and the removal come from Torch-Pruning (Fang et al. 2023, arXiv:2301.12900).
 """
@@ -14,6 +19,7 @@ graph and the removal come from Torch-Pruning (Fang et al. 2023, arXiv:2301.1290
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -68,10 +74,31 @@ def _pixel_gram(model: nn.Module, feeds: list, input_name: str, conv: nn.Conv2d)
     return box[0]
 
 
+def equal_error_counts(paths: list[list[float]], sizes: list[int], ratio: float) -> list[int]:
+    """How many units each layer loses so that ``ratio`` of all ``sizes`` go and every layer stops
+    at the same error: ``paths[i][k]`` is layer i's (non-decreasing) error after k + 1 removals; the
+    threshold is the error of the ``ratio * sum(sizes)``-th cheapest removal over all layers."""
+    want = round(ratio * sum(sizes))
+    values = sorted(v for p in paths for v in p)
+    if want <= 0 or not values:
+        return [0] * len(paths)
+    tau = values[min(want, len(values)) - 1]
+    return [sum(v <= tau for v in p) for p in paths]
+
+
+def _reader_gram_fit(conv: nn.Conv2d, gram: torch.Tensor, n_remove: int, path: list[float] | None = None):
+    """:func:`obs_cut_reader` on a 1x1 convolution's weights and bias (zeros when it has none)."""
+    b = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)  # the gram has the ones column
+    n = conv.in_channels
+    return obs_cut_reader(conv.weight.reshape(conv.out_channels, n), b, gram, 1, n, n_remove, path)
+
+
 def obs_prune_channels(model: nn.Module, example: torch.Tensor, feeds: list, input_name: str, ratio: float,
-                       round_to: int | None, ignored: list[nn.Module], step=lambda s: None) -> dict[str, float]:
-    """Remove ``ratio`` of the channels of every exclusively read channel group; returns each
-    re-fitted layer's relative output error on the calibration pixels."""
+                       round_to: int | None, ignored: list[nn.Module], step=lambda s: None,
+                       global_pruning: bool = False) -> dict[str, float]:
+    """Remove ``ratio`` of the channels of every exclusively read channel group (or, with
+    ``global_pruning``, of all of them together at one relative error); returns each re-fitted
+    layer's relative output error on the calibration pixels."""
     import torch_pruning as tp
 
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
@@ -85,20 +112,33 @@ def obs_prune_channels(model: nn.Module, example: torch.Tensor, feeds: list, inp
     finally:
         for h in hs:
             h.remove()
+    readers = [c for c in order if _exclusive_reader(DG, c)]
+    keeps = {c: c.in_channels - round(c.in_channels * ratio) for c in readers}
+    if global_pruning and readers:
+        paths = []
+        for k, conv in enumerate(readers):
+            step(f"channel OBS error paths: {names[id(conv)]} ({k + 1}/{len(readers)})")
+            n = conv.in_channels
+            paths.append([])
+            _reader_gram_fit(conv, _pixel_gram(model, feeds, input_name, conv),
+                             max(0, n - max(round_to or 1, math.ceil(0.1 * n))), paths[-1])  # at most 90% of a layer
+        counts = equal_error_counts(paths, [c.in_channels for c in readers], ratio)
+        if sum(counts) < round(ratio * sum(c.in_channels for c in readers)):
+            log.warning("channel OBS: at most 90%% of a layer goes; %d channels removed, fewer than %.0f%%",
+                        sum(counts), 100 * ratio)
+        keeps = {c: c.in_channels - r for c, r in zip(readers, counts)}
     errors = {}
     for k, conv in enumerate(order):
-        if not _exclusive_reader(DG, conv):
+        if conv not in keeps:
             continue
         n = conv.in_channels
-        keep = n - round(n * ratio)
+        keep = keeps[conv]
         if round_to:
             keep = max(round_to, round_to * round(keep / round_to))
         if keep >= n:
             continue
         step(f"channel OBS: {names[id(conv)]} ({k + 1}/{len(order)})")
-        gram = _pixel_gram(model, feeds, input_name, conv)
-        b = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)  # the gram has the ones column
-        kept, W1, b1, rel = obs_cut_reader(conv.weight.reshape(conv.out_channels, n), b, gram, 1, n, n - keep)
+        kept, W1, b1, rel = _reader_gram_fit(conv, _pixel_gram(model, feeds, input_name, conv), n - keep)
         drop = sorted(set(range(n)) - set(kept.tolist()))
         DG.get_pruning_group(conv, tp.prune_conv_in_channels, idxs=drop).prune()
         with torch.no_grad():

@@ -31,13 +31,14 @@ def _dampen(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def obs_remove_units(W: torch.Tensor, H: torch.Tensor, unit: int, n_units: int, n_remove: int,
-                     damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+                     damp: float = 0.01, path: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Greedily remove ``n_remove`` of the ``n_units`` units (``unit`` consecutive input columns
     each, at the start of ``W``'s columns; any further columns, such as a bias column, always stay).
 
     ``W``: (out, in) weights, ``H``: (in, in) sum of ``x x^T`` over calibration inputs. Returns
     (indices of the kept units, ascending; the updated weights of the kept columns plus the extra
-    columns; the summed squared-error increase, relative to ``tr(W H W^T)``).
+    columns; the summed squared-error increase, relative to ``tr(W H W^T)``). A ``path`` list gets
+    that relative error after each removal (non-decreasing: the cost of removing 1, 2, ... units).
     """
     n_in = W.shape[1]
     if H.shape != (n_in, n_in) or n_units * unit > n_in:
@@ -79,20 +80,23 @@ def obs_remove_units(W: torch.Tensor, H: torch.Tensor, unit: int, n_units: int, 
             Hinv -= Hinv[:, cols] @ row
         W1[:, idx[g]] = 0
         alive[g] = False
+        if path is not None:
+            path.append(total / max(base, 1e-30))
     keep = torch.nonzero(alive).flatten()
     cols = torch.cat([idx[keep].flatten(), torch.arange(n_units * unit, n_in)])
     return keep, W1[:, cols].to(W.dtype), total / max(base, 1e-30)
 
 
 def obs_cut_reader(weight: torch.Tensor, bias: torch.Tensor | None, H: torch.Tensor, unit: int, n_units: int,
-                   n_remove: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+                   n_remove: int, path: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
     """:func:`obs_remove_units` for a layer with ``weight`` (out, in) and an optional ``bias``; with a
     bias, ``H`` has one more row and column for the constant input 1. Returns (kept units, the
-    re-fitted weights of the kept columns, the re-fitted bias or None, the relative error)."""
+    re-fitted weights of the kept columns, the re-fitted bias or None, the relative error; ``path`` as
+    in :func:`obs_remove_units`)."""
     W = weight.detach().double()
     if bias is not None:
         W = torch.cat([W, bias.detach().double()[:, None]], 1)
-    kept, W1, rel = obs_remove_units(W, H, unit, n_units, n_remove)
+    kept, W1, rel = obs_remove_units(W, H, unit, n_units, n_remove, path=path)
     if bias is None:
         return kept, W1.to(weight.dtype), None, rel
     return kept, W1[:, :-1].to(weight.dtype), W1[:, -1].to(weight.dtype), rel

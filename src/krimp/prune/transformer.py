@@ -73,6 +73,7 @@ class StructuredPruneConfig(BaseConfig):
     lr: float = pydantic.Field(5e-5, gt=0)
     temperature: float = pydantic.Field(2.0, gt=0)  # for logits; embeddings use cosine + MSE
     hidden: float = pydantic.Field(0.0, ge=0)  # weight of every layer's hidden-state MSE in recovery
+    precision: Literal["fp32", "bf16"] = "fp32"  # recovery's matmuls in bfloat16 (autocast)
     obs_batches: int = pydantic.Field(256, ge=1)  # calibration batches for OBS and Taylor scores (recovery uses all)
 
 
@@ -412,6 +413,6 @@ class StructuredPrune:
             fp = fingerprint(cfg.to_dict(), ctx.task.name, len(ctx.calib_feeds), out)
             out["recovery"] = distill(module, teacher, ctx.task, ctx.calib_feeds, cfg.recover_steps, cfg.lr,
                                       cfg.temperature, ctx.step, hidden=cfg.hidden, layer_map=lmap,
-                                      ckpt_dir=ctx.ckpt_dir, fp=fp)
+                                      ckpt_dir=ctx.ckpt_dir, fp=fp, precision=cfg.precision)
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return module, out

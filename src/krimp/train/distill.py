@@ -44,7 +44,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
             step: Callable[[str], None] | None = None, *, hidden: float = 0.0,
             layer_map: dict[int, int] | None = None, ckpt_dir: Path | None = None, fp: str = "",
             checkpoint_every: int = 50, augment: bool = False,
-            on_step: Callable[[int], None] | None = None) -> dict:
+            on_step: Callable[[int], None] | None = None, precision: str = "fp32") -> dict:
     """``steps`` AdamW steps over ``feeds`` (cycled), linear warm-up then cosine decay. Returns the
     first and last loss (mean over the first / last tenth of steps).
 
@@ -57,7 +57,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
     (:func:`krimp.train.losses.matching_views`), not the fixed calibration images.
     The student trains in eval mode: matching a teacher is not a noisy-label problem, and dropout
     only adds noise to the target (batch norms keep their statistics). ``on_step`` goes to the
-    trainer (:func:`krimp.train.trainer.train`).
+    trainer (:func:`krimp.train.trainer.train`), as does ``precision`` (``bf16``: autocast matmuls).
     """
     if not feeds:
         raise KrimpError("recovery needs calibration data (data.calib_samples > 0)")
@@ -88,8 +88,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
         return (distill_loss(task.name, s.float(), t.float(), mask, temperature)
                 + hidden * hidden_loss(sh, th, lmap, None, mask))
 
-    settings = TrainSettings(steps=steps, lr=lr, checkpoint_every=checkpoint_every if ckpt_dir else 0)
+    settings = TrainSettings(steps=steps, lr=lr, checkpoint_every=checkpoint_every if ckpt_dir else 0,
+                             precision=precision)
     res = train(named, loss_fn, feeds, settings, ckpt_dir=ckpt_dir, fp=fp, step=step,
                 modules=[],  # eval mode: no dropout noise in matching
                 samples_per_batch=len(next(iter(feeds[0].values()))), on_step=on_step)
-    return {k: res[k] for k in ("steps", "loss_first", "loss_last", "seconds", "resumed_from")} | {"lr": lr, "hidden": hidden}
+    return {k: res[k] for k in ("steps", "loss_first", "loss_last", "seconds", "resumed_from")} | {"lr": lr, "hidden": hidden, "precision": precision}
