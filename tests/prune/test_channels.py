@@ -41,6 +41,29 @@ def test_channel_pruning_without_recovery_is_a_smaller_working_net():
     assert m(torch.from_numpy(x)).shape == (4, 10)
 
 
+def test_scores_read_only_obs_batches_and_recovery_all():
+    """``obs_batches`` caps the batches the scores read (as the stage given only those would), so
+    recovery can draw on more calibration images than the pruning statistics need."""
+    h = load_model("builtin:digits-cnn")
+    rng = np.random.default_rng(0)
+    feeds = [{"pixel_values": rng.random((16, 1, 8, 8), dtype=np.float32) * (k + 1)} for k in range(4)]
+
+    def run(extra, fs):
+        cfg = config_from_dict({"method": "channels", "ratio": 0.5, "importance": "taylor", **extra})
+        return method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, fs, 2))[0]
+
+    torch.manual_seed(0)
+    capped = run({"obs_batches": 1}, feeds)
+    torch.manual_seed(0)
+    first = run({}, feeds[:1])
+    torch.manual_seed(0)
+    full = run({}, feeds)
+    same = [torch.equal(a, b) for a, b in zip(capped.state_dict().values(), first.state_dict().values())]
+    assert all(same)
+    assert not all(torch.equal(a, b) if a.shape == b.shape else False
+                   for a, b in zip(capped.state_dict().values(), full.state_dict().values()))
+
+
 def test_channel_pruning_bad_input(minilm):
     with pytest.raises(KrimpError, match="less than 1"):
         config_from_dict({"method": "channels", "ratio": 1.0})

@@ -49,6 +49,7 @@ class ChannelPruneConfig(BaseConfig):
     importance: Literal["magnitude", "lamp", "bn", "taylor", "obs"] = "magnitude"
     global_pruning: bool = False  # one ranking over all layers instead of the same share per layer
     round_to: int | None = pydantic.Field(None, ge=1)  # keep channel counts a multiple of this
+    obs_batches: int = pydantic.Field(256, ge=1)  # calibration batches for OBS and Taylor scores (recovery uses all)
     recover_steps: int = pydantic.Field(0, ge=0)
     lr: float = pydantic.Field(1e-3, gt=0)
     temperature: float = pydantic.Field(2.0, gt=0)
@@ -110,13 +111,13 @@ class ChannelPrune:
         if cfg.importance == "obs":
             from krimp.prune.channels_obs import obs_prune_channels
 
-            errors = obs_prune_channels(module, example, ctx.calib_feeds, ctx.task.input_names[0], cfg.ratio,
-                                        cfg.round_to, ignored, ctx.step, cfg.global_pruning)
+            errors = obs_prune_channels(module, example, ctx.calib_feeds[:cfg.obs_batches], ctx.task.input_names[0],
+                                        cfg.ratio, cfg.round_to, ignored, ctx.step, cfg.global_pruning)
             if not errors:
                 raise KrimpError("channels: importance 'obs' found no channels read by a single 1x1 convolution "
                                  "(inverted-residual expansions); use importance 'magnitude'")
         else:
-            _meta_prune(module, example, cfg, ignored, ctx.calib_feeds, ctx.task.input_names[0])
+            _meta_prune(module, example, cfg, ignored, ctx.calib_feeds[:cfg.obs_batches], ctx.task.input_names[0])
         for m in module.modules():
             if isinstance(m, nn.Conv2d) and m.out_channels == 0:
                 raise KrimpError(f"channels: pruning removed every channel of {names.get(id(m), m)}")
