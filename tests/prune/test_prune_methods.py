@@ -101,7 +101,7 @@ def test_two_of_four_pattern(llama, method):
 def test_prune_then_gptq_keeps_the_mask_and_exports_small(tmp_path, llama, tiny_llama):
     h, ids = llama
     pruned, _ = _run(h, ids, {"method": "sparsegpt", "sparsity": 0.5})
-    both, infos = _run(h, ids, {"method": "sparsegpt", "sparsity": 0.5},
+    both, _infos = _run(h, ids, {"method": "sparsegpt", "sparsity": 0.5},
                        {"method": "gptq", "bits": 4, "group_size": 32, "head_bits": None})
     for n, lin in _block_linears(both).items():
         assert hasattr(lin, "krimp_wq")
@@ -140,7 +140,7 @@ def test_sparse_safetensors_is_smaller_and_reloads_exactly(tmp_path, tiny_llama)
 def test_magnitude_on_a_cnn_and_layerwise_methods_need_a_language_model():
     h = load_model("builtin:digits-cnn")
     cfg = config_from_dict({"method": "magnitude", "sparsity": 0.5, "scope": "global"})
-    m, info = method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, [], 2))
+    _m, info = method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, [], 2))
     assert info["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert info["layer_sparsity_min"] < info["layer_sparsity_max"]  # one threshold over all layers
     cfg = config_from_dict({"method": "wanda", "sparsity": 0.5})
