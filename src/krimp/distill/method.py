@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Literal
 
 import numpy as np
 import pydantic
@@ -34,7 +33,7 @@ from krimp.distill.cache import TeacherCache
 from krimp.distill.students import StudentSpec, build_student, check_layer_map, default_layer_map
 from krimp.errors import KrimpError
 from krimp.train import losses as L
-from krimp.train.trainer import TrainSettings, fingerprint, train, world
+from krimp.train.trainer import Precision, TrainSettings, fingerprint, train, world
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ class DistillConfig(BaseConfig):
     val_share: float = pydantic.Field(0.05, gt=0, lt=0.5)  # transfer data held out when eval_every > 0
     dropout: float | None = pydantic.Field(0.0, ge=0, lt=1)  # the student's dropout while training (None: its own)
     teacher_cache_gb: float = pydantic.Field(4.0, ge=0)  # keep the teacher's outputs after epoch 1 when they fit
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: matmuls in bfloat16 (1.2x per step on this AMX CPU)
+    precision: Precision = "fp32"  # bf16: matmuls in bfloat16 (1.2x per step on this AMX CPU)
     seed: int = 0
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from krimp.config import BaseConfig, register
 from krimp.errors import KrimpError
+from krimp.train.trainer import Precision
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class ChannelPruneConfig(BaseConfig):
     lr: float = pydantic.Field(1e-3, gt=0)
     temperature: float = pydantic.Field(2.0, gt=0)
     augment: bool = False  # recovery on random crops, flips and mixes of the calibration images
-    precision: Literal["fp32", "bf16"] = "fp32"  # recovery's convolutions and matmuls in bfloat16 (autocast)
+    precision: Precision = "fp32"  # recovery's convolutions and matmuls in bfloat16 (autocast)
 
 
 def _macs(model: nn.Module, example: torch.Tensor) -> int:

@@ -40,6 +40,7 @@ from krimp.config import BaseConfig, register
 from krimp.errors import KrimpError
 from krimp.prune.obs import obs_cut_reader
 from krimp.prune.structured import col_norms, keep_count, row_norms, slice_linear, top_units, unit_rows
+from krimp.train.trainer import Precision
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class StructuredPruneConfig(BaseConfig):
     lr: float = pydantic.Field(5e-5, gt=0)
     temperature: float = pydantic.Field(2.0, gt=0)  # for logits; embeddings use cosine + MSE
     hidden: float = pydantic.Field(0.0, ge=0)  # weight of every layer's hidden-state MSE in recovery
-    precision: Literal["fp32", "bf16"] = "fp32"  # recovery's matmuls in bfloat16 (autocast)
+    precision: Precision = "fp32"  # recovery's matmuls in bfloat16 (autocast)
     obs_batches: int = pydantic.Field(256, ge=1)  # calibration batches for OBS and Taylor scores (recovery uses all)
 
 

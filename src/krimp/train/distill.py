@@ -20,7 +20,7 @@ import torch
 
 from krimp.errors import KrimpError
 from krimp.train.losses import embedding_loss, kd_logits
-from krimp.train.trainer import TrainSettings, train
+from krimp.train.trainer import Precision, TrainSettings, train
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
             step: Callable[[str], None] | None = None, *, hidden: float = 0.0,
             layer_map: dict[int, int] | None = None, ckpt_dir: Path | None = None, fp: str = "",
             checkpoint_every: int = 50, augment: bool = False,
-            on_step: Callable[[int], None] | None = None, precision: str = "fp32") -> dict:
+            on_step: Callable[[int], None] | None = None, precision: Precision = "fp32") -> dict:
     """``steps`` AdamW steps over ``feeds`` (cycled), linear warm-up then cosine decay. Returns the
     first and last loss (mean over the first / last tenth of steps).
 

@@ -23,13 +23,16 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from krimp.errors import KrimpError
 
 log = logging.getLogger(__name__)
+
+
+Precision = Literal["fp32", "bf16"]  # training precision: a recipe key of distill and of pruning recovery
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class TrainSettings:
     eval_every: int = 0  # optimizer steps between validations (0: none)
     patience: int = 0  # validations without improvement before stopping early (0: never)
     seed: int = 0
-    precision: str = "fp32"  # "bf16": matmuls autocast to bfloat16; weights, optimizer and loss stay float32
+    precision: Precision = "fp32"  # "bf16": matmuls autocast to bfloat16; weights, optimizer and loss stay float32
 
 
 # ---- torch.distributed ------------------------------------------------------------------------
