@@ -158,3 +158,34 @@ def test_bad_pruning_input_is_a_clear_error(llama):
         _run(h, ids, {"method": "magnitude", "pattern": "2:48"})
     with pytest.raises(KrimpError, match="no prunable layer matched"):
         _run(h, ids, {"method": "magnitude", "targets": ["nothing.*"]})
+
+
+@pytest.mark.parametrize("method,module,fn", [("sparsegpt", "krimp.prune.sparsegpt", "sparsegpt_solve"),
+                                              ("wanda", "krimp.prune.wanda", "wanda_mask")])
+def test_sink_weight_reaches_the_input_statistics(llama, monkeypatch, method, module, fn):
+    import importlib
+
+    mod = importlib.import_module(module)
+    real, seen = getattr(mod, fn), []
+
+    def spy(W, stat, *a, **kw):
+        seen.append(stat.clone())
+        return real(W, stat, *a, **kw)
+
+    monkeypatch.setattr(mod, fn, spy)
+    h, ids = llama
+    stats, masks = {}, {}
+    for sw in (1.0, 16.0):
+        seen.clear()
+        m, _ = _run(h, ids, {"method": method, "sparsity": 0.5, "sink_weight": sw})
+        stats[sw] = seen[0]  # block 0's first linear: the same float inputs either way
+        masks[sw] = m.model.layers[0].self_attn.q_proj.weight == 0
+    extra = stats[16.0] - stats[1.0]  # 15 more copies of each window's first position
+    if extra.dim() == 2:  # SparseGPT's Hessian: the added term is positive semi-definite
+        assert float(torch.linalg.eigvalsh(extra).min()) > -1e-3 * float(extra.diagonal().max())
+        extra = extra.diagonal()
+    assert float(extra.min()) >= -1e-4 * float(stats[1.0].max())  # Wanda: x^2 sums only grow
+    assert float(extra.sum()) > 0.01 * float((stats[1.0].diagonal() if stats[1.0].dim() == 2 else stats[1.0]).sum())
+    assert bool((masks[16.0] != masks[1.0]).any())  # and it changes what is pruned
+    with pytest.raises(KrimpError, match="sink_weight"):
+        config_from_dict({"method": method, "sink_weight": 0.5})
