@@ -187,5 +187,6 @@ def test_sink_weight_reaches_the_input_statistics(llama, monkeypatch, method, mo
     assert float(extra.min()) >= -1e-4 * float(stats[1.0].max())  # Wanda: x^2 sums only grow
     assert float(extra.sum()) > 0.01 * float((stats[1.0].diagonal() if stats[1.0].dim() == 2 else stats[1.0]).sum())
     assert bool((masks[16.0] != masks[1.0]).any())  # and it changes what is pruned
+    assert config_from_dict({"method": method}).sink_weight == {"sparsegpt": 16.0, "wanda": 1.0}[method]
     with pytest.raises(KrimpError, match="sink_weight"):
         config_from_dict({"method": method, "sink_weight": 0.5})

@@ -5,7 +5,7 @@
     - method: sparsegpt        # or wanda, magnitude
       sparsity: 0.5            # share of weights set to zero in each targeted layer
       pattern: unstructured    # or "2:4", "4:8": N kept of every M consecutive inputs
-      sink_weight: 16          # wanda, sparsegpt: weight of each window's first position (default 16 / 1)
+      sink_weight: 16          # wanda, sparsegpt: weight of each window's first position
 
 Which layers: in a decoder-only language model, the linears inside the decoder blocks (names such
 as ``model.layers.3.mlp.down_proj``); in any other model (``magnitude`` only), every ``nn.Linear``
@@ -14,8 +14,8 @@ and ungrouped ``nn.Conv2d`` except the output head (the output embeddings, else 
 the inputs the already pruned blocks before it produce.
 Each calibration window's first position, the attention sink that every later token reads
 (Xiao et al. 2023, arXiv:2309.17453), counts ``sink_weight`` times in the input statistics, as in
-GPTQ (:mod:`krimp.quant.llm`): 16 by default for SparseGPT, 1 (the paper's objective) for Wanda,
-where it made no measurable difference.
+GPTQ (:mod:`krimp.quant.llm`); the default is 16 for SparseGPT and 1 (the paper's objective) for
+Wanda, where it made no measurable difference.
 
 Pruned weights are exact zeros in a dense tensor: a later quantization stage keeps them at zero
 (GPTQ masks them in its sweep; RTN/AWQ grids hold zero exactly), and the safetensors export stores
