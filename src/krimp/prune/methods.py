@@ -36,6 +36,7 @@ from torch import nn
 from krimp.config import BaseConfig, register
 from krimp.errors import KrimpError
 from krimp.prune.masks import check_nm, global_threshold, layer_mask, nm_mask, parse_nm, sparsity
+from krimp.quant.llm import SINK_WEIGHT
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,9 @@ class SparseGPTConfig(_CalibratedConfig):
     needs_decoder_blocks = True
     damp: float = pydantic.Field(0.01, gt=0, lt=1)
     block_size: int = pydantic.Field(128, ge=1)
-    # 16 as GPTQ. SmolLM2-135M 50%, 32 x 512 docs calibration windows, held-out Wikipedia / docs
+    # GPTQ's default. SmolLM2-135M 50%, 32 x 512 docs calibration windows, held-out Wikipedia / docs
     # ppl: 66.4 / 36.4 at 1 (the paper's objective), 62.6 / 35.2 at 16 (README, 2026-11-30)
-    sink_weight: float = pydantic.Field(16.0, ge=1)
+    sink_weight: float = pydantic.Field(SINK_WEIGHT, ge=1)
 
 
 # --------------------------------------------------------------------------------------------------
