@@ -135,3 +135,13 @@ def test_language_model_windows_come_evenly_from_each_source(minilm, tmp_path):
     words = [minilm.task.tokenizer.decode(w.ids) for w in d.calib]
     assert len(d.calib) == 6 and len(d.eval) == 4
     assert sum("apple" in w for w in words) == 3 and sum("banana" in w for w in words) == 3
+
+
+def test_a_sentence_in_both_halves_is_never_calibrated_on(tmp_path):
+    shared = "Availability: this sentence is boilerplate repeated in every documentation file."
+    for f in range(10):
+        (tmp_path / f"doc{f}.txt").write_text("\n\n".join([shared] + [SENT.format(i=i, t=f) for i in range(6)]))
+    ds = load_data(DataSpec(source=str(tmp_path), calib_samples=100, eval_samples=100), _text_task())
+    assert shared in ds.eval and shared not in ds.calib
+    assert ds.info["calib_dropped_as_in_eval"] == 5  # one per calibration-half file
+    assert len(ds.calib) == 30 and not set(ds.calib) & set(ds.eval)

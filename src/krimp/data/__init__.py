@@ -61,6 +61,13 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
         return _lm_windows(spec, task, cal_parts or [cal_pool], ev_parts or [ev_pool], rng, info)
     cal = _sample(cal_pool, spec.calib_samples, rng)
     ev = _sample(ev_pool, spec.eval_samples, rng)
+    if task.is_text:  # the same sentence in two files (boilerplate, a docstring quoted in the docs)
+        scored = {x for x, _ in ev_pool}
+        kept = [it for it in cal if it[0] not in scored]
+        if len(kept) < len(cal):
+            info["calib_dropped_as_in_eval"] = len(cal) - len(kept)
+            log.info("%d calibration items also occur in the evaluation data: dropped", len(cal) - len(kept))
+        cal = kept
     prep = (lambda x: x) if task.is_text else task.preprocess_image
     labels = [lab for _, lab in ev]
     has_labels = all(lab is not None for lab in labels)

@@ -3,6 +3,8 @@
 - ``python-docs``: English prose from the Python documentation sources
   (Debian's python3.11-doc at /usr/share/doc/python3.11/html/_sources); where those are absent,
   the docstrings of the Python standard library, which every Python carries.
+- ``docstrings``: English docstrings of the standard library and of NumPy, SciPy, scikit-learn,
+  PyTorch and transformers where installed (parsed, never imported; see krimp.data.docstrings).
 - ``wikipedia``: 106 English Wikipedia articles (3.1M characters) from gensim's test data, the
   closest to WikiText here; one group per article.
 - ``digits``: scikit-learn's held-out 8x8 digits with labels (not the images the CNN trained on).
@@ -19,7 +21,7 @@ from pathlib import Path
 from krimp.data.text import passages, read_text_groups
 from krimp.errors import KrimpError
 
-BUILTIN_DATA = ("python-docs", "wikipedia", "digits", "photos")
+BUILTIN_DATA = ("python-docs", "docstrings", "wikipedia", "digits", "photos")
 DOC_SOURCES = Path(f"/usr/share/doc/python3.{sys.version_info.minor}/html/_sources")
 _DOCSTRING_MODULES = (
     "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",
@@ -83,6 +85,10 @@ def wikipedia_articles() -> list[str]:
 def builtin_groups(name: str, mode: str):
     if name == "python-docs":
         return python_docs_groups(mode)
+    if name == "docstrings":
+        from krimp.data.docstrings import builtin_docstring_groups
+
+        return builtin_docstring_groups(mode)
     if name == "wikipedia":
         groups = [[(t, None) for t in passages(a, mode)] for a in wikipedia_articles()]
         return [g for g in groups if g], "wikipedia:gensim-4.4.0 test data (106 articles)"
