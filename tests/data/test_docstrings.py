@@ -2,7 +2,8 @@
 
 import pytest
 
-from krimp.data.docstrings import clean_docstring, docstring_groups
+from krimp.data.docstrings import docstring_groups
+from krimp.data.text import clean_rst
 
 MOD = '''"""A module whose import would fail: parsing must be enough to read its prose.
 
@@ -51,9 +52,10 @@ def test_docstrings_are_parsed_not_imported_one_group_per_file(tmp_path):
     assert groups[1] == ["The second file says something of its own about the sensors here."]
 
 
-def test_clean_docstring_keeps_prose_and_drops_code_and_markup():
+def test_docstring_markup_is_cleaned_as_the_documentation_is():
     doc = "Prose stays.\n>>> x = 1\n... more\n.. note:: a directive\n:param x: a field\n- a bullet\nMore prose."
-    assert clean_docstring(doc).split("\n") == ["Prose stays.", "", "", "", "", "", "More prose."]
+    assert clean_rst(doc).split("\n") == ["Prose stays.", "", "", "", "", "", "More prose."]
+    assert clean_rst("Composed with :func:`jacrev` and ``vmap``.") == "Composed with jacrev and vmap."
 
 
 def test_builtin_docstrings_read_the_standard_library_once_then_the_cache(tmp_path, monkeypatch):

@@ -61,7 +61,9 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
         return _lm_windows(spec, task, cal_parts or [cal_pool], ev_parts or [ev_pool], rng, info)
     cal = _sample(cal_pool, spec.calib_samples, rng)
     ev = _sample(ev_pool, spec.eval_samples, rng)
-    if task.is_text:  # the same sentence in two files (boilerplate, a docstring quoted in the docs)
+    # the same sentence in two files (boilerplate, a docstring quoted in the docs) is not calibrated
+    # on; dropped after sampling, so both draws stay what they were
+    if task.is_text:
         scored = {x for x, _ in ev_pool}
         kept = [it for it in cal if it[0] not in scored]
         if len(kept) < len(cal):

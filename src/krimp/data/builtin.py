@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from krimp.data.text import passages, read_text_groups
 from krimp.errors import KrimpError
@@ -53,17 +58,28 @@ def python_docs_groups(mode: str):
     return groups, "python-docs:stdlib-docstrings"
 
 
-def wikipedia_articles() -> list[str]:
-    """The articles' plain text (wiki markup and bold/italic marks removed), cached once."""
-    import json
-    import os
-    import re
-
+def cached_json(name: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``'s JSON-able result, kept in krimp's cache folder after the first call (written
+    to a temporary file, then renamed)."""
     from krimp.models.builtin import CACHE
 
-    cache = CACHE / "wikipedia-gensim-4.4.0.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+    path = CACHE / name
+    if path.exists():
+        return json.loads(path.read_text())
+    out = compute()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, path)
+    return out
+
+
+def wikipedia_articles() -> list[str]:
+    """The articles' plain text (wiki markup and bold/italic marks removed), cached once."""
+    return cached_json("wikipedia-gensim-4.4.0.json", _read_wikipedia)
+
+
+def _read_wikipedia() -> list[str]:
     try:
         from gensim.corpora.wikicorpus import filter_wiki
         from gensim.scripts.segment_wiki import segment_all_articles
@@ -75,10 +91,6 @@ def wikipedia_articles() -> list[str]:
     for _title, sections, *_ in segment_all_articles(path, include_interlinks=False):
         text = "\n\n".join(filter_wiki(body) for _, body in sections)
         arts.append(re.sub(r"'{2,}", "", text))
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(arts))
-    os.replace(tmp, cache)
     return arts
 
 

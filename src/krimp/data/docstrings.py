@@ -1,6 +1,6 @@
 """English prose from docstrings: the Python standard library's and those of installed packages.
 
-Technical English of the same kind as the Python documentation, in far greater quantity (136,385
+Technical English of the same kind as the Python documentation, in far greater quantity (135,593
 distinct sentences from the standard library, NumPy, SciPy, scikit-learn, PyTorch and transformers
 on the machine this was written on). A transfer or calibration set that should not repeat itself
 can draw on it beside the documentation: a student distilled on 7,250 sentences seen four times
@@ -18,28 +18,18 @@ import ast
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
-import os
-import re
 import sys
 import sysconfig
 from pathlib import Path
 
-from krimp.data.text import passages
+from krimp.data.text import clean_rst, passages
 
 log = logging.getLogger(__name__)
 PACKAGES = ("numpy", "scipy", "sklearn", "torch", "transformers")  # after the standard library
 _DISTRIBUTION = {"sklearn": "scikit-learn"}
 _SKIP_DIRS = {"test", "tests", "testing", "site-packages", "idlelib", "__pycache__"}
-_CODE = re.compile(r"^\s*(>>>|\.\.\.|\.\. |:\w|[-=*+|#~^])")
-_FORMAT = 1  # part of the cache key: raise it when the extraction changes
-
-
-def clean_docstring(doc: str) -> str:
-    """Prose lines only: doctest, reST directive and field lines, bullets, tables and underlines
-    become paragraph breaks. (A NumPy-style ``name : type`` line stays, joined to its description.)"""
-    return "\n".join("" if _CODE.match(line) else line for line in doc.splitlines())
+_FORMAT = 2  # part of the cache key: raise it when the extraction changes (2: clean_rst)
 
 
 def file_docstrings(path: Path) -> list[str]:
@@ -54,7 +44,9 @@ def file_docstrings(path: Path) -> list[str]:
 
 def docstring_groups(roots: list[Path], mode: str = "sentence") -> list[list[str]]:
     """One group of distinct sentences (or passages) per ``.py`` file under ``roots``, files in
-    sorted order; a sentence seen in an earlier file is not repeated."""
+    sorted order; a sentence seen in an earlier file is not repeated. Docstrings are reStructuredText:
+    :func:`krimp.data.text.clean_rst` keeps their prose, as for the documentation (a NumPy-style
+    ``name : type`` line stays, joined to its description)."""
     seen: set[str] = set()
     groups = []
     for root in roots:
@@ -62,7 +54,7 @@ def docstring_groups(roots: list[Path], mode: str = "sentence") -> list[list[str
         for f in files:
             items = []
             for doc in file_docstrings(f):
-                for s in passages(clean_docstring(doc), mode):
+                for s in passages(clean_rst(doc), mode):
                     if s not in seen:
                         seen.add(s)
                         items.append(s)
@@ -90,21 +82,17 @@ def installed_roots() -> tuple[list[Path], str]:
 def builtin_docstring_groups(mode: str) -> tuple[list[list[tuple[str, None]]], str]:
     """``builtin:docstrings``: groups of (text, None), cached per set of versions and mode
     (parsing takes about a minute)."""
-    from krimp.models.builtin import CACHE
+    from krimp.data.builtin import cached_json
 
     roots, label = installed_roots()
+
+    def parse():
+        log.info("reading docstrings of %s (once, then from krimp's cache)", label)
+        return docstring_groups(roots, mode)
+
     key = hashlib.sha256(f"{_FORMAT}|{label}|{mode}|{[str(r) for r in roots]}".encode()).hexdigest()[:16]
-    cache = CACHE / f"docstrings-{key}.json"
-    if cache.exists():
-        groups = json.loads(cache.read_text())
-    else:
-        log.info("reading docstrings of %s (once; cached in %s)", label, cache)
-        groups = docstring_groups(roots, mode)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(groups))
-        os.replace(tmp, cache)
+    groups = cached_json(f"docstrings-{key}.json", parse)
     return [[(t, None) for t in g] for g in groups], f"docstrings: {label}"
 
 
-__all__ = ["PACKAGES", "builtin_docstring_groups", "clean_docstring", "docstring_groups", "file_docstrings"]
+__all__ = ["PACKAGES", "builtin_docstring_groups", "docstring_groups", "file_docstrings"]
