@@ -2,8 +2,8 @@
 
     python bench/distill.py [--only minilm,smollm2,digits] [--lm-steps 200]
 
-- minilm: MiniLM-L6 -> 3-layer student (recipes/minilm-distill-3layer.yaml, 8 epochs over 29,000
-  documentation sentences), then dynamic INT8 of the student (recipes/minilm-int8.yaml with
+- minilm: MiniLM-L6 -> 3-layer student (recipes/minilm-distill-3layer.yaml, 16 epochs in batches of 32
+  over 28,405 documentation sentences), then dynamic INT8 of the student (recipes/minilm-int8.yaml with
   ``--model`` = the student's run folder). Teacher FP32, student FP32 and student INT8 are timed in
   ONNX Runtime, each in fresh processes, interleaved; fidelity to the teacher on the same 512
   held-out sentences.
