@@ -66,6 +66,22 @@ def test_builtin_python_docs_is_real_prose():
     assert not set(ds.calib) & set(ds.eval)
 
 
+def test_python_docs_fallback_parses_the_standard_library_without_importing_it(monkeypatch, tmp_path):
+    import sys
+
+    import krimp.data.builtin as B
+
+    assert all(B.stdlib_source(n) for n in B._DOCSTRING_MODULES)  # every listed module has a source file
+    monkeypatch.setattr(B, "DOC_SOURCES", tmp_path / "no-docs")  # a Python without Debian's python3-doc
+    monkeypatch.setattr(B, "_DOCSTRING_MODULES", ("tabnanny", "wsgiref"))  # a module and a package
+    monkeypatch.delitem(sys.modules, "tabnanny", raising=False)
+    monkeypatch.delitem(sys.modules, "wsgiref", raising=False)
+    groups, label = B.python_docs_groups("sentence")
+    assert label == "python-docs:stdlib-docstrings" and len(groups) == 2
+    assert any("indentation" in s for s, _ in groups[0]) and "WSGI" in groups[1][0][0]
+    assert "tabnanny" not in sys.modules and "wsgiref" not in sys.modules
+
+
 def test_image_folder_with_class_subfolders(tmp_path):
     from PIL import Image
 

@@ -2,7 +2,8 @@
 
 - ``python-docs``: English prose from the Python documentation sources
   (Debian's python3.11-doc at /usr/share/doc/python3.11/html/_sources); where those are absent,
-  the docstrings of the Python standard library, which every Python carries.
+  the docstrings of 42 standard-library modules, which every Python carries (parsed from their
+  source files, never imported).
 - ``docstrings``: English docstrings of the standard library and of NumPy, SciPy, scikit-learn,
   PyTorch and transformers where installed (parsed, never imported; see krimp.data.docstrings).
 - ``wikipedia``: 106 English Wikipedia articles (3.1M characters) from gensim's test data, the
@@ -13,17 +14,16 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import os
 import re
 import sys
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from krimp.data.text import passages, read_text_groups
+from krimp.data.text import clean_rst, passages, read_text_groups
 from krimp.errors import KrimpError
 
 BUILTIN_DATA = ("python-docs", "docstrings", "wikipedia", "digits", "photos")
@@ -31,7 +31,7 @@ DOC_SOURCES = Path(f"/usr/share/doc/python3.{sys.version_info.minor}/html/_sourc
 _DOCSTRING_MODULES = (
     "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",
     "datetime", "decimal", "email", "enum", "fractions", "functools", "heapq", "http.client",
-    "importlib", "inspect", "io", "itertools", "json", "logging", "multiprocessing", "os", "pathlib",
+    "importlib", "inspect", "io", "json", "logging", "multiprocessing", "os", "pathlib",
     "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess",
     "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid",
     "xml.etree.ElementTree", "zipfile",
@@ -42,20 +42,26 @@ def python_docs_groups(mode: str):
     """Groups of (text, None), one per documentation file (or per stdlib module)."""
     if DOC_SOURCES.is_dir() and any(DOC_SOURCES.glob("*.rst.txt")):
         return read_text_groups(DOC_SOURCES, mode, "text", "label"), f"python-docs:{DOC_SOURCES}"
+    from krimp.data.docstrings import file_docstrings
+
     groups = []
-    for name in _DOCSTRING_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        docs = [inspect.getdoc(mod) or ""]
-        for _, obj in sorted(vars(mod).items()):
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
-                docs.append(inspect.getdoc(obj) or "")
-        items = [(t, None) for t in passages("\n\n".join(docs), mode)]
+    for name in _DOCSTRING_MODULES:  # parsed from the source, never imported
+        f = stdlib_source(name)
+        docs = file_docstrings(f) if f else []
+        items = [(t, None) for d in docs for t in passages(clean_rst(d), mode)]
         if items:
             groups.append(items)
     return groups, "python-docs:stdlib-docstrings"
+
+
+def stdlib_source(name: str) -> Path | None:
+    """The source file of standard-library module ``name`` (a package's ``__init__.py``), found
+    without importing it."""
+    base = Path(sysconfig.get_paths()["stdlib"]).joinpath(*name.split("."))
+    for f in (base.parent / f"{base.name}.py", base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
 
 
 def cached_json(name: str, compute: Callable[[], Any]) -> Any:
