@@ -1,3 +1,4 @@
+import pydantic
 import pytest
 
 from krimp.config import REGISTRY, config_from_dict
@@ -42,7 +43,7 @@ def test_wrong_value_type_names_field_path():
 
 def test_configs_are_frozen_and_validated():
     cfg = DynamicInt8Config(per_channel=False)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.per_channel = True  # type: ignore[misc]
     with pytest.raises(KrimpError):
         config_from_dict({"method": "int8-static", "percentile": 50})
