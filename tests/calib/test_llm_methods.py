@@ -191,6 +191,24 @@ def test_first_position_weight_counts_each_windows_first_token_that_many_times()
     assert torch.allclose(plain.hessian, torch.einsum("bti,btj->ij", x, x), atol=1e-5)
 
 
+def test_awq_sink_weight_reaches_the_block_loss_and_is_validated(llama, monkeypatch):
+    import krimp.quant.awq as A
+
+    h, ids = llama
+    weights = []
+    err = A.block_error
+
+    def spy(y, ref, first_weight=1.0):
+        weights.append(first_weight)
+        return err(y, ref, first_weight)
+
+    monkeypatch.setattr(A, "block_error", spy)
+    _run(h, ids, {"method": "awq", "bits": 4, "group_size": 32, "head_bits": None, "sink_weight": 16})
+    assert weights and set(weights) == {16.0}  # every grid point of every pair's search
+    with pytest.raises(KrimpError, match="sink_weight"):
+        config_from_dict({"method": "awq", "sink_weight": 0.5})
+
+
 def test_gptq_sink_weight_changes_the_solve_and_is_validated(llama, monkeypatch):
     import krimp.quant.gptq as G
 

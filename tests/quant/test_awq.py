@@ -2,7 +2,7 @@
 
 import torch
 
-from krimp.quant.awq import fake_quant, search_clip, search_scale
+from krimp.quant.awq import block_error, fake_quant, search_clip, search_scale
 from krimp.quant.wq import WQSpec
 
 
@@ -28,3 +28,14 @@ def test_clip_ratios_in_range_and_error_not_worse():
     assert r.shape == (32, 2) and float(r.min()) >= 0.5 - 1e-6 and float(r.max()) <= 1.0
     e = lambda q: float(((x @ (q - w).T) ** 2).sum())
     assert e(fake_quant(w, spec, r)) <= e(fake_quant(w, spec)) * 1.0001
+
+
+def test_block_error_counts_each_windows_first_position_sink_weight_times():
+    g = torch.Generator().manual_seed(2)
+    ref = torch.randn(2, 6, 4, generator=g)
+    y = ref + torch.randn(2, 6, 4, generator=g)
+    per_pos = ((y - ref) ** 2).sum(-1)  # (windows, positions)
+    assert abs(block_error(y, ref) - float(per_pos.sum())) < 1e-4
+    c = torch.ones(6)
+    c[0] = 16.0
+    assert abs(block_error(y, ref, 16.0) - float((per_pos * c).sum())) < 1e-3

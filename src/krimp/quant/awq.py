@@ -30,6 +30,14 @@ def fake_quant(w: torch.Tensor, spec: WQSpec, clip: torch.Tensor | float = 1.0) 
     return quantize(w, s, z, spec).dequantize()
 
 
+def block_error(y: torch.Tensor, ref: torch.Tensor, first_weight: float = 1.0) -> float:
+    """Squared error of a block's outputs ``y`` against ``ref`` (windows, positions, width), each
+    window's first position counted ``first_weight`` times (the attention sink, as GPTQ's
+    ``sink_weight``; 1 is the plain sum)."""
+    d = (y.float() - ref.float()) ** 2
+    return float(d.sum() + (first_weight - 1) * d[:, 0].sum())
+
+
 def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], specs: list[WQSpec],
                  grid: int = 20) -> tuple[torch.Tensor, float, float]:
     """Best per-input-channel scale for linears ``weights`` (each (out_i, in)) reading inputs ``x``.
