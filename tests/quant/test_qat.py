@@ -59,7 +59,8 @@ class _Ctx:
         self.ckpt_dir, self.step = None, None
 
 
-def test_hf_linears_end_on_grid_with_packed_codes(minilm):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_hf_linears_end_on_grid_with_packed_codes(minilm, precision):
     import copy
 
     from krimp.data import load_data
@@ -72,10 +73,11 @@ def test_hf_linears_end_on_grid_with_packed_codes(minilm):
     m = copy.deepcopy(minilm.module)
     before = m.encoder.layer[0].attention.self.query.weight.detach().clone()
     cfg = QATConfig(bits=4, group_size=32, steps=3, batch=16, lr=1e-4, checkpoint_every=0,
-                    targets=["encoder.layer.*"])
+                    targets=["encoder.layer.*"], precision=precision)
     out, info = QAT().apply_torch(m, cfg, _Ctx(minilm.task, data.calib))
     q = out.encoder.layer[0].attention.self.query
     assert info["quantized_layers"] == 36 and info["training"]["steps"] == 3
+    assert info["training"]["settings"]["precision"] == precision  # the trainer autocasts under bf16
     assert hasattr(q, "krimp_wq") and q.krimp_wq.spec.bits == 4
     assert torch.allclose(q.weight, q.krimp_wq.dequantize(), atol=1e-6)
     rows = q.weight.reshape(q.weight.shape[0], -1, 32)
@@ -93,3 +95,6 @@ def test_bad_input(minilm):
         QAT().apply_torch(nn.Sequential(nn.ReLU()), QATConfig(steps=0), _Ctx(minilm.task, []))
     with pytest.raises(Exception, match="bits"):
         QATConfig(bits=1)
+    with pytest.raises(KrimpError, match="weight-only"):
+        QAT().apply_torch(nn.Sequential(nn.Linear(4, 4)), QATConfig(activations=8, precision="bf16"),
+                          _Ctx(minilm.task, []))

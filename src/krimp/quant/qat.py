@@ -13,6 +13,7 @@ Inference" (arXiv:1712.05877) for fake quantization with the straight-through es
       steps: 300            # 0: no training, i.e. round-to-nearest PTQ on the same grid
       activations: null     # 8: also fake-quantize each layer's input (uint8, per tensor) -> ONNX QDQ INT8
       act_scales: learned   # or frozen at the observed min-max range
+      precision: fp32       # bf16: matmuls in bfloat16 under autocast (weight-only QAT; 1.2x on MiniLM)
 
 Every ``nn.Linear`` and ``nn.Conv2d`` matched by ``targets`` / ``ignore`` is trained through a
 parametrization, then left holding its dequantized on-grid weight. Linears of Hugging Face models
@@ -42,7 +43,7 @@ from krimp.distill.method import LossWeights, forward, transfer_batches
 from krimp.errors import KrimpError
 from krimp.quant.wq import QuantizedWeight, WQSpec, grouped, qparams
 from krimp.train import losses as L
-from krimp.train.trainer import TrainSettings, fingerprint, train
+from krimp.train.trainer import Precision, TrainSettings, fingerprint, train
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class QATConfig(BaseConfig):
     activations: Literal[8] | None = None  # 8: inputs fake-quantized too (uint8 per tensor), QDQ export
     act_scales: Literal["learned", "frozen"] = "learned"
     observer_batches: int = pydantic.Field(8, ge=1)
+    precision: Precision = "fp32"  # bf16: matmuls in bfloat16 under autocast (weight-only QAT)
     seed: int = 0
 
 
@@ -151,6 +153,9 @@ class QAT:
         if act and cfg.group_size is not None:
             raise KrimpError("qat.activations: 8 needs per-channel weights (group_size: null); ONNX QDQ has no "
                              "grouped INT8 weights for MatMul/Conv")
+        if act and cfg.precision != "fp32":
+            raise KrimpError("qat.precision: bf16 is for weight-only QAT; with activations: 8 the activation "
+                             "grids and their observers need float32 (precision: fp32)")
         folded = qat_act.fold_conv_bn(module) if act else 0
         layers = targets(module, cfg)
         if not layers:
@@ -230,7 +235,8 @@ class QAT:
         named = {k: p for k, p in module.named_parameters() if p.requires_grad}
         named.update({f"{n}.act{i}_scale": q.scale for n, qs in afq.items() for i, q in enumerate(qs)
                       if q.scale.requires_grad})
-        settings = TrainSettings(steps=cfg.steps, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
+        settings = TrainSettings(steps=cfg.steps, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
+                                 precision=cfg.precision)
         fp = fingerprint(cfg.to_dict(), task.name, len(ctx.calib_items), ctx.seq_len)
         return train(named, loss_fn, batches, settings, ckpt_dir=ctx.ckpt_dir, fp=fp, step=ctx.step,
                      samples_per_batch=cfg.batch, modules=[module])
