@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from krimp.data.text import clean_rst, passages, read_text_groups
+from krimp.data.text import passages, read_text_groups
 from krimp.errors import KrimpError
 
 BUILTIN_DATA = ("python-docs", "docstrings", "wikipedia", "digits", "photos")
@@ -42,16 +42,10 @@ def python_docs_groups(mode: str):
     """Groups of (text, None), one per documentation file (or per stdlib module)."""
     if DOC_SOURCES.is_dir() and any(DOC_SOURCES.glob("*.rst.txt")):
         return read_text_groups(DOC_SOURCES, mode, "text", "label"), f"python-docs:{DOC_SOURCES}"
-    from krimp.data.docstrings import file_docstrings
+    from krimp.data.docstrings import file_groups
 
-    groups = []
-    for name in _DOCSTRING_MODULES:  # parsed from the source, never imported
-        f = stdlib_source(name)
-        docs = file_docstrings(f) if f else []
-        items = [(t, None) for d in docs for t in passages(clean_rst(d), mode)]
-        if items:
-            groups.append(items)
-    return groups, "python-docs:stdlib-docstrings"
+    files = [f for f in map(stdlib_source, _DOCSTRING_MODULES) if f]  # parsed from the source, never imported
+    return [[(t, None) for t in g] for g in file_groups(files, mode)], "python-docs:stdlib-docstrings"
 
 
 def stdlib_source(name: str) -> Path | None:

@@ -47,19 +47,25 @@ def docstring_groups(roots: list[Path], mode: str = "sentence") -> list[list[str
     sorted order; a sentence seen in an earlier file is not repeated. Docstrings are reStructuredText:
     :func:`krimp.data.text.clean_rst` keeps their prose, as for the documentation (a NumPy-style
     ``name : type`` line stays, joined to its description)."""
+    files = [f for root in roots
+             for f in sorted(f for f in root.rglob("*.py") if not _SKIP_DIRS & set(f.relative_to(root).parts))]
+    return file_groups(files, mode)
+
+
+def file_groups(files: list[Path], mode: str = "sentence") -> list[list[str]]:
+    """One group of distinct sentences (or passages) per file of ``files`` that has any, in order;
+    a sentence seen in an earlier file is not repeated."""
     seen: set[str] = set()
     groups = []
-    for root in roots:
-        files = sorted(f for f in root.rglob("*.py") if not _SKIP_DIRS & set(f.relative_to(root).parts))
-        for f in files:
-            items = []
-            for doc in file_docstrings(f):
-                for s in passages(clean_rst(doc), mode):
-                    if s not in seen:
-                        seen.add(s)
-                        items.append(s)
-            if items:
-                groups.append(items)
+    for f in files:
+        items = []
+        for doc in file_docstrings(f):
+            for s in passages(clean_rst(doc), mode):
+                if s not in seen:
+                    seen.add(s)
+                    items.append(s)
+        if items:
+            groups.append(items)
     return groups
 
 
@@ -95,4 +101,4 @@ def builtin_docstring_groups(mode: str) -> tuple[list[list[tuple[str, None]]], s
     return [[(t, None) for t in g] for g in groups], f"docstrings: {label}"
 
 
-__all__ = ["PACKAGES", "builtin_docstring_groups", "docstring_groups", "file_docstrings"]
+__all__ = ["PACKAGES", "builtin_docstring_groups", "docstring_groups", "file_docstrings", "file_groups"]
