@@ -18,6 +18,9 @@ $(BIN)/.installed: pyproject.toml
 	# Real English prose for calibration/evaluation (optional: krimp falls back to stdlib docstrings)
 	-if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/doc/python3.11/html/_sources ]; then \
 		(apt-get update -qq && apt-get install -y -qq python3.11-doc) >/dev/null 2>&1; fi
+	# Headless Chromium, for the test that renders report.html as a browser does (optional: skipped without it)
+	-if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; fi
 	touch $@
 
 setup: $(BIN)/.installed
@@ -29,7 +32,9 @@ demo: setup
 		|| [ $$? -eq 3 ]
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	# a fresh cache, so the tests see what a fresh machine sees (builtin models are trained anew)
+	cache=$$(mktemp -d -t krimp-cache-XXXXXX) && trap 'rm -rf "$$cache"' EXIT && \
+		HF_HUB_OFFLINE=1 KRIMP_CACHE=$$cache $(BIN)/python -m pytest tests
 
 bench: setup
 	# llama.cpp itself (llama-cpp-python builds it from source: several minutes on 2 cores, once)

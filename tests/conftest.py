@@ -1,8 +1,16 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No test depends on what an earlier run left on this machine: unless the caller names a cache (make
+# test and .ci/run give a fresh one), the session caches builtin models and data in a folder of its own.
+if "KRIMP_CACHE" not in os.environ:
+    os.environ["KRIMP_CACHE"] = tempfile.mkdtemp(prefix="krimp-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["KRIMP_CACHE"], True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -44,19 +44,22 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
     step = step or (lambda s: log.info("%s", s))
     r = _recipe(recipe)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise KrimpError(f"output folder {out} already holds files; pass --overwrite to replace it")
-    t_start = time.perf_counter()
-    step("loading model")
     src = model if model is not None else r.model
     if src is None:
         raise KrimpError("no model: give one on the command line or as 'model:' in the recipe")
+    inputs = {"model": src, "recipe": recipe,
+              "data": [s for k in ("source", "calib_source", "eval_source") for s in _listed(getattr(r.data, k))]}
+    check_output_folder(out, inputs, overwrite)
+    t_start = time.perf_counter()
+    step("loading model")
     handle = src if isinstance(src, ModelHandle) else load_model(
         src, task or r.task, trust_remote_code=r.trust_remote_code)
+    _check_methods_fit(r, handle)
     step("loading data")
     data = load_data(r.data, handle.task, handle.builtin_origin)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished folder follows the umask
     ckpt = out.parent / f".{out.name}.checkpoints"  # training stages resume from here after an interrupt
     try:
         res = run_stages(handle, r, data, work, step, ckpt)
@@ -73,11 +76,98 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
             shutil.rmtree(out)
         os.replace(work, out)
         shutil.rmtree(ckpt, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
+        full = _out_of_space(e, work.parent)  # judged before the partial folder is removed
         shutil.rmtree(work, ignore_errors=True)
+        if full:
+            need = _space_needed(handle)
+            raise KrimpError(f"no space left on {out.parent.resolve()} (the run needs about {need / 1e6:.{0 if need > 1e7 else 1}f} MB "
+                             "there); free some space or choose another --out") from None
         raise
     report["out"] = str(out)
     return report
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _out_of_space(e: BaseException, folder: Path) -> bool:
+    """Whether ``e`` came from a full disk: ENOSPC anywhere in its chain or message, or any failure
+    while under 16 MB are free (a short write can surface later as a corrupt file)."""
+    import errno
+
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(e, KeyboardInterrupt):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
+
+
+def _space_needed(handle: ModelHandle) -> int:
+    """About three float32 copies of the model: the baseline export, the compressed one, and one
+    intermediate stage file at a time."""
+    if handle.module is not None:
+        n = sum(p.numel() for p in handle.module.parameters()) * 4
+    else:
+        n = Path(handle.onnx_path).stat().st_size
+    return 3 * n
+
+
+def _check_methods_fit(r: Recipe, handle: ModelHandle) -> None:
+    """A layer-wise method on a model without decoder blocks is refused before any work, in one line
+    that names the methods that do fit."""
+    from krimp.verbs import fitting_methods
+
+    if not any(s.needs_decoder_blocks for s in r.stages):
+        return
+    fits = fitting_methods(handle)
+    for i, s in enumerate(r.stages):
+        if s.needs_decoder_blocks and s.method not in fits:
+            kinds = "decoder language models" + (" and BERT-like encoders" if s.runs_on_encoders else "")
+            arch = handle.info.get("architecture") or type(handle.module or object()).__name__
+            raise KrimpError(f"stage {i + 1} '{s.method}' works on {kinds}; this {handle.task.name} model "
+                             f"({arch}) takes: {', '.join(fits)}")
+
+
+def _listed(v) -> list:
+    return [] if v is None else list(v) if isinstance(v, list | tuple) else [v]
+
+
+def check_output_folder(out: Path, inputs: dict[str, Any], overwrite: bool) -> None:
+    """Refuse an output folder that would destroy or change what the run reads.
+
+    ``inputs`` names what is read (a path, a list of paths, or anything else, which is skipped). The
+    run replaces ``out`` as a whole, so ``out`` may not be an input, hold one, or lie inside an input
+    folder; symlinks are resolved first. A folder that holds files needs ``overwrite``.
+    """
+    target = out.resolve()
+    for role, value in inputs.items():
+        for item in _listed(value):
+            if not isinstance(item, str | Path) or str(item).startswith("builtin:"):
+                continue
+            p = Path(item).expanduser()
+            if not p.exists():
+                continue
+            p = p.resolve()
+            if p == target or target in p.parents:
+                raise KrimpError(f"--out {out} holds the {role} being read ({item}); "
+                                 "choose an output folder outside it")
+            if p.is_dir() and p in target.parents:
+                raise KrimpError(f"--out {out} lies inside the {role} folder {item}, which the run must not change; "
+                                 "choose an output folder outside it")
+    if out.exists() and not out.is_dir():
+        raise KrimpError(f"--out {out} is a file, not a folder; choose a folder name")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise KrimpError(f"output folder {out} already holds files; pass --overwrite to replace it")
 
 
 def _finalize(res: dict, r: Recipe, handle: ModelHandle, work: Path) -> list[dict]:
@@ -114,9 +204,6 @@ def _finalize(res: dict, r: Recipe, handle: ModelHandle, work: Path) -> list[dic
         arts.append({"format": "safetensors", "role": "compressed", "path": "model.safetensors"})
     if "gguf" in r.export.formats:
         arts.append(_gguf(res, handle, module, work))
-    unknown = set(r.export.formats) - {"onnx", "safetensors", "gguf"}
-    if unknown:
-        raise KrimpError(f"export.formats: unknown format(s) {sorted(unknown)} (known: gguf, onnx, safetensors)")
     for a in arts:
         a["bytes"] = (work / a["path"]).stat().st_size
     return arts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class KrimpError(Exception):
@@ -23,3 +24,13 @@ def unknown_key_message(key: str, where: str, options: Iterable[str]) -> str:
     if hint:
         msg += f"; did you mean '{hint}'?"
     return msg + f" (valid keys: {', '.join(options)})"
+
+
+def read_utf8(p: Path) -> str:
+    """A text file's content, or a one-line error naming the file and the first byte that is not UTF-8."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise KrimpError(f"{p}: not UTF-8 text (byte {e.start}: 0x{raw[e.start]:02x}); "
+                         "save it as UTF-8") from None

@@ -22,7 +22,7 @@ import pydantic
 import yaml
 
 from krimp.config import BaseConfig, config_from_dict, format_validation_error
-from krimp.errors import KrimpError, unknown_key_message
+from krimp.errors import KrimpError, closest, read_utf8, unknown_key_message
 
 
 class _Section(pydantic.BaseModel):
@@ -62,7 +62,8 @@ class EvalSpec(_Section):
     seq_len: int = pydantic.Field(128, ge=2)  # tokens per sample for latency runs
     threads: int = pydantic.Field(2, ge=1)
     warmup: int = pydantic.Field(5, ge=0)
-    repeats: int = pydantic.Field(20, ge=3)
+    repeats: int = pydantic.Field(20, ge=3)  # timed runs per model, at least (krimp.eval.timing)
+    timing_budget_s: float = pydantic.Field(30.0, gt=0)  # more rounds until the medians settle, up to this
     bootstrap: int = pydantic.Field(1000, ge=100)
     top_k: int = pydantic.Field(10, ge=1)  # retrieval agreement depth for embeddings
     energy: EnergySpec = EnergySpec()
@@ -81,8 +82,21 @@ class Goal(_Section):
     min_speedup: float | None = pydantic.Field(None, gt=0)
 
 
+EXPORT_FORMATS = ("gguf", "onnx", "safetensors")
+
+
 class ExportSpec(_Section):
     formats: list[str] = pydantic.Field(default_factory=lambda: ["onnx"])
+
+    @pydantic.field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        for f in v:  # checked when the recipe is read, not after an hour of stages
+            if f not in EXPORT_FORMATS:
+                hint = closest(f, EXPORT_FORMATS)
+                raise ValueError(f"unknown format '{f}'" + (f"; did you mean '{hint}'?" if hint else "")
+                                 + f" (known: {', '.join(EXPORT_FORMATS)})")
+        return v
     opset: int = pydantic.Field(17, ge=17)
     rtol: float = pydantic.Field(1e-3, gt=0)  # allowed max |onnx - torch| / max |torch| after export
     # fuse BERT-like encoders (attention, layer norm, GELU) before ONNX stages: true, false, or "auto"
@@ -129,7 +143,7 @@ class Recipe(_Section):
         if not p.is_file():
             raise KrimpError(f"recipe not found: {p}")
         try:
-            d = yaml.safe_load(p.read_text())
+            d = yaml.safe_load(read_utf8(p))
         except yaml.YAMLError as e:
             raise KrimpError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
         return cls.from_dict(d or {}, where=p.name)

@@ -43,9 +43,17 @@ def default_reference(model: str) -> str | None:
     return str(ref) if p.name != "baseline.onnx" and ref.exists() else None
 
 
+def _at_least(**flags: tuple[int, int]) -> None:
+    """Refuse an out-of-range number before any work, naming the option (``seq=(0, 2)``: --seq >= 2)."""
+    for name, (value, low) in flags.items():
+        if not isinstance(value, int) or value < low:
+            raise KrimpError(f"--{name.replace('_', '-')} must be an integer >= {low} (got {value!r})")
+
+
 def evaluate(model: str, data: str | None = None, reference: str | None = None, samples: int = 256,
              seq_len: int = 128, batch: int = 8, threads: int = 2, task: str | None = None) -> dict[str, Any]:
     """Quality of ``model`` on held-out data, and fidelity to ``reference`` (the model itself if none)."""
+    _at_least(samples=(samples, 1), seq=(seq_len, 2), batch=(batch, 1), threads=(threads, 1))
     h = load_model(model, task)
     ref = load_model(reference, h.task.name) if reference else h
     if ref is not h and ref.task.name != h.task.name:
@@ -61,6 +69,7 @@ def evaluate(model: str, data: str | None = None, reference: str | None = None, 
 def bench(model: str, batch: int = 8, seq: int = 128, threads: int = 2, repeats: int = 20,
           warmup: int = 5, task: str | None = None) -> dict[str, Any]:
     """Latency p50/p95, throughput, peak RSS, size and energy/cost estimates on the model's runtime."""
+    _at_least(batch=(batch, 1), seq=(seq, 2), threads=(threads, 1), repeats=(repeats, 3), warmup=(warmup, 0))
     if str(model).endswith(".gguf"):  # llama.cpp: prompt and decode tokens/s
         from krimp.eval.llamacpp import bench_gguf
 
@@ -95,12 +104,33 @@ def _size(h: ModelHandle) -> int:
     return sum(t.numel() * t.element_size() for t in h.module.state_dict().values())
 
 
+def fitting_methods(h: ModelHandle) -> list[str]:
+    """The registered methods that apply to this model: ONNX-graph methods to any model, torch methods
+    to a torch model, and layer-wise methods only where decoder blocks (or, for SmoothQuant, BERT-like
+    encoder layers) are found."""
+    from krimp.config import REGISTRY, _ensure_loaded
+    from krimp.models.arch import find_blocks
+
+    _ensure_loaded()
+    domains = {"onnx"} if h.module is None else {"onnx", "torch"}
+    blocks = encoder = False  # decoder blocks (layer-wise methods); a BERT-like encoder (smoothquant)
+    if h.module is not None:
+        try:
+            blocks = bool(find_blocks(h.module))
+        except KrimpError:
+            pass
+        if not blocks and h.task.name != "causal-lm":
+            from krimp.quant.smooth_encoder import encoder_layers
+
+            encoder = bool(encoder_layers(h.module))
+    return sorted(k for k, (c, _) in REGISTRY.items()
+                  if c.domain in domains and (blocks or not c.needs_decoder_blocks
+                                              or (encoder and c.runs_on_encoders)))
+
+
 def inspect(model: str, task: str | None = None) -> dict[str, Any]:
     """Layers, parameter count, dtypes, size, and the methods krimp can apply to this model."""
-    from krimp.config import REGISTRY, _ensure_loaded
-
     h = load_model(model, task)
-    _ensure_loaded()
     if h.onnx_path is not None:
         import onnx
 
@@ -111,23 +141,7 @@ def inspect(model: str, task: str | None = None) -> dict[str, Any]:
     else:
         layers = Counter(type(m).__name__ for m in h.module.modules() if not list(m.children()))
         dtypes = Counter(str(p.dtype).replace("torch.", "") for p in h.module.parameters())
-        domains = {"onnx", "torch"}
-    blocks = encoder = False  # decoder blocks (layer-wise methods); a BERT-like encoder (smoothquant)
-    if h.module is not None:
-        from krimp.errors import KrimpError
-        from krimp.models.arch import find_blocks
-
-        try:
-            blocks = bool(find_blocks(h.module))
-        except KrimpError:
-            pass
-        if not blocks and h.task.name != "causal-lm":
-            from krimp.quant.smooth_encoder import encoder_layers
-
-            encoder = bool(encoder_layers(h.module))
-    methods = sorted(k for k, (c, _) in REGISTRY.items()
-                     if c.domain in domains and (blocks or not c.needs_decoder_blocks
-                                                 or (encoder and c.runs_on_encoders)))
+    methods = fitting_methods(h)
     return {"model": h.source, "kind": h.kind, "task": h.task.name, "params": h.num_params,
             "size_bytes": _size(h), "layers": dict(layers.most_common()), "dtypes": dict(dtypes),
             "inputs": h.task.input_names, "methods": methods, **h.info}

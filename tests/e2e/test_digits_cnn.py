@@ -1,6 +1,7 @@
 """End to end: the digits CNN (trained here) -> static INT8 -> ONNX Runtime, on held-out digits."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -52,6 +53,9 @@ def test_artifact_is_smaller_and_report_is_complete(run):
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert "| accuracy (95% CI) |" in (out / "report.md").read_text()
     assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # the folder follows the umask, not mkdtemp's 0700
 
 
 def test_input_model_is_unchanged(run):

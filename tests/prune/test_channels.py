@@ -19,7 +19,7 @@ def test_digits_cnn_half_the_channels_recovers_and_exports(tmp_path):
               "data": {"source": "builtin:digits", "calib_samples": 398, "eval_samples": 398},
               "eval": {"batch": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
               "goal": {"max_quality_drop": 0.03},
-              "stages": [{"method": "channels", "ratio": 0.5, "recover_steps": 400, "lr": 0.003}]}
+              "stages": [{"method": "channels", "ratio": 0.5, "recover_steps": 1000, "lr": 0.003}]}
     r = krimp.compress("builtin:digits-cnn", recipe, tmp_path / "run")
     st = r["stages"][0]
     assert st["channels"] == {"features.0": 8, "features.3": 16, "features.7": 32}

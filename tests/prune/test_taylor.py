@@ -62,24 +62,44 @@ def test_taylor_ranks_minilm_units_better_than_magnitude(mini):
     assert c_t > c_m + 0.03, (c_t, c_m)
 
 
-def test_taylor_ranks_digits_channels_better_than_magnitude():
-    """One shot, 25% of the channels of every coupled group; held-out agreement (measured: 0.56
-    against 0.34). First-order estimates hold for small removals: at 40% both collapse."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_taylor_channel_scores_rank_the_true_removal_damage_better_than_magnitude(seed):
+    """Each channel of each coupled group of a digits CNN is removed alone and the summed squared
+    change of the logits measured; the probed Taylor scores rank those exact damages better than the
+    weight norm (Spearman's rho averaged over the three groups) on three independently trained CNNs.
+    Measured on seeds 0-4: 0.70-0.89 against 0.57-0.78. Which criterion keeps more agreement after a
+    25% cut varies by instance (bench/results/prune_importance.md), so that is not asserted here."""
+    import torch_pruning as tp
+    from scipy.stats import spearmanr
+
     from krimp.data import load_data
+    from krimp.models.builtin import digits_cnn
+    from krimp.prune.taylor import ProbedGroupTaylor, probe_grads
     from krimp.recipe import DataSpec
 
     h = load_model("builtin:digits-cnn")
-    d = load_data(DataSpec(source="builtin:digits", calib_samples=398, eval_samples=398), h.task)
-    cal, ev = list(batches(h.task, d.calib, 16, 0)), list(batches(h.task, d.eval, 64, 0))
+    d = load_data(DataSpec(source="builtin:digits", calib_samples=398, eval_samples=16), h.task)
+    cal = list(batches(h.task, d.calib, 16, 0))
+    xs = torch.cat([torch.from_numpy(np.ascontiguousarray(f["pixel_values"])) for f in cal])
+    m = digits_cnn(seed)
+    taylor, magnitude = ProbedGroupTaylor(probe_grads(m, cal, "pixel_values")), tp.importance.GroupMagnitudeImportance()
+    with torch.no_grad():
+        ref = m(xs)
 
-    def agreement(imp):
-        cfg = config_from_dict({"method": "channels", "ratio": 0.25, "importance": imp})
-        m, info = method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, cal, 2))
-        assert info["channels"] == {"features.0": 12, "features.3": 24, "features.7": 48}
-        assert all(p.grad is None for p in m.parameters())  # the probe gradients are gone
-        with torch.no_grad():
-            x = [torch.from_numpy(np.ascontiguousarray(f["pixel_values"])) for f in ev]
-            return float(torch.cat([(h.module(b).argmax(1) == m(b).argmax(1)).float() for b in x]).mean())
+    def group(model, layer, idxs):
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=xs[:1])
+        return dg.get_pruning_group(model.features[layer], tp.prune_conv_out_channels, idxs=idxs)
 
-    a_t, a_m = agreement("taylor"), agreement("magnitude")
-    assert a_t > a_m + 0.1, (a_t, a_m)
+    rho_t, rho_m = [], []
+    for layer in (0, 3, 7):
+        n = m.features[layer].out_channels
+        exact = []
+        for c in range(n):
+            cut = copy.deepcopy(m)
+            group(cut, layer, [c]).prune()
+            with torch.no_grad():
+                exact.append(float(((cut(xs) - ref) ** 2).sum()))
+        g = group(m, layer, list(range(n)))
+        rho_t.append(spearmanr(taylor(g), exact)[0])
+        rho_m.append(spearmanr(magnitude(g), exact)[0])
+    assert np.mean(rho_t) > 0.65 and np.mean(rho_t) > np.mean(rho_m) + 0.05, (rho_t, rho_m)

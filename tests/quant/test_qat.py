@@ -8,7 +8,7 @@ from torch import nn
 
 import krimp
 from krimp.errors import KrimpError
-from krimp.quant.qat import FakeQuant, QATConfig, QAT
+from krimp.quant.qat import QAT, FakeQuant, QATConfig
 from krimp.quant.wq import WQSpec, rtn
 
 

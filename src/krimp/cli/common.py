@@ -7,16 +7,17 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
-STATE = {"debug": False}
+STATE = {"debug": False, "signal": None}  # signal: the number of the signal that stopped the run
 
 EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
 EXIT_GOAL_MISSED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; a SIGTERM exits 128 + 15 = 143, as shells report it
 
 
 @contextmanager
@@ -29,21 +30,21 @@ def user_errors():
     except KrimpError as e:
         if STATE["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: nothing partial was left in the output folder")
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(128 + STATE["signal"] if STATE["signal"] else EXIT_INTERRUPTED)
     except (MemoryError, OSError) as e:
         if STATE["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}", highlight=False)
         sys.exit(EXIT_BAD_INPUT)
     except Exception as e:  # a failure krimp did not foresee: one line, the traceback with --debug
         if STATE["debug"]:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        err_console.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {first} "
+        err_console.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {escape(first)} "
                           "(rerun with --debug for the traceback)", highlight=False)
         sys.exit(EXIT_UNEXPECTED)
 

@@ -19,8 +19,10 @@ def compress_cmd(
     """Compress a model by a recipe; exit 3 if the goal is missed, 2 on bad input."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from rich.markup import escape
+
     import krimp
-    from krimp.report.writers import goal_line, summary_rows
+    from krimp.report.writers import goal_line, summary_rows, timing_warning
 
     with common.user_errors(), Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=common.err_console, transient=True) as prog:
@@ -32,7 +34,9 @@ def compress_cmd(
     common.console.print(common.table(f"krimp: {report['model']['source']}", ["metric", "baseline", "compressed"],
                                       summary_rows(report)))
     style = "green" if report["within_goal"] else "bold red"
-    common.console.print(f"[{style}]{goal_line(report)}[/]", highlight=False)
+    common.console.print(f"[{style}]{escape(goal_line(report))}[/]", highlight=False)
+    if timing_warning(report):
+        common.console.print(f"[bold yellow]{escape(timing_warning(report))}[/]", highlight=False)
     common.console.print(f"report: {Path(report['out']) / 'report.html'}  (and report.json, report.md)")
     if not report["within_goal"]:
         sys.exit(common.EXIT_GOAL_MISSED)

@@ -37,6 +37,7 @@ _register()
 
 
 def _terminate(signum, frame) -> None:
+    common.STATE["signal"] = signum  # exit 143, as a shell reports a SIGTERM
     raise KeyboardInterrupt  # `kill PID` cleans up like Ctrl-C: no partial output is left behind
 
 

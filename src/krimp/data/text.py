@@ -7,11 +7,12 @@ evaluation can be split by group and never share a document.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
 
-from krimp.errors import KrimpError
+from krimp.errors import KrimpError, read_utf8
 
 TEXT_SUFFIXES = (".txt", ".rst", ".md", ".text")
 _SENT = re.compile(r"(?<=[.!?])\s+")
@@ -75,7 +76,7 @@ def _chunk(items, size: int = 8):
 
 def _read_jsonl(path: Path, text_field: str, label_field: str):
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -89,8 +90,7 @@ def _read_jsonl(path: Path, text_field: str, label_field: str):
 
 
 def _read_csv(path: Path, text_field: str, label_field: str):
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_utf8(path), newline="")))
     if rows and text_field not in rows[0]:
         raise KrimpError(f"{path}: no column '{text_field}' (columns: {', '.join(rows[0])}; set data.text_field)")
     return [(r[text_field], r.get(label_field)) for r in rows]

@@ -49,6 +49,7 @@ class DistillConfig(BaseConfig):
     """Distil the incoming model into a student built from it (or given)."""
 
     method = "distill"
+    honours_targets = False  # the whole model is the teacher
     student: StudentSpec
     weights: LossWeights = LossWeights()
     temperature: float = pydantic.Field(2.0, gt=0)

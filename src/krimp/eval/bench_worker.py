@@ -1,6 +1,10 @@
 """Run in a fresh process: time one ONNX model on one feed and print a JSON line.
 
 Usage: python -m krimp.eval.bench_worker MODEL.onnx FEED.npz THREADS WARMUP REPEATS
+
+or, kept alive and timed on request (krimp.eval.timing), with idle threads not spinning:
+``--serve MODEL.onnx FEED.npz THREADS WARMUP`` prints ``{"batch": B}`` when warm, then answers each
+line ``N`` on stdin with ``{"times": [...], "cpu_s": ...}`` and ``quit`` with ``{"peak_rss_mb": ...}``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,36 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def serve(argv: list[str]) -> None:
+    import numpy as np
+
+    from krimp.eval.runtime import ort_session
+
+    path, feed_path, threads, warmup = argv[0], argv[1], int(argv[2]), int(argv[3])
+    feed = dict(np.load(feed_path))
+    sess = ort_session(path, threads, spin=False)
+    names = {i.name for i in sess.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in names}
+    for _ in range(warmup):
+        sess.run(None, feed)
+
+    def say(d: dict) -> None:
+        sys.stdout.write(json.dumps(d) + "\n")
+        sys.stdout.flush()
+
+    say({"batch": int(next(iter(feed.values())).shape[0])})
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            say({"peak_rss_mb": peak_rss_mb()})
+            return
+        times, c0 = [], time.process_time()
+        for _ in range(int(line)):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t)
+        say({"times": times, "cpu_s": time.process_time() - c0})
 
 
 def main(argv: list[str]) -> None:
@@ -49,4 +83,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    serve(sys.argv[2:]) if sys.argv[1:2] == ["--serve"] else main(sys.argv[1:])

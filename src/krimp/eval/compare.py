@@ -49,6 +49,8 @@ def compare(ref_engine, engine, task, items, labels, batch: int, seq_len: int,
             "baseline": {"perplexity": bootstrap_ci(a[:, 0], n_boot, stat=ppl)},
             "compressed": {"perplexity": bootstrap_ci(a[:, 1], n_boot, stat=ppl)},
             "fidelity": {"kl": bootstrap_ci(a[:, 2], n_boot), "top1_agreement": bootstrap_ci(a[:, 3], n_boot)},
+            # ppl(compressed) / ppl(baseline) - 1 = exp(mean NLL difference) - 1, paired over windows
+            "perplexity_change": bootstrap_ci(a[:, 1] - a[:, 0], n_boot, stat=lambda d: float(np.expm1(np.mean(d)))),
             "tokens": int(a[:, 4].sum()),
         }
     ref = collect(ref_engine, task, items, batch, seq_len)

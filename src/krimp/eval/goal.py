@@ -58,14 +58,75 @@ def calib_ok(goal, q: dict, size_ratio: float | None = None, confident: bool = F
     return check_goal(goal.model_copy(update={"min_speedup": None}), q, size_ratio, confident=confident)[0]
 
 
-def borderline(goal, q: dict) -> list[dict]:
-    """Limits that fall inside a metric's 95% interval: met or missed, the data cannot tell."""
+def drop_ci(q: dict) -> list[float] | None:
+    """The 95% interval of the primary quality drop (paired where the metric allows it)."""
     f = q.get("fidelity", {})
-    limits = {"cosine": goal.min_cosine, "retrieval_agreement": goal.min_retrieval_agreement,
-              "top1_agreement": goal.min_top1_agreement, "kl": goal.max_kl}
-    out = []
-    for k, limit in limits.items():
-        m = f.get(k)
-        if limit is not None and isinstance(m, dict) and m["ci95"][0] <= limit <= m["ci95"][1]:
-            out.append({"metric": k, "limit": limit, "value": m["value"], "ci95": m["ci95"]})
-    return out
+    if "accuracy_delta" in q and q["accuracy_delta"]:
+        lo, hi = q["accuracy_delta"]["ci95"]  # compressed - baseline
+        return [-hi, -lo]
+    if "perplexity_change" in q:
+        return list(q["perplexity_change"]["ci95"])
+    for k in ("cosine", "top1_agreement"):
+        if k in f and isinstance(f[k], dict):
+            lo, hi = f[k]["ci95"]
+            return [1.0 - hi, 1.0 - lo]
+    return None
+
+
+def verdicts(goal, q: dict, size_ratio: float, speedup: dict | None, timing_stable: bool = True,
+             timing_note: str = "") -> list[dict]:
+    """One row per limit of the goal: ``{"metric", "limit", "value", "ci95", "verdict"}``, where the
+    verdict is ``met`` (the whole 95% interval on the good side of the limit), ``missed`` (all of it
+    on the bad side) or ``within noise`` (the interval holds the limit: the data cannot tell). A
+    figure without an interval (the size ratio) is met or missed by its value. An unstable timing
+    never meets a speed limit: its row is within noise at best, with the reason in ``note``."""
+    f = q.get("fidelity", {})
+    rows = []
+
+    def add(metric, value, ci, limit, higher_is_better):
+        if limit is None or value is None:
+            return
+        good = (lambda x: x >= limit) if higher_is_better else (lambda x: x <= limit)
+        if ci is None:
+            verdict = "met" if good(value) else "missed"
+        elif good(ci[0]) and good(ci[1]):
+            verdict = "met"
+        elif not good(ci[0]) and not good(ci[1]):
+            verdict = "missed"
+        else:
+            verdict = "within noise"
+        row = {"metric": metric, "limit": limit, "value": round(float(value), 6) + 0.0,  # + 0.0: no -0
+               "ci95": [round(float(x), 6) + 0.0 for x in ci] if ci else None, "verdict": verdict,
+               "point_met": bool(good(value))}
+        rows.append(row)
+        return row
+
+    drop = quality_drop(q)
+    if drop is not None:
+        add(f"quality_drop ({drop[0]})", drop[1], drop_ci(q), goal.max_quality_drop, False)
+    for k, limit, higher in (("cosine", goal.min_cosine, True), ("retrieval_agreement", goal.min_retrieval_agreement,
+                                                                   True),
+                             ("top1_agreement", goal.min_top1_agreement, True), ("kl", goal.max_kl, False)):
+        if isinstance(f.get(k), dict):
+            add(k, f[k]["value"], f[k]["ci95"], limit, higher)
+    add("size_ratio", size_ratio, None, goal.max_size_ratio, False)
+    if speedup is not None:
+        row = add("speedup", speedup["value"], speedup.get("ci95"), goal.min_speedup, True)
+        if row is not None and not timing_stable:
+            row["point_met"] = False  # not counted as met
+            if row["verdict"] == "met":
+                row["verdict"] = "within noise"
+            row["note"] = f"timing unstable: {timing_note}"
+    return rows
+
+
+def goal_outcome(rows: list[dict]) -> tuple[bool, list[dict], list[dict]]:
+    """(within_goal, misses, within_noise) from :func:`verdicts`' rows. The run is within its goal
+    when no limit is missed and every limit within noise has its point estimate on the good side
+    (an unstable speed-up does not count as met)."""
+    misses = [{"metric": r["metric"], "limit": r["limit"], "value": r["value"],
+               "by": round(abs(r["value"] - r["limit"]), 6), **({"note": r["note"]} if "note" in r else {})}
+              for r in rows if r["verdict"] == "missed" or not r["point_met"]]
+    noise = [{"metric": r["metric"], "limit": r["limit"], "value": r["value"], "ci95": r["ci95"]}
+             for r in rows if r["verdict"] == "within noise"]
+    return not misses, misses, noise

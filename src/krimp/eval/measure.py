@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from krimp.eval import energy
-from krimp.eval.bench import bench_engine, bench_onnx
 from krimp.eval.compare import compare
 from krimp.eval.runtime import OrtEngine, TorchEngine
+from krimp.eval.timing import EngineTimer, time_onnx_pair, time_pair
 from krimp.export.onnx_utils import bits_per_weight, count_onnx_params
 
 
@@ -29,13 +29,7 @@ def measure_pair(res: dict, handle, recipe, data, work: Path) -> dict[str, Any]:
         for name, path in (("baseline", base), ("compressed", comp)):
             side[name].update(size_bytes=path.stat().st_size, bits_per_weight=bits_per_weight(path, n_w),
                               runtime="onnxruntime")
-        # interleave runs so background load affects both alike
-        b1 = bench_onnx(base, feed, ev.threads, ev.warmup, ev.repeats)
-        c1 = bench_onnx(comp, feed, ev.threads, ev.warmup, ev.repeats)
-        b2 = bench_onnx(base, feed, ev.threads, ev.warmup, ev.repeats)
-        c2 = bench_onnx(comp, feed, ev.threads, ev.warmup, ev.repeats)
-        side["baseline"]["bench"] = min(b1, b2, key=lambda b: b["latency_ms_p50"])
-        side["compressed"]["bench"] = min(c1, c2, key=lambda b: b["latency_ms_p50"])
+        timed = time_onnx_pair(base, comp, feed, ev.threads, ev.warmup, ev.repeats, ev.timing_budget_s)
     else:
         from krimp.export.safetensors_io import save_safetensors
 
@@ -47,13 +41,16 @@ def measure_pair(res: dict, handle, recipe, data, work: Path) -> dict[str, Any]:
         c = (work / "model.safetensors").stat().st_size
         side["baseline"].update(size_bytes=b, bits_per_weight=8 * b / n_w, runtime="pytorch")
         side["compressed"].update(size_bytes=c, bits_per_weight=8 * c / n_w, runtime="pytorch")
-        side["baseline"]["bench"] = bench_engine(ref_engine, feed, ev.warmup, ev.repeats)
-        side["compressed"]["bench"] = bench_engine(engine, feed, ev.warmup, ev.repeats)
+        timed = time_pair(EngineTimer(ref_engine, feed, ev.warmup), EngineTimer(engine, feed, ev.warmup),
+                          ev.repeats, ev.timing_budget_s)
+        timed["baseline"]["peak_rss_note"] = "in-process: includes krimp and the baseline model"
+    side["baseline"]["bench"], side["compressed"]["bench"] = timed["baseline"], timed["compressed"]
     for s in side.values():
         s.update(energy.estimate(s["bench"], ev.energy))
     q = compare(ref_engine, engine, task, data.eval, data.eval_labels, ev.batch, recipe.data.seq_len,
                 ev.top_k, ev.bootstrap)
-    out = {"sides": side, "quality": q, "bench_feed": {k: list(v.shape) for k, v in feed.items()}}
+    out = {"sides": side, "quality": q, "bench_feed": {k: list(v.shape) for k, v in feed.items()},
+           "speedup": timed["speedup"], "timing_s": timed["seconds"]}
     if task.name == "causal-lm" and res.get("module") is not None:
         out["generation"] = {name: greedy(m, task.tokenizer, PROMPT) for name, m in
                              (("baseline", res["baseline_module"]), ("compressed", res["module"]))}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
+
+from krimp.errors import KrimpError
 
 
 def ort_session(path: Path | str | bytes, threads: int = 2, spin: bool = True):
@@ -20,7 +23,37 @@ def ort_session(path: Path | str | bytes, threads: int = 2, spin: bool = True):
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     src = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        unknown = re.search(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op", str(e))
+        if unknown:
+            domain, op, version = unknown.groups()
+            name = "the model" if isinstance(path, bytes) else str(path)
+            raise KrimpError(f"{name}: ONNX Runtime has no op '{op}' in domain '{domain or 'ai.onnx'}' "
+                             f"(opset {version}); export the model without it, or with ops ONNX Runtime "
+                             "implements") from None
+        raise
+
+
+def check_feed(sess, feed: dict[str, np.ndarray]) -> None:
+    """Name the input whose fixed shape or element type the data does not fit (one line)."""
+    types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+             "tensor(float16)": np.float16, "tensor(double)": np.float64}
+    for i in sess.get_inputs():
+        if i.name not in feed:
+            continue
+        got = tuple(feed[i.name].shape)
+        want = tuple(i.shape)
+        fixed = len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want, got))
+        if not fixed:
+            shown = tuple(w if isinstance(w, int) else "?" for w in want)
+            raise KrimpError(f"the model's input '{i.name}' takes shape {shown} but the data gives {got}; "
+                             "give data of that size (e.g. data.image_size, data.seq_len) or export the model "
+                             "with dynamic axes")
+        if i.type in types and feed[i.name].dtype != types[i.type]:
+            raise KrimpError(f"the model's input '{i.name}' takes {i.type} but the data gives "
+                             f"{feed[i.name].dtype}")
 
 
 class OrtEngine:
@@ -31,7 +64,12 @@ class OrtEngine:
         self.inputs = [i.name for i in self.sess.get_inputs()]
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        return self.sess.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
+        feed = {k: v for k, v in feed.items() if k in self.inputs}
+        try:
+            return self.sess.run(None, feed)[0]
+        except Exception:
+            check_feed(self.sess, feed)  # a user's model that does not fit the data: say which input
+            raise
 
 
 class TorchEngine:

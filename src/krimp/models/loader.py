@@ -108,6 +108,10 @@ def _load_hf(p: Path, task: str | None, trust: bool) -> ModelHandle:
     try:
         config = tf.AutoConfig.from_pretrained(p, trust_remote_code=trust)
     except (OSError, ValueError, json.JSONDecodeError) as e:
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise KrimpError(f"{p}: this model loads only with its own Python code (config.json auto_map), which "
+                             "krimp runs only on request: set trust_remote_code: true in the recipe if you trust "
+                             "it") from None
         raise KrimpError(f"{p}: cannot read config.json ({str(e).splitlines()[0]})") from None
     task = task or detect_task(config, p)
     auto = {"causal-lm": tf.AutoModelForCausalLM, "classification":
@@ -165,6 +169,8 @@ def _load_onnx(p: Path, task: str | None) -> ModelHandle:
         m = onnx.load(str(p), load_external_data=False)
     except Exception as e:
         raise KrimpError(f"{p}: not a readable ONNX model ({type(e).__name__})") from None
+    if not m.graph.node or not m.graph.output:  # a 0-byte file parses as an empty model
+        raise KrimpError(f"{p}: not a readable ONNX model (it holds no graph: {p.stat().st_size} bytes)")
     names = [i.name for i in m.graph.input]
     tok = None
     if "input_ids" in names:

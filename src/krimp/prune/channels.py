@@ -25,7 +25,6 @@ layer whole, and recovers accuracy by distillation from the unpruned network
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
 import time
 from typing import Literal
@@ -102,9 +101,9 @@ class ChannelPrune:
         if not any(isinstance(m, nn.Conv2d) for m in linears):
             raise KrimpError("channels: the model has no Conv2d layer")
         names = {id(m): n for n, m in module.named_modules()}
-        ignored = [linears[-1]]  # the output layer keeps its classes
-        ignored += [m for m in linears if any(fnmatch.fnmatchcase(names[id(m)], p) for p in cfg.ignore)
-                    or not any(fnmatch.fnmatchcase(names[id(m)], p) for p in cfg.targets)]
+        chosen = cfg.select({names[id(m)]: m for m in linears[:-1]},  # the output layer keeps its classes
+                            "nn.Conv2d / nn.Linear layer before the output layer")
+        ignored = [m for m in linears if not any(m is c for c in chosen.values())]
         teacher = copy.deepcopy(module).eval() if cfg.recover_steps else None
         module.eval()
         before = sum(p.numel() for p in module.parameters())

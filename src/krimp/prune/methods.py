@@ -61,12 +61,6 @@ class _PruneConfig(BaseConfig):
     def nm(self) -> tuple[int, int] | None:
         return parse_nm(self.pattern)
 
-    def wants(self, name: str) -> bool:
-        import fnmatch
-
-        return any(fnmatch.fnmatchcase(name, p) for p in self.targets) and \
-            not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)
-
 
 class MagnitudePruneConfig(_PruneConfig):
     """Magnitude pruning: the smallest |w| go (per layer, or one threshold over all layers)."""
@@ -117,9 +111,7 @@ def prunable(module: nn.Module, cfg: _PruneConfig) -> dict[str, nn.Module]:
         if head is None and layers:  # a classifier or plain module: its last layer makes the output
             head = list(layers.values())[-1]
         layers = {n: m for n, m in layers.items() if m is not head}
-    out = {n: m for n, m in layers.items() if cfg.wants(n)}
-    if not out:
-        raise KrimpError(f"{cfg.method}: no prunable layer matched targets {cfg.targets} / ignore {cfg.ignore}")
+    out = cfg.select(layers, "prunable layer")
     if cfg.nm:
         for n, m in out.items():
             check_nm(m.weight[0].numel(), cfg.nm, n)

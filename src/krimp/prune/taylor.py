@@ -85,28 +85,46 @@ def taylor_unit_scores(model: nn.Module, task, feeds: Sequence[dict[str, np.ndar
 
 
 class ProbedGroupTaylor:
-    """Torch-Pruning group importance from per-batch probe gradients: each batch's group Taylor
-    score (``|sum w dw|`` over a channel's coupled weights, Molchanov et al. 2019) squared and summed
-    over batches, the square root returned. ``grads`` holds one {parameter: gradient} per batch."""
+    """Torch-Pruning group importance from per-batch probe gradients (``grads``: one {parameter:
+    gradient} per batch). Removing channel ``c`` of a coupled group takes it away from the layers that
+    read it, so its gate sits at their inputs, and the first-order change of ``v . f`` is
+    ``sum over readers of sum(W[:, c] * dW[:, c])`` (Molchanov et al. 2019 on the reader's input slice).
+    That sum is squared per batch and summed over batches (the module docstring's Hutchinson estimate),
+    the square root returned.
+
+    Only the readers count: the producer's output rows and a batch norm's scale and shift are other
+    first-order terms of the same removal (scaling a convolution's output is not removing it when a
+    batch norm's shift follows), and adding them, as Torch-Pruning's GroupTaylorImportance does,
+    ranked digits-CNN channels by their true single-removal damage worse than weight magnitude. A
+    depthwise convolution passes the channel on (it is one of the group's producers, not a reader)."""
 
     def __init__(self, grads: list[dict[nn.Parameter, torch.Tensor]]):
-        import torch_pruning as tp
-
         self.grads = grads
-        self.base = tp.importance.GroupTaylorImportance(multivariable=True, normalizer=None)
 
     @torch.no_grad()
     def __call__(self, group):
-        total = None
+        import torch_pruning as tp
+
+        n = len(group[0].idxs)
+        readers = []  # (weight, its input indices, the group's channel each one is)
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.target.module
+            if dep.handler not in (tp.prune_conv_in_channels, tp.prune_linear_in_channels):
+                continue
+            if getattr(layer, "transposed", False) or getattr(layer, "groups", 1) != 1:
+                continue
+            readers.append((layer.weight, torch.tensor(idxs), torch.tensor(group[i].root_idxs)))
+        if not readers:
+            return None
+        total = torch.zeros(n, dtype=torch.float64)
         for g in self.grads:
-            for p, d in g.items():
-                p.grad = d
-            s = self.base(group)
-            total = s ** 2 if total is None else total + s ** 2
-        for g in self.grads:
-            for p in g:
-                p.grad = None
-        return None if total is None else total.sqrt()
+            change = torch.zeros(n, dtype=torch.float64)
+            for w, idxs, root in readers:
+                if w in g:
+                    per_input = (w * g[w]).transpose(0, 1).flatten(1).sum(1).double()
+                    change.index_add_(0, root, per_input[idxs])
+            total += change ** 2
+        return total.sqrt().float()
 
 
 def probe_grads(model: nn.Module, feeds: Sequence[dict[str, np.ndarray]], input_name: str, batches: int = 32,

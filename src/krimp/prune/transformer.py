@@ -66,6 +66,7 @@ class StructuredPruneConfig(BaseConfig):
     """Remove FFN neurons, attention heads and whole layers; recover by distillation."""
 
     method = "structured"
+    honours_targets = False  # every block loses the same share
     ffn: float = pydantic.Field(0.0, ge=0, lt=1)
     heads: float = pydantic.Field(0.0, ge=0, lt=1)
     layers: int = pydantic.Field(0, ge=0)

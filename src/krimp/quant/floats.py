@@ -47,9 +47,12 @@ class Fp16:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
+        from krimp.quant.nodes import module_path
+
         m = onnx.load(str(src))
         kw = {"op_block_list": cfg.op_block_list} if cfg.op_block_list else {}
-        excluded = [n.name for n in m.graph.node if _ignored(n.name, cfg)]
+        kept = cfg.select({n.name: n for n in m.graph.node if n.name}, "ONNX node", alias=module_path)
+        excluded = [n.name for n in m.graph.node if n.name not in kept]
         m16 = convert_float_to_float16(m, keep_io_types=cfg.keep_io_types, node_block_list=excluded,
                                        **kw)
         onnx.save(m16, str(dst))
@@ -59,23 +62,11 @@ class Fp16:
 @register(Bf16Config)
 class Bf16:
     def apply_torch(self, module: torch.nn.Module, cfg: Bf16Config, ctx) -> tuple[torch.nn.Module, dict]:
-        from krimp.quant.nodes import matches
-
         n = 0
-        for name, mod in module.named_modules():
-            if not name or not list(mod.parameters(recurse=False)):
-                continue
-            if matches("/" + name.replace(".", "/") + "/x", cfg.ignore) or not matches(
-                    "/" + name.replace(".", "/") + "/x", cfg.targets):
-                continue
+        owners = {name: mod for name, mod in module.named_modules() if name and list(mod.parameters(recurse=False))}
+        for mod in cfg.select(owners, "module with parameters").values():
             for p in mod.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.to(torch.bfloat16)
                     n += p.numel()
         return module, {"params_bf16": n}
-
-
-def _ignored(node_name: str, cfg: BaseConfig) -> bool:
-    from krimp.quant.nodes import matches
-
-    return matches(node_name, cfg.ignore) or not matches(node_name, cfg.targets)

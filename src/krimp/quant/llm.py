@@ -18,7 +18,6 @@ codes as ``module.krimp_wq`` (a :class:`~krimp.quant.wq.QuantizedWeight`): what 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
 from typing import Literal
@@ -27,7 +26,7 @@ import pydantic
 import torch
 from torch import nn
 
-from krimp.config import BaseConfig, register
+from krimp.config import BaseConfig, name_matches, register
 from krimp.errors import KrimpError
 from krimp.quant.wq import QuantizedWeight, WQSpec, rtn
 
@@ -54,12 +53,11 @@ class _WeightOnly(BaseConfig):
 
     def spec_for(self, name: str) -> WQSpec | None:
         """The grid for layer ``name``, or None when the recipe leaves it in float."""
-        if any(fnmatch.fnmatchcase(name, p) for p in self.ignore) or \
-                not any(fnmatch.fnmatchcase(name, p) for p in self.targets):
+        if not self.wants(name):
             return None
         spec = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
         for pat, o in self.overrides.items():
-            if fnmatch.fnmatchcase(name, pat):
+            if name_matches(name, [pat]):
                 if o.skip:
                     return None
                 spec.update({k: v for k, v in o.model_dump().items() if v is not None and k != "skip"})
@@ -368,8 +366,7 @@ class SmoothQuant:
             pairs = scale_pairs(run.block)
             done = []
             for (prev, lins, label), names in zip(pairs, _pair_names(run, pairs)):
-                if not any(fnmatch.fnmatchcase(_block_name(cal.path, run.index, n), p)
-                           for n in names for p in cfg.targets):
+                if not cfg.wants(*[_block_name(cal.path, run.index, n) for n in names]):
                     continue
                 xmax = stats[names[0]].abs_max.clamp_min(1e-5)
                 wmax = torch.stack([lin.weight.detach().float().abs().amax(0) for lin in lins]).amax(0)

@@ -6,8 +6,9 @@ torch module path it came from (``encoder.layer.0.attention.self.query``), with 
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
+
+from krimp.config import BaseConfig, name_matches
 
 QUANTIZABLE = {"MatMul", "Gemm", "Conv", "Gather", "Attention", "EmbedLayerNormalization", "ConvTranspose"}
 
@@ -34,8 +35,7 @@ def module_path(node_name: str) -> str:
 
 
 def matches(node_name: str, patterns: list[str]) -> bool:
-    mod = module_path(node_name)
-    return any(fnmatch.fnmatchcase(node_name, p) or fnmatch.fnmatchcase(mod, p) for p in patterns)
+    return name_matches((node_name, module_path(node_name)), patterns)
 
 
 def quantizable_nodes(path: Path) -> list[tuple[str, str]]:
@@ -45,7 +45,9 @@ def quantizable_nodes(path: Path) -> list[tuple[str, str]]:
     return [(n.name, n.op_type) for n in g.node if n.op_type in QUANTIZABLE and n.name]
 
 
-def select_excluded(path: Path, targets: list[str], ignore: list[str]) -> list[str]:
-    """Names of quantizable nodes that the recipe leaves in float (ignored or not targeted)."""
-    return [name for name, _ in quantizable_nodes(path)
-            if matches(name, ignore) or not matches(name, targets)]
+def select_excluded(path: Path, cfg: BaseConfig) -> list[str]:
+    """Names of quantizable nodes that the recipe leaves in float (ignored or not targeted); a recipe
+    that leaves every one in float is an error."""
+    names = [name for name, _ in quantizable_nodes(path)]
+    chosen = cfg.select(dict.fromkeys(names), "quantizable ONNX node", alias=module_path)
+    return [n for n in names if n not in chosen]

@@ -227,7 +227,7 @@ def weight_only_int8(path: Path, nodes: list[str], block_size: int = 32) -> list
 
 
 def _with_fallback(run, src: Path, dst: Path, cfg: _Int8Base, ctx, weights: dict | None = None) -> dict:
-    excluded = select_excluded(src, cfg.targets, cfg.ignore)
+    excluded = select_excluded(src, cfg)
     info = {"excluded_by_recipe": excluded, "reduce_range": _reduce_range(cfg)}
 
     def run_with(extra: list[str]) -> None:

@@ -28,7 +28,6 @@ DequantizeLinear pairs with the trained scales: the artifact static INT8 PTQ pro
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
 from typing import Literal
@@ -108,15 +107,9 @@ class FakeQuant(nn.Module):
 
 
 def targets(model: nn.Module, cfg: QATConfig) -> dict[str, nn.Module]:
-    out = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in cfg.ignore) or \
-                not any(fnmatch.fnmatchcase(name, p) for p in cfg.targets):
-            continue
-        out[name] = m
-    return out
+    """The nn.Linear / nn.Conv2d layers in the stage's scope (none is an error)."""
+    return cfg.select({n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)},
+                      "nn.Linear / nn.Conv2d")
 
 
 def convert(layer: nn.Module, fq: FakeQuant, attach: bool) -> QuantizedWeight:

@@ -8,7 +8,7 @@ import platform
 from typing import Any
 
 from krimp.eval import energy
-from krimp.eval.goal import borderline, check_goal, quality_drop
+from krimp.eval.goal import drop_ci, goal_outcome, quality_drop, verdicts
 
 
 def _side(s: dict, quality: dict, fidelity: dict) -> dict:
@@ -21,6 +21,7 @@ def _side(s: dict, quality: dict, fidelity: dict) -> dict:
         "latency_ms_p95": round(b["latency_ms_p95"], 3),
         "throughput_per_s": round(b["throughput_per_s"], 2),
         "peak_rss_mb": round(b["peak_rss_mb"], 1),
+        "latency_noise": b.get("noise"),
         "cpu_s_per_inference": b["cpu_s_per_inference"],
         "quality": quality,
         "fidelity": fidelity,
@@ -52,8 +53,11 @@ def build_report(recipe, handle, data, res, artifacts, measured, wall_s: float) 
     base = _side(sides["baseline"], q["baseline"], {})
     comp = _side(sides["compressed"], q["compressed"], q["fidelity"])
     size_ratio = comp["size_bytes"] / base["size_bytes"]
-    speedup = base["latency_ms_p50"] / comp["latency_ms_p50"]
-    within, misses = check_goal(recipe.goal, q, size_ratio, speedup)
+    sp = measured["speedup"]
+    unstable = [f"{name}: {'; '.join(s['latency_noise']['reasons'])}" for name, s in (("baseline", base),
+                ("compressed", comp)) if s["latency_noise"] and not s["latency_noise"]["stable"]]
+    goals = verdicts(recipe.goal, q, size_ratio, sp, not unstable, " / ".join(unstable))
+    within, misses, noise = goal_outcome(goals)
     drop = quality_drop(q)
     ev = recipe.eval
     return {
@@ -64,18 +68,22 @@ def build_report(recipe, handle, data, res, artifacts, measured, wall_s: float) 
         "data": data.info,
         "bench_settings": {"batch": ev.batch, "seq_len": ev.seq_len, "threads": ev.threads, "warmup": ev.warmup,
                            "repeats": ev.repeats, "feed_shapes": measured["bench_feed"],
-                           "note": "best of two interleaved runs per model; each run in a fresh process"},
+                           "timing_budget_s": ev.timing_budget_s, "timing_s": measured.get("timing_s"),
+                           "note": "alternating rounds of both models until the medians settle (krimp.eval.timing); "
+                                   "ONNX models each in a process of their own"},
         "baseline": base,
         "compressed": comp,
-        "ratios": {"size": round(size_ratio, 4), "speedup_p50": round(speedup, 3),
+        "ratios": {"size": round(size_ratio, 4), "speedup_p50": round(sp["value"], 3),
+                   "speedup_ci95": [round(x, 3) for x in sp["ci95"]], "timing_stable": not unstable,
                    "speedup_p95": round(base["latency_ms_p95"] / comp["latency_ms_p95"], 3)},
-        "quality_drop": {"metric": drop[0], "value": drop[1]} if drop else None,
+        "quality_drop": {"metric": drop[0], "value": drop[1], "ci95": drop_ci(q)} if drop else None,
         "accuracy_delta": q.get("accuracy_delta"),
         "artifacts": artifacts,
         "goal": recipe.goal.model_dump(exclude_none=True),
+        "goals": goals,  # one row per limit: value, 95% CI, met / missed / within noise
         "within_goal": within,
         "misses": misses,
-        "within_noise": borderline(recipe.goal, q),
+        "within_noise": noise,
         "stages": res["stages"],
         "fusions": res.get("fusions"),
         "fusion_choice": res.get("fusion_choice"),  # export.optimize: auto: both graphs timed here

@@ -20,6 +20,20 @@ def _fmt_ci(m: dict | None, digits: int = 4) -> str:
     return f"{m['value']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _speedup(r: dict) -> str:
+    ra = r["ratios"]
+    ci = ra.get("speedup_ci95")
+    text = f"{ra['speedup_p50']:.2f}x faster" + (f", 95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    return text + ("" if ra.get("timing_stable", True) else "; UNSTABLE")
+
+
+def _noise(side: dict) -> str:
+    n = side.get("latency_noise")
+    if not n:
+        return ""
+    return f"cv {n['cv']:.1%}, {n['runs']} runs" + ("" if n["stable"] else ", unstable")
+
+
 def summary_rows(r: dict) -> list[tuple[str, str, str]]:
     """(metric, baseline, compressed) rows shared by the terminal table, markdown and HTML."""
     b, c = r["baseline"], r["compressed"]
@@ -27,8 +41,9 @@ def summary_rows(r: dict) -> list[tuple[str, str, str]]:
         ("runtime", b["runtime"], c["runtime"]),
         ("size on disk (MB)", f"{b['size_bytes'] / 1e6:.2f}", f"{c['size_bytes'] / 1e6:.2f} ({r['ratios']['size']:.2f}x)"),
         ("bits per weight", f"{b['bits_per_weight']:.2f}", f"{c['bits_per_weight']:.2f}"),
-        ("latency p50 (ms)", f"{b['latency_ms_p50']:.2f}", f"{c['latency_ms_p50']:.2f} ({r['ratios']['speedup_p50']:.2f}x faster)"),
+        ("latency p50 (ms)", f"{b['latency_ms_p50']:.2f}", f"{c['latency_ms_p50']:.2f} ({_speedup(r)})"),
         ("latency p95 (ms)", f"{b['latency_ms_p95']:.2f}", f"{c['latency_ms_p95']:.2f}"),
+        ("timing noise", _noise(b), _noise(c)),
         ("throughput (/s)", f"{b['throughput_per_s']:.1f}", f"{c['throughput_per_s']:.1f}"),
         ("peak RSS (MB)", f"{b['peak_rss_mb']:.0f}", f"{c['peak_rss_mb']:.0f}"),
     ]
@@ -44,19 +59,37 @@ def summary_rows(r: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def goal_cell(g: dict) -> str:
+    """``value [lo, hi]`` of one goal row (no interval for an exact figure such as the size ratio)."""
+    ci = f" [{_num(g['ci95'][0])}, {_num(g['ci95'][1])}]" if g.get("ci95") else ""
+    return _num(g["value"]) + ci
+
+
+def goal_lines(r: dict) -> list[str]:
+    """One line per limit: ``metric value [95% CI] vs limit L -> met / missed / within noise``."""
+    return [f"{g['metric']} {goal_cell(g)} vs limit {g['limit']} -> {g['verdict']}"
+            + (f" ({g['note']})" if g.get("note") else "") for g in r.get("goals") or []]
+
+
 def goal_line(r: dict) -> str:
+    """The verdict in one line: within goal or GOAL MISSED, then every limit with its interval."""
     if not r["goal"]:
         return "no goal set"
-    if r["within_goal"]:
-        line = "within goal " + json.dumps(r["goal"])
-    else:
-        line = "GOAL MISSED: " + "; ".join(f"{m['metric']} = {m['value']:.4g} vs limit {m['limit']} (by {m['by']:.4g})"
-                                           for m in r["misses"])
-    noise = r.get("within_noise") or []
-    if noise:
-        line += "; within noise: " + ", ".join(
-            f"{m['metric']} 95% CI [{m['ci95'][0]:.4g}, {m['ci95'][1]:.4g}] contains the limit {m['limit']}" for m in noise)
-    return line
+    head = "within goal" if r["within_goal"] else "GOAL MISSED"
+    return f"{head}: " + "; ".join(goal_lines(r))
+
+
+def timing_warning(r: dict) -> str | None:
+    """A sentence to print next to the latency figures when either timing is unstable."""
+    if r["ratios"].get("timing_stable", True):
+        return None
+    why = [f"{side}: {'; '.join(r[side]['latency_noise']['reasons'])}" for side in ("baseline", "compressed")
+           if r[side].get("latency_noise") and not r[side]["latency_noise"]["stable"]]
+    return "timing unstable, read the speed figures with care (" + " / ".join(why) + ")"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -114,7 +147,11 @@ def to_markdown(r: dict) -> str:
              f"inputs {s['feed_shapes']}.", "",
              "| metric | baseline | compressed |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(r)]
-    lines += ["", f"**{goal_line(r)}**", "", "## Stages", ""]
+    lines += ["", f"**{'within goal' if r['within_goal'] else 'GOAL MISSED'}**" if r["goal"] else "**no goal set**", ""]
+    lines += [f"- {g}" for g in goal_lines(r)]
+    if timing_warning(r):
+        lines += ["", f"**{timing_warning(r)}**"]
+    lines += ["", "## Stages", ""]
     for st in r["stages"]:
         lines.append(_stage_line(st))
         if st.get("after"):
@@ -143,19 +180,49 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _verdict_rows(r: dict) -> str:
+    marks = {"met": ("met", "ok"), "missed": ("missed", "miss"), "within noise": ("within noise", "noise")}
+    out = []
+    for g in r.get("goals") or []:
+        text, cls = marks[g["verdict"]]
+        note = f"<div class=note>{html.escape(g['note'])}</div>" if g.get("note") else ""
+        out.append(f"<tr class={cls}><td>{html.escape(g['metric'])}</td><td>{html.escape(str(g['limit']))}</td>"
+                   f"<td>{html.escape(goal_cell(g))}</td><td class=mark>{text}{note}</td></tr>")
+    return "".join(out)
+
+
 def to_html(r: dict, png: Path) -> str:
+    """The page opens with the verdict: one row per goal (limit, value with its interval, mark)."""
     img = base64.b64encode(png.read_bytes()).decode()
     rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
                    for a, b, c in summary_rows(r))
-    ok = "ok" if r["within_goal"] else "miss"
+    head = ("no goal set" if not r["goal"] else "within goal" if r["within_goal"] else "goal missed")
+    cls = "ok" if r["within_goal"] else "miss"
+    warn = timing_warning(r)
+    stages = "".join(f"<li>{html.escape(_stage_line(st)[2:].replace(chr(96), ''))}</li>" for st in r["stages"])
+    arts = "".join(f"<li>{html.escape(a['path'])}: {a['bytes']:,} bytes ({html.escape(a['format'])}, "
+                   f"{html.escape(a['role'])})</li>" for a in r["artifacts"])
+    verdict = (f"<table id=verdict><tr><th>goal</th><th>limit</th><th>measured [95% CI]</th><th>verdict</th></tr>"
+               f"{_verdict_rows(r)}</table>") if r.get("goals") else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>krimp report</title>
-<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}
-.ok{{color:#2b8a3e}}.miss{{color:#c92a2a}}pre{{background:#f6f6f6;padding:8px;overflow:auto}}</style></head><body>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}
+td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}
+.ok .mark,h2.ok{{color:#2b8a3e}}.miss .mark,h2.miss{{color:#c92a2a}}.noise .mark{{color:#b35c00}}
+.mark{{font-weight:bold}}.note{{font-weight:normal;font-size:85%}}.warn{{background:#fff4e6;padding:6px 10px}}</style>
+</head><body>
 <h1>krimp report: {html.escape(r['model']['source'])}</h1>
-<p class="{ok}"><b>{html.escape(goal_line(r))}</b></p>
+<h2 id=outcome class={cls}>{head}</h2>
+{verdict}
+{f'<p class=warn>{html.escape(warn)}</p>' if warn else ''}
+<h2>Baseline and compressed</h2>
 <table><tr><th>metric</th><th>baseline</th><th>compressed</th></tr>{rows}</table>
-<p><img alt="quality against size and latency" src="data:image/png;base64,{img}"></p>
-<h2>Details</h2><pre>{html.escape(to_markdown(r))}</pre></body></html>
+<p><img alt="quality against size and latency, with the goal's limits" src="data:image/png;base64,{img}"></p>
+<h2>Stages</h2><ul>{stages}</ul>
+<h2>Artifacts</h2><ul>{arts}</ul>
+<p>Data: {r['data'].get('calib_samples')} calibration / {r['data'].get('eval_samples')} evaluation samples.
+Machine: {html.escape(str(r['machine']['cpu']))}, {r['machine']['cores']} cores. The full record is report.json;
+report.md has the same tables as text.</p>
+</body></html>
 """
 
 

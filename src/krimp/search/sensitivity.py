@@ -15,7 +15,6 @@ without running the model once per layer, and it gives each layer's cost at othe
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Callable
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from krimp.config import name_matches
 from krimp.errors import KrimpError
 from krimp.models.arch import find_blocks
 from krimp.quant.wq import WQSpec, rtn
@@ -157,7 +157,10 @@ def lm_sensitivity(module: nn.Module, task, calib: list, evaluation: list, spec:
     path, _ = find_blocks(module)
     linears = decoder_linears(module)
     if layers:
-        linears = {k: m for k, m in linears.items() if any(fnmatch.fnmatchcase(k, p) for p in layers)}
+        linears = {k: m for k, m in linears.items() if name_matches(k, layers)}
+        if not linears:
+            raise KrimpError(f"--layers {layers} match none of the {len(decoder_linears(module))} decoder linears "
+                             f"(e.g. {', '.join(list(decoder_linears(module))[:3])})")
         if not linears:
             example = next(iter(decoder_linears(module)))
             raise KrimpError(f"no decoder linear matches {layers} (names look like {example})")
