@@ -28,10 +28,10 @@ def rounding_rows(fp32: Path, feeds: list[dict], task, tmp: Path) -> dict[str, P
     """Where the error comes from, without fallback: krimp's int8-static with nearest (ONNX Runtime's)
     and GPTQ weight rounding, and each one's INT8 weights alone in the float graph, and INT8
     activations alone (float weights)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     from krimp.config import config_from_dict, method_for
     from krimp.pipeline import StageContext
-
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = tmp / "pre.onnx"  # batch norms folded, as int8-static sees the graph: the same weights
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))

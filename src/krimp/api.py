@@ -18,6 +18,7 @@ from krimp.errors import KrimpError
 from krimp.eval.measure import measure_pair
 from krimp.models import ModelHandle, load_model
 from krimp.pipeline import run_stages
+from krimp.progress import PhaseLog
 from krimp.recipe import Recipe
 from krimp.report.build import build_report
 from krimp.report.writers import write_reports
@@ -35,13 +36,32 @@ def _recipe(recipe: Recipe | str | Path | dict) -> Recipe:
 
 def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: Recipe | str | Path | dict,
              out: str | Path, *, overwrite: bool = False, task: str | None = None,
-             step: Callable[[str], None] | None = None) -> dict[str, Any]:
+             step: Callable[[str], None] | None = None,
+             done: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress ``model`` by ``recipe``, write artifacts and reports into ``out``, return the report.
 
     ``report["within_goal"]`` says whether the accuracy budget held; ``report["misses"]`` says
-    which metric missed and by how much.
+    which metric missed and by how much. ``step`` receives each progress message (krimp.progress),
+    ``done`` one line per finished phase; those lines also go to ``run.log`` in ``out``.
     """
-    step = step or (lambda s: log.info("%s", s))
+    lines: list[str] = []
+    run_log: list[Path] = []  # the partial folder's run.log, once it exists
+
+    def finished(line: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {line}"
+        lines.append(line)
+        if run_log:
+            with open(run_log[0], "a") as f:
+                f.write(line + "\n")
+        (done or (lambda s: log.info("%s", s)))(line)
+
+    phases = PhaseLog(finished)
+    user_step = step or (lambda s: log.debug("%s", s))
+
+    def step(msg: str) -> None:
+        phases(msg)
+        user_step(msg)
+
     r = _recipe(recipe)
     out = Path(out)
     src = model if model is not None else r.model
@@ -62,6 +82,8 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
     work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished folder follows the umask
     ckpt = out.parent / f".{out.name}.checkpoints"  # training stages resume from here after an interrupt
     try:
+        run_log.append(work / "run.log")
+        run_log[0].write_text("".join(line + "\n" for line in lines))
         res = run_stages(handle, r, data, work, step, ckpt)
         if res.get("helper"):  # a torchrun helper process: rank 0 writes the run
             shutil.rmtree(work, ignore_errors=True)
@@ -69,6 +91,7 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
         artifacts = _finalize(res, r, handle, work)
         step("measuring baseline and compressed models")
         measured = measure_pair(res, handle, r, data, work)
+        phases.close()
         report = build_report(r, handle, data, res, artifacts, measured, time.perf_counter() - t_start)
         write_reports(report, work)
         _clean(work, artifacts, res.get("packed_extras", []))
@@ -228,7 +251,7 @@ def _gguf(res: dict, handle: ModelHandle, module, work: Path) -> dict:
 
 def _clean(work: Path, artifacts: list[dict], extras: list[str] = ()) -> None:
     keep = {a["path"] for a in artifacts} | {"report.json", "report.md", "report.html", "plot.png",
-                                             "recipe.yaml"} | set(extras)
+                                             "recipe.yaml", "run.log"} | set(extras)
     for f in work.iterdir():
         if f.name not in keep:
             f.unlink() if f.is_file() else shutil.rmtree(f)

@@ -137,7 +137,6 @@ def inspect(model: str, task: str | None = None) -> dict[str, Any]:
         g = onnx.load(str(h.onnx_path)).graph
         layers = Counter(n.op_type for n in g.node)
         dtypes = Counter(onnx.TensorProto.DataType.Name(t.data_type).lower() for t in g.initializer)
-        domains = {"onnx"}
     else:
         layers = Counter(type(m).__name__ for m in h.module.modules() if not list(m.children()))
         dtypes = Counter(str(p.dtype).replace("torch.", "") for p in h.module.parameters())

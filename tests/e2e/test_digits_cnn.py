@@ -11,7 +11,7 @@ from krimp.errors import KrimpError
 from krimp.models import load_model
 
 REPORT_KEYS = ["size_bytes", "bits_per_weight", "latency_ms_p50", "latency_ms_p95", "throughput_per_s",
-               "peak_rss_mb", "quality", "fidelity", "energy_j_per_inference", "cost_usd_per_million"]
+               "peak_rss_mb", "quality", "fidelity", "energy_j_per_inference", "cost_usd_per_million", "latency_noise"]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,12 @@ def test_artifact_is_smaller_and_report_is_complete(run):
         for k in REPORT_KEYS:
             assert k in r[side], (side, k)
         assert r[side]["latency_ms_p95"] >= r[side]["latency_ms_p50"] > 0
+        n = r[side]["latency_noise"]
+        assert n["runs"] >= 5 and n["rounds"] >= 5 and n["stable"] == (not n["reasons"])
+    lo, hi = r["ratios"]["speedup_ci95"]
+    assert lo <= r["ratios"]["speedup_p50"] <= hi
+    assert [g["metric"] for g in r["goals"]] == ["quality_drop (accuracy)"] and r["goals"][0]["ci95"]
+    assert (out / "run.log").read_text().count("\n") >= 4  # one line per finished phase
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["within_goal"] is True and {a["path"] for a in on_disk["artifacts"]} == {"model.onnx", "baseline.onnx"}
     for a in on_disk["artifacts"]:

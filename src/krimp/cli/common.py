@@ -49,6 +49,47 @@ def user_errors():
         sys.exit(EXIT_UNEXPECTED)
 
 
+@contextmanager
+def progress_bar():
+    """``(step, done)`` callbacks for krimp.compress: a live bar with count, rate and ETA for messages
+    that carry a ``k/n`` count (krimp.progress), one bar per phase; finished phases stay on the screen
+    as lines. The bar goes to stderr and disappears when the run ends."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    from krimp.progress import count, phase
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.2f}/s" if task.speed else "", style="progress.data.speed")
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console,
+                  transient=True) as prog:
+        state = {"task": prog.add_task("starting", total=None), "phase": None}
+
+        def step(msg: str) -> None:
+            c = count(msg)
+            if phase(msg) != state["phase"]:
+                prog.remove_task(state["task"])
+                state["task"], state["phase"] = prog.add_task("", total=c[1] if c else None), phase(msg)
+            prog.update(state["task"], description=escape(msg), **({"total": c[1], "completed": c[0]} if c else {}))
+
+        def done(line: str) -> None:
+            prog.console.print(f"[dim]{escape(line)}[/]", highlight=False)
+
+        yield step, done
+
+
 def setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
@@ -56,9 +97,6 @@ def setup_logging(verbose: bool) -> None:
                         handlers=[RichHandler(console=err_console, show_path=False)])
     for noisy in ("onnxruntime", "root", "transformers", "torch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    import warnings
-
-    warnings.filterwarnings("ignore")
 
 
 def table(title: str, columns: list[str], rows: list[tuple]) -> Table:

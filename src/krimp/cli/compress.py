@@ -17,18 +17,13 @@ def compress_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
 ) -> None:
     """Compress a model by a recipe; exit 3 if the goal is missed, 2 on bad input."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from rich.markup import escape
 
     import krimp
     from krimp.report.writers import goal_line, summary_rows, timing_warning
 
-    with common.user_errors(), Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=common.err_console, transient=True) as prog:
-        t = prog.add_task("starting", total=None)
-        report = krimp.compress(model, recipe, out, overwrite=overwrite,
-                                step=lambda s: prog.update(t, description=s))
+    with common.user_errors(), common.progress_bar() as (step, done):
+        report = krimp.compress(model, recipe, out, overwrite=overwrite, step=step, done=done)
     if report.get("helper"):  # a torchrun helper: rank 0 prints the table
         return
     common.console.print(common.table(f"krimp: {report['model']['source']}", ["metric", "baseline", "compressed"],
