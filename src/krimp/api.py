@@ -122,12 +122,13 @@ def _out_of_space(e: BaseException, folder: Path) -> bool:
     while under 16 MB are free (a short write can surface later as a corrupt file)."""
     import errno
 
-    seen = e
-    while seen is not None:
+    seen, visited = e, set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
-    if isinstance(e, KeyboardInterrupt):
+    if isinstance(e, KeyboardInterrupt | KrimpError):  # a precise message stays as it is
         return False
     try:
         return shutil.disk_usage(folder).free < 16 * 2**20
@@ -187,6 +188,8 @@ def check_output_folder(out: Path, inputs: dict[str, Any], overwrite: bool) -> N
             if p.is_dir() and p in target.parents:
                 raise KrimpError(f"--out {out} lies inside the {role} folder {item}, which the run must not change; "
                                  "choose an output folder outside it")
+    if out.is_symlink():
+        raise KrimpError(f"--out {out} is a symbolic link; give the folder it points to ({target})")
     if out.exists() and not out.is_dir():
         raise KrimpError(f"--out {out} is a file, not a folder; choose a folder name")
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -66,7 +66,10 @@ class BaseConfig(pydantic.BaseModel):
     def select(self, layers: Mapping[str, T], what: str = "layer",
                alias: Callable[[str], str] | None = None) -> dict[str, T]:
         """The ``layers`` (name -> anything) in scope, in order. A stage that would change nothing is an
-        error naming the patterns and a few names that exist. ``alias`` gives a second name to match."""
+        error naming the patterns and a few names that exist (with no patterns, every layer is in scope
+        and nothing is refused). ``alias`` gives a second name to match."""
+        if self.targets == ["*"] and not self.ignore:
+            return dict(layers)  # no patterns: the method's own choice of layers stands
         out = {n: v for n, v in layers.items() if self.wants(n, *((alias(n),) if alias else ()))}
         if not out:
             some = ", ".join(list(layers)[:4])

@@ -44,7 +44,7 @@ class StageContext:
     goal_check: Callable[[Path], tuple[bool, dict]] | None = None
     max_size_ratio: float | None = None  # a fallback try that breaks this limit is not kept
     distance: Callable[[Path | bytes], float] | None = None
-    step: Callable[[str], None] = lambda s: None  # progress line for long stages
+    step: Callable[[str], None] = lambda s: None  # progress line for long stages ("k/n" in it: krimp.progress)
     batch: int = 8
     calib_items: list = field(default_factory=list)  # raw items, for stages that batch their own data
     calib_labels: list[int] | None = None
@@ -172,7 +172,7 @@ def _apply_onnx_stages(cur: Path, stages, first: int, recipe: Recipe, handle: Mo
         step(f"stage {first + i + 1}: {cfg.method}")
         dst = work / f"stage{i}.onnx"
         t0 = time.perf_counter()
-        ctx = StageContext(handle.task, feeds, ev.threads, check, recipe.goal.max_size_ratio, distance)
+        ctx = StageContext(handle.task, feeds, ev.threads, check, recipe.goal.max_size_ratio, distance, step=step)
         try:
             info = method_for(cfg).apply_onnx(cur, dst, cfg, ctx)
         except KrimpError:

@@ -26,7 +26,7 @@ def summarize(times_s: list[float], batch: int, cpu_s: float, peak_rss_mb: float
         "latency_ms_p50": float(np.median(t)),
         "latency_ms_p95": float(np.percentile(t, 95)),
         "latency_ms_min": float(t.min()),
-        "latency_cv": float(t.std() / t.mean()) if t.size > 1 else float("inf"),
+        "latency_cv": float(t.std() / t.mean()) if t.size > 1 else None,
         "throughput_per_s": float(batch / np.median(t) * 1e3),
         "cpu_s_per_inference": float(cpu_s / (len(t) * batch)),
         "peak_rss_mb": float(peak_rss_mb),

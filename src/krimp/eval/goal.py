@@ -124,8 +124,11 @@ def goal_outcome(rows: list[dict]) -> tuple[bool, list[dict], list[dict]]:
     """(within_goal, misses, within_noise) from :func:`verdicts`' rows. The run is within its goal
     when no limit is missed and every limit within noise has its point estimate on the good side
     (an unstable speed-up does not count as met)."""
-    misses = [{"metric": r["metric"], "limit": r["limit"], "value": r["value"],
-               "by": round(abs(r["value"] - r["limit"]), 6), **({"note": r["note"]} if "note" in r else {})}
+    def by(r):  # an unstable speed-up that meets its limit misses by nothing: the note says why
+        return 0.0 if "note" in r and r["verdict"] != "missed" else round(abs(r["value"] - r["limit"]), 6)
+
+    misses = [{"metric": r["metric"], "limit": r["limit"], "value": r["value"], "by": by(r),
+               **({"note": r["note"]} if "note" in r else {})}
               for r in rows if r["verdict"] == "missed" or not r["point_met"]]
     noise = [{"metric": r["metric"], "limit": r["limit"], "value": r["value"], "ci95": r["ci95"]}
              for r in rows if r["verdict"] == "within noise"]

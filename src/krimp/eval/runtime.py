@@ -27,8 +27,9 @@ def ort_session(path: Path | str | bytes, threads: int = 2, spin: bool = True):
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         unknown = re.search(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op", str(e))
-        if unknown:
-            domain, op, version = unknown.groups()
+        standard = re.search(r"No Op registered for (\w+) with domain_version of (\d+)", str(e))
+        if unknown or standard:
+            domain, op, version = unknown.groups() if unknown else ("", *standard.groups())
             name = "the model" if isinstance(path, bytes) else str(path)
             raise KrimpError(f"{name}: ONNX Runtime has no op '{op}' in domain '{domain or 'ai.onnx'}' "
                              f"(opset {version}); export the model without it, or with ops ONNX Runtime "

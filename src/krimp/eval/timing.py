@@ -4,7 +4,7 @@ The two models are timed in alternating rounds (A B, then B A, ...), so load tha
 falls on both alike. Each round times each model ``per_round`` times (more for a model so fast that
 a round would last under 50 ms). Rounds go on until at least
 ``min_rounds`` are done and both medians have settled (adding the last round moved neither by more
-than 1%), or until ``budget_s`` seconds have passed.
+than 1%), or until ``max_rounds`` (25) rounds are done or ``budget_s`` seconds have passed.
 
 What the figures are worth is reported next to them, per model: p50, p95, the coefficient of
 variation of all timed runs (``cv``), the number of runs, and ``stable``. A timing is unstable when
@@ -45,14 +45,20 @@ class OnnxWorker:
                str(warmup)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.name = Path(path).name
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env)
+        self.err = tempfile.TemporaryFile(mode="w+")  # never a pipe: a chatty worker must not block
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
+                                  env=env)
         self.batch = self._reply()["batch"]
 
-    def _reply(self) -> dict:
-        line = self.p.stdout.readline()
+    def _reply(self, timeout_s: float = 900) -> dict:
+        import select
+
+        ready, _, _ = select.select([self.p.stdout], [], [], timeout_s)
+        line = self.p.stdout.readline() if ready else ""
         if not line:
-            err = (self.p.stderr.read().strip().splitlines() or ["no output"])[-1]
+            self.p.kill()
+            self.err.seek(0)
+            err = (self.err.read().strip().splitlines() or [f"no answer in {timeout_s:.0f} s"])[-1]
             raise KrimpError(f"benchmark of {self.name} failed: {err}")
         return json.loads(line)
 
@@ -70,6 +76,7 @@ class OnnxWorker:
             return float(self._reply()["peak_rss_mb"])
         finally:
             self.p.wait(timeout=30)
+            self.err.close()
 
 
 class EngineTimer:
@@ -98,14 +105,16 @@ class EngineTimer:
 def noise(times_s: list[float], rounds: int, load: float, cores: int) -> dict:
     """What one model's timing is worth: p50, p95 (ms), cv, runs, rounds, stable and why not."""
     t = np.asarray(times_s) * 1e3
-    cv = float(t.std() / t.mean()) if t.size > 1 else float("inf")
+    cv = float(t.std() / t.mean()) if t.size > 1 else None
     reasons = []
-    if cv > MAX_CV:
+    if cv is None:
+        reasons.append("a single run")
+    elif cv > MAX_CV:
         reasons.append(f"runs vary by {cv:.0%} of the mean (more than {MAX_CV:.0%})")
     if load > cores:
         reasons.append(f"load average {load:.1f} exceeded the {cores} cores")
     return {"p50_ms": round(float(np.median(t)), 4), "p95_ms": round(float(np.percentile(t, 95)), 4),
-            "cv": round(cv, 4), "runs": int(t.size), "rounds": rounds, "stable": not reasons, "reasons": reasons}
+            "cv": None if cv is None else round(cv, 4), "runs": int(t.size), "rounds": rounds, "stable": not reasons, "reasons": reasons}
 
 
 def speedup_ci(base_rounds: list[list[float]], comp_rounds: list[list[float]], n: int = 2000,
@@ -124,7 +133,7 @@ def speedup_ci(base_rounds: list[list[float]], comp_rounds: list[list[float]], n
     return {"value": value, "ci95": [float(lo), float(hi)], "rounds": k}
 
 
-def time_pair(a, b, repeats: int, budget_s: float, min_rounds: int = 5, max_rounds: int = 200) -> dict:
+def time_pair(a, b, repeats: int, budget_s: float, min_rounds: int = 5, max_rounds: int = 25) -> dict:
     """Time timers ``a`` (baseline) and ``b`` (compressed) in alternating rounds (module docstring).
     Returns ``{"baseline": ..., "compressed": ..., "speedup": ...}``; each side holds summarize()'s
     figures and ``noise``."""
@@ -135,16 +144,15 @@ def time_pair(a, b, repeats: int, budget_s: float, min_rounds: int = 5, max_roun
     cpu = {"a": 0.0, "b": 0.0}
     timers = {"a": a, "b": b}
     t0 = time.perf_counter()
-    load0 = os.getloadavg()[0]
     for r in range(max_rounds):
         for k in ("a", "b") if r % 2 == 0 else ("b", "a"):
             t, c = timers[k].time(per_round)
             runs[k].append(t)
             cpu[k] += c
-        done = r + 1 >= min_rounds and (_settled(runs["a"]) and _settled(runs["b"]))
-        if done or time.perf_counter() - t0 > budget_s:
-            break
-    load = max(load0, os.getloadavg()[0])
+        if r + 1 >= min_rounds and (_settled(runs["a"]) and _settled(runs["b"])
+                                    or time.perf_counter() - t0 > budget_s):
+            break  # never before min_rounds: the interval needs rounds to resample
+    load = os.getloadavg()[0]  # the last minute: mostly the timing itself
     cores = os.cpu_count() or 1
     out = {}
     from krimp.eval.bench import summarize

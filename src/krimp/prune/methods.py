@@ -112,6 +112,8 @@ def prunable(module: nn.Module, cfg: _PruneConfig) -> dict[str, nn.Module]:
             head = list(layers.values())[-1]
         layers = {n: m for n, m in layers.items() if m is not head}
     out = cfg.select(layers, "prunable layer")
+    if not out:
+        raise KrimpError(f"{cfg.method}: the model has no prunable layer (nn.Linear, or nn.Conv2d without groups)")
     if cfg.nm:
         for n, m in out.items():
             check_nm(m.weight[0].numel(), cfg.nm, n)

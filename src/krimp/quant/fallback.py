@@ -48,7 +48,7 @@ def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int
     big = Path(src).stat().st_size > BIG_GRAPH_BYTES  # every measurement loads a copy of the graph
     ranked = node_sensitivity(src, ctx.distance, ctx.calib_feeds, excluded, mode, bits, ctx.threads,
                               shortlist=2 * (max_nodes + 4) if big else None, min_nodes=SHORTLIST, info=shortlist,
-                             weights=weights)
+                             weights=weights, step=ctx.step)
     log.info("goal missed on calibration data (%s); ranking %d nodes for float fallback",
              metrics, len(ranked))
     tries = [{"excluded": [], "ok": ok, "calib_metrics": metrics}]
@@ -57,9 +57,10 @@ def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int
         best_file = Path(tmp) / "best.onnx"
         best_file.write_bytes(dst.read_bytes())
         # forward selection: take the next most sensitive node out only if that lowers the distance
-        for name, _ in ranked[: max_nodes + 4]:
+        for k, (name, _) in enumerate(ranked[: max_nodes + 4]):
             if ok or len(chosen) >= max_nodes:
                 break
+            ctx.step(f"float fallback: try {k + 1}/{len(ranked[: max_nodes + 4])} ({len(chosen)} nodes in float)")
             run(chosen + [name])
             ok_try, metrics = ctx.goal_check(dst)
             tries.append({"excluded": chosen + [name], "ok": ok_try, "calib_metrics": metrics})

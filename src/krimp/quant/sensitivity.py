@@ -202,7 +202,8 @@ def _quantized(node, inits: dict, mode: str) -> bool:
 def node_sensitivity(float_path: Path, distance: Callable[[bytes], float], feeds, skip: list[str],
                      mode: str, bits: int = 8, threads: int = 2, shortlist: int | None = None,
                      min_nodes: int = 0, info: dict | None = None,
-                     weights: dict[str, np.ndarray] | None = None) -> list[tuple[str, float]]:
+                     weights: dict[str, np.ndarray] | None = None,
+                     step: Callable[[str], None] | None = None) -> list[tuple[str, float]]:
     """(node, output distance to float when only this node is quantized), most sensitive first.
 
     ``weights``: a node's quantized weight as the quantizer will really round it (GPTQ rounding of
@@ -228,7 +229,9 @@ def node_sensitivity(float_path: Path, distance: Callable[[bytes], float], feeds
         inputs = sorted({nodes[n].input[0] for n in names})
         ranges = _input_ranges(float_path, inputs, feeds, threads)
     out = []
-    for name in names:
+    for i, name in enumerate(names):
+        if step:
+            step(f"float fallback: ranking node {i + 1}/{len(names)}")
         node = nodes[name]
         m = _with_one_node_quantized(model, node, mode, bits, ranges.get(node.input[0]), (weights or {}).get(name))
         out.append((name, float(distance(m.SerializeToString()))))

@@ -30,7 +30,7 @@ def quality_limit(report: dict, metric: str) -> float | None:
     if metric == "cosine":
         return goal.get("min_cosine", 1 - drop if drop is not None else None)
     if metric == "top1_agreement":
-        return goal.get("min_top1_agreement")
+        return goal.get("min_top1_agreement", 1 - drop if drop is not None else None)
     return None
 
 
@@ -65,6 +65,9 @@ def plot(report: dict, path: Path) -> Path:
         axes[0].axvline(base["size_bytes"] / 2**20 * goal["max_size_ratio"], color="#c92a2a", ls="--", lw=1)
     if goal.get("min_speedup"):
         axes[1].axvline(base["latency_ms_p50"] / goal["min_speedup"], color="#c92a2a", ls="--", lw=1)
+    import math
+
+    ys = [y for y in ys if math.isfinite(y)] or [0.0, 1.0]  # a NaN perplexity still gets its report
     lo, hi = min(ys), max(ys)
     pad = max((hi - lo) * 0.15, abs(hi) * 1e-4, 1e-6)
     unit = " (95% CI)"
