@@ -9,6 +9,7 @@ process (typer's runner), so a case costs what the command does before it refuse
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 from krimp.cli.main import app
 
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 RECIPE = "model: {model}\ndata: {{source: builtin:digits, calib_samples: 16, eval_samples: 16}}\n" \
          "eval: {{repeats: 3, warmup: 0}}\nstages: [{stage}]\n"
 
@@ -394,7 +396,9 @@ CASES: dict[str, tuple[Callable[[Path, bytes], list[str]], str]] = {
                                           "stages: [{method: int8-dynamic}]\n"), r"data not found"),
     "image-folder-empty": (lambda r, o: (r / "imgs").mkdir() or ["eval", _onnx_file(r, o), "--data", str(r / "imgs")],
                            r"no images \(\.png"),
-    "bench-empty-gguf": (lambda r, o: ["bench", _onnx_file(r, b"", "m.gguf")], r"GGUF|llama"),
+    "bench-gguf-without-llama-cpp": (lambda r, o: ["bench", _onnx_file(r, b"", "m.gguf")],
+                                     r"gguf|GGUF" if HAS_LLAMA_CPP else  # else: rich markup escaped
+                                     r"llama.cpp is not installed: pip install 'krimp\[llama\]'"),
     "targets-match-nothing-bf16": (_stage_on_digits("{method: bf16, targets: ['nope']}"),
                                    r"match no module with parameters"),
 }
