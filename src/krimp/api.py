@@ -159,7 +159,7 @@ def _check_methods_fit(r: Recipe, handle: ModelHandle) -> None:
             kinds = "decoder language models" + (" and BERT-like encoders" if s.runs_on_encoders else "")
             arch = handle.info.get("architecture") or type(handle.module or object()).__name__
             raise KrimpError(f"stage {i + 1} '{s.method}' works on {kinds}; this {handle.task.name} model "
-                             f"({arch}) takes: {', '.join(fits)}")
+                             f"({arch}) has no decoder blocks and takes: {', '.join(fits)}")
 
 
 def _listed(v) -> list:

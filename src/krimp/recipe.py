@@ -114,6 +114,17 @@ class Recipe(_Section):
     export: ExportSpec = ExportSpec()
     stages: list[Any] = pydantic.Field(default_factory=list)
 
+    @pydantic.field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str | None) -> str | None:
+        from krimp.models.tasks import TASKS
+
+        if v is not None and v not in TASKS:
+            hint = closest(v, TASKS)
+            raise ValueError(f"unknown task '{v}'" + (f"; did you mean '{hint}'?" if hint else "")
+                             + f" (known: {', '.join(TASKS)})")
+        return v
+
     @pydantic.field_validator("stages")
     @classmethod
     def _build_stages(cls, v: list[Any]) -> list[BaseConfig]:

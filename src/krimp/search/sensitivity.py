@@ -159,8 +159,9 @@ def lm_sensitivity(module: nn.Module, task, calib: list, evaluation: list, spec:
     if layers:
         linears = {k: m for k, m in linears.items() if name_matches(k, layers)}
         if not linears:
-            raise KrimpError(f"--layers {layers} match none of the {len(decoder_linears(module))} decoder linears "
-                             f"(e.g. {', '.join(list(decoder_linears(module))[:3])})")
+            every = decoder_linears(module)
+            raise KrimpError(f"--layers {layers}: no decoder linear matches (there are {len(every)}, e.g. "
+                             f"{', '.join(list(every)[:3])})")
         if not linears:
             example = next(iter(decoder_linears(module)))
             raise KrimpError(f"no decoder linear matches {layers} (names look like {example})")
