@@ -63,7 +63,7 @@ def drop_ci(q: dict) -> list[float] | None:
     f = q.get("fidelity", {})
     if "accuracy_delta" in q and q["accuracy_delta"]:
         lo, hi = q["accuracy_delta"]["ci95"]  # compressed - baseline
-        return [-hi, -lo]
+        return [0.0 - hi, 0.0 - lo]  # 0.0 - x: no negative zero
     if "perplexity_change" in q:
         return list(q["perplexity_change"]["ci95"])
     for k in ("cosine", "top1_agreement"):
