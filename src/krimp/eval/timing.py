@@ -4,7 +4,8 @@ The two models are timed in alternating rounds (A B, then B A, ...), so load tha
 falls on both alike. Each round times each model ``per_round`` times (more for a model so fast that
 a round would last under 50 ms). Rounds go on until at least
 ``min_rounds`` are done and both medians have settled (adding the last round moved neither by more
-than 1%), or until ``max_rounds`` (25) rounds are done or ``budget_s`` seconds have passed.
+than 1%), or until three times the asked runs (25 rounds at most) are done or ``budget_s`` seconds
+have passed.
 
 What the figures are worth is reported next to them, per model: p50, p95, the coefficient of
 variation of all timed runs (``cv``), the number of runs, and ``stable``. A timing is unstable when
@@ -134,10 +135,12 @@ def speedup_ci(base_rounds: list[list[float]], comp_rounds: list[list[float]], n
 
 
 def time_pair(a, b, repeats: int, budget_s: float, min_rounds: int = 5, max_rounds: int = 25) -> dict:
-    """Time timers ``a`` (baseline) and ``b`` (compressed) in alternating rounds (module docstring).
+    """Time timers ``a`` (baseline) and ``b`` (compressed) in alternating rounds (module docstring):
+    at least ``repeats`` runs each, at most three times as many rounds' worth (and ``max_rounds``).
     Returns ``{"baseline": ..., "compressed": ..., "speedup": ...}``; each side holds summarize()'s
     figures and ``noise``."""
     per_round = max(1, -(-repeats // min_rounds))
+    max_rounds = min(max_rounds, max(min_rounds, -(-3 * repeats // per_round)))
     one = min(sum(a.time(1)[0]), sum(b.time(1)[0]))  # a round lasts at least ROUND_S (pyperf calibrates likewise)
     per_round = max(per_round, min(100, int(ROUND_S / max(one, 1e-6)) + 1))
     runs: dict[str, list[list[float]]] = {"a": [], "b": []}
