@@ -62,7 +62,7 @@ def main() -> None:
                        **{side: r[side]["noise"] for side in ("baseline", "compressed")}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                time.sleep(20 if loaded else 0)  # let the load average fall before the next quiet run
+                time.sleep(75 if loaded else 0)  # let the 1-minute load average fall before the next quiet run
     res = {"machine": machine_line(), "date": time.strftime("%Y-%m-%d"), "rows": rows,
            "command": f"python bench/timing_noise.py --runs {a.runs} --burners {a.burners}"}
     RESULTS.mkdir(exist_ok=True)
