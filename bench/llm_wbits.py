@@ -62,7 +62,7 @@ def quantize_one(name: str, calib: int, sources: str = CALIB_SOURCES) -> dict:
     from krimp.export.gguf import export_gguf
     from krimp.export.safetensors_io import save_packed
     from krimp.models import load_model
-    from krimp.pipeline import StageContext
+    from krimp.stage import StageContext
 
     torch.set_num_threads(2)
     h = load_model("builtin:smollm2")
@@ -120,7 +120,7 @@ def smoothquant_w8a8(handle, calib_feeds, scorers: dict, alpha: float | None) ->
 
     from krimp.eval.runtime import OrtEngine
     from krimp.export.onnx import export_onnx
-    from krimp.pipeline import StageContext
+    from krimp.stage import StageContext
     from krimp.quant.llm import SmoothQuant, SmoothQuantConfig
 
     module = copy.deepcopy(handle.module)

@@ -49,7 +49,7 @@ def prune_one(name: str, calib: int) -> dict:
     from krimp.eval.runtime import batches
     from krimp.export.safetensors_io import save_packed
     from krimp.models import load_model
-    from krimp.pipeline import StageContext
+    from krimp.stage import StageContext
     from krimp.recipe import DataSpec
 
     torch.set_num_threads(2)

@@ -22,15 +22,14 @@ def minilm():
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
-    """A tiny random Llama causal LM saved as a Hugging Face folder, with MiniLM's tokenizer."""
+def tiny_llama(tmp_path_factory, minilm):
+    """A tiny random Llama causal LM saved as a Hugging Face folder, with MiniLM's tokenizer (from the
+    session's MiniLM: loading it again costs a second or two)."""
     import torch
     import transformers as tf
 
-    from krimp.models.builtin import load_builtin
-
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = load_builtin("minilm").task.tokenizer
+    tok = minilm.task.tokenizer
     cfg = tf.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ import torch
 from krimp.data import load_data
 from krimp.errors import KrimpError
 from krimp.eval.measure import measure_pair
+from krimp.export.registry import write_artifacts
 from krimp.models import ModelHandle, load_model
 from krimp.pipeline import run_stages
 from krimp.progress import PhaseLog
@@ -84,17 +85,17 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
     try:
         run_log.append(work / "run.log")
         run_log[0].write_text("".join(line + "\n" for line in lines))
-        res = run_stages(handle, r, data, work, step, ckpt)
-        if res.get("helper"):  # a torchrun helper process: rank 0 writes the run
+        run = run_stages(handle, r, data, work, step, ckpt)
+        if run.helper:  # a torchrun helper process: rank 0 writes the run
             shutil.rmtree(work, ignore_errors=True)
             return {"out": None, "helper": True}
-        artifacts = _finalize(res, r, handle, work)
+        artifacts, side_files = write_artifacts(run, r, handle, work)
         step("measuring baseline and compressed models")
-        measured = measure_pair(res, handle, r, data, work)
+        measured = measure_pair(run, handle, r, data, work)
         phases.close()
-        report = build_report(r, handle, data, res, artifacts, measured, time.perf_counter() - t_start)
+        report = build_report(r, handle, data, run, artifacts, measured, time.perf_counter() - t_start)
         write_reports(report, work)
-        _clean(work, artifacts, res.get("packed_extras", []))
+        _clean(work, artifacts, side_files)
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
@@ -194,62 +195,6 @@ def check_output_folder(out: Path, inputs: dict[str, Any], overwrite: bool) -> N
         raise KrimpError(f"--out {out} is a file, not a folder; choose a folder name")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise KrimpError(f"output folder {out} already holds files; pass --overwrite to replace it")
-
-
-def _finalize(res: dict, r: Recipe, handle: ModelHandle, work: Path) -> list[dict]:
-    """Name the deployable artifacts: model.onnx, baseline.onnx, model.safetensors."""
-    arts = []
-    if "compressed_onnx" in res:
-        final = work / "model.onnx"
-        if res["compressed_onnx"] == res["baseline_onnx"]:  # a recipe with no stages: export only
-            shutil.copyfile(res["compressed_onnx"], final)
-        else:
-            os.replace(res["compressed_onnx"], final)
-        res["compressed_onnx"] = final
-        arts.append({"format": "onnx", "role": "compressed", "path": "model.onnx"})
-        arts.append({"format": "onnx", "role": "baseline", "path": "baseline.onnx"})
-    module = res.get("module") or handle.module
-    if "safetensors" in r.export.formats:
-        from krimp.export.safetensors_io import needs_packed, save_packed, save_safetensors
-
-        if module is None:
-            raise KrimpError("safetensors export needs a torch model; an ONNX file was given")
-        if any(hasattr(m, "krimp_in_scale") for m in module.modules()):
-            raise KrimpError("safetensors export: a smoothed encoder's input scales exist only in its ONNX graph; "
-                             "export it as onnx (export.formats: [onnx])")
-        if needs_packed(module):  # packed codes / sparse bitmasks + config + tokenizer
-            save_packed(module, work, handle.task.tokenizer)
-            res["packed_extras"] = [f.name for f in work.iterdir() if f.suffix in (".json", ".txt", ".model")]
-        else:
-            save_safetensors(module, work / "model.safetensors")
-            if hasattr(getattr(module, "config", None), "save_pretrained"):  # reloadable as a model folder
-                module.config.save_pretrained(work)
-                if handle.task.tokenizer is not None:
-                    handle.task.tokenizer.save_pretrained(work)
-                res["packed_extras"] = [f.name for f in work.iterdir() if f.suffix in (".json", ".txt", ".model")]
-        arts.append({"format": "safetensors", "role": "compressed", "path": "model.safetensors"})
-    if "gguf" in r.export.formats:
-        arts.append(_gguf(res, handle, module, work))
-    for a in arts:
-        a["bytes"] = (work / a["path"]).stat().st_size
-    return arts
-
-
-def _gguf(res: dict, handle: ModelHandle, module, work: Path) -> dict:
-    """model.gguf from krimp's quantized weights, checked by reloading it (and in llama.cpp)."""
-    import numpy as np
-
-    from krimp.export.gguf import export_gguf, verify_gguf
-
-    src = handle.info.get("gguf_path") or (handle.source if handle.kind == "gguf" else None)
-    if module is None:
-        raise KrimpError("GGUF export needs a torch model; an ONNX file was given")
-    info = export_gguf(module, src, work / "model.gguf")
-    ids = torch.from_numpy(np.asarray(res["verify_ids"])) if "verify_ids" in res else None
-    if ids is not None:
-        info["check"] = verify_gguf(work / "model.gguf", module, ids)
-    res["gguf"] = info
-    return {"format": "gguf", "role": "compressed", "path": "model.gguf"}
 
 
 def _clean(work: Path, artifacts: list[dict], extras: list[str] = ()) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,6 +16,21 @@ def closest(word: str, options: Iterable[str]) -> str | None:
     """The option closest to ``word`` by edit similarity, or None if nothing is close."""
     found = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
     return found[0] if found else None
+
+
+def require(module: str, extra: str, needed_by: str, package: str | None = None):
+    """``import module``, or one KrimpError line naming the krimp extra that installs it.
+
+    Only the module itself being absent becomes the hint; an installed package that fails on an import
+    of its own raises as it is, so its traceback names the real cause.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if (e.name or module).split(".")[0] != module.split(".")[0]:
+            raise
+        raise KrimpError(f"{needed_by} needs {package or module}, which is not installed: "
+                         f"pip install 'krimp[{extra}]'") from None
 
 
 def unknown_key_message(key: str, where: str, options: Iterable[str]) -> str:

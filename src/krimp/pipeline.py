@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from torch import nn
 
 from krimp.config import method_for
 from krimp.data import Dataset
@@ -26,30 +26,36 @@ from krimp.eval.compare import collect, compare, compare_features
 from krimp.eval.goal import calib_ok
 from krimp.eval.measure import bench_feed
 from krimp.eval.runtime import OrtEngine, TorchEngine, batches
-from krimp.export.onnx import export_onnx, optimize_transformer, verify_onnx
+from krimp.export.onnx import export_onnx, lower, optimize_transformer, verify_onnx
 from krimp.models import ModelHandle
 from krimp.recipe import Recipe
+from krimp.stage import Needs, StageContext
 from krimp.train.trainer import is_main
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class StageContext:
-    """What a method may use: the task, calibration feeds, and a goal check on calibration data."""
+class RunResult:
+    """What one run hands on to the exporters (krimp.export.registry), the measurements and the report."""
 
-    task: Any
-    calib_feeds: list[dict[str, np.ndarray]]
-    threads: int
-    goal_check: Callable[[Path], tuple[bool, dict]] | None = None
-    max_size_ratio: float | None = None  # a fallback try that breaks this limit is not kept
-    distance: Callable[[Path | bytes], float] | None = None
-    step: Callable[[str], None] = lambda s: None  # progress line for long stages ("k/n" in it: krimp.progress)
-    batch: int = 8
-    calib_items: list = field(default_factory=list)  # raw items, for stages that batch their own data
-    calib_labels: list[int] | None = None
-    seq_len: int = 128
-    ckpt_dir: Path | None = None  # where a training stage keeps checkpoints that a rerun resumes
+    stages: list[dict]  # one note per stage: method, config, seconds, what it did
+    baseline_module: nn.Module | None  # the loaded model (None for an ONNX input)
+    module: nn.Module | None  # after the torch stages (the loaded model when there are none)
+    needs: Needs = field(default_factory=Needs)  # what the stages declared their output needs from the exporters
+    helper: bool = False  # a data-parallel helper process (torchrun): it stops after training
+    verify_ids: np.ndarray | None = None  # token windows for checking exports of a language model
+    baseline_onnx: Path | None = None
+    compressed_onnx: Path | None = None  # None: no ONNX; the torch modules are measured
+    export_error: float | None = None  # max relative error of the baseline ONNX against torch
+    export_error_compressed: float | None = None
+    fusions: dict | None = None  # transformer fusions applied before ONNX stages
+    fusion_choice: dict | None = None  # export.optimize: auto: both graphs timed here
+    exports: dict[str, dict] = field(default_factory=dict)  # what each rewrite / exporter did (nbits, qdq, gguf)
+
+    @property
+    def torch_only(self) -> bool:
+        return self.compressed_onnx is None
 
 
 def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path: Path):
@@ -115,11 +121,11 @@ def _brief(q: dict) -> dict:
 
 
 def _apply_torch_stages(handle: ModelHandle, stages, feeds, recipe: Recipe, data: Dataset, notes: list, step,
-                        ckpt_root: Path | None = None):
+                        ckpt_root: Path | None = None) -> tuple[nn.Module, Needs]:
     """Check the original model on calibration data, then apply torch stages to a deep copy; after
     each stage, measure its fidelity to the original on a few evaluation items (the report shows
-    quality and size as the recipe goes)."""
-    module, threads = handle.module, recipe.eval.threads
+    quality and size as the recipe goes). Returns the model and what its stages need from the exporters."""
+    module, threads, needs = handle.module, recipe.eval.threads, handle.needs
     engine = TorchEngine(module, handle.task, threads)
     for f in feeds[:4]:  # a few batches show a model that cannot take the data or overflows
         try:
@@ -139,11 +145,12 @@ def _apply_torch_stages(handle: ModelHandle, stages, feeds, recipe: Recipe, data
                            calib_labels=data.calib_labels, seq_len=recipe.data.seq_len,
                            ckpt_dir=ckpt_root / f"stage{i}-{cfg.method}" if ckpt_root else None)
         module, info = method_for(cfg).apply_torch(module, cfg, ctx)
+        needs = needs.merge(ctx.needs)
         note = {"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info}
         if len(stages) > 1 or cfg.method in ("distill", "qat"):
             note["after"] = _stage_quality(handle, module, recipe, data)
         notes.append(note)
-    return module
+    return module, needs
 
 
 def _stage_quality(handle: ModelHandle, module, recipe: Recipe, data: Dataset, n_items: int = 64) -> dict:
@@ -195,8 +202,8 @@ def _verify_feeds(feeds, task):
 
 
 def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
-               step: Callable[[str], None], ckpt_root: Path | None = None) -> dict[str, Any]:
-    """Apply the recipe; returns paths of baseline and compressed models (or modules) and stage notes."""
+               step: Callable[[str], None], ckpt_root: Path | None = None) -> RunResult:
+    """Apply the recipe: torch stages, the ONNX export in the form they need, then ONNX stages."""
     ev, rtol, opset = recipe.eval, recipe.export.rtol, recipe.export.opset
     feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
     torch_stages = [s for s in recipe.stages if s.domain == "torch"]
@@ -206,66 +213,46 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
     if torch_stages and handle.module is None:
         raise KrimpError(f"stage '{torch_stages[0].method}' needs a torch model; an ONNX file was given")
     notes: list[dict] = []
-    out: dict[str, Any] = {"stages": notes}
-    module = None
+    run = RunResult(notes, handle.module, None, handle.needs)
     if handle.module is not None:
-        module = _apply_torch_stages(handle, torch_stages, feeds, recipe, data, notes, step, ckpt_root)
-    out["module"], out["baseline_module"] = module, handle.module
+        run.module, run.needs = _apply_torch_stages(handle, torch_stages, feeds, recipe, data, notes, step, ckpt_root)
     if not is_main():  # data-parallel helpers (torchrun) stop after training; rank 0 writes
-        out["helper"] = True
-        return out
+        run.helper = True
+        return run
     if handle.task.name == "causal-lm" and feeds:
-        out["verify_ids"] = _verify_feeds(feeds, handle.task)[0]["input_ids"]
+        run.verify_ids = _verify_feeds(feeds, handle.task)[0]["input_ids"]
     if "onnx" not in recipe.export.formats and not onnx_stages:
-        out["torch_only"] = True
-        return out
+        return run  # measured as torch modules
     base = work / "baseline.onnx"
+    cur = base
     if handle.module is None:  # an ONNX file was given
         shutil.copyfile(handle.onnx_path, base)
-        cur = base
     else:
         step("export: baseline ONNX")
         export_onnx(handle.module, handle.task, feeds[0], base, opset, handle.source)
-        out["export_error"] = verify_onnx(base, TorchEngine(handle.module, handle.task, ev.threads),
-                                          _verify_feeds(feeds, handle.task), rtol)
-        cur = base
+        run.export_error = verify_onnx(base, TorchEngine(handle.module, handle.task, ev.threads),
+                                       _verify_feeds(feeds, handle.task), rtol)
         if torch_stages:
             step("export: compressed ONNX")
-            cur = export_onnx(module, handle.task, feeds[0], work / "torch_stages.onnx", opset, handle.source)
-            vfeeds = _verify_feeds(feeds, handle.task)
-            has_act = any(hasattr(m, "krimp_act") for m in module.modules())
-            if not has_act:  # (trained activation grids enter the graph below; checked there)
-                out["export_error_compressed"] = verify_onnx(cur, TorchEngine(module, handle.task, ev.threads),
-                                                             vfeeds, rtol * 10)
-            if has_act:
-                from krimp.export.onnx_qdq import to_qdq
-
-                step("export: ONNX QDQ INT8 (trained scales)")
-                out["qdq"] = to_qdq(cur, work / "qdq.onnx", module)
-                cur = work / "qdq.onnx"
-                out["export_error_compressed"] = verify_onnx(
-                    cur, TorchEngine(module, handle.task, ev.threads), vfeeds, rtol * 10)
-            elif any(hasattr(m, "krimp_wq") for m in module.modules()):
-                from krimp.export.onnx_nbits import to_matmul_nbits
-
-                step("export: ONNX Runtime MatMulNBits")
-                out["nbits"] = to_matmul_nbits(cur, work / "nbits.onnx", module)
-                cur = work / "nbits.onnx"
-                out["export_error_compressed"] = verify_onnx(
-                    cur, TorchEngine(module, handle.task, ev.threads), vfeeds, rtol * 10)
-    out["baseline_onnx"] = base
+            plain = export_onnx(run.module, handle.task, feeds[0], work / "torch_stages.onnx", opset, handle.source)
+            cur, details = lower(plain, work, run.module, run.needs.onnx, step)
+            if details is not None:
+                run.exports[run.needs.onnx] = details
+            run.export_error_compressed = verify_onnx(cur, TorchEngine(run.module, handle.task, ev.threads),
+                                                      _verify_feeds(feeds, handle.task), rtol * 10)
+    run.baseline_onnx = base
     if onnx_stages and recipe.export.optimize and handle.module is not None:
         stats = optimize_transformer(cur, work / "fused.onnx", handle.module)
         if stats and recipe.export.optimize == "auto":
             step("timing the fused graph against the plain one")
             ms = faster_of(cur, work / "fused.onnx", bench_feed(handle.task, recipe.eval, data), recipe.eval.threads)
-            out["fusion_choice"] = {"plain_ms": round(ms["a"], 2), "fused_ms": round(ms["b"], 2),
-                                    "kept": ms["b"] < ms["a"]}
+            run.fusion_choice = {"plain_ms": round(ms["a"], 2), "fused_ms": round(ms["b"], 2),
+                                 "kept": ms["b"] < ms["a"]}
             log.info("transformer fusion: plain %.1f ms, fused %.1f ms", ms["a"], ms["b"])
             if ms["b"] >= ms["a"]:
                 stats = None
         if stats:
-            out["fusions"], cur = stats, work / "fused.onnx"
-    out["compressed_onnx"] = _apply_onnx_stages(cur, onnx_stages, len(torch_stages), recipe, handle, data,
-                                                feeds, base, work, notes, step)
-    return out
+            run.fusions, cur = stats, work / "fused.onnx"
+    run.compressed_onnx = _apply_onnx_stages(cur, onnx_stages, len(torch_stages), recipe, handle, data,
+                                             feeds, base, work, notes, step)
+    return run

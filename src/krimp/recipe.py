@@ -82,20 +82,20 @@ class Goal(_Section):
     min_speedup: float | None = pydantic.Field(None, gt=0)
 
 
-EXPORT_FORMATS = ("gguf", "onnx", "safetensors")
-
-
 class ExportSpec(_Section):
     formats: list[str] = pydantic.Field(default_factory=lambda: ["onnx"])
 
     @pydantic.field_validator("formats")
     @classmethod
     def _known_formats(cls, v: list[str]) -> list[str]:
+        from krimp.export.registry import known_formats
+
+        known = known_formats()
         for f in v:  # checked when the recipe is read, not after an hour of stages
-            if f not in EXPORT_FORMATS:
-                hint = closest(f, EXPORT_FORMATS)
+            if f not in known:
+                hint = closest(f, known)
                 raise ValueError(f"unknown format '{f}'" + (f"; did you mean '{hint}'?" if hint else "")
-                                 + f" (known: {', '.join(EXPORT_FORMATS)})")
+                                 + f" (known: {', '.join(known)})")
         return v
     opset: int = pydantic.Field(17, ge=17)
     rtol: float = pydantic.Field(1e-3, gt=0)  # allowed max |onnx - torch| / max |torch| after export

@@ -10,7 +10,7 @@ import torch
 from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
 from krimp.models import load_model
-from krimp.pipeline import StageContext
+from krimp.stage import StageContext
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def _kl(h, m, ids):
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
+@pytest.mark.slow
 def test_methods_quantize_every_block_linear_and_gptq_beats_rtn(llama):
     h, ids = llama
     kls = {}

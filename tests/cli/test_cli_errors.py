@@ -23,6 +23,7 @@ def test_missing_model(tmp_path):
     _assert_clean_error(rc, err, "model not found")
 
 
+@pytest.mark.slow
 def test_corrupt_onnx_and_wrong_file_type(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00garbage" * 10)
@@ -64,6 +65,7 @@ def test_existing_output_folder_is_refused(tmp_path):
     assert (out / "report.json").read_text() == "{}"  # untouched
 
 
+@pytest.mark.slow
 def test_empty_calibration_data(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     r = tmp_path / "r.yaml"

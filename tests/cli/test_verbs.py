@@ -25,6 +25,7 @@ def run_dir(tmp_path_factory):
     return d / "run"
 
 
+@pytest.mark.slow
 def test_bench_json_reports_latency_memory_and_size(run_dir):
     rc, out, err = krimp("bench", str(run_dir / "model.onnx"), "--batch", "4", "--repeats", "5", "--json")
     assert rc == 0, err
@@ -34,6 +35,7 @@ def test_bench_json_reports_latency_memory_and_size(run_dir):
     assert 20 < r["peak_rss_mb"] < 2000 and r["size_bytes"] == (run_dir / "model.onnx").stat().st_size
 
 
+@pytest.mark.slow
 def test_eval_uses_the_baseline_beside_a_run_model(run_dir):
     rc, out, err = krimp("eval", str(run_dir / "model.onnx"), "--samples", "64", "--json")
     assert rc == 0, err
@@ -43,6 +45,7 @@ def test_eval_uses_the_baseline_beside_a_run_model(run_dir):
     assert r["compressed"]["accuracy"]["value"] > 0.9
 
 
+@pytest.mark.slow
 def test_inspect_lists_quantized_layers_and_methods(run_dir):
     rc, out, err = krimp("inspect", str(run_dir / "model.onnx"), "--json")
     assert rc == 0, err

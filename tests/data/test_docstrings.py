@@ -58,6 +58,7 @@ def test_docstring_markup_is_cleaned_as_the_documentation_is():
     assert clean_rst("Composed with :func:`jacrev` and ``vmap``.") == "Composed with jacrev and vmap."
 
 
+@pytest.mark.slow
 def test_builtin_docstrings_read_the_standard_library_once_then_the_cache(tmp_path, monkeypatch):
     import krimp.data.docstrings as D
     import krimp.models.builtin

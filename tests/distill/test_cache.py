@@ -63,6 +63,7 @@ def test_off_when_too_big_not_repeated_or_beyond_float16():
     assert not cache.on and not cache.store and len(calls) == 1 + 6
 
 
+@pytest.mark.slow
 def test_two_epochs_in_bf16_keep_the_teacher_in_memory(tmp_path):
     """Two epochs in bf16 with the teacher's outputs from memory end where two epochs in float32
     with the teacher run at every step end (a cache handing back another batch's targets would not)."""

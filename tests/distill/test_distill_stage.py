@@ -32,6 +32,7 @@ def _untrained_cosine(minilm, items):
     return float((a * b).sum(1).mean())
 
 
+@pytest.mark.e2e
 def test_student_learns_and_reloads(minilm, tmp_path):
     from krimp.data import load_data
     from krimp.models import load_model
@@ -51,6 +52,7 @@ def test_student_learns_and_reloads(minilm, tmp_path):
     assert not (tmp_path / ".run.checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_interrupted_run_resumes(tmp_path):
     def stop_at_step_9(msg):
         if msg.startswith("training: step 11/"):
@@ -67,6 +69,7 @@ def test_interrupted_run_resumes(tmp_path):
     assert not ck.exists()
 
 
+@pytest.mark.slow
 def test_bad_input(tmp_path):
     with pytest.raises(KrimpError, match="fewer than one batch"):
         krimp.compress(None, _recipe(batch=512), tmp_path / "a")
@@ -81,6 +84,7 @@ def test_bad_input(tmp_path):
     assert not any(p.name in ("a", "b", "c", "d", "e") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_causal_lm_student_by_influence(tmp_path):
     """A 4-layer Llama distilled into its 2 most influential layers with KL + next-token loss: the
     layers kept are the top-2 by block influence, the loss falls, the student reloads."""

@@ -63,7 +63,8 @@ def test_given_student_wider_than_teacher(minilm, tmp_path):
 
 
 def test_student_keeps_the_most_influential_layers(minilm):
-    from krimp.prune.transformer import block_influence, find_layers
+    from krimp.models.arch import find_layers
+    from krimp.prune.transformer import block_influence
 
     task = minilm.task
     feeds = [task.encode(["a list keeps items in order", "dicts map keys to values", "open() returns a file"], 32)]

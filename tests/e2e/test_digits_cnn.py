@@ -10,6 +10,8 @@ import krimp
 from krimp.errors import KrimpError
 from krimp.models import load_model
 
+pytestmark = pytest.mark.e2e  # whole runs on real models: make test-fast leaves them out
+
 REPORT_KEYS = ["size_bytes", "bits_per_weight", "latency_ms_p50", "latency_ms_p95", "throughput_per_s",
                "peak_rss_mb", "quality", "fidelity", "energy_j_per_inference", "cost_usd_per_million", "latency_noise"]
 

@@ -4,6 +4,8 @@ import pytest
 
 import krimp
 
+pytestmark = pytest.mark.e2e  # whole runs on real models: make test-fast leaves them out
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

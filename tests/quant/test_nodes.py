@@ -1,4 +1,5 @@
-from krimp.quant.nodes import matches, module_path
+from krimp.export.onnx_utils import module_path
+from krimp.quant.nodes import matches
 
 
 def test_module_path_from_onnx_node_name():

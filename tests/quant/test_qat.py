@@ -42,6 +42,7 @@ def _digits(steps, tmp):
                     "weights": {"output": 1.0, "hard": 1.0}}]}, tmp)
 
 
+@pytest.mark.slow
 def test_qat_recovers_what_rounding_loses(tmp_path):
     ptq, qat = _digits(0, tmp_path / "ptq"), _digits(150, tmp_path / "qat")
     base = ptq["baseline"]["quality"]["accuracy"]["value"]
@@ -53,12 +54,13 @@ def test_qat_recovers_what_rounding_loses(tmp_path):
     assert tr["steps"] == 150 and tr["loss_last"] < tr["loss_first"]
 
 
-class _Ctx:
-    def __init__(self, task, items):
-        self.task, self.calib_items, self.calib_labels, self.seq_len = task, items, None, 32
-        self.ckpt_dir, self.step = None, None
+def _Ctx(task, items):
+    from krimp.stage import StageContext
+
+    return StageContext(task, [], 2, calib_items=items, seq_len=32, step=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_hf_linears_end_on_grid_with_packed_codes(minilm, precision):
     import copy

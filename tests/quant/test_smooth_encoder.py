@@ -50,6 +50,7 @@ def test_smoothing_keeps_the_function_and_flattens_the_inputs(minilm):
         smooth_encoder(model, minilm.task, feeds, alpha=0.5)
 
 
+@pytest.mark.slow
 def test_scales_reach_the_onnx_graph(minilm, tmp_path):
     import onnx
 
@@ -67,6 +68,7 @@ def test_scales_reach_the_onnx_graph(minilm, tmp_path):
     assert np.abs(a - b).max() < 1e-3 * np.abs(a).max()
 
 
+@pytest.mark.slow
 def test_no_encoder_layers_and_safetensors_are_clear_errors(minilm, tmp_path):
     import krimp
 

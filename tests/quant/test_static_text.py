@@ -17,6 +17,7 @@ def test_same_shape_pads_every_batch_to_the_largest():
     assert same_shape([a])[0]["input_ids"] is a["input_ids"]  # nothing to pad: untouched
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("calibration", ["percentile"])
 def test_minilm_static_int8_with_histogram_calibration(tmp_path, calibration, monkeypatch):
     import krimp

@@ -12,6 +12,8 @@ import pytest
 
 import krimp
 
+pytestmark = pytest.mark.slow  # two whole runs on the digits CNN, each page rendered by headless Chromium
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 RECIPE = {"model": "builtin:digits-cnn", "data": {"source": "builtin:digits", "calib_samples": 64, "eval_samples": 200},
           "eval": {"batch": 32, "repeats": 3, "warmup": 1, "bootstrap": 200, "timing_budget_s": 5},

@@ -53,6 +53,7 @@ def test_space_turns_parameters_into_recipes(tmp_path):
     assert space.violated({"static.0.calibration": "minmax", "static.0.percentile": 99.5}) is None
 
 
+@pytest.mark.slow
 def test_search_runs_trials_and_writes_front_and_best(tmp_path):
     space = _write(tmp_path, {"sampler": "random", "candidates": {
         "fp16": [{"method": "fp16"}], "int8-dynamic": [{"method": "int8-dynamic"}],
@@ -76,6 +77,7 @@ def test_search_runs_trials_and_writes_front_and_best(tmp_path):
     assert r.returncode == 2 and "--overwrite" in r.stderr
 
 
+@pytest.mark.slow
 def test_failing_trials_are_recorded_and_budget_misses_exit_3(tmp_path):
     space = _write(tmp_path, {"sampler": "random", "candidates": {"rtn-on-a-cnn": [{"method": "rtn", "bits": 4}]}})
     r = _krimp("search", space, "--trials", 2, "--out", tmp_path / "a")
@@ -91,6 +93,7 @@ def test_failing_trials_are_recorded_and_budget_misses_exit_3(tmp_path):
     assert "closest: trial 0: speedup" in r.stdout and "by" in r.stdout
 
 
+@pytest.mark.slow
 def test_unreachable_storage_is_a_clear_error(tmp_path):
     space = _write(tmp_path, {"candidates": {"fp16": [{"method": "fp16"}]}})
     for url in ("postgresql://krimp@127.0.0.1:1/none", f"sqlite:///{tmp_path}/no/such/dir/study.db"):

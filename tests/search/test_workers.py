@@ -10,7 +10,10 @@ import sys
 import time
 
 import optuna
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # two worker processes run a whole study: about 40 s
 
 SPACE = {"model": "builtin:digits-cnn", "data": {"source": "builtin:digits", "calib_samples": 64, "eval_samples": 200},
          "eval": {"batch": 32, "threads": 1, "repeats": 5, "warmup": 1, "bootstrap": 200},

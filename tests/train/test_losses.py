@@ -45,5 +45,5 @@ def test_hidden_loss_through_projection():
         w = torch.randn(8, 6)
         proj["1"].weight.copy_(w)
         t_states[2] = s_states[1] @ w.T
-    assert float(L.hidden_loss(s_states, t_states, {1: 2}, proj)) < 1e-10
-    assert float(L.hidden_loss(s_states, t_states, {1: 1}, proj)) > 0.5
+    assert float(L.hidden_loss(s_states, t_states, {1: 2}, proj).detach()) < 1e-10
+    assert float(L.hidden_loss(s_states, t_states, {1: 1}, proj).detach()) > 0.5

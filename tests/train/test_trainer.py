@@ -172,6 +172,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_keep_identical_weights(tmp_path):
     import socket
 

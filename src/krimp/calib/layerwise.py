@@ -252,7 +252,7 @@ class LayerwiseCalibrator:
         cfg = getattr(self.model, "config", None)
         impl = getattr(cfg, "_attn_implementation", None)
         try:
-            if impl == "eager":  # fused attention for calibration: same math, about 1.5x faster here
+            if impl == "eager":  # fused attention for calibration: same math, faster (bench/results/llm_findings.md)
                 cfg._attn_implementation = "sdpa"
             inputs, kwargs, held = self._block_inputs()
             spare: list[torch.Tensor] = []  # a second activation buffer, made only when a pass needs it

@@ -1,4 +1,5 @@
-"""Builtin data sets for the demo and tests, all installed with the project's dependencies.
+"""Builtin data sets for the demo and tests; ``wikipedia``, ``digits`` and ``photos`` come with the
+``models`` extra (``pip install 'krimp[models]'``).
 
 - ``python-docs``: English prose from the Python documentation sources
   (Debian's python3.11-doc at /usr/share/doc/python3.11/html/_sources); where those are absent,
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from krimp.data.text import passages, read_text_groups
-from krimp.errors import KrimpError
+from krimp.errors import KrimpError, require
 
 BUILTIN_DATA = ("python-docs", "docstrings", "wikipedia", "digits", "photos")
 DOC_SOURCES = Path(f"/usr/share/doc/python3.{sys.version_info.minor}/html/_sources")
@@ -80,12 +81,10 @@ def wikipedia_articles() -> list[str]:
 
 
 def _read_wikipedia() -> list[str]:
-    try:
-        from gensim.corpora.wikicorpus import filter_wiki
-        from gensim.scripts.segment_wiki import segment_all_articles
-        from gensim.test.utils import datapath
-    except ImportError:
-        raise KrimpError("builtin:wikipedia needs gensim==4.4.0 (pip install -e '.[models]')") from None
+    require("gensim", "models", "builtin:wikipedia", "gensim==4.4.0")  # its test data holds the articles
+    from gensim.corpora.wikicorpus import filter_wiki
+    from gensim.scripts.segment_wiki import segment_all_articles
+    from gensim.test.utils import datapath
     path = datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     arts = []
     for _title, sections, *_ in segment_all_articles(path, include_interlinks=False):

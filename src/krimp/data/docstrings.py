@@ -1,12 +1,9 @@
 """English prose from docstrings: the Python standard library's and those of installed packages.
 
-Technical English of the same kind as the Python documentation, in far greater quantity (135,593
-distinct sentences from the standard library, NumPy, SciPy, scikit-learn, PyTorch and transformers
-on the machine this was written on). A transfer or calibration set that should not repeat itself
-can draw on it beside the documentation: a student distilled on 7,250 sentences seen four times
-matched the teacher less well on held-out sentences than one distilled on those plus 21,750 of these
-once (MiniLM, top-10 agreement 0.664 against 0.685; see the README, which also records that at the
-MiniLM recipe's length it made no difference).
+Technical English of the same kind as the Python documentation, in far greater quantity (how much
+depends on what is installed; see bench/results/data_findings.md). A transfer or calibration set
+that should not repeat itself can draw on it beside the documentation (what that did for MiniLM
+distillation: bench/results/distill_findings.md).
 
 The source files are parsed with :mod:`ast`, never imported: no package code runs. One group per
 source file, so calibration and evaluation halves never share a file.

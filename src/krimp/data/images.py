@@ -12,7 +12,7 @@ from krimp.errors import KrimpError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Photographs of objects, as an ImageNet classifier sees in use. Left out on purpose: drawings,
 # logos, micrographs, star fields, and textures (brick, grass, gravel, coins), on which
-# EfficientNet-Lite0 itself is unsure (mean top-1 probability 0.11-0.18, measured), so top-1
+# EfficientNet-Lite0 itself is unsure (see bench/results/data_findings.md), so top-1
 # "agreement" there measures near-ties, not fidelity.
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "camera")
 

@@ -32,17 +32,11 @@ from krimp.config import BaseConfig, register
 from krimp.distill.cache import TeacherCache
 from krimp.distill.students import StudentSpec, build_student, check_layer_map, default_layer_map
 from krimp.errors import KrimpError
-from krimp.train import losses as L
+from krimp.train.distill import forward, to_tensors, transfer_batches
+from krimp.train.losses import LossWeights, distill_loss
 from krimp.train.trainer import Precision, TrainSettings, fingerprint, train, world
 
 log = logging.getLogger(__name__)
-
-
-class LossWeights(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-    output: float = pydantic.Field(1.0, ge=0)  # teacher's logits (KL at T) or embeddings (MSE + cosine)
-    hard: float = pydantic.Field(0.0, ge=0)  # labels, or the next token for a causal LM
-    hidden: float = pydantic.Field(0.0, ge=0)  # mapped hidden states (MSE, projected if widths differ)
 
 
 class DistillConfig(BaseConfig):
@@ -67,40 +61,8 @@ class DistillConfig(BaseConfig):
     val_share: float = pydantic.Field(0.05, gt=0, lt=0.5)  # transfer data held out when eval_every > 0
     dropout: float | None = pydantic.Field(0.0, ge=0, lt=1)  # the student's dropout while training (None: its own)
     teacher_cache_gb: float = pydantic.Field(4.0, ge=0)  # keep the teacher's outputs after epoch 1 when they fit
-    precision: Precision = "fp32"  # bf16: matmuls in bfloat16 (1.2x per step on this AMX CPU)
+    precision: Precision = "fp32"  # bf16: matmuls in bfloat16 (bench/results/distill_findings.md)
     seed: int = 0
-
-
-def forward(model: nn.Module, task, args: list[torch.Tensor], hidden: bool):
-    """(main output, hidden states or None): logits, or token states for an embedding model."""
-    if task.name == "image-classification":
-        if hidden:
-            raise KrimpError("distill: hidden-state loss needs a transformer; set weights.hidden: 0")
-        return model(args[0]).float(), None
-    kw = dict(zip(task.input_names, args))
-    if task.name == "causal-lm":
-        kw["use_cache"] = False
-    out = model(**kw, output_hidden_states=True) if hidden else model(**kw)
-    main = out.last_hidden_state if task.name == "embedding" else out.logits
-    return main.float(), ([h.float() for h in out.hidden_states] if hidden else None)  # losses in float32 under bf16
-
-
-def transfer_batches(task, items, labels, batch: int, seq_len: int, seed: int = 0) -> list[tuple[dict, np.ndarray | None]]:
-    """Full batches of the transfer data. Sentences of similar length go together (less padding:
-    about twice as fast on short documentation sentences) and the batches are then shuffled."""
-    if len(items) < batch:
-        raise KrimpError(f"distill: the transfer data has {len(items)} samples, fewer than one batch of {batch}; "
-                         "raise data.calib_samples or lower batch")
-    order = np.arange(len(items))
-    if items and isinstance(items[0], str):
-        order = np.argsort([len(x) for x in items], kind="stable")
-    out = []
-    for i in range(0, len(items) - batch + 1, batch):  # full batches only
-        idx = order[i:i + batch]
-        lab = np.asarray([labels[j] for j in idx]) if labels is not None else None
-        out.append((task.encode([items[j] for j in idx], seq_len), lab))
-    rng = np.random.default_rng(seed)
-    return [out[j] for j in rng.permutation(len(out))]
 
 
 @register(DistillConfig)
@@ -118,7 +80,7 @@ class Distill:
                              "for embedders use weights.output and weights.hidden)")
         batches = transfer_batches(task, ctx.calib_items, labels, cfg.batch, ctx.seq_len, cfg.seed)
         teacher.eval()
-        student, keep, notes = build_student(teacher, cfg.student, task, [b for b, _ in batches[:8]])
+        student, keep, notes = build_student(teacher, cfg.student, task, [b for b, _ in batches[:8]], ctx)
         if cfg.dropout is not None:  # matching a teacher is not a noisy-label problem: no dropout by default
             for m in student.modules():
                 if isinstance(m, nn.Dropout):
@@ -155,24 +117,15 @@ class Distill:
 
         def loss_fn(b):
             feed, lab = b
-            args = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in task.input_names]
-            mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
-            loss = torch.zeros(())
+            args, mask = to_tensors(task, feed)
+            tm = ts = None
             if w.output or w.hidden:
                 with torch.no_grad():
                     tm, ts = cache(feed, lambda: forward(teacher, task, args, hidden))
             sm, ss = forward(student, task, args, hidden)
-            if w.output:
-                out = L.embedding_loss(sm, tm, mask) if task.name == "embedding" else \
-                    L.kd_logits(sm, tm, cfg.temperature, mask if sm.ndim == 3 else None)
-                loss = loss + w.output * out
-            if w.hard:
-                hard = L.next_token_ce(sm, args[0], mask) if task.name == "causal-lm" else \
-                    L.hard_ce(sm, torch.from_numpy(lab).long())
-                loss = loss + w.hard * hard
-            if hidden:
-                loss = loss + w.hidden * L.hidden_loss(ss, ts, lmap, proj, mask)
-            return loss
+            return distill_loss(task.name, w, sm, tm, mask, temperature=cfg.temperature, ids=args[0],
+                                labels=torch.from_numpy(lab).long() if w.hard and lab is not None else None,
+                                s_hidden=ss, t_hidden=ts, layer_map=lmap, proj=proj)
 
         val_fn = (lambda: float(np.mean([float(loss_fn(b)) for b in val_b]))) if val_b else None
         settings = TrainSettings(steps=steps, lr=cfg.lr, warmup=cfg.warmup, grad_accum=cfg.grad_accum,

@@ -4,9 +4,9 @@
   other layer, Sanh et al. 2019, arXiv:1910.01108): ``layers: [1, 3, 5]``, ``every: 2`` (layers
   k-1, 2k-1, ...: the last layer is kept) or ``depth: 3`` (evenly spaced, first and last kept);
   ``depth: 15, by: influence`` keeps the layers that change their input most on the transfer data
-  (ShortGPT's block influence, Men et al. 2024, arXiv:2403.03853). Deep decoders need it: on
-  SmolLM2-135M every other layer leaves a student at perplexity 4.8 million before training, the
-  15 most influential layers one at 3,600 (teacher 31).
+  (ShortGPT's block influence, Men et al. 2024, arXiv:2403.03853). Deep decoders need it: a
+  student of every other layer can start far worse than one of the most influential layers (see
+  bench/results/distill_findings.md).
 - Narrower: FFN neurons and attention heads removed by the structured-pruning machinery
   (:mod:`krimp.prune.transformer`, magnitude importance), ``ffn: 0.5``, ``heads: 0.25``.
 - Given: ``path: folder`` loads a model the user built; it may not be wider or deeper than the teacher.
@@ -75,9 +75,11 @@ def kept_layers(spec: StudentSpec, n: int) -> list[int]:
     return list(range(n))
 
 
-def build_student(teacher: nn.Module, spec: StudentSpec, task, feeds) -> tuple[nn.Module, list[int], dict]:
-    """The student, the teacher layer each student layer came from, and notes for the report."""
-    from krimp.prune.transformer import drop_layers, find_layers, least_influential
+def build_student(teacher: nn.Module, spec: StudentSpec, task, feeds, outer=None) -> tuple[nn.Module, list[int], dict]:
+    """The student, the teacher layer each student layer came from, and notes for the report. What the
+    student needs from the exporters is declared on ``outer`` (the distill stage's context)."""
+    from krimp.models.arch import find_layers
+    from krimp.prune.transformer import drop_layers, least_influential
 
     if spec.path is not None:
         return _given(teacher, spec.path, task)
@@ -105,11 +107,14 @@ def build_student(teacher: nn.Module, spec: StudentSpec, task, feeds) -> tuple[n
         drop_layers(student, path, layers, drop)
     notes.update({"teacher_layers": len(layers), "student_layers": len(keep), "kept_layers": keep})
     if spec.ffn or spec.heads:
-        from krimp.pipeline import StageContext
+        from krimp.stage import StageContext
         from krimp.prune.transformer import StructuredPrune, StructuredPruneConfig
 
         cfg = StructuredPruneConfig(ffn=spec.ffn, heads=spec.heads, importance="activation" if feeds else "magnitude")
-        student, info = StructuredPrune().apply_torch(student, cfg, StageContext(task, feeds[:8], 2))
+        sub = StageContext(task, feeds[:8], 2)
+        student, info = StructuredPrune().apply_torch(student, cfg, sub)
+        if outer is not None:
+            outer.needs = outer.needs.merge(sub.needs)
         notes.update({k: info[k] for k in ("ffn_kept", "heads_kept") if k in info})
     return student, keep, notes
 

@@ -19,9 +19,10 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM is reset by exec, unlike ru_maxrss, which a child
     inherits from the (larger) krimp process that started it."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

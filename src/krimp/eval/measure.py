@@ -18,12 +18,14 @@ def bench_feed(task, ev, data):
     return task.dummy_feed(ev.batch, ev.seq_len, example)
 
 
-def measure_pair(res: dict, handle, recipe, data, work: Path) -> dict[str, Any]:
+def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
+    """Size, timing (krimp.eval.timing), quality and fidelity of ``run``'s baseline and compressed models
+    (a :class:`krimp.pipeline.RunResult`): ONNX files on ONNX Runtime, else torch modules."""
     ev, task = recipe.eval, handle.task
     feed = bench_feed(task, ev, data)
     side: dict[str, dict] = {"baseline": {}, "compressed": {}}
-    if not res.get("torch_only"):
-        base, comp = res["baseline_onnx"], res["compressed_onnx"]
+    if not run.torch_only:
+        base, comp = run.baseline_onnx, run.compressed_onnx
         ref_engine, engine = OrtEngine(base, ev.threads), OrtEngine(comp, ev.threads)
         n_w = count_onnx_params(base)
         for name, path in (("baseline", base), ("compressed", comp)):
@@ -33,11 +35,11 @@ def measure_pair(res: dict, handle, recipe, data, work: Path) -> dict[str, Any]:
     else:
         from krimp.export.safetensors_io import save_safetensors
 
-        ref_engine = TorchEngine(res["baseline_module"], task, ev.threads)
-        engine = TorchEngine(res["module"], task, ev.threads)
-        n_w = sum(p.numel() for p in res["baseline_module"].parameters() if p.ndim >= 2)
+        ref_engine = TorchEngine(run.baseline_module, task, ev.threads)
+        engine = TorchEngine(run.module, task, ev.threads)
+        n_w = sum(p.numel() for p in run.baseline_module.parameters() if p.ndim >= 2)
         with tempfile.TemporaryDirectory() as tmp:
-            b = save_safetensors(res["baseline_module"], Path(tmp) / "base.safetensors").stat().st_size
+            b = save_safetensors(run.baseline_module, Path(tmp) / "base.safetensors").stat().st_size
         c = (work / "model.safetensors").stat().st_size
         side["baseline"].update(size_bytes=b, bits_per_weight=8 * b / n_w, runtime="pytorch")
         side["compressed"].update(size_bytes=c, bits_per_weight=8 * c / n_w, runtime="pytorch")
@@ -51,9 +53,9 @@ def measure_pair(res: dict, handle, recipe, data, work: Path) -> dict[str, Any]:
                 ev.top_k, ev.bootstrap)
     out = {"sides": side, "quality": q, "bench_feed": {k: list(v.shape) for k, v in feed.items()},
            "speedup": timed["speedup"], "timing_s": timed["seconds"]}
-    if task.name == "causal-lm" and res.get("module") is not None:
+    if task.name == "causal-lm" and run.module is not None:
         out["generation"] = {name: greedy(m, task.tokenizer, PROMPT) for name, m in
-                             (("baseline", res["baseline_module"]), ("compressed", res["module"]))}
+                             (("baseline", run.baseline_module), ("compressed", run.module))}
         out["generation"]["prompt"] = PROMPT
     return out
 

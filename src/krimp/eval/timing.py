@@ -49,7 +49,11 @@ class OnnxWorker:
         self.err = tempfile.TemporaryFile(mode="w+")  # never a pipe: a chatty worker must not block
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
                                   env=env)
-        self.batch = self._reply()["batch"]
+        try:
+            self.batch = self._reply()["batch"]
+        except BaseException:
+            self.release()
+            raise
 
     def _reply(self, timeout_s: float = 900) -> dict:
         import select
@@ -77,7 +81,18 @@ class OnnxWorker:
             return float(self._reply()["peak_rss_mb"])
         finally:
             self.p.wait(timeout=30)
-            self.err.close()
+            self.release()
+
+    def release(self) -> None:
+        """Kill the worker if it still runs, and close its pipes and error file (again: no harm)."""
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        for f in (self.p.stdin, self.p.stdout, self.err):
+            try:
+                f.close()
+            except OSError:  # a pipe to a dead worker that still held unwritten bytes
+                pass
 
 
 class EngineTimer:
@@ -188,11 +203,10 @@ def time_onnx_pair(base: Path, comp: Path, feed: dict[str, np.ndarray], threads:
         try:
             b = OnnxWorker(comp, fp, threads, warmup)
         except BaseException:
-            a.p.kill()
+            a.release()
             raise
         try:
             return time_pair(a, b, repeats, budget_s)
         finally:
             for w in (a, b):
-                if w.p.poll() is None:
-                    w.p.kill()
+                w.release()

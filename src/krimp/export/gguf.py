@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from krimp.errors import KrimpError
+from krimp.export.registry import ExportJob, exporter
 from krimp.quant.wq import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -201,3 +202,15 @@ def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 
     if agree < 0.9:
         raise KrimpError(f"GGUF check failed: llama.cpp agrees with krimp's model on only {agree:.0%} of next tokens")
     return res
+
+
+@exporter("gguf")
+def write_gguf(job: ExportJob) -> dict:
+    """model.gguf from krimp's quantized weights, checked by reloading it (and in llama.cpp)."""
+    handle, run = job.handle, job.run
+    src = handle.info.get("gguf_path") or (handle.source if handle.kind == "gguf" else None)
+    info = export_gguf(job.module, src, job.work / "model.gguf")
+    if run.verify_ids is not None:
+        info["check"] = verify_gguf(job.work / "model.gguf", job.module, torch.from_numpy(np.asarray(run.verify_ids)))
+    run.exports["gguf"] = info
+    return {"format": "gguf", "role": "compressed", "path": "model.gguf"}

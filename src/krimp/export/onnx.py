@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from krimp.errors import KrimpError
+from krimp.export.registry import ExportJob, exporter
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +90,36 @@ def optimize_transformer(src: Path, dst: Path, module: torch.nn.Module) -> dict 
         log.warning("transformer fusion failed (%s); keeping the plain graph", e)
         return None
     return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+
+def lower(src: Path, work: Path, module: torch.nn.Module, form: str, step=lambda s: None) -> tuple[Path, dict | None]:
+    """The compressed model's ONNX in the form its stages declared (krimp.stage.Needs.onnx): ``src``
+    itself for "float"; else ``src`` rewritten into ``work/<form>.onnx``, and what the rewrite did."""
+    if form == "float":
+        return src, None
+    if form == "qdq":  # trained activation grids and int8 weights as QuantizeLinear / DequantizeLinear
+        from krimp.export.onnx_qdq import to_qdq as rewrite
+
+        step("export: ONNX QDQ INT8 (trained scales)")
+    else:  # weight-only codes as ONNX Runtime's MatMulNBits
+        from krimp.export.onnx_nbits import to_matmul_nbits as rewrite
+
+        step("export: ONNX Runtime MatMulNBits")
+    dst = work / f"{form}.onnx"
+    return dst, rewrite(src, dst, module)
+
+
+@exporter("onnx", needs_torch=False)
+def write_onnx(job: ExportJob) -> list[dict]:
+    """model.onnx (the compressed graph) beside baseline.onnx; a recipe without stages copies the baseline."""
+    import shutil
+
+    run, final = job.run, job.work / "model.onnx"
+    if run.compressed_onnx == run.baseline_onnx:  # a recipe with no stages: export only
+        shutil.copyfile(run.compressed_onnx, final)
+    else:
+        os.replace(run.compressed_onnx, final)
+    run.compressed_onnx = final
+    return [{"format": "onnx", "role": "compressed", "path": "model.onnx"},
+            {"format": "onnx", "role": "baseline", "path": "baseline.onnx"}]

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from krimp.quant.nodes import module_path
-from krimp.quant.wq import QuantizedWeight, grouped
+from krimp.export.onnx_utils import module_path
+from krimp.quant.wq import QuantizedWeight, grouped, quantized_layers
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def to_matmul_nbits(src: Path, dst: Path, module: torch.nn.Module, accuracy_leve
     import onnx
     from onnx import helper, numpy_helper
 
-    qlins = {n: m.krimp_wq for n, m in module.named_modules() if hasattr(m, "krimp_wq")}
+    qlins = quantized_layers(module)
     m = onnx.load(str(src))
     g = m.graph
     inits = {t.name: t for t in g.initializer}
@@ -112,7 +112,7 @@ def _embedding_fp16(g, module, qlins) -> bool:
 
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
     emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-    if head is None or emb is None or head.weight is not emb.weight or not hasattr(head, "krimp_wq"):
+    if head is None or emb is None or head.weight is not emb.weight or getattr(head, "krimp_wq", None) is None:
         return False
     inits = {t.name: t for t in g.initializer}
     nodes = list(g.node)

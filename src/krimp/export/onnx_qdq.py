@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from krimp.quant.nodes import module_path
+from krimp.export.onnx_utils import module_path
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def to_qdq(src: Path, dst: Path, module: torch.nn.Module) -> dict:
     import onnx
     from onnx import helper, numpy_helper
 
-    layers = {n: m for n, m in module.named_modules() if hasattr(m, "krimp_act")}
+    layers = {n: m for n, m in module.named_modules() if getattr(m, "krimp_act", None) is not None}
     m = onnx.load(str(src))
     g = m.graph
     inits = {t.name: t for t in g.initializer}

@@ -36,3 +36,24 @@ def stored_bytes(path: Path) -> int:
 def bits_per_weight(path: Path, n_weights: int) -> float:
     """8 x (bytes of every stored tensor, scales included) / number of weights of the original."""
     return 8.0 * stored_bytes(path) / max(n_weights, 1)
+
+
+def module_path(node_name: str) -> str:
+    """The torch module path an exported node came from.
+
+    ``/module/encoder/layer.0/output/dense/MatMul`` -> ``encoder.layer.0.output.dense`` (krimp's
+    export wrapper adds ``module``); ``/features/features.0/Conv`` -> ``features.0`` (the exporter
+    repeats a container's name in its children's scope).
+    """
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) <= 1:
+        return parts[0] if parts else ""
+    path: list[str] = []
+    for part in parts[:-1]:
+        if path and part.startswith(path[-1] + "."):
+            path[-1] = part
+        else:
+            path.append(part)
+    if path and path[0] == "module":
+        path = path[1:]
+    return ".".join(path)

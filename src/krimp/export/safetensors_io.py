@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from krimp.errors import KrimpError
+from krimp.export.registry import ExportJob, exporter
+from krimp.stage import Needs
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +45,16 @@ def sparse_weights(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     out = {}
     for name, m in module.named_modules():
         w = getattr(m, "weight", None)
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not hasattr(m, "krimp_wq") and w is not None \
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and getattr(m, "krimp_wq", None) is None and w is not None \
                 and w.numel() >= 1024 and float((w == 0).float().mean()) >= SPARSE_MIN:
             out[name] = m
     return out
 
 
-def needs_packed(module: torch.nn.Module) -> bool:
-    return any(hasattr(m, "krimp_wq") or hasattr(m, "krimp_structured") for m in module.modules()) \
-        or bool(sparse_weights(module))
-
-
 def linear_shapes(module: torch.nn.Module) -> dict[str, list]:
     """[out, in, has_bias] of every linear that structured pruning made smaller."""
     return {n: [m.out_features, m.in_features, m.bias is not None] for n, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear) and hasattr(m, "krimp_structured")}
+            if isinstance(m, torch.nn.Linear) and getattr(m, "krimp_structured", False)}
 
 
 def resize_linears(module: torch.nn.Module, shapes: dict[str, list]) -> None:
@@ -81,11 +78,11 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
     from safetensors.torch import save_file
 
     from krimp.quant.primitives import pack
+    from krimp.quant.wq import quantized_layers
 
     layers, state, seen = {}, {}, set()
-    quantized = {n: m for n, m in module.named_modules() if hasattr(m, "krimp_wq")}
-    for name, lin in quantized.items():
-        qw = lin.krimp_wq
+    for name, qw in quantized_layers(module).items():
+        lin = module.get_submodule(name)
         state[f"{name}.qweight"] = pack(qw.codes.to(torch.int16), qw.spec.bits, symmetric=False)
         state[f"{name}.scales"] = qw.scales.half().contiguous()
         state[f"{name}.zeros"] = qw.zeros.to(torch.uint8).contiguous()
@@ -132,6 +129,17 @@ def is_packed(path: Path) -> bool:
         return False
 
 
+def packed_needs(path: Path) -> Needs:
+    """What a model loaded from a packed file needs to be written again as it came: its codes."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        quantized = bool(json.loads(f.metadata()["layers"]))
+    return Needs(onnx="nbits" if quantized else "float", packed=True)
+
+
 def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
     """Fill ``module`` (built from the folder's config) from a packed file; quantized linears get
     their dequantized weight and ``krimp_wq`` back."""
@@ -139,9 +147,8 @@ def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
 
     from safetensors import safe_open
 
-    from krimp.quant.llm import set_quantized
     from krimp.quant.primitives import unpack
-    from krimp.quant.wq import QuantizedWeight, WQSpec
+    from krimp.quant.wq import QuantizedWeight, WQSpec, set_quantized
 
     with safe_open(str(path), "pt") as f:
         layers = json.loads(f.metadata()["layers"])
@@ -168,3 +175,26 @@ def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
     if hasattr(module, "tie_weights"):
         module.tie_weights()
     return module
+
+
+_SIDE_FILES = (".json", ".txt", ".model")  # config, tokenizer: the folder reloads as a model
+
+
+@exporter("safetensors")
+def write_safetensors(job: ExportJob) -> dict:
+    """model.safetensors: packed (codes, bitmasks, changed shapes) when the stages need it or the
+    weights are sparse, else plain float; with config and tokenizer where the model has them."""
+    module, needs, work = job.module, job.run.needs, job.work
+    if needs.onnx_only:
+        raise KrimpError(f"safetensors export: {needs.onnx_only}; export it as onnx (export.formats: [onnx])")
+    tokenizer = job.handle.task.tokenizer
+    if needs.packed or sparse_weights(module):
+        save_packed(module, work, tokenizer)
+    else:
+        save_safetensors(module, work / "model.safetensors")
+        if hasattr(getattr(module, "config", None), "save_pretrained"):  # reloadable as a model folder
+            module.config.save_pretrained(work)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(work)
+    job.keep += [f.name for f in work.iterdir() if f.suffix in _SIDE_FILES]
+    return {"format": "safetensors", "role": "compressed", "path": "model.safetensors"}

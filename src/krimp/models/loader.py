@@ -18,6 +18,7 @@ import torch
 
 from krimp.errors import KrimpError
 from krimp.models.tasks import Task, make_task
+from krimp.stage import Needs
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +35,7 @@ class ModelHandle:
     module: torch.nn.Module | None = None
     onnx_path: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    needs: Needs = field(default_factory=Needs)  # a model that arrives compressed keeps its form on export
 
     @property
     def num_params(self) -> int:
@@ -117,9 +119,10 @@ def _load_hf(p: Path, task: str | None, trust: bool) -> ModelHandle:
     auto = {"causal-lm": tf.AutoModelForCausalLM, "classification":
             tf.AutoModelForSequenceClassification}.get(task, tf.AutoModel)
     try:
-        from krimp.export.safetensors_io import is_packed, load_packed
+        from krimp.export.safetensors_io import is_packed, load_packed, packed_needs
 
-        if is_packed(p / "model.safetensors"):  # krimp's packed weight-only artifact
+        packed = is_packed(p / "model.safetensors")
+        if packed:  # krimp's packed weight-only artifact
             module = auto.from_config(config, trust_remote_code=trust, attn_implementation="eager",
                                       dtype=torch.float32)
             load_packed(module, p / "model.safetensors")
@@ -129,7 +132,10 @@ def _load_hf(p: Path, task: str | None, trust: bool) -> ModelHandle:
         tok = tf.AutoTokenizer.from_pretrained(p, trust_remote_code=trust)
     except Exception as e:  # transformers raises many types for a corrupt folder
         raise KrimpError(f"{p}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return _hf_handle(module.eval(), tok, task, str(p), "hf")
+    handle = _hf_handle(module.eval(), tok, task, str(p), "hf")
+    if packed:
+        handle.needs = packed_needs(p / "model.safetensors")
+    return handle
 
 
 def _hf_handle(module, tok, task, source, kind) -> ModelHandle:

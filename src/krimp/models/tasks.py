@@ -73,7 +73,7 @@ class Task:
 
     def preprocess_image(self, img: np.ndarray) -> np.ndarray:
         """HWC pixels on 0..255 (or the model's own scale) -> CHW float32, resized and normalised."""
-        x = torch.as_tensor(np.asarray(img), dtype=torch.float32)
+        x = torch.from_numpy(np.array(img, dtype=np.float32))  # a copy: PIL's pixels are read-only
         if x.ndim == 2:
             x = x[..., None]
         x = x.permute(2, 0, 1)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from krimp.config import BaseConfig, register
-from krimp.errors import KrimpError
+from krimp.errors import KrimpError, require
 from krimp.train.trainer import Precision
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class ChannelPruneConfig(BaseConfig):
 
 
 def _macs(model: nn.Module, example: torch.Tensor) -> int:
-    import torch_pruning as tp
+    # the first use of Torch-Pruning in a channels stage: a missing extra is refused here, in one line
+    tp = require("torch_pruning", "prune", "method 'channels'", "torch-pruning")
 
     macs, _ = tp.utils.count_ops_and_params(model, example)
     return int(macs)

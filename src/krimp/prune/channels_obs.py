@@ -11,7 +11,8 @@ the shares differ so that every reader stops at the same relative output error: 
 greedy OBS error path (the error after 1, 2, ... removals) is measured on the unpruned network
 first and one threshold over all of them removes ``ratio`` of the channels in total (the per-layer
 error tables of Optimal Brain Compression, Frantar & Alistarh 2022, with one shared threshold in
-place of their solver; on EfficientNet-Lite0 this bought speed, not fidelity: README).
+place of their solver; on EfficientNet-Lite0 this bought speed, not fidelity: see
+bench/results/pruning_findings.md).
 
 Channels read by more than one layer (a block's output, shared by the residual add and the next
 block) are left whole: no single re-fit can make up for them. The dependency

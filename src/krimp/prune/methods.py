@@ -89,8 +89,8 @@ class SparseGPTConfig(_CalibratedConfig):
     needs_decoder_blocks = True
     damp: float = pydantic.Field(0.01, gt=0, lt=1)
     block_size: int = pydantic.Field(128, ge=1)
-    # GPTQ's default. SmolLM2-135M 50%, 32 x 512 docs calibration windows, held-out Wikipedia / docs
-    # ppl: 66.4 / 36.4 at 1 (the paper's objective), 62.6 / 35.2 at 16 (README, 2026-11-30)
+    # weight of each window's first position (the attention sink) in the Hessian: GPTQ's default;
+    # 1 is the paper's objective (see bench/results/pruning_findings.md)
     sink_weight: float = pydantic.Field(SINK_WEIGHT, ge=1)
 
 
@@ -98,12 +98,10 @@ class SparseGPTConfig(_CalibratedConfig):
 
 def prunable(module: nn.Module, cfg: _PruneConfig) -> dict[str, nn.Module]:
     """Name -> layer that ``cfg`` prunes in ``module`` (see the module docstring)."""
-    from krimp.models.arch import find_blocks
+    from krimp.models.arch import decoder_linears
 
     try:
-        path, blocks = find_blocks(module)
-        layers = {f"{path}.{i}.{n}": m for i, b in enumerate(blocks)
-                  for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+        layers = decoder_linears(module)
     except KrimpError:
         layers = {n: m for n, m in module.named_modules()
                   if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}

@@ -13,7 +13,8 @@ as MiniLM, Llama-style decoders such as SmolLM2).
       recover_steps: 300    # distillation from the unpruned model on the calibration data
       hidden: 1.0           # recovery also matches every layer's hidden states
 
-Coupled groups are found by name patterns (:data:`FFN` and :data:`ATTN`): an FFN neuron is a row of
+Coupled groups are found by the name patterns of the architecture table (:mod:`krimp.models.arch`,
+:func:`~krimp.models.arch.ffn_of` and :func:`~krimp.models.arch.heads_of`): an FFN neuron is a row of
 the up (and gate) projection and the matching column of the down projection; a head is its rows of
 the query/key/value projections and its columns of the output projection. With grouped-query
 attention a key/value head and the query heads that share it go together. The same share is
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Literal
 
 import pydantic
@@ -38,28 +38,12 @@ from torch import nn
 
 from krimp.config import BaseConfig, register
 from krimp.errors import KrimpError
+from krimp.models.arch import Heads, ffn_of, find_layers, heads_of, submodule
 from krimp.prune.obs import obs_cut_reader
 from krimp.prune.structured import col_norms, keep_count, row_norms, slice_linear, top_units, unit_rows
 from krimp.train.trainer import Precision
 
 log = logging.getLogger(__name__)
-
-LAYER_PATHS = ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "model.layers", "layers")
-# (producers of the FFN activation, its reader)
-FFN = ((("intermediate.dense",), "output.dense"), (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"))
-# (module holding q/k/v, q, k, v, output projection)
-ATTN = (("attention.self", "query", "key", "value", "attention.output.dense"),
-        ("self_attn", "q_proj", "k_proj", "v_proj", "self_attn.o_proj"))
-
-
-@dataclass
-class Heads:
-    holder: nn.Module
-    names: tuple[str, str, str]
-    out_path: str
-    head_dim: int
-    n_q: int
-    n_kv: int
 
 
 class StructuredPruneConfig(BaseConfig):
@@ -79,51 +63,9 @@ class StructuredPruneConfig(BaseConfig):
     obs_batches: int = pydantic.Field(256, ge=1)  # calibration batches for OBS and Taylor scores (recovery uses all)
 
 
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    for path in LAYER_PATHS:
-        mod: nn.Module | None = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            return path, mod
-    raise KrimpError(f"{type(model).__name__}: no transformer layers found (looked for {', '.join(LAYER_PATHS)}); "
-                     "structured pruning of heads/neurons/layers supports BERT- and Llama-style models")
-
-
-def _get(mod: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
-        mod = getattr(mod, part, None)
-        if mod is None:
-            return None
-    return mod
-
-
 def _set(mod: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
-    setattr(_get(mod, parent) if parent else mod, name, new)
-
-
-def ffn_of(layer: nn.Module) -> tuple[tuple[str, ...], str] | None:
-    for ups, down in FFN:
-        if all(isinstance(_get(layer, u), nn.Linear) for u in ups) and isinstance(_get(layer, down), nn.Linear):
-            return ups, down
-    return None
-
-
-def heads_of(layer: nn.Module, config) -> Heads | None:
-    for holder, q, k, v, out in ATTN:
-        h = _get(layer, holder)
-        if h is None or not all(isinstance(getattr(h, n, None), nn.Linear) for n in (q, k, v)):
-            continue
-        hd = getattr(h, "attention_head_size", None) or getattr(h, "head_dim", None)
-        if not hd:
-            return None
-        n_q = getattr(h, q).out_features // hd
-        n_kv = getattr(h, k).out_features // hd
-        return Heads(h, (q, k, v), out, hd, n_q, n_kv)
-    return None
+    setattr(submodule(mod, parent) if parent else mod, name, new)
 
 
 # ---- importance -------------------------------------------------------------------------------
@@ -259,8 +201,8 @@ def least_influential(model, task, feeds, layers: nn.ModuleList, n: int) -> tupl
 
 def prune_ffn(layer: nn.Module, ups: tuple[str, ...], down: str, keep: torch.Tensor) -> None:
     for u in ups:
-        _set(layer, u, slice_linear(_get(layer, u), rows=keep))
-    _set(layer, down, slice_linear(_get(layer, down), cols=keep))
+        _set(layer, u, slice_linear(submodule(layer, u), rows=keep))
+    _set(layer, down, slice_linear(submodule(layer, down), cols=keep))
 
 
 def prune_heads(layer: nn.Module, h: Heads, keep_kv: torch.Tensor) -> None:
@@ -271,7 +213,7 @@ def prune_heads(layer: nn.Module, h: Heads, keep_kv: torch.Tensor) -> None:
     setattr(h.holder, q, slice_linear(getattr(h.holder, q), rows=unit_rows(keep_q, h.head_dim)))
     for name in (k, v):
         setattr(h.holder, name, slice_linear(getattr(h.holder, name), rows=unit_rows(keep_kv, h.head_dim)))
-    _set(layer, h.out_path, slice_linear(_get(layer, h.out_path), cols=unit_rows(keep_q, h.head_dim)))
+    _set(layer, h.out_path, slice_linear(submodule(layer, h.out_path), cols=unit_rows(keep_q, h.head_dim)))
     for attr, val in (("num_attention_heads", len(keep_q)), ("num_heads", len(keep_q)),
                       ("num_key_value_heads", len(keep_kv))):
         if hasattr(h.holder, attr):
@@ -306,9 +248,9 @@ def _unit_scores(model, cfg: StructuredPruneConfig, ctx, layers: nn.ModuleList, 
     readers: dict[str, tuple[nn.Linear, int]] = {}
     for i, layer in enumerate(layers):
         if cfg.ffn:
-            readers[f"{i}.ffn"] = (_get(layer, units["ffn"][i][1]), 1)
+            readers[f"{i}.ffn"] = (submodule(layer, units["ffn"][i][1]), 1)
         if cfg.heads:
-            readers[f"{i}.heads"] = (_get(layer, units["heads"][i].out_path), units["heads"][i].head_dim)
+            readers[f"{i}.heads"] = (submodule(layer, units["heads"][i].out_path), units["heads"][i].head_dim)
     if cfg.importance == "taylor":
         from krimp.prune.taylor import taylor_unit_scores
 
@@ -331,7 +273,8 @@ def _unit_scores(model, cfg: StructuredPruneConfig, ctx, layers: nn.ModuleList, 
             if cfg.importance == "taylor":
                 out[f"{i}.ffn"] = acts[f"{i}.ffn"]
             else:
-                a = acts[f"{i}.ffn"] if cfg.importance == "activation" else row_norms(*(_get(layer, u) for u in ups))
+                a = acts[f"{i}.ffn"] if cfg.importance == "activation" \
+                    else row_norms(*(submodule(layer, u) for u in ups))
                 out[f"{i}.ffn"] = a * col_norms(readers[f"{i}.ffn"][0])
     return out
 
@@ -362,7 +305,7 @@ class StructuredPrune:
             path, layers = find_layers(module)
         units = {"ffn": [], "heads": []}
         for i, layer in enumerate(layers):
-            ffn, att = ffn_of(layer), heads_of(layer, getattr(module, "config", None))
+            ffn, att = ffn_of(layer), heads_of(layer)
             if cfg.ffn and ffn is None or cfg.heads and att is None:
                 raise KrimpError(f"{path}.{i}: no FFN/attention projections krimp knows (BERT- or Llama-style names)")
             units["ffn"].append(ffn)
@@ -374,7 +317,7 @@ class StructuredPrune:
             feeds = ctx.calib_feeds[:cfg.obs_batches]
             if cfg.heads:
                 h = units["heads"][i]
-                ol = _get(layer, h.out_path)
+                ol = submodule(layer, h.out_path)
                 group = h.n_q // h.n_kv
                 n_keep = keep_count(h.n_kv, cfg.heads, f"{path}.{i} attention heads"
                                     + (" (key/value groups)" if group > 1 else ""))
@@ -383,21 +326,21 @@ class StructuredPrune:
                     gram = _input_gram(module, ctx.task, feeds, ol, stop=layer)
                     keep, W1 = _obs_choose(ol, gram, group * h.head_dim, h.n_kv, n_keep, f"{path}.{i} heads")
                     prune_heads(layer, h, keep)
-                    _write(_get(layer, h.out_path), W1)
+                    _write(submodule(layer, h.out_path), W1)
                 else:
                     keep = top_units(scores[f"{i}.heads"], n_keep)
                     prune_heads(layer, h, keep)
                 kept["heads"].append(len(keep) * group)
             if cfg.ffn:
                 ups, down = units["ffn"][i]
-                dl = _get(layer, down)
+                dl = submodule(layer, down)
                 n_keep = keep_count(dl.in_features, cfg.ffn, f"{path}.{i}.{down}")
                 if obs:
                     ctx.step(f"structured OBS: layer {i + 1}/{len(layers)} FFN")
                     gram = _input_gram(module, ctx.task, feeds, dl, stop=layer)
                     keep, W1 = _obs_choose(dl, gram, 1, dl.in_features, n_keep, f"{path}.{i} FFN")
                     prune_ffn(layer, ups, down, keep)
-                    _write(_get(layer, down), W1)
+                    _write(submodule(layer, down), W1)
                 else:
                     keep = top_units(scores[f"{i}.ffn"], n_keep)
                     prune_ffn(layer, ups, down, keep)
@@ -417,4 +360,5 @@ class StructuredPrune:
                                       cfg.temperature, ctx.step, hidden=cfg.hidden, layer_map=lmap,
                                       ckpt_dir=ctx.ckpt_dir, fp=fp, precision=cfg.precision)
         out["seconds"] = round(time.perf_counter() - t0, 2)
+        ctx.declare(packed=True)  # smaller linears: safetensors stores their shapes
         return module, out

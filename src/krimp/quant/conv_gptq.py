@@ -2,9 +2,8 @@
 
 ONNX Runtime's static quantizer rounds every weight to its nearest grid point. On a convolution
 whose input has a large mean (the ReLU6 output an EfficientNet's depthwise convolution reads) the
-errors of a kernel's weights add up to an offset the rest of the network amplifies: on
-EfficientNet-Lite0, nearest rounding of the weights alone (activations in float) agrees with the
-float model's top-1 class on 0.875 of held-out photo crops. Here each convolution's weights are
+errors of a kernel's weights add up to an offset the rest of the network amplifies (what that
+costs EfficientNet-Lite0: bench/results/int8_findings.md). Here each convolution's weights are
 rounded again, on the same per-channel scales, column by column with the rounding error of each
 compensated on the weights still to be rounded, against the second moments of the convolution's
 input patches on the calibration data: GPTQ (Frantar et al. 2022, arXiv:2210.17323), the

@@ -47,7 +47,7 @@ class Fp16:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        from krimp.quant.nodes import module_path
+        from krimp.export.onnx_utils import module_path
 
         m = onnx.load(str(src))
         kw = {"op_block_list": cfg.op_block_list} if cfg.op_block_list else {}

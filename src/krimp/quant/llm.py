@@ -28,7 +28,7 @@ from torch import nn
 
 from krimp.config import BaseConfig, name_matches, register
 from krimp.errors import KrimpError
-from krimp.quant.wq import QuantizedWeight, WQSpec, rtn
+from krimp.quant.wq import QuantizedWeight, WQSpec, quantized_layers, rtn, set_quantized
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,13 @@ class GPTQConfig(_WeightOnly):
     act_order: bool = True  # columns by decreasing Hessian diagonal (groups stay contiguous)
     mse: bool = True  # choose each group's range by a shrink search instead of plain min-max
     # what the next block is calibrated on: the float block's outputs (one forward per block) or the
-    # quantized block's (a second forward, as the paper's code). Measured on SmolLM2-135M w4 g128
-    # (32x512 calibration): KL 0.150 either way on held-out docs, 0.377 vs 0.369 on Wikipedia.
+    # quantized block's (a second forward, as the paper's code); see bench/results/llm_findings.md
     propagate: Literal["quantized", "float"] = "float"
     # how many tokens each window's first position weighs in the Hessian. Every later token reads it
     # through attention (the "attention sink": Xiao et al. 2023, "Efficient Streaming Language Models
     # with Attention Sinks"; its keys and values matter for quantization: Liu et al. 2024, IntactKV),
-    # so its errors cost more than one token's. 1 is the paper's objective. SmolLM2-135M w4 g128,
-    # held-out Wikipedia / docs ppl: 24.52 / 25.54 at 1, 23.00 / 24.12 at 4, 22.90 / 24.04 at 16,
-    # 22.90 / 24.37 at 64 (bench/results/gptq_findings.md)
+    # so its errors cost more than one token's. 1 is the paper's objective (see
+    # bench/results/llm_findings.md and bench/results/gptq_findings.md)
     sink_weight: float = pydantic.Field(SINK_WEIGHT, ge=1)
 
 
@@ -105,8 +103,8 @@ class AWQConfig(_WeightOnly):
     loss: Literal["block", "linear"] = "block"
     loss_windows: int = pydantic.Field(2, ge=1)
     # how many tokens each window's first position (the attention sink) weighs in the block loss,
-    # as GPTQ's sink_weight; 1 is the paper's objective. It does not pay here as it does for GPTQ:
-    # SmolLM2-135M w4 g128, held-out Wikipedia / docs KL 0.250 / 0.221 at 1, 0.254 / 0.233 at 16
+    # as GPTQ's sink_weight; 1 is the paper's objective, the default because a larger weight did
+    # not pay for AWQ as it does for GPTQ (see bench/results/llm_findings.md)
     sink_weight: float = pydantic.Field(1.0, ge=1)
 
 
@@ -120,13 +118,6 @@ class SmoothQuantConfig(BaseConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-
-def set_quantized(lin: nn.Linear, qw: QuantizedWeight) -> None:
-    with torch.no_grad():
-        for r in range(0, qw.shape[0], 4096):  # in place, a slice at a time: no second full copy
-            lin.weight[r:r + 4096] = qw.rows(r, r + 4096).dequantize().to(lin.weight.dtype)
-    lin.krimp_wq = qw
-
 
 def windows_of(ctx) -> torch.Tensor:
     ids = [torch.as_tensor(f["input_ids"]) for f in ctx.calib_feeds]
@@ -157,7 +148,8 @@ def _ragged(cfg, linears: dict[str, nn.Linear]) -> list[str]:
 
 def _summary(cfg, module, t0: float, notes: list, extra: dict) -> dict:
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    qlins = [m for m in module.modules() if isinstance(m, nn.Linear) and hasattr(m, "krimp_wq")]
+    codes = quantized_layers(module)
+    qlins = [m for n in codes if isinstance(m := module.get_submodule(n), nn.Linear)]
     blocks = [m for m in qlins if m is not head]
     if not blocks:
         raise KrimpError(f"{cfg.method}: no linear layer matched targets {cfg.targets} / ignore {cfg.ignore}")
@@ -166,7 +158,7 @@ def _summary(cfg, module, t0: float, notes: list, extra: dict) -> dict:
     ragged = sorted({r.split(": ", 1)[1] for r in notes if "not a multiple" in r})
     out = {"quantized_layers": len(qlins), "quantized_params": n, "layer_bits_per_weight": round(bpw, 3),
            "seconds": round(time.perf_counter() - t0, 2), "fallbacks": ragged, **extra}
-    if head is not None and hasattr(head, "krimp_wq"):
+    if head is not None and getattr(head, "krimp_wq", None) is not None:
         out["head_bits_per_weight"] = round(head.krimp_wq.bits_per_weight(), 3)
     return out
 
@@ -192,6 +184,7 @@ class RTN:
                 spec = cfg.spec_for(name)
                 if spec:
                     set_quantized(lin, rtn(lin.weight.detach().float(), spec))
+        ctx.declare(onnx="nbits", packed=True)
         return module, _summary(cfg, module, t0, notes, quantize_head(module, cfg.head_bits))
 
 
@@ -240,6 +233,7 @@ class GPTQ:
         blocks = cal.run(process)
         extra = {"calib_windows": len(cal.windows), "calib_tokens": int(cal.windows.numel()),
                  "notes": [n for n in notes if "not a multiple" not in n], "block_losses": blocks}
+        ctx.declare(onnx="nbits", packed=True)
         return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
 
 
@@ -294,6 +288,7 @@ class AWQ:
 
         blocks = cal.run(process)
         extra = {"calib_windows": len(cal.windows), "block_alphas": blocks}
+        ctx.declare(onnx="nbits", packed=True)
         return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
 
 
@@ -357,6 +352,7 @@ class SmoothQuant:
         t0 = time.perf_counter()
         if ctx.task.name != "causal-lm" and encoder_layers(module):  # BERT-like encoders: explicit scales
             info = smooth_encoder(module, ctx.task, ctx.calib_feeds, cfg.alpha)
+            ctx.declare(onnx_only="a smoothed encoder's input scales exist only in its ONNX graph")
             return module, {**info, "seconds": round(time.perf_counter() - t0, 2)}
         # smoothing keeps each block's function: the statistics pass's outputs feed the next block
         cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "smoothquant", "float")

@@ -9,29 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from krimp.config import BaseConfig, name_matches
+from krimp.export.onnx_utils import module_path
 
 QUANTIZABLE = {"MatMul", "Gemm", "Conv", "Gather", "Attention", "EmbedLayerNormalization", "ConvTranspose"}
-
-
-def module_path(node_name: str) -> str:
-    """The torch module path an exported node came from.
-
-    ``/module/encoder/layer.0/output/dense/MatMul`` -> ``encoder.layer.0.output.dense`` (krimp's
-    export wrapper adds ``module``); ``/features/features.0/Conv`` -> ``features.0`` (the exporter
-    repeats a container's name in its children's scope).
-    """
-    parts = [p for p in node_name.split("/") if p]
-    if len(parts) <= 1:
-        return parts[0] if parts else ""
-    path: list[str] = []
-    for part in parts[:-1]:
-        if path and part.startswith(path[-1] + "."):
-            path[-1] = part
-        else:
-            path.append(part)
-    if path and path[0] == "module":
-        path = path[1:]
-    return ".".join(path)
 
 
 def matches(node_name: str, patterns: list[str]) -> bool:

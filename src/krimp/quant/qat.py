@@ -13,7 +13,7 @@ Inference" (arXiv:1712.05877) for fake quantization with the straight-through es
       steps: 300            # 0: no training, i.e. round-to-nearest PTQ on the same grid
       activations: null     # 8: also fake-quantize each layer's input (uint8, per tensor) -> ONNX QDQ INT8
       act_scales: learned   # or frozen at the observed min-max range
-      precision: fp32       # bf16: matmuls in bfloat16 under autocast (weight-only QAT; 1.2x on MiniLM)
+      precision: fp32       # bf16: matmuls in bfloat16, autocast (weight-only QAT; bench/results/distill_findings.md)
 
 Every ``nn.Linear`` and ``nn.Conv2d`` matched by ``targets`` / ``ignore`` is trained through a
 parametrization, then left holding its dequantized on-grid weight. Linears of Hugging Face models
@@ -38,10 +38,10 @@ import torch.nn.utils.parametrize as P
 from torch import nn
 
 from krimp.config import BaseConfig, register
-from krimp.distill.method import LossWeights, forward, transfer_batches
 from krimp.errors import KrimpError
 from krimp.quant.wq import QuantizedWeight, WQSpec, grouped, qparams
-from krimp.train import losses as L
+from krimp.train.distill import forward, to_tensors, transfer_batches
+from krimp.train.losses import LossWeights, distill_loss
 from krimp.train.trainer import Precision, TrainSettings, fingerprint, train
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,10 @@ class QAT:
             notes["activations"] = {"bits": 8, "scales": cfg.act_scales, "layers": len(afq),
                                     "quantized_outputs": sum(len(qs) - 1 for qs in afq.values()),
                                     "batch_norms_folded": folded}
+        if act:
+            ctx.declare(onnx="qdq")
+        elif hasattr(module, "config"):  # Hugging Face linears carry their codes
+            ctx.declare(onnx="nbits", packed=True)
         granularity = "per output channel" if cfg.group_size is None else f"groups of {cfg.group_size}"
         return module.eval(), {"quantized_layers": len(layers), "bits": bits, "granularity": granularity,
                                "bits_per_weight_mean": round(sum(bpw) / len(bpw), 3),
@@ -211,19 +215,14 @@ class QAT:
 
         def loss_fn(b):
             feed, lab = b
-            args = [torch.from_numpy(feed[n]) for n in task.input_names]
-            mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
+            args, mask = to_tensors(task, feed)
             sm, _ = forward(module, task, args, False)
-            loss = torch.zeros(())
-            if teacher is not None:
+            tm = None
+            if teacher is not None:  # there is one exactly when w.output > 0
                 with torch.no_grad():
                     tm, _ = forward(teacher, task, args, False)
-                loss = loss + w.output * (L.embedding_loss(sm, tm, mask) if task.name == "embedding" else
-                                          L.kd_logits(sm, tm, cfg.temperature, mask if sm.ndim == 3 else None))
-            if w.hard:
-                loss = loss + w.hard * (L.next_token_ce(sm, args[0], mask) if task.name == "causal-lm"
-                                        else L.hard_ce(sm, torch.from_numpy(lab).long()))
-            return loss
+            return distill_loss(task.name, w, sm, tm, mask, temperature=cfg.temperature, ids=args[0],
+                                labels=torch.from_numpy(lab).long() if w.hard and lab is not None else None)
 
         named = {k: p for k, p in module.named_parameters() if p.requires_grad}
         named.update({f"{n}.act{i}_scale": q.scale for n, qs in afq.items() for i, q in enumerate(qs)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from krimp.quant.nodes import quantizable_nodes
-from krimp.quant.primitives import fake_quantize
+from krimp.quant.primitives import ort_fake_quantize
 
 log = logging.getLogger(__name__)
 _AXIS1 = {"MatMul", "Attention"}  # weights laid out (in, out): one scale per column
@@ -38,8 +38,8 @@ def _weight_axis(node) -> int:
 
 
 def _fake_weight(arr: np.ndarray, axis: int, bits: int) -> np.ndarray:
-    w = torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, axis, 0)))
-    q = fake_quantize(w.float(), bits, symmetric=True, per_channel=True).numpy()
+    w = torch.from_numpy(np.moveaxis(arr, axis, 0).copy())  # a copy: ONNX initializers come read-only
+    q = ort_fake_quantize(w.float(), bits, symmetric=True, per_channel=True).numpy()
     return np.moveaxis(q, 0, axis).astype(arr.dtype)
 
 

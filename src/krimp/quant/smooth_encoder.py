@@ -21,22 +21,21 @@ import torch
 from torch import nn
 
 from krimp.errors import KrimpError
+from krimp.models.arch import family, find_layers, submodule
 
 log = logging.getLogger(__name__)
 
 
 def encoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers of a BERT-like encoder (found as structured pruning finds them, with BERT's
-    ``attention.self`` and ``intermediate``), or []."""
-    from krimp.prune.transformer import find_layers
-
+    """The layers of a BERT-like encoder (:func:`krimp.models.arch.find_layers`, each with the
+    ``bert`` family's attention holder and FFN input projection), or []."""
+    bert = family("bert")
     try:
         _, layers = find_layers(model)
     except KrimpError:
         return []
-    bert = all(hasattr(layer, "intermediate") and hasattr(getattr(layer, "attention", None), "self")
-               for layer in layers)
-    return list(layers) if bert else []
+    ok = all(submodule(layer, p) is not None for layer in layers for p in (bert.attention.holder, *bert.ffn.ups))
+    return list(layers) if ok else []
 
 
 def _scale_first_input(mod: nn.Module, args: tuple, kwargs: dict):
@@ -70,11 +69,12 @@ def smooth_encoder(model: nn.Module, task, feeds: list[dict[str, np.ndarray]], a
                          "encoder layers to smooth")
     if not feeds:
         raise KrimpError("smoothquant needs calibration data (data.calib_samples > 0)")
+    a, (up_path,) = family("bert").attention, family("bert").ffn.ups
     targets = {}
     for i, layer in enumerate(layers):
-        att = layer.attention.self
-        targets[f"{i}.qkv"] = (att, [att.query, att.key, att.value], att.query)
-        targets[f"{i}.ffn"] = (layer.intermediate.dense, [layer.intermediate.dense], layer.intermediate.dense)
+        att, up = submodule(layer, a.holder), submodule(layer, up_path)
+        targets[f"{i}.qkv"] = (att, [getattr(att, n) for n in (a.q, a.k, a.v)], getattr(att, a.q))
+        targets[f"{i}.ffn"] = (up, [up], up)
     xmax: dict[str, torch.Tensor] = {}
 
     def hook_for(key):

@@ -15,7 +15,16 @@ computes with is exactly what krimp evaluated.
 - asymmetric: ``s = (max - min) / (2**bits - 1)`` over ``[min(w, 0), max(w, 0)]`` and an integer ``z``
   (Q4_1-like, and GPTQ's default).
 
-Round-to-nearest (RTN) is :func:`rtn`; GPTQ and AWQ choose better codes on the same grid.
+This is not the grid of :mod:`krimp.quant.primitives` (ONNX Runtime's): there symmetric means the
+restricted range ``[-2^(b-1) + 1, 2^(b-1) - 1]`` with a positive scale ``max|w| / (2^(b-1) - 1)``
+and no zero point, scales stay float32, and a group size must divide the width. At 4 bits a
+group's largest magnitude is 8 steps from zero here, 7 there.
+
+Used by round-to-nearest (:func:`rtn`: the ``rtn`` method and the output-head rounding of
+:mod:`krimp.quant.llm`), GPTQ (:mod:`krimp.quant.gptq`) and AWQ (:mod:`krimp.quant.awq`), which
+choose better codes on the same grid, QAT (:mod:`krimp.quant.qat`, whose learned scales start from
+:func:`qparams`), and per-layer sensitivity and mixed precision (:mod:`krimp.search.sensitivity`).
+The exporters read :class:`QuantizedWeight`.
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ import torch
 
 @dataclass(frozen=True)
 class WQSpec:
-    """Bits, group size (None = per output channel) and symmetry of a weight-only grid."""
+    """Bits, group size (None = per output channel) and symmetry of a weight-only grid (``symmetric``:
+    llama.cpp's full-range grid with a signed scale, see the module docstring)."""
 
     bits: int = 4
     group_size: int | None = 128
@@ -165,3 +175,17 @@ def rtn(w: torch.Tensor, spec: WQSpec, clip: torch.Tensor | float = 1.0, chunk_r
         return parts[0]
     return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
                            torch.cat([p.zeros for p in parts]), spec)
+
+
+def set_quantized(lin: torch.nn.Linear, qw: QuantizedWeight) -> None:
+    """Give ``lin`` the dequantized weight of ``qw`` and keep the codes on it as ``lin.krimp_wq``
+    (what the exporters write)."""
+    with torch.no_grad():
+        for r in range(0, qw.shape[0], 4096):  # in place, a slice at a time: no second full copy
+            lin.weight[r:r + 4096] = qw.rows(r, r + 4096).dequantize().to(lin.weight.dtype)
+    lin.krimp_wq = qw
+
+
+def quantized_layers(module: torch.nn.Module) -> dict[str, QuantizedWeight]:
+    """The weight codes of every layer that carries them (``krimp_wq``), by module path."""
+    return {n: qw for n, m in module.named_modules() if (qw := getattr(m, "krimp_wq", None)) is not None}

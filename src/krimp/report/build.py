@@ -35,17 +35,18 @@ def machine() -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "int8_dot_product": cpu_has_vnni(),
             "python": platform.python_version()}
 
 
-def build_report(recipe, handle, data, res, artifacts, measured, wall_s: float) -> dict[str, Any]:
+def build_report(recipe, handle, data, run, artifacts, measured, wall_s: float) -> dict[str, Any]:
     import krimp
 
     q = measured["quality"]
@@ -84,13 +85,13 @@ def build_report(recipe, handle, data, res, artifacts, measured, wall_s: float) 
         "within_goal": within,
         "misses": misses,
         "within_noise": noise,
-        "stages": res["stages"],
-        "fusions": res.get("fusions"),
-        "fusion_choice": res.get("fusion_choice"),  # export.optimize: auto: both graphs timed here
-        "export_check": {"max_relative_error": res.get("export_error"), "tolerance": recipe.export.rtol,
-                         **({"compressed_max_relative_error": res["export_error_compressed"]}
-                            if "export_error_compressed" in res else {})},
-        "exports": {k: res[k] for k in ("nbits", "gguf") if k in res},
+        "stages": run.stages,
+        "fusions": run.fusions,
+        "fusion_choice": run.fusion_choice,  # export.optimize: auto: both graphs timed here
+        "export_check": {"max_relative_error": run.export_error, "tolerance": recipe.export.rtol,
+                         **({"compressed_max_relative_error": run.export_error_compressed}
+                            if run.export_error_compressed is not None else {})},
+        "exports": run.exports,
         "generation": measured.get("generation"),
         "energy_assumptions": energy.assumptions(ev.energy),
         "machine": machine(),

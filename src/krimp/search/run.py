@@ -25,6 +25,7 @@ def study_name(recipe: Path) -> str:
 def run_search(recipe: Path, out: Path, n_trials: int, storage_url: str | None = None, workers: int = 1,
                name: str | None = None, overwrite: bool = False, step=None, progress=None) -> dict:
     """Run (or resume) the study until ``n_trials`` trials are done; write the report into ``out``."""
+    S.require_optuna()  # a missing extra is refused before anything is written
     space = load_space(recipe)
     out = Path(out)
     name = name or study_name(recipe)

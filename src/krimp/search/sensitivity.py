@@ -24,17 +24,10 @@ from torch import nn
 
 from krimp.config import name_matches
 from krimp.errors import KrimpError
-from krimp.models.arch import find_blocks
+from krimp.models.arch import decoder_linears, find_blocks
 from krimp.quant.wq import WQSpec, rtn
 
 log = logging.getLogger(__name__)
-
-
-def decoder_linears(module: nn.Module) -> dict[str, nn.Linear]:
-    """``model.layers.3.mlp.down_proj`` -> the linear, for every linear in the decoder blocks."""
-    path, blocks = find_blocks(module)
-    return {f"{path}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules()
-            if isinstance(m, nn.Linear)}
 
 
 @torch.no_grad()

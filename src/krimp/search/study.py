@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from krimp.errors import KrimpError
+from krimp.errors import KrimpError, require
 from krimp.search.space import Space
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,14 @@ BEAT_S = 10.0
 GRACE_S = 120.0
 
 
+def require_optuna():
+    """Optuna, or one line naming the extra that installs it."""
+    return require("optuna", "search", "krimp search")
+
+
 def open_storage(url: str | None):
     """Optuna storage for ``url`` (None: in memory); KrimpError when it cannot be reached."""
-    import optuna
+    optuna = require_optuna()
 
     if url is None:
         return optuna.storages.InMemoryStorage()
@@ -48,7 +53,7 @@ def open_storage(url: str | None):
 
 
 def open_study(storage, name: str, space: Space, seed: int = 0):
-    import optuna
+    optuna = require_optuna()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -305,7 +310,7 @@ def _label(cand: str, values: dict) -> str:
 
 
 def _memory():
-    import optuna
+    optuna = require_optuna()
 
     return optuna.storages.InMemoryStorage
 

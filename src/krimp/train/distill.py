@@ -7,6 +7,11 @@ matched on their token states (MSE, relative to the teacher's variance) and on t
 sentence embeddings (1 - cosine), as sentence-embedding distillation does (Reimers & Gurevych
 2020, arXiv:2004.09813). Full distillation stages with students, layer maps and hidden-state losses
 are :mod:`krimp.distill`.
+
+What every distillation in krimp shares (this recovery, the ``distill`` stage, QAT) is here too:
+running a model for its main output and hidden states (:func:`forward`), the transfer batches
+(:func:`transfer_batches`) and a feed's tensors (:func:`to_tensors`); the loss is
+:func:`krimp.train.losses.distill_loss`.
 """
 
 from __future__ import annotations
@@ -17,26 +22,52 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from krimp.errors import KrimpError
-from krimp.train.losses import embedding_loss, kd_logits
+from krimp.train.losses import LossWeights, distill_loss, matching_views
 from krimp.train.trainer import Precision, TrainSettings, train
 
 log = logging.getLogger(__name__)
 
 
-def distill_loss(task_name: str, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None,
-                 temperature: float) -> torch.Tensor:
-    """Loss of student outputs ``s`` against teacher outputs ``t`` (same shape)."""
-    if task_name == "embedding":
-        return embedding_loss(s, t, mask)
-    return kd_logits(s, t, temperature, mask)
-
-
 def to_tensors(task, feed: dict[str, np.ndarray]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A feed's model inputs (in ``task.input_names`` order) and its attention mask, as tensors."""
     args = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in task.input_names]
     mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
     return args, mask
+
+
+def forward(model: nn.Module, task, args: list[torch.Tensor], hidden: bool):
+    """(main output, hidden states or None): logits, or token states for an embedding model."""
+    if task.name == "image-classification":
+        if hidden:
+            raise KrimpError("distill: hidden-state loss needs a transformer; set weights.hidden: 0")
+        return model(args[0]).float(), None
+    kw = dict(zip(task.input_names, args))
+    if task.name == "causal-lm":
+        kw["use_cache"] = False
+    out = model(**kw, output_hidden_states=True) if hidden else model(**kw)
+    main = out.last_hidden_state if task.name == "embedding" else out.logits
+    return main.float(), ([h.float() for h in out.hidden_states] if hidden else None)  # losses in float32 under bf16
+
+
+def transfer_batches(task, items, labels, batch: int, seq_len: int, seed: int = 0) -> list[tuple[dict, np.ndarray | None]]:
+    """Full batches of the transfer data. Sentences of similar length go together (less padding:
+    about twice as fast on short documentation sentences) and the batches are then shuffled."""
+    if len(items) < batch:
+        raise KrimpError(f"distill: the transfer data has {len(items)} samples, fewer than one batch of {batch}; "
+                         "raise data.calib_samples or lower batch")
+    order = np.arange(len(items))
+    if items and isinstance(items[0], str):
+        order = np.argsort([len(x) for x in items], kind="stable")
+    out = []
+    for i in range(0, len(items) - batch + 1, batch):  # full batches only
+        idx = order[i:i + batch]
+        lab = np.asarray([labels[j] for j in idx]) if labels is not None else None
+        out.append((task.encode([items[j] for j in idx], seq_len), lab))
+    rng = np.random.default_rng(seed)
+    return [out[j] for j in rng.permutation(len(out))]
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: list[dict[str, np.ndarray]],
@@ -63,15 +94,14 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
         raise KrimpError("recovery needs calibration data (data.calib_samples > 0)")
     if hidden and task.name not in ("embedding", "causal-lm"):
         raise KrimpError(f"recovery: hidden-state matching needs a transformer, not a {task.name} model")
-    from krimp.distill.method import forward
-    from krimp.train.losses import hidden_loss, matching_views
-
     if augment and task.name != "image-classification":
         raise KrimpError(f"recovery: augmentation is for image models, not a {task.name} model")
 
     student.eval()
     s_run, t_run = task.export_module(student), task.export_module(teacher).eval()
     named = {k: p for k, p in student.named_parameters() if p.requires_grad}
+
+    weights = LossWeights(output=1.0, hidden=hidden)
 
     def loss_fn(f):
         args, mask = to_tensors(task, f)
@@ -80,13 +110,13 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
         if not hidden:
             with torch.no_grad():
                 t = t_run(*args).float()
-            return distill_loss(task.name, s_run(*args).float(), t, mask, temperature)
+            return distill_loss(task.name, weights, s_run(*args).float(), t, mask, temperature=temperature)
         with torch.no_grad():
             t, th = forward(teacher, task, args, True)
         s, sh = forward(student, task, args, True)
         lmap = layer_map or {i: i for i in range(1, min(len(sh), len(th)))}
-        return (distill_loss(task.name, s.float(), t.float(), mask, temperature)
-                + hidden * hidden_loss(sh, th, lmap, None, mask))
+        return distill_loss(task.name, weights, s, t, mask, temperature=temperature, s_hidden=sh, t_hidden=th,
+                            layer_map=lmap)
 
     settings = TrainSettings(steps=steps, lr=lr, checkpoint_every=checkpoint_every if ckpt_dir else 0,
                              precision=precision)

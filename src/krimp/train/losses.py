@@ -8,12 +8,17 @@
   mean-pooled sentence embeddings (Reimers & Gurevych 2020, arXiv:2004.09813).
 - Hidden states: MSE between a student layer (through a learned linear projection when the widths
   differ) and the teacher layer it is mapped to (Jiao et al. 2019, TinyBERT, arXiv:1909.10351).
+
+:func:`distill_loss` mixes them by :class:`LossWeights`; it is the one distillation loss of the
+``distill`` stage (:mod:`krimp.distill.method`), QAT (:mod:`krimp.quant.qat`) and recovery after
+pruning (:func:`krimp.train.distill.distill`).
 """
 
 from __future__ import annotations
 
 import math
 
+import pydantic
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +80,43 @@ def hidden_loss(s_hidden: list[torch.Tensor], t_hidden: list[torch.Tensor], laye
             h = proj[str(si)](h)
         total = total + state_mse(h, t_hidden[ti], mask)
     return total / max(len(layer_map), 1)
+
+
+class LossWeights(pydantic.BaseModel):
+    """The weight of each term of :func:`distill_loss` (a recipe's ``weights:``)."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    output: float = pydantic.Field(1.0, ge=0)  # teacher's logits (KL at T) or embeddings (MSE + cosine)
+    hard: float = pydantic.Field(0.0, ge=0)  # labels, or the next token for a causal LM
+    hidden: float = pydantic.Field(0.0, ge=0)  # mapped hidden states (MSE, projected if widths differ)
+
+
+def distill_loss(task: str, weights: LossWeights, s: torch.Tensor, t: torch.Tensor | None,
+                 mask: torch.Tensor | None = None, *, temperature: float = 2.0, ids: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, s_hidden: list[torch.Tensor] | None = None,
+                 t_hidden: list[torch.Tensor] | None = None, layer_map: dict[int, int] | None = None,
+                 proj: torch.nn.ModuleDict | None = None) -> torch.Tensor:
+    """The student's loss for a model of ``task``: the sum of the terms with a non-zero weight.
+
+    - ``output``: :func:`embedding_loss` of the student's token states ``s`` against the teacher's
+      ``t`` for an embedding model, else :func:`kd_logits` at ``temperature`` (over ``mask`` when the
+      logits are per token);
+    - ``hard``: :func:`next_token_ce` of ``ids`` for a causal LM, else :func:`hard_ce` of ``labels``;
+    - ``hidden``: :func:`hidden_loss` of ``s_hidden`` against ``t_hidden`` over ``layer_map``,
+      through ``proj``.
+
+    What a zero-weight term reads may be None (no teacher without ``output`` or ``hidden``)."""
+    loss = torch.zeros(())
+    if weights.output:
+        out = embedding_loss(s, t, mask) if task == "embedding" else \
+            kd_logits(s, t, temperature, mask if s.ndim == 3 else None)
+        loss = loss + weights.output * out
+    if weights.hard:
+        hard = next_token_ce(s, ids, mask) if task == "causal-lm" else hard_ce(s, labels)
+        loss = loss + weights.hard * hard
+    if weights.hidden:
+        loss = loss + weights.hidden * hidden_loss(s_hidden, t_hidden, layer_map, proj, mask)
+    return loss
 
 
 def matching_views(x: torch.Tensor, min_area: float = 0.08, mixup: bool = True) -> torch.Tensor:

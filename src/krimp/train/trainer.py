@@ -139,8 +139,9 @@ def _load(ckpt: Path, named: dict[str, torch.Tensor], opt, sched, fp: str) -> di
 
 # ---- speed ------------------------------------------------------------------------------------
 def _optimizer(params: list[torch.Tensor], s: TrainSettings) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel over all tensors: on CPU 4x faster than the per-tensor loop, which
-    matters when a 30k-word embedding table is trained) where this torch and the tensors allow it."""
+    """AdamW, fused (one kernel over all tensors: on CPU much faster than the per-tensor loop, which
+    matters when a 30k-word embedding table is trained; see bench/results/distill_findings.md) where
+    this torch and the tensors allow it."""
     try:
         return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=True)
     except (RuntimeError, ValueError):
@@ -218,7 +219,7 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
                 with amp:
                     loss = loss_fn(b) / s.grad_accum
                 if not torch.isfinite(loss.detach()):
-                    raise KrimpError(f"training: loss is {float(loss)} at step {i}; lower the learning rate")
+                    raise KrimpError(f"training: loss is {float(loss.detach())} at step {i}; lower the learning rate")
                 loss.backward()
                 total += float(loss.detach())
             if n_proc > 1:
