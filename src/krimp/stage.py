@@ -7,7 +7,7 @@ method, and reads back ``ctx.needs``; the exporters (krimp.export) read the need
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,4 +58,4 @@ class StageContext:
         """Say what this stage's output needs from the exporters (see :class:`Needs`)."""
         if onnx is not None and onnx not in _RANK:
             raise KrimpError(f"unknown ONNX form '{onnx}' (known: {', '.join(_RANK)})")
-        self.needs = self.needs.merge(replace(Needs(), onnx=onnx or "float", packed=packed, onnx_only=onnx_only))
+        self.needs = self.needs.merge(Needs(onnx or "float", packed, onnx_only))
