@@ -7,7 +7,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ test-fast: setup
 	# the quick loop: markers e2e (whole runs on real models) and slow (over ~5 s) left out; same fresh cache
 	cache=$$(mktemp -d -t krimp-cache-XXXXXX) && trap 'rm -rf "$$cache"' EXIT && \
 		HF_HUB_OFFLINE=1 KRIMP_CACHE=$$cache $(BIN)/python -m pytest tests -m "not e2e and not slow"
+
+lint: setup
+	# rules F, I, B, UP and the formatter (settings in pyproject.toml); CI runs this before the tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup
 	# llama.cpp itself (llama-cpp-python builds it from source: several minutes on 2 cores, once)

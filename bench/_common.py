@@ -25,12 +25,14 @@ def time_interleaved(runners: dict, rounds: int = 15, warmup: int = 3) -> dict[s
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: {"p50_ms": float(np.median(v) * 1e3), "p95_ms": float(np.percentile(v, 95) * 1e3)}
-            for k, v in times.items()}
+    return {
+        k: {"p50_ms": float(np.median(v) * 1e3), "p95_ms": float(np.percentile(v, 95) * 1e3)} for k, v in times.items()
+    }
 
 
-def time_models(onnx_models: dict, torch_runners: dict, feed: dict, threads: int = 2, repeats: int = 20,
-                passes: int = 2) -> dict[str, dict]:
+def time_models(
+    onnx_models: dict, torch_runners: dict, feed: dict, threads: int = 2, repeats: int = 20, passes: int = 2
+) -> dict[str, dict]:
     """Latency of ONNX models, each in a fresh process (krimp's bench worker), in ``passes``
     interleaved passes (best median kept), and of in-process PyTorch runners."""
     from krimp.eval.bench import bench_onnx
@@ -54,15 +56,16 @@ def machine_line() -> str:
     from krimp.report.build import machine
 
     m = machine()
-    return (f"{m['cpu']}, {m['cores']} cores, 8-bit dot-product instructions (VNNI): {cpu_has_vnni()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{m['cpu']}, {m['cores']} cores, 8-bit dot-product instructions (VNNI): {cpu_has_vnni()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def write(name: str, title: str, header: list[str], rows: list[list], notes: list[str], raw: dict) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    lines += [""] + [f"- {n}" for n in notes] + [f"- machine: {machine_line()}",
-                                                  f"- command: `python bench/{name}.py`"]
+    lines += [""] + [f"- {n}" for n in notes] + [f"- machine: {machine_line()}", f"- command: `python bench/{name}.py`"]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.md").write_text(text)

@@ -49,7 +49,11 @@ def minilm(tmp: Path) -> dict:
     chain = Recipe.from_yaml(ROOT / "minilm-int8.yaml").to_dict()
     chain["goal"] = {"min_cosine": 0.95}
     r2 = krimp.compress(tmp / "student", chain, tmp / "int8")
-    teacher, student, int8 = tmp / "student" / "baseline.onnx", tmp / "student" / "model.onnx", tmp / "int8" / "model.onnx"
+    teacher, student, int8 = (
+        tmp / "student" / "baseline.onnx",
+        tmp / "student" / "model.onnx",
+        tmp / "int8" / "model.onnx",
+    )
     rec = Recipe.from_yaml(ROOT / "minilm-distill-3layer.yaml")
     h = load_model("builtin:minilm")
     data = load_data(rec.data, h.task, h.builtin_origin)  # the same held-out sentences as the run
@@ -65,13 +69,21 @@ def minilm(tmp: Path) -> dict:
     lat = time_models({"teacher": teacher, "student": student, "student_int8": int8}, {}, feed)
     size = {k: p.stat().st_size for k, p in (("teacher", teacher), ("student", student), ("student_int8", int8))}
     tr = st["training"]
-    return {"params": [st["params_before"], st["params_after"]], "kept_layers": st["kept_layers"],
-            "distill_seconds": tr["seconds"], "distill_steps": tr["steps"], "transfer_samples": tr["samples"],
-            "loss": [tr["loss_first"], tr["loss_last"]], "latency_ms": {k: round(v["p50_ms"], 2) for k, v in lat.items()},
-            "speedup": {k: round(lat["teacher"]["p50_ms"] / lat[k]["p50_ms"], 2) for k in ("student", "student_int8")},
-            "size_bytes": size, "smaller": {k: round(size["teacher"] / size[k], 2) for k in ("student", "student_int8")},
-            "fidelity": fid, "int8_fallback": r2["stages"][0].get("fallback", {}).get("excluded"),
-            "wall_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "params": [st["params_before"], st["params_after"]],
+        "kept_layers": st["kept_layers"],
+        "distill_seconds": tr["seconds"],
+        "distill_steps": tr["steps"],
+        "transfer_samples": tr["samples"],
+        "loss": [tr["loss_first"], tr["loss_last"]],
+        "latency_ms": {k: round(v["p50_ms"], 2) for k, v in lat.items()},
+        "speedup": {k: round(lat["teacher"]["p50_ms"] / lat[k]["p50_ms"], 2) for k in ("student", "student_int8")},
+        "size_bytes": size,
+        "smaller": {k: round(size["teacher"] / size[k], 2) for k in ("student", "student_int8")},
+        "fidelity": fid,
+        "int8_fallback": r2["stages"][0].get("fallback", {}).get("excluded"),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def smollm2(tmp: Path, steps: int) -> dict:
@@ -86,12 +98,19 @@ def smollm2(tmp: Path, steps: int) -> dict:
         r["stages"][0].update(weights=weights, steps=steps)
         rep = krimp.compress(None, r, tmp / name)
         st = rep["stages"][0]
-        out[name] = {"perplexity": [_v(rep["baseline"]["quality"], "perplexity"),
-                                    _v(rep["compressed"]["quality"], "perplexity")],
-                     "ci95": rep["compressed"]["quality"]["perplexity"]["ci95"],
-                     "kl_to_teacher": _v(rep["compressed"]["fidelity"], "kl"),
-                     "params": [st["params_before"], st["params_after"]], "steps": st["training"]["steps"],
-                     "seconds": st["training"]["seconds"], "weights": weights, "kept_layers": st["kept_layers"]}
+        out[name] = {
+            "perplexity": [
+                _v(rep["baseline"]["quality"], "perplexity"),
+                _v(rep["compressed"]["quality"], "perplexity"),
+            ],
+            "ci95": rep["compressed"]["quality"]["perplexity"]["ci95"],
+            "kl_to_teacher": _v(rep["compressed"]["fidelity"], "kl"),
+            "params": [st["params_before"], st["params_after"]],
+            "steps": st["training"]["steps"],
+            "seconds": st["training"]["seconds"],
+            "weights": weights,
+            "kept_layers": st["kept_layers"],
+        }
         print(json.dumps({name: out[name]}), flush=True)
     return out
 
@@ -106,17 +125,24 @@ def digits(tmp: Path) -> dict:
         r = json.loads(json.dumps(base))
         r["stages"][0]["steps"] = steps
         rep = krimp.compress(None, r, tmp / name)
-        out[name] = {"accuracy": [_v(rep["baseline"]["quality"], "accuracy"), _v(rep["compressed"]["quality"], "accuracy")],
-                     "delta_ci95": rep.get("accuracy_delta", {}).get("ci95"), "steps": steps,
-                     "seconds": rep["stages"][0]["seconds"]}
+        out[name] = {
+            "accuracy": [_v(rep["baseline"]["quality"], "accuracy"), _v(rep["compressed"]["quality"], "accuracy")],
+            "delta_ci95": rep.get("accuracy_delta", {}).get("ci95"),
+            "steps": steps,
+            "seconds": rep["stages"][0]["seconds"],
+        }
     for name, steps in (("ptq_w8a8", 0), ("qat_w8a8", base["stages"][0]["steps"])):  # QDQ INT8 artifacts
         r = json.loads(json.dumps(base))
         r["stages"][0].update(steps=steps, bits=8, activations=8)
         rep = krimp.compress(None, r, tmp / name)
-        out[name] = {"accuracy": [_v(rep["baseline"]["quality"], "accuracy"), _v(rep["compressed"]["quality"], "accuracy")],
-                     "delta_ci95": rep.get("accuracy_delta", {}).get("ci95"), "steps": steps,
-                     "seconds": rep["stages"][0]["seconds"], "speedup_p50": rep["ratios"]["speedup_p50"],
-                     "size_ratio": rep["ratios"]["size"]}
+        out[name] = {
+            "accuracy": [_v(rep["baseline"]["quality"], "accuracy"), _v(rep["compressed"]["quality"], "accuracy")],
+            "delta_ci95": rep.get("accuracy_delta", {}).get("ci95"),
+            "steps": steps,
+            "seconds": rep["stages"][0]["seconds"],
+            "speedup_p50": rep["ratios"]["speedup_p50"],
+            "size_ratio": rep["ratios"]["size"],
+        }
     lost = out["ptq_int4"]["accuracy"][0] - out["ptq_int4"]["accuracy"][1]
     lost_q = out["qat_int4"]["accuracy"][0] - out["qat_int4"]["accuracy"][1]
     out["recovered_share"] = round(1 - lost_q / lost, 3) if lost > 0 else None
@@ -135,8 +161,13 @@ def main() -> None:
     for part in a.only.split(","):
         with tempfile.TemporaryDirectory(prefix="krimp-bench-") as tmp:
             t0 = time.perf_counter()
-            res[part] = minilm(Path(tmp)) if part == "minilm" else digits(Path(tmp)) if part == "digits" \
+            res[part] = (
+                minilm(Path(tmp))
+                if part == "minilm"
+                else digits(Path(tmp))
+                if part == "digits"
                 else smollm2(Path(tmp), a.lm_steps)
+            )
             res[part]["bench_wall_s"] = round(time.perf_counter() - t0, 1)
             res[part]["date"] = time.strftime("%Y-%m-%d")
         print(json.dumps({part: res[part]}), flush=True)
@@ -151,47 +182,77 @@ def markdown(res: dict) -> str:
     m = res.get("minilm")
     if m:
         f = m["fidelity"]
-        lines += ["## MiniLM-L6 -> 3-layer student -> INT8 (ONNX Runtime, batch 8 x 128, 2 threads)", "",
-                  "| model | params | p50 ms | speed-up | size | smaller | cosine to teacher | top-10 agreement |",
-                  "|---|---|---|---|---|---|---|---|",
-                  f"| teacher FP32 | {m['params'][0]:,} | {m['latency_ms']['teacher']} | 1.00x | "
-                  f"{m['size_bytes']['teacher'] / 1e6:.1f} MB | 1.0x | 1 | 1 |"]
+        lines += [
+            "## MiniLM-L6 -> 3-layer student -> INT8 (ONNX Runtime, batch 8 x 128, 2 threads)",
+            "",
+            "| model | params | p50 ms | speed-up | size | smaller | cosine to teacher | top-10 agreement |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| teacher FP32 | {m['params'][0]:,} | {m['latency_ms']['teacher']} | 1.00x | "
+            f"{m['size_bytes']['teacher'] / 1e6:.1f} MB | 1.0x | 1 | 1 |",
+        ]
         for k, label in (("student", "3-layer student FP32"), ("student_int8", "student + INT8")):
-            lines.append(f"| {label} | {m['params'][1]:,} | {m['latency_ms'][k]} | {m['speedup'][k]}x | "
-                         f"{m['size_bytes'][k] / 1e6:.1f} MB | {m['smaller'][k]}x | {f[k]['cosine']['value']:.4f} "
-                         f"[{f[k]['cosine']['ci95'][0]:.4f}, {f[k]['cosine']['ci95'][1]:.4f}] | "
-                         f"{f[k]['retrieval_agreement']['value']:.3f} [{f[k]['retrieval_agreement']['ci95'][0]:.3f}, "
-                         f"{f[k]['retrieval_agreement']['ci95'][1]:.3f}] |")
+            lines.append(
+                f"| {label} | {m['params'][1]:,} | {m['latency_ms'][k]} | {m['speedup'][k]}x | "
+                f"{m['size_bytes'][k] / 1e6:.1f} MB | {m['smaller'][k]}x | {f[k]['cosine']['value']:.4f} "
+                f"[{f[k]['cosine']['ci95'][0]:.4f}, {f[k]['cosine']['ci95'][1]:.4f}] | "
+                f"{f[k]['retrieval_agreement']['value']:.3f} [{f[k]['retrieval_agreement']['ci95'][0]:.3f}, "
+                f"{f[k]['retrieval_agreement']['ci95'][1]:.3f}] |"
+            )
         if "student_docs_only_draw" in f:
             d = f["student_docs_only_draw"]
-            lines += ["", ("The FP32 student on the 512 held-out sentences a documentation-only recipe draws (the "
-                           f"same held-out files, another sample): cosine {d['cosine']['value']:.4f}, top-10 agreement "
-                           f"{d['retrieval_agreement']['value']:.3f} [{d['retrieval_agreement']['ci95'][0]:.3f}, "
-                           f"{d['retrieval_agreement']['ci95'][1]:.3f}].")]
-        lines += ["", f"Distillation: {m['distill_steps']} steps, {m['transfer_samples']:,} sentences, "
-                      f"{m['distill_seconds'] / 60:.1f} min (loss {m['loss'][0]} -> {m['loss'][1]}); "
-                      f"teacher layers kept {m['kept_layers']}; INT8 nodes left in float: {m['int8_fallback']}.", ""]
+            lines += [
+                "",
+                (
+                    "The FP32 student on the 512 held-out sentences a documentation-only recipe draws (the "
+                    f"same held-out files, another sample): cosine {d['cosine']['value']:.4f}, top-10 agreement "
+                    f"{d['retrieval_agreement']['value']:.3f} [{d['retrieval_agreement']['ci95'][0]:.3f}, "
+                    f"{d['retrieval_agreement']['ci95'][1]:.3f}]."
+                ),
+            ]
+        lines += [
+            "",
+            f"Distillation: {m['distill_steps']} steps, {m['transfer_samples']:,} sentences, "
+            f"{m['distill_seconds'] / 60:.1f} min (loss {m['loss'][0]} -> {m['loss'][1]}); "
+            f"teacher layers kept {m['kept_layers']}; INT8 nodes left in float: {m['int8_fallback']}.",
+            "",
+        ]
     s = res.get("smollm2")
     if s:
-        lines += ["## SmolLM2-135M -> half depth: distillation vs plain next-token training, same steps", "",
-                  "| student | params | steps | held-out perplexity (teacher -> student) | 95% CI | KL to teacher | train s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## SmolLM2-135M -> half depth: distillation vs plain next-token training, same steps",
+            "",
+            "| student | params | steps | held-out perplexity (teacher -> student) | 95% CI | KL to teacher | train s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for k in ("distilled", "plain"):
             r = s[k]
-            lines.append(f"| {k} | {r['params'][1]:,} | {r['steps']} | {r['perplexity'][0]} -> {r['perplexity'][1]} | "
-                         f"{[round(x, 2) for x in r['ci95']]} | {r['kl_to_teacher']} | {r['seconds']} |")
+            lines.append(
+                f"| {k} | {r['params'][1]:,} | {r['steps']} | {r['perplexity'][0]} -> {r['perplexity'][1]} | "
+                f"{[round(x, 2) for x in r['ci95']]} | {r['kl_to_teacher']} | {r['seconds']} |"
+            )
         if "weights" in s["distilled"]:
-            lines += ["", (f"Loss weights: distilled {s['distilled']['weights']}, plain {s['plain']['weights']}; "
-                           f"teacher layers kept {s['distilled']['kept_layers']}.")]
+            lines += [
+                "",
+                (
+                    f"Loss weights: distilled {s['distilled']['weights']}, plain {s['plain']['weights']}; "
+                    f"teacher layers kept {s['distilled']['kept_layers']}."
+                ),
+            ]
         lines.append("")
     d = res.get("digits")
     if d:
-        lines += ["## Digits CNN: QAT vs PTQ on the same grids (INT4 weight-only; W8A8 = ONNX QDQ INT8)", "",
-                  "| variant | accuracy float -> INT4 | delta 95% CI | steps |", "|---|---|---|---|"]
+        lines += [
+            "## Digits CNN: QAT vs PTQ on the same grids (INT4 weight-only; W8A8 = ONNX QDQ INT8)",
+            "",
+            "| variant | accuracy float -> INT4 | delta 95% CI | steps |",
+            "|---|---|---|---|",
+        ]
         for k in ("ptq_int4", "qat_int4", "ptq_w8a8", "qat_w8a8"):
             if k not in d:
                 continue
-            lines.append(f"| {k} | {d[k]['accuracy'][0]} -> {d[k]['accuracy'][1]} | {[round(x, 4) for x in d[k]['delta_ci95']]} | {d[k]['steps']} |")
+            lines.append(
+                f"| {k} | {d[k]['accuracy'][0]} -> {d[k]['accuracy'][1]} | {[round(x, 4) for x in d[k]['delta_ci95']]} | {d[k]['steps']} |"
+            )
         lines += ["", f"Share of PTQ's accuracy loss recovered by QAT: {d['recovered_share']}.", ""]
     return "\n".join(lines) + "\n"
 

@@ -39,8 +39,9 @@ def rounding_rows(fp32: Path, feeds: list[dict], task, tmp: Path) -> dict[str, P
     ctx = StageContext(task, feeds, 2)
     out = {}
     for rounding in ("nearest", "gptq"):
-        cfg = config_from_dict({"method": "int8-static", "calibration": "minmax", "weight_rounding": rounding,
-                                "fallback": False})
+        cfg = config_from_dict(
+            {"method": "int8-static", "calibration": "minmax", "weight_rounding": rounding, "fallback": False}
+        )
         dst = tmp / f"static-{rounding}.onnx"
         method_for(cfg).apply_onnx(fp32, dst, cfg, ctx)
         out[f"int8-static, {rounding} rounding, no fallback"] = dst
@@ -53,8 +54,13 @@ def rounding_rows(fp32: Path, feeds: list[dict], task, tmp: Path) -> dict[str, P
 def _weight_dq(m):
     """Conv/Gemm node name -> (its weight's DequantizeLinear node) in a QDQ model."""
     producer = {o: n for n in m.graph.node for o in n.output}
-    return {n.name: producer[n.input[1]] for n in m.graph.node if n.op_type in ("Conv", "Gemm")
-            and n.input[1] in producer and producer[n.input[1]].op_type == "DequantizeLinear"}
+    return {
+        n.name: producer[n.input[1]]
+        for n in m.graph.node
+        if n.op_type in ("Conv", "Gemm")
+        and n.input[1] in producer
+        and producer[n.input[1]].op_type == "DequantizeLinear"
+    }
 
 
 def weights_alone(qdq: Path, fp32: Path, tmp: Path) -> Path:
@@ -125,8 +131,7 @@ def main() -> None:
 
     from onnxruntime.quantization import quantize_dynamic, quantize_static
 
-    feeds = [task.encode(data.calib[i:i + 8], 0) for i in range(0, len(data.calib), 8)]
-
+    feeds = [task.encode(data.calib[i : i + 8], 0) for i in range(0, len(data.calib), 8)]
 
     quantize_static(str(fp32), str(tmp / "ort_static.onnx"), calib_reader(feeds), per_channel=True)
     models["ORT quantize_static QDQ per-channel (defaults)"] = tmp / "ort_static.onnx"
@@ -148,21 +153,39 @@ def main() -> None:
         agree = float(F.top1_agreement(ref, out).mean())
         kl = float(F.kl_divergence(ref, out).mean())
         size = models[name].stat().st_size if name in models else base_size
-        rows.append([name, f"{base_t / times[name]['p50_ms']:.2f}x", f"{times[name]['p50_ms']:.1f}",
-                     f"{size / base_size:.2f}", f"{agree:.3f}", f"{kl:.4f}"])
-        raw[name] = {"speedup": base_t / times[name]["p50_ms"], "size_ratio": size / base_size,
-                     "top1_agreement": agree, "kl": kl}
+        rows.append(
+            [
+                name,
+                f"{base_t / times[name]['p50_ms']:.2f}x",
+                f"{times[name]['p50_ms']:.1f}",
+                f"{size / base_size:.2f}",
+                f"{agree:.3f}",
+                f"{kl:.4f}",
+            ]
+        )
+        raw[name] = {
+            "speedup": base_t / times[name]["p50_ms"],
+            "size_ratio": size / base_size,
+            "top1_agreement": agree,
+            "kl": kl,
+        }
     fb = rep["stages"][0].get("fallback") or {}
-    write("int8_efficientnet", "EfficientNet-Lite0 INT8 on ONNX Runtime vs peers (batch 8, 224x224, 2 threads)",
-          ["variant", "speed vs FP32 ORT (p50)", "p50 ms", "size ratio", "top-1 agreement", "KL"], rows,
-          [f"{len(data.eval)} held-out crops ({data.info.get('split')}); {len(data.calib)} calibration crops",
-           f"krimp recipe: static INT8 QDQ, per-channel weights, reduced range on CPUs without VNNI; "
-           f"nodes kept in float by the automatic fallback: {len(fb.get('excluded', []))} "
-           f"({', '.join(fb.get('excluded', []))})",
-           "ONNX Runtime rows: each timed in a fresh process (krimp's bench worker), best median of 2 interleaved "
-           "passes of 5 warm-up + 20 runs; PyTorch in-process",
-           "indented rows: where the error comes from (no fallback; the INT8 weights of the row above put back into the float graph, or the float weights put back into the QDQ graph); their speed says nothing"],
-          raw)
+    write(
+        "int8_efficientnet",
+        "EfficientNet-Lite0 INT8 on ONNX Runtime vs peers (batch 8, 224x224, 2 threads)",
+        ["variant", "speed vs FP32 ORT (p50)", "p50 ms", "size ratio", "top-1 agreement", "KL"],
+        rows,
+        [
+            f"{len(data.eval)} held-out crops ({data.info.get('split')}); {len(data.calib)} calibration crops",
+            f"krimp recipe: static INT8 QDQ, per-channel weights, reduced range on CPUs without VNNI; "
+            f"nodes kept in float by the automatic fallback: {len(fb.get('excluded', []))} "
+            f"({', '.join(fb.get('excluded', []))})",
+            "ONNX Runtime rows: each timed in a fresh process (krimp's bench worker), best median of 2 interleaved "
+            "passes of 5 warm-up + 20 runs; PyTorch in-process",
+            "indented rows: where the error comes from (no fallback; the INT8 weights of the row above put back into the float graph, or the float weights put back into the QDQ graph); their speed says nothing",
+        ],
+        raw,
+    )
 
 
 if __name__ == "__main__":

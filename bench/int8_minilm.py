@@ -48,8 +48,7 @@ def main() -> None:
 
     quantize_dynamic(str(fp32), str(tmp / "ort_dynamic.onnx"))
     models["ORT quantize_dynamic (defaults)"] = tmp / "ort_dynamic.onnx"
-    feeds = [task.encode(data.calib[i:i + 8], 128) for i in range(0, len(data.calib), 8)]
-
+    feeds = [task.encode(data.calib[i : i + 8], 128) for i in range(0, len(data.calib), 8)]
 
     quantize_static(str(fp32), str(tmp / "ort_static.onnx"), calib_reader(feeds), quant_format=QuantFormat.QDQ)
     models["ORT quantize_static QDQ (defaults)"] = tmp / "ort_static.onnx"
@@ -63,8 +62,12 @@ def main() -> None:
     ref = collect(engines["FP32 ONNX Runtime"], task, data.eval, 32, 128)
     feed = task.dummy_feed(8, 128)
     pt = engines["PyTorch dynamic INT8 (nn.Linear)"]
-    times = time_models(models, {"PyTorch dynamic INT8 (nn.Linear)": lambda: pt.run(feed),
-                                 "PyTorch FP32": lambda: torch_fp32.run(feed)}, feed, repeats=args.repeats)
+    times = time_models(
+        models,
+        {"PyTorch dynamic INT8 (nn.Linear)": lambda: pt.run(feed), "PyTorch FP32": lambda: torch_fp32.run(feed)},
+        feed,
+        repeats=args.repeats,
+    )
     base_t, base_size = times["FP32 ONNX Runtime"]["p50_ms"], fp32.stat().st_size
     with tempfile.TemporaryDirectory() as t2:
         torch.save(tq.state_dict(), Path(t2) / "tq.pt")
@@ -76,19 +79,39 @@ def main() -> None:
         cos = float(F.cosine(ref, emb).mean())
         agr = float(F.retrieval_agreement(ref, emb, 10).mean())
         size = models[name].stat().st_size if name in models else (tq_size if "INT8" in name else base_size)
-        rows.append([name, f"{base_t / times[name]['p50_ms']:.2f}x", f"{times[name]['p50_ms']:.1f}",
-                     f"{size / base_size:.2f}", f"{cos:.4f}", f"{agr:.3f}"])
-        raw[name] = {"speedup": base_t / times[name]["p50_ms"], "size_ratio": size / base_size, "cosine": cos,
-                     "top10_agreement": agr}
+        rows.append(
+            [
+                name,
+                f"{base_t / times[name]['p50_ms']:.2f}x",
+                f"{times[name]['p50_ms']:.1f}",
+                f"{size / base_size:.2f}",
+                f"{cos:.4f}",
+                f"{agr:.3f}",
+            ]
+        )
+        raw[name] = {
+            "speedup": base_t / times[name]["p50_ms"],
+            "size_ratio": size / base_size,
+            "cosine": cos,
+            "top10_agreement": agr,
+        }
     fb = rep["stages"][-1].get("fallback") or {}
-    write("int8_minilm", "MiniLM-L6 INT8 on ONNX Runtime vs peers (batch 8 x 128 tokens, 2 threads)",
-          ["variant", "speed vs FP32 ORT (p50)", "p50 ms", "size ratio", "mean cosine", "top-10 agreement"], rows,
-          [f"{len(data.eval)} held-out sentences from {data.info.get('source')}; {len(data.calib)} calibration sentences",
-           (f"krimp recipe: {_smoothing(rep)}dynamic INT8, per-channel weights, {_graph(rep)}; nodes kept in "
-            f"float by the automatic fallback (until the goal holds for the whole 95% interval on calibration "
-            f"data): {len(fb.get('excluded', []))}"),
-           "ONNX Runtime rows: each timed in a fresh process (krimp's bench worker), best median of 2 interleaved passes of 5 warm-up + 20 runs; PyTorch rows in-process, round-robin (size ratio of the saved state dict)"],
-          raw)
+    write(
+        "int8_minilm",
+        "MiniLM-L6 INT8 on ONNX Runtime vs peers (batch 8 x 128 tokens, 2 threads)",
+        ["variant", "speed vs FP32 ORT (p50)", "p50 ms", "size ratio", "mean cosine", "top-10 agreement"],
+        rows,
+        [
+            f"{len(data.eval)} held-out sentences from {data.info.get('source')}; {len(data.calib)} calibration sentences",
+            (
+                f"krimp recipe: {_smoothing(rep)}dynamic INT8, per-channel weights, {_graph(rep)}; nodes kept in "
+                f"float by the automatic fallback (until the goal holds for the whole 95% interval on calibration "
+                f"data): {len(fb.get('excluded', []))}"
+            ),
+            "ONNX Runtime rows: each timed in a fresh process (krimp's bench worker), best median of 2 interleaved passes of 5 warm-up + 20 runs; PyTorch rows in-process, round-robin (size ratio of the saved state dict)",
+        ],
+        raw,
+    )
 
 
 def _smoothing(rep: dict) -> str:
@@ -102,8 +125,10 @@ def _graph(rep: dict) -> str:
     ch = rep.get("fusion_choice")
     if not ch:
         return "fused graph" if rep.get("fusions") else "plain graph"
-    return (f"{'fused' if ch['kept'] else 'plain'} graph (export.optimize: auto timed float32 plain "
-            f"{ch['plain_ms']:.1f} ms vs fused {ch['fused_ms']:.1f} ms)")
+    return (
+        f"{'fused' if ch['kept'] else 'plain'} graph (export.optimize: auto timed float32 plain "
+        f"{ch['plain_ms']:.1f} ms vs fused {ch['fused_ms']:.1f} ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -76,8 +76,13 @@ def quantize_one(name: str, calib: int, sources: str = CALIB_SOURCES) -> dict:
     out = WORK / name
     save_packed(module, out, h.task.tokenizer)
     export_gguf(module, h.info["gguf_path"], out / "model.gguf")
-    return {"seconds": secs, "peak_rss_mb": rss, "bits_per_weight": info["layer_bits_per_weight"],
-            "packed_bytes": (out / "model.safetensors").stat().st_size, "gguf_bytes": (out / "model.gguf").stat().st_size}
+    return {
+        "seconds": secs,
+        "peak_rss_mb": rss,
+        "bits_per_weight": info["layer_bits_per_weight"],
+        "packed_bytes": (out / "model.safetensors").stat().st_size,
+        "gguf_bytes": (out / "model.gguf").stat().st_size,
+    }
 
 
 def _vmhwm() -> float:
@@ -94,7 +99,7 @@ class Scorer:
         from krimp.eval.runtime import TorchEngine
 
         self.task, self.batch = handle.task, batch
-        self.feeds = [self.task.encode(windows[i:i + batch], 512) for i in range(0, len(windows), batch)]
+        self.feeds = [self.task.encode(windows[i : i + batch], 512) for i in range(0, len(windows), batch)]
         ref = TorchEngine(handle.module, handle.task, 2)
         self.ref = [ref.run(f).astype(np.float16) for f in self.feeds]
 
@@ -103,12 +108,16 @@ class Scorer:
         from krimp.eval.stats import bootstrap_ci
 
         rows = []
-        for f, r in zip(self.feeds, self.ref):
+        for f, r in zip(self.feeds, self.ref, strict=True):
             rows += _lm_stats(r.astype(np.float32), engine.run(f), f)
         a = np.array(rows)
         ppl = lambda x: float(np.exp(np.mean(x)))
-        return {"ppl_ref": ppl(a[:, 0]), "ppl": bootstrap_ci(a[:, 1], 1000, stat=ppl),
-                "kl": bootstrap_ci(a[:, 2], 1000), "top1": bootstrap_ci(a[:, 3], 1000)}
+        return {
+            "ppl_ref": ppl(a[:, 0]),
+            "ppl": bootstrap_ci(a[:, 1], 1000, stat=ppl),
+            "kl": bootstrap_ci(a[:, 2], 1000),
+            "top1": bootstrap_ci(a[:, 3], 1000),
+        }
 
 
 def smoothquant_w8a8(handle, calib_feeds, scorers: dict, alpha: float | None) -> dict:
@@ -120,23 +129,34 @@ def smoothquant_w8a8(handle, calib_feeds, scorers: dict, alpha: float | None) ->
 
     from krimp.eval.runtime import OrtEngine
     from krimp.export.onnx import export_onnx
-    from krimp.stage import StageContext
     from krimp.quant.llm import SmoothQuant, SmoothQuantConfig
+    from krimp.stage import StageContext
 
     module = copy.deepcopy(handle.module)
     t0 = time.perf_counter()
     if alpha is not None:
-        module, _ = SmoothQuant().apply_torch(module, SmoothQuantConfig(alpha=alpha),
-                                              StageContext(handle.task, calib_feeds, 2))
+        module, _ = SmoothQuant().apply_torch(
+            module, SmoothQuantConfig(alpha=alpha), StageContext(handle.task, calib_feeds, 2)
+        )
     tag = f"sq{alpha}" if alpha is not None else "w8a8"
     f32, q8 = WORK / f"{tag}.onnx", WORK / f"{tag}.int8.onnx"
     export_onnx(module, handle.task, calib_feeds[0], f32, 17)
-    quantize_dynamic(str(f32), str(q8), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
-                     op_types_to_quantize=["MatMul"])
+    quantize_dynamic(
+        str(f32),
+        str(q8),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        reduce_range=True,
+        op_types_to_quantize=["MatMul"],
+    )
     secs = time.perf_counter() - t0
     eng = OrtEngine(q8, 2)
-    return {"seconds": secs, "bytes": q8.stat().st_size, "bits_per_weight": 8.0,
-            "scores": {k: s.score(eng) for k, s in scorers.items()}}
+    return {
+        "seconds": secs,
+        "bytes": q8.stat().st_size,
+        "bits_per_weight": 8.0,
+        "scores": {k: s.score(eng) for k, s in scorers.items()},
+    }
 
 
 def llama_peer(scorers: dict, krimp_ggufs: dict, f16: Path) -> dict:
@@ -197,9 +217,11 @@ def main() -> None:
             quant[name] = json.loads(done.read_text())
             reused.append(name)
             continue
-        r = subprocess.run([sys.executable, __file__, "--one", name, "--calib", str(a.calib),
-                            "--calib-source", a.calib_source],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--calib", str(a.calib), "--calib-source", a.calib_source],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode:
             raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
         quant[name] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -210,8 +232,12 @@ def main() -> None:
     for src in ("builtin:wikipedia", "builtin:python-docs"):
         d = load_data(DataSpec(source=src, calib_samples=1, eval_samples=a.eval, seq_len=512), h.task)
         scorers[src.split(":")[1]] = Scorer(h, d.eval)
-    rows = {"float": {"scores": {k: s.score(TorchEngine(h.module, h.task, 2)) for k, s in scorers.items()},
-                      "bits_per_weight": 32.0}}
+    rows = {
+        "float": {
+            "scores": {k: s.score(TorchEngine(h.module, h.task, 2)) for k, s in scorers.items()},
+            "bits_per_weight": 32.0,
+        }
+    }
     for name in METHODS:
         m = load_model(str(WORK / name)).module
         rows[name] = {**quant[name], "scores": {k: s.score(TorchEngine(m, h.task, 2)) for k, s in scorers.items()}}
@@ -227,14 +253,22 @@ def main() -> None:
 
         f16 = WORK / "float-f16.gguf"
         export_gguf(h.module, h.info["gguf_path"], f16)
-        peer = llama_peer(scorers, {"RTN Q8_0": WORK / "rtn-q8_0" / "model.gguf",
-                                    "GPTQ Q4_0": WORK / "gptq-q4_0" / "model.gguf"}, f16)
+        peer = llama_peer(
+            scorers, {"RTN Q8_0": WORK / "rtn-q8_0" / "model.gguf", "GPTQ Q4_0": WORK / "gptq-q4_0" / "model.gguf"}, f16
+        )
     except ImportError:
         print("llama-cpp-python not installed: the GGUF peer comparison is skipped (pip install '.[llama]')")
-    res = {"machine": machine_line(), "calib_windows": a.calib, "calib_sources": a.calib_source,
-           "float32_bytes": sum(p.numel() * 4 for p in h.module.parameters()),  # tied weights once
-           "eval_windows": a.eval, "rows": rows,
-           "llama_cpp": peer, "wall_s": time.perf_counter() - t_all, "reused": reused}
+    res = {
+        "machine": machine_line(),
+        "calib_windows": a.calib,
+        "calib_sources": a.calib_source,
+        "float32_bytes": sum(p.numel() * 4 for p in h.module.parameters()),  # tied weights once
+        "eval_windows": a.eval,
+        "rows": rows,
+        "llama_cpp": peer,
+        "wall_s": time.perf_counter() - t_all,
+        "reused": reused,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "llm_wbits.json").write_text(json.dumps(res, indent=1))
     (RESULTS / "llm_wbits.md").write_text(to_markdown(res))
@@ -251,51 +285,88 @@ def _ci(m: dict, d: int = 3) -> str:
 
 def to_markdown(res: dict) -> str:
     sets = list(next(iter(res["rows"].values()))["scores"])
-    lines = ["# SmolLM2-135M weight quantization (bench/llm_wbits.py)", "", f"Machine: {res['machine']}.",
-             f"Calibration: {res['calib_windows']} x 512 tokens of {res.get('calib_sources', 'builtin:python-docs')} (calibration halves); evaluation: {res['eval_windows']} x 512 "
-             "tokens of each held-out set; 95% bootstrap intervals over windows. Float reference perplexity: "
-             + ", ".join(f"{k} {res['rows']['float']['scores'][k]['ppl']['value']:.3f}" for k in sets) + ".", "",
-             "| method | " + " | ".join(f"ppl {k} | KL {k} | top-1 {k}" for k in sets)
-             + " | bits/weight | artifact bytes | quant s | peak RSS MB |",
-             "|---" * (1 + 3 * len(sets) + 4) + "|"]
+    lines = [
+        "# SmolLM2-135M weight quantization (bench/llm_wbits.py)",
+        "",
+        f"Machine: {res['machine']}.",
+        f"Calibration: {res['calib_windows']} x 512 tokens of {res.get('calib_sources', 'builtin:python-docs')} (calibration halves); evaluation: {res['eval_windows']} x 512 "
+        "tokens of each held-out set; 95% bootstrap intervals over windows. Float reference perplexity: "
+        + ", ".join(f"{k} {res['rows']['float']['scores'][k]['ppl']['value']:.3f}" for k in sets)
+        + ".",
+        "",
+        "| method | "
+        + " | ".join(f"ppl {k} | KL {k} | top-1 {k}" for k in sets)
+        + " | bits/weight | artifact bytes | quant s | peak RSS MB |",
+        "|---" * (1 + 3 * len(sets) + 4) + "|",
+    ]
     for name, r in res["rows"].items():
         cells = []
         for k in sets:
             s = r["scores"][k]
-            cells += [_ci(s["ppl"], 2), _ci(s["kl"]), _ci(s["top1"])] if name != "float" else \
-                [f"{s['ppl']['value']:.2f}", "0", "1"]
+            cells += (
+                [_ci(s["ppl"], 2), _ci(s["kl"]), _ci(s["top1"])]
+                if name != "float"
+                else [f"{s['ppl']['value']:.2f}", "0", "1"]
+            )
         size = r.get("gguf_bytes") or r.get("bytes") or ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('bits_per_weight', '')} | {size} | "
-                     f"{r.get('seconds', 0):.1f} | {_mb(r.get('peak_rss_mb'))} |")
-    lines += ["", "Artifact bytes: the GGUF for weight-only rows (3-bit codes are stored in 4-bit blocks), the "
-              "ONNX file for W8A8. Bits/weight: the quantized block linears and the 8-bit head, scales included. "
-              "Peak RSS: the quantizing process's high-water mark (VmHWM), from start to the end of "
-              "quantization, model load and calibration data included"
-              + (f"; 3x the float32 model ({res['float32_bytes']:,} bytes) is "
-                 f"{3 * res['float32_bytes'] / 2**20:.0f} MiB." if res.get("float32_bytes") else ".")]
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {r.get('bits_per_weight', '')} | {size} | "
+            f"{r.get('seconds', 0):.1f} | {_mb(r.get('peak_rss_mb'))} |"
+        )
+    lines += [
+        "",
+        "Artifact bytes: the GGUF for weight-only rows (3-bit codes are stored in 4-bit blocks), the "
+        "ONNX file for W8A8. Bits/weight: the quantized block linears and the 8-bit head, scales included. "
+        "Peak RSS: the quantizing process's high-water mark (VmHWM), from start to the end of "
+        "quantization, model load and calibration data included"
+        + (
+            f"; 3x the float32 model ({res['float32_bytes']:,} bytes) is {3 * res['float32_bytes'] / 2**20:.0f} MiB."
+            if res.get("float32_bytes")
+            else "."
+        ),
+    ]
     if res.get("llama_cpp"):
-        lines += ["", "## GGUF in llama.cpp (2 threads)", "",
-                  "| file | bytes | " + " | ".join(f"ppl {k} (llama.cpp)" for k in sets)
-                  + " | prompt tok/s | decode tok/s | peak RSS MB |", "|---" * (5 + len(sets)) + "|"]
+        lines += [
+            "",
+            "## GGUF in llama.cpp (2 threads)",
+            "",
+            "| file | bytes | "
+            + " | ".join(f"ppl {k} (llama.cpp)" for k in sets)
+            + " | prompt tok/s | decode tok/s | peak RSS MB |",
+            "|---" * (5 + len(sets)) + "|",
+        ]
         for label, r in res["llama_cpp"].items():
             sp = r["speed"]
-            lines.append(f"| {label} | {r['bytes']:,} | " + " | ".join(_ci(r['scores'][k]['ppl'], 2) for k in sets)
-                         + f" | {sp['prompt_tokens_per_s']:.0f} | {sp['decode_tokens_per_s']:.1f} | {sp['peak_rss_mb']:.0f} |")
+            lines.append(
+                f"| {label} | {r['bytes']:,} | "
+                + " | ".join(_ci(r['scores'][k]['ppl'], 2) for k in sets)
+                + f" | {sp['prompt_tokens_per_s']:.0f} | {sp['decode_tokens_per_s']:.1f} | {sp['peak_rss_mb']:.0f} |"
+            )
         pairs = {"krimp GPTQ Q4_0": "gptq-q4_0", "krimp RTN Q8_0": "rtn-q8_0"}
-        lines += ["", f"Same GGUF, two runtimes: llama.cpp perplexity against PyTorch's on krimp's dequantized "
-                  f"weights (tolerance {PPL_TOL:.0%}; llama.cpp rounds activations to 8 bits in its dot products):"]
+        lines += [
+            "",
+            f"Same GGUF, two runtimes: llama.cpp perplexity against PyTorch's on krimp's dequantized "
+            f"weights (tolerance {PPL_TOL:.0%}; llama.cpp rounds activations to 8 bits in its dot products):",
+        ]
         for label, row in pairs.items():
             if label in res["llama_cpp"] and row in res["rows"]:
                 for k in sets:
                     a = res["llama_cpp"][label]["scores"][k]["ppl"]["value"]
                     b = res["rows"][row]["scores"][k]["ppl"]["value"]
-                    lines.append(f"- {label} on {k}: llama.cpp {a:.3f}, PyTorch {b:.3f}, difference "
-                                 f"{abs(a - b) / b:.2%} ({'within' if abs(a - b) / b <= PPL_TOL else 'OUTSIDE'} tolerance)")
+                    lines.append(
+                        f"- {label} on {k}: llama.cpp {a:.3f}, PyTorch {b:.3f}, difference "
+                        f"{abs(a - b) / b:.2%} ({'within' if abs(a - b) / b <= PPL_TOL else 'OUTSIDE'} tolerance)"
+                    )
     lines += ["", f"Wall time of the whole benchmark: {res['wall_s'] / 60:.1f} min."]
     if res.get("reused"):
-        lines += ["", (f"Run with --resume: {', '.join(res['reused'])} were quantized by an earlier run "
-                       "of this bench (same code for them) and only scored in this one; their quant s and "
-                       "peak RSS are from that run.")]
+        lines += [
+            "",
+            (
+                f"Run with --resume: {', '.join(res['reused'])} were quantized by an earlier run "
+                "of this bench (same code for them) and only scored in this one; their quant s and "
+                "peak RSS are from that run."
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

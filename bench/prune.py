@@ -34,8 +34,10 @@ METHODS = {
     "magnitude-2:4": [{"method": "magnitude", "pattern": "2:4"}],
     "wanda-2:4": [{"method": "wanda", "pattern": "2:4"}],
     "sparsegpt-2:4": [{"method": "sparsegpt", "pattern": "2:4"}],
-    "sparsegpt-50+gptq-w4": [{"method": "sparsegpt", "sparsity": 0.5},
-                             {"method": "gptq", "bits": 4, "group_size": 128}],
+    "sparsegpt-50+gptq-w4": [
+        {"method": "sparsegpt", "sparsity": 0.5},
+        {"method": "gptq", "bits": 4, "group_size": 128},
+    ],
 }
 
 
@@ -49,8 +51,8 @@ def prune_one(name: str, calib: int) -> dict:
     from krimp.eval.runtime import batches
     from krimp.export.safetensors_io import save_packed
     from krimp.models import load_model
-    from krimp.stage import StageContext
     from krimp.recipe import DataSpec
+    from krimp.stage import StageContext
 
     torch.set_num_threads(2)
     h = load_model("builtin:smollm2")
@@ -65,8 +67,12 @@ def prune_one(name: str, calib: int) -> dict:
     secs = time.perf_counter() - t0
     out = WORK / name
     save_packed(module, out, h.task.tokenizer)
-    return {"seconds": secs, "peak_rss_mb": _vmhwm(), "sparsity": infos[0]["sparsity"],
-            "bytes": (out / "model.safetensors").stat().st_size}
+    return {
+        "seconds": secs,
+        "peak_rss_mb": _vmhwm(),
+        "sparsity": infos[0]["sparsity"],
+        "bytes": (out / "model.safetensors").stat().st_size,
+    }
 
 
 def ort_latency(h, sparse_dir: Path) -> dict:
@@ -118,8 +124,9 @@ def main() -> None:
         if a.resume and done.exists():
             done_rows[name] = json.loads(done.read_text())
             continue
-        r = subprocess.run([sys.executable, __file__, "--one", name, "--calib", str(a.calib)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--calib", str(a.calib)], capture_output=True, text=True
+        )
         if r.returncode:
             raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
         done_rows[name] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -131,15 +138,26 @@ def main() -> None:
         d = load_data(DataSpec(source=src, calib_samples=1, eval_samples=a.eval, seq_len=512), h.task)
         scorers[src.split(":")[1]] = Scorer(h, d.eval)
     dense_bytes = save_safetensors(h.module, WORK / "dense.safetensors").stat().st_size
-    rows = {"dense": {"scores": {k: s.score(TorchEngine(h.module, h.task, 2)) for k, s in scorers.items()},
-                      "bytes": dense_bytes, "sparsity": 0.0}}
+    rows = {
+        "dense": {
+            "scores": {k: s.score(TorchEngine(h.module, h.task, 2)) for k, s in scorers.items()},
+            "bytes": dense_bytes,
+            "sparsity": 0.0,
+        }
+    }
     for name in METHODS:
         m = load_model(str(WORK / name)).module
         rows[name] = {**done_rows[name], "scores": {k: s.score(TorchEngine(m, h.task, 2)) for k, s in scorers.items()}}
         print(name, {k: round(v["ppl"]["value"], 3) for k, v in rows[name]["scores"].items()}, flush=True)
     lat = ort_latency(h, WORK / "sparsegpt-50")
-    res = {"machine": machine_line(), "calib_windows": a.calib, "eval_windows": a.eval, "rows": rows,
-           "ort_latency": lat, "wall_s": time.perf_counter() - t_all}
+    res = {
+        "machine": machine_line(),
+        "calib_windows": a.calib,
+        "eval_windows": a.eval,
+        "rows": rows,
+        "ort_latency": lat,
+        "wall_s": time.perf_counter() - t_all,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "prune.json").write_text(json.dumps(res, indent=1))
     (RESULTS / "prune.md").write_text(to_markdown(res))
@@ -154,12 +172,19 @@ def to_markdown(res: dict) -> str:
     rows = res["rows"]
     sets = list(rows["dense"]["scores"])
     base = {k: rows["dense"]["scores"][k]["ppl"]["value"] for k in sets}
-    lines = ["# SmolLM2-135M one-shot pruning (bench/prune.py)", "", f"Machine: {res['machine']}.",
-             f"Calibration: {res['calib_windows']} x 512 tokens of python-docs; evaluation: {res['eval_windows']} "
-             "x 512 tokens of each held-out set; 95% bootstrap intervals over windows. Pruned: the 210 linears "
-             "of the 30 decoder blocks (embedding / tied head dense).", "",
-             "| method | sparsity | " + " | ".join(f"ppl {k} | KL {k} | top-1 {k}" for k in sets)
-             + " | safetensors bytes | s | peak RSS MB |", "|---" * (5 + 3 * len(sets)) + "|"]
+    lines = [
+        "# SmolLM2-135M one-shot pruning (bench/prune.py)",
+        "",
+        f"Machine: {res['machine']}.",
+        f"Calibration: {res['calib_windows']} x 512 tokens of python-docs; evaluation: {res['eval_windows']} "
+        "x 512 tokens of each held-out set; 95% bootstrap intervals over windows. Pruned: the 210 linears "
+        "of the 30 decoder blocks (embedding / tied head dense).",
+        "",
+        "| method | sparsity | "
+        + " | ".join(f"ppl {k} | KL {k} | top-1 {k}" for k in sets)
+        + " | safetensors bytes | s | peak RSS MB |",
+        "|---" * (5 + 3 * len(sets)) + "|",
+    ]
     for name, r in rows.items():
         cells = []
         for k in sets:
@@ -167,8 +192,10 @@ def to_markdown(res: dict) -> str:
             cells += [f"{s['ppl']['value']:.2f}"] + (["0", "1"] if name == "dense" else [_ci(s["kl"]), _ci(s["top1"])])
             if name != "dense":
                 cells[-3] = _ci(s["ppl"], 2)
-        lines.append(f"| {name} | {r['sparsity']:.3f} | " + " | ".join(cells) + f" | {r['bytes']:,} | "
-                     f"{r.get('seconds', 0):.1f} | {r.get('peak_rss_mb', 0):.0f} |")
+        lines.append(
+            f"| {name} | {r['sparsity']:.3f} | " + " | ".join(cells) + f" | {r['bytes']:,} | "
+            f"{r.get('seconds', 0):.1f} | {r.get('peak_rss_mb', 0):.0f} |"
+        )
     lines += ["", "Perplexity increase over dense, as a share of magnitude's at the same pattern:"]
     for pat in ("50", "2:4"):
         mag = {k: rows[f"magnitude-{pat}"]["scores"][k]["ppl"]["value"] - base[k] for k in sets}
@@ -176,12 +203,16 @@ def to_markdown(res: dict) -> str:
             inc = {k: rows[f"{m}-{pat}"]["scores"][k]["ppl"]["value"] - base[k] for k in sets}
             lines.append(f"- {m} {pat}: " + ", ".join(f"{k} {inc[k] / mag[k]:.2f}" for k in sets))
     lat = res["ort_latency"]
-    lines += ["", "ONNX Runtime, batch 4 x 128 tokens, 2 threads (same graph; the sparse one has zeros in its "
-              f"weights): dense {lat['dense']['p50_ms']:.1f} ms, SparseGPT 50% {lat['sparsegpt-50']['p50_ms']:.1f} ms "
-              f"(ratio {lat['dense']['p50_ms'] / lat['sparsegpt-50']['p50_ms']:.2f}x): ONNX Runtime's CPU MatMul "
-              "does not skip zeros, so unstructured and 2:4 sparsity buy size (krimp's bitmask safetensors), not "
-              "speed. Structured pruning is what makes a model faster.",
-              "", f"Wall time of the whole benchmark: {res['wall_s'] / 60:.1f} min."]
+    lines += [
+        "",
+        "ONNX Runtime, batch 4 x 128 tokens, 2 threads (same graph; the sparse one has zeros in its "
+        f"weights): dense {lat['dense']['p50_ms']:.1f} ms, SparseGPT 50% {lat['sparsegpt-50']['p50_ms']:.1f} ms "
+        f"(ratio {lat['dense']['p50_ms'] / lat['sparsegpt-50']['p50_ms']:.2f}x): ONNX Runtime's CPU MatMul "
+        "does not skip zeros, so unstructured and 2:4 sparsity buy size (krimp's bitmask safetensors), not "
+        "speed. Structured pruning is what makes a model faster.",
+        "",
+        f"Wall time of the whole benchmark: {res['wall_s'] / 60:.1f} min.",
+    ]
     return "\n".join(lines) + "\n"
 
 

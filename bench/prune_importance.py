@@ -58,8 +58,14 @@ def minilm_rows() -> list[dict]:
     ref, rows = emb(h.module), []
     for imp in ("magnitude", "activation", "taylor", "obs"):
         m, _, s = _apply(h, {"method": "structured", "ffn": 0.5, "heads": 0.25, "importance": imp}, feeds)
-        rows.append({"model": "minilm ffn 50% + heads 25%", "importance": imp,
-                     "cosine": round(float((ref * emb(m)).sum(1).mean()), 4), "seconds": s})
+        rows.append(
+            {
+                "model": "minilm ffn 50% + heads 25%",
+                "importance": imp,
+                "cosine": round(float((ref * emb(m)).sum(1).mean()), 4),
+                "seconds": s,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -87,14 +93,27 @@ def channel_rows() -> list[dict]:
     for ratio in (0.1, 0.25, 0.4):
         for imp in ("magnitude", "lamp", "taylor"):
             m, _, s = _apply(h, {"method": "channels", "ratio": ratio, "importance": imp}, cal)
-            rows.append({"model": f"digits-cnn channels {ratio:.0%}", "importance": imp,
-                         "agreement": _agreement(h, m, ev), "seconds": s})
+            rows.append(
+                {
+                    "model": f"digits-cnn channels {ratio:.0%}",
+                    "importance": imp,
+                    "agreement": _agreement(h, m, ev),
+                    "seconds": s,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     h, cal, ev = _images("builtin:efficientnet-lite0", "builtin:photos", 512, 400)
     for imp in ("magnitude", "lamp", "taylor", "obs"):
         m, info, s = _apply(h, {"method": "channels", "ratio": 0.3, "importance": imp, "round_to": 8}, cal)
-        rows.append({"model": "efficientnet-lite0 channels 30%", "importance": imp, "agreement": _agreement(h, m, ev),
-                     "macs_ratio": info["macs_ratio"], "seconds": s})
+        rows.append(
+            {
+                "model": "efficientnet-lite0 channels 30%",
+                "importance": imp,
+                "agreement": _agreement(h, m, ev),
+                "macs_ratio": info["macs_ratio"],
+                "seconds": s,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -112,8 +131,11 @@ def gradual_rows() -> list[dict]:
         for lr in (0.001, 0.003):
             row = {"sparsity": sp, "steps": 2000, "lr": lr}
             for name, end in (("one_shot", 0.001), ("gradual", 0.3)):
-                m, _, _s = _apply(h, {"method": "gradual", "sparsity": sp, "steps": 2000, "prune_every": 20,
-                                     "end": end, "lr": lr}, cal)
+                m, _, _s = _apply(
+                    h,
+                    {"method": "gradual", "sparsity": sp, "steps": 2000, "prune_every": 20, "end": end, "lr": lr},
+                    cal,
+                )
                 row[name] = _agreement(h, m, ev)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -126,15 +148,31 @@ def main() -> None:
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "prune_importance.json").write_text(json.dumps(res, indent=1))
-    md = ["# Pruning importance criteria and schedules (bench/prune_importance.py)", "", res["machine"], "",
-          "## One shot, no recovery, held-out data", "",
-          "| model | importance | cosine / agreement | MACs | seconds |", "|---|---|---|---|---|"]
+    md = [
+        "# Pruning importance criteria and schedules (bench/prune_importance.py)",
+        "",
+        res["machine"],
+        "",
+        "## One shot, no recovery, held-out data",
+        "",
+        "| model | importance | cosine / agreement | MACs | seconds |",
+        "|---|---|---|---|---|",
+    ]
     for r in res["importance"]:
-        md.append(f"| {r['model']} | {r['importance']} | {r.get('cosine', r.get('agreement'))} | "
-                  f"{r.get('macs_ratio', '')} | {r['seconds']} |")
-    md += ["", ("## Gradual (cubic schedule over the first 30% of steps) against one shot then fine-tuning, "
-                "digits CNN, 2000 distillation steps, held-out top-1 agreement"), "",
-           "| sparsity | lr | one shot + fine-tuning | gradual |", "|---|---|---|---|"]
+        md.append(
+            f"| {r['model']} | {r['importance']} | {r.get('cosine', r.get('agreement'))} | "
+            f"{r.get('macs_ratio', '')} | {r['seconds']} |"
+        )
+    md += [
+        "",
+        (
+            "## Gradual (cubic schedule over the first 30% of steps) against one shot then fine-tuning, "
+            "digits CNN, 2000 distillation steps, held-out top-1 agreement"
+        ),
+        "",
+        "| sparsity | lr | one shot + fine-tuning | gradual |",
+        "|---|---|---|---|",
+    ]
     for r in res["gradual"]:
         md.append(f"| {r['sparsity']:.0%} | {r['lr']} | {r['one_shot']} | {r['gradual']} |")
     md += ["", f"Wall time {res['wall_s']} s."]

@@ -28,23 +28,33 @@ from _common import RESULTS, machine_line, quiet
 
 ROOT = Path(__file__).parent.parent / "recipes"
 PRESETS = {
-    "minilm": {"fp16": [{"method": "fp16"}],
-               "int8-dynamic": [{"method": "int8-dynamic", "per_channel": True}],
-               "int8-static": [{"method": "int8-static", "calibration": "minmax"}]},
-    "smollm2": {"int8-dynamic": [{"method": "int8-dynamic", "per_channel": True, "fallback": False}],
-                "rtn-w8": [{"method": "rtn", "bits": 8, "group_size": 128}],
-                "rtn-w4": [{"method": "rtn", "bits": 4, "group_size": 128}],
-                "gptq-w4": [{"method": "gptq", "bits": 4, "group_size": 128}],
-                "awq-w4": [{"method": "awq", "bits": 4, "group_size": 128}],
-                "smoothquant-w8a8": [{"method": "smoothquant"},  # the paper's alpha 0.5
-                                     {"method": "int8-dynamic", "per_channel": True, "fallback": False}]},
+    "minilm": {
+        "fp16": [{"method": "fp16"}],
+        "int8-dynamic": [{"method": "int8-dynamic", "per_channel": True}],
+        "int8-static": [{"method": "int8-static", "calibration": "minmax"}],
+    },
+    "smollm2": {
+        "int8-dynamic": [{"method": "int8-dynamic", "per_channel": True, "fallback": False}],
+        "rtn-w8": [{"method": "rtn", "bits": 8, "group_size": 128}],
+        "rtn-w4": [{"method": "rtn", "bits": 4, "group_size": 128}],
+        "gptq-w4": [{"method": "gptq", "bits": 4, "group_size": 128}],
+        "awq-w4": [{"method": "awq", "bits": 4, "group_size": 128}],
+        "smoothquant-w8a8": [
+            {"method": "smoothquant"},  # the paper's alpha 0.5
+            {"method": "int8-dynamic", "per_channel": True, "fallback": False},
+        ],
+    },
 }
 
 
 def _point(rep: dict) -> dict:
-    return {"quality_drop": rep["quality_drop"]["value"], "size": rep["compressed"]["size_bytes"] / 2**20,
-            "latency": rep["compressed"]["latency_ms_p50"], "within_goal": rep["within_goal"],
-            "wall_s": rep.get("wall_s")}
+    return {
+        "quality_drop": rep["quality_drop"]["value"],
+        "size": rep["compressed"]["size_bytes"] / 2**20,
+        "latency": rep["compressed"]["latency_ms_p50"],
+        "within_goal": rep["within_goal"],
+        "wall_s": rep.get("wall_s"),
+    }
 
 
 def presets(name: str, tmp: Path, kept: dict) -> dict:
@@ -85,8 +95,11 @@ def search(name: str, tmp: Path, trials: int, workers: int) -> dict:
 def covered(p: dict, front: list[dict]) -> int | None:
     """A front point at least as good as preset ``p`` on every objective (latency within 10%)."""
     for f in front:
-        if f["quality_drop"] <= p["quality_drop"] + 1e-4 and f["size"] <= p["size"] * 1.005 \
-                and f["latency"] <= p["latency"] * 1.10:
+        if (
+            f["quality_drop"] <= p["quality_drop"] + 1e-4
+            and f["size"] <= p["size"] * 1.005
+            and f["latency"] <= p["latency"] * 1.10
+        ):
             return f["number"]
     return None
 
@@ -101,14 +114,37 @@ def part(name: str, tmp: Path, trials: int, worker_counts: list[int], kept: dict
     best = done.get(s["best"])
     within = {k: v for k, v in pre.items() if v.get("within_goal")}
     smallest = min(within.values(), key=lambda v: v["size"]) if within else None
-    return {"presets": pre, "coverage": {k: covered(v, front) for k, v in pre.items() if "error" not in v},
-            "best": best, "smallest_preset_within": smallest,
-            "best_vs_preset_size": (best["size"] / smallest["size"]) if best and smallest else None,
-            "wall_s": {w: r["wall_s"] for w, r in runs.items()},
-            "trials": {w: [{k: r.get(k) for k in ("number", "state", "params", "quality_drop", "size", "latency",
-                                                  "within_goal", "loaded", "remeasured_alone", "error")}
-                           for r in runs[w]["trials"]] for w in runs},
-            "front": s["front"], "goal": s["goal"]}
+    return {
+        "presets": pre,
+        "coverage": {k: covered(v, front) for k, v in pre.items() if "error" not in v},
+        "best": best,
+        "smallest_preset_within": smallest,
+        "best_vs_preset_size": (best["size"] / smallest["size"]) if best and smallest else None,
+        "wall_s": {w: r["wall_s"] for w, r in runs.items()},
+        "trials": {
+            w: [
+                {
+                    k: r.get(k)
+                    for k in (
+                        "number",
+                        "state",
+                        "params",
+                        "quality_drop",
+                        "size",
+                        "latency",
+                        "within_goal",
+                        "loaded",
+                        "remeasured_alone",
+                        "error",
+                    )
+                }
+                for r in runs[w]["trials"]
+            ]
+            for w in runs
+        },
+        "front": s["front"],
+        "goal": s["goal"],
+    }
 
 
 def main() -> None:
@@ -116,8 +152,11 @@ def main() -> None:
     ap.add_argument("--only", default="minilm,smollm2")
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--keep-presets", action="store_true",
-                    help="reuse preset results in search.json whose stages and base recipe are unchanged")
+    ap.add_argument(
+        "--keep-presets",
+        action="store_true",
+        help="reuse preset results in search.json whose stages and base recipe are unchanged",
+    )
     a = ap.parse_args()
     quiet()
     workers = [int(w) for w in a.workers.split(",")]
@@ -125,8 +164,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="krimp-bench-search-") as tmp:
         for name in a.only.split(","):
             kept = raw.get(name, {}).get("presets", {}) if a.keep_presets else {}
-            raw[name] = {**part(name, Path(tmp), a.trials, workers, kept), "trials_budget": a.trials,
-                         "date": time.strftime("%Y-%m-%d")}
+            raw[name] = {
+                **part(name, Path(tmp), a.trials, workers, kept),
+                "trials_budget": a.trials,
+                "date": time.strftime("%Y-%m-%d"),
+            }
     rows, notes = [], []
     for name, r in raw.items():
         for p, v in r["presets"].items():
@@ -135,24 +177,57 @@ def main() -> None:
                 continue
             cov = r["coverage"].get(p)
             label = f"preset {p}" + (f" (kept from {v['kept_from']})" if v.get("kept_from") else "")
-            rows.append([name, label, f"{v['quality_drop']:.4f}", f"{v['size']:.1f}", f"{v['latency']:.1f}",
-                         "yes" if v["within_goal"] else "no", f"trial {cov}" if cov is not None else "not covered"])
+            rows.append(
+                [
+                    name,
+                    label,
+                    f"{v['quality_drop']:.4f}",
+                    f"{v['size']:.1f}",
+                    f"{v['latency']:.1f}",
+                    "yes" if v["within_goal"] else "no",
+                    f"trial {cov}" if cov is not None else "not covered",
+                ]
+            )
         b = r["best"]
         if b:
-            rows.append([name, f"search best: trial {b['number']} {b['params']}", f"{b['quality_drop']:.4f}",
-                         f"{b['size']:.1f}", f"{b['latency']:.1f}", "yes", ""])
+            rows.append(
+                [
+                    name,
+                    f"search best: trial {b['number']} {b['params']}",
+                    f"{b['quality_drop']:.4f}",
+                    f"{b['size']:.1f}",
+                    f"{b['latency']:.1f}",
+                    "yes",
+                    "",
+                ]
+            )
         ratio = r["best_vs_preset_size"]
         walls = ", ".join(f"{w} worker(s) {s:.0f} s" for w, s in r["wall_s"].items())
-        notes.append(f"{name}: budget {r['goal']}; {r['trials_budget']} trials; search wall time: {walls}; best "
-                     f"size / smallest preset within budget = {ratio:.3f}" if ratio else
-                     f"{name}: budget {r['goal']}; no comparison (no best or no preset within budget); {walls}")
+        notes.append(
+            f"{name}: budget {r['goal']}; {r['trials_budget']} trials; search wall time: {walls}; best "
+            f"size / smallest preset within budget = {ratio:.3f}"
+            if ratio
+            else f"{name}: budget {r['goal']}; no comparison (no best or no preset within budget); {walls}"
+        )
     header = ["model", "recipe", "quality drop", "MiB", "ms p50", "within budget", "dominated or matched by front"]
-    text = "\n".join(["### Recipe search against single-method presets", "", "| " + " | ".join(header) + " |",
-                      "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, x)) + " |" for x in rows] + [""]
-                     + [f"- {n}" for n in notes]
-                     + [f"- machine: {machine_line()}",
-                        (f"- last command: `python bench/search.py --only {a.only} --trials {a.trials} "
-                         f"--workers {a.workers}` (rows of models it did not run are kept from earlier runs)")])
+    text = "\n".join(
+        [
+            "### Recipe search against single-method presets",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        + ["| " + " | ".join(map(str, x)) + " |" for x in rows]
+        + [""]
+        + [f"- {n}" for n in notes]
+        + [
+            f"- machine: {machine_line()}",
+            (
+                f"- last command: `python bench/search.py --only {a.only} --trials {a.trials} "
+                f"--workers {a.workers}` (rows of models it did not run are kept from earlier runs)"
+            ),
+        ]
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "search.md").write_text(text + "\n")
     (RESULTS / "search.json").write_text(json.dumps(raw, indent=1, default=str))

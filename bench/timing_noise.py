@@ -50,36 +50,61 @@ def main() -> None:
                 procs = [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(a.burners if loaded else 0)]
                 try:
                     time.sleep(5 if loaded else 0)  # let the load average rise
-                    r = time_onnx_pair(out / "baseline.onnx", out / "model.onnx", feed, ev.threads, ev.warmup,
-                                       ev.repeats, ev.timing_budget_s)
+                    r = time_onnx_pair(
+                        out / "baseline.onnx",
+                        out / "model.onnx",
+                        feed,
+                        ev.threads,
+                        ev.warmup,
+                        ev.repeats,
+                        ev.timing_budget_s,
+                    )
                 finally:
                     for p in procs:
                         p.kill()
                         p.wait()
-                row = {"run": i + 1, "burners": len(procs), "seconds": r["seconds"],
-                       "speedup": round(r["speedup"]["value"], 3),
-                       "speedup_ci95": [round(x, 3) for x in r["speedup"]["ci95"]],
-                       **{side: r[side]["noise"] for side in ("baseline", "compressed")}}
+                row = {
+                    "run": i + 1,
+                    "burners": len(procs),
+                    "seconds": r["seconds"],
+                    "speedup": round(r["speedup"]["value"], 3),
+                    "speedup_ci95": [round(x, 3) for x in r["speedup"]["ci95"]],
+                    **{side: r[side]["noise"] for side in ("baseline", "compressed")},
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 time.sleep(75 if loaded else 0)  # let the 1-minute load average fall before the next quiet run
-    res = {"machine": machine_line(), "date": time.strftime("%Y-%m-%d"), "rows": rows,
-           "command": f"python bench/timing_noise.py --runs {a.runs} --burners {a.burners}"}
+    res = {
+        "machine": machine_line(),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+        "command": f"python bench/timing_noise.py --runs {a.runs} --burners {a.burners}",
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "timing_noise.json").write_text(json.dumps(res, indent=1))
-    lines = ["# Timing noise: quiet against loaded (bench/timing_noise.py)", "",
-             f"Machine: {res['machine']}. Command: `{res['command']}`, {res['date']}.", "",
-             "MiniLM FP32 ONNX against the demo recipe's INT8 artifact, batch 8 x 128 tokens, 2 threads, timed as "
-             "`krimp compress` times them (alternating rounds until the medians settle, 30 s at most).", "",
-             "| run | CPU burners | speed-up [95% CI] | baseline p50 ms, cv, runs | compressed p50 ms, cv, runs | "
-             "flagged |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Timing noise: quiet against loaded (bench/timing_noise.py)",
+        "",
+        f"Machine: {res['machine']}. Command: `{res['command']}`, {res['date']}.",
+        "",
+        "MiniLM FP32 ONNX against the demo recipe's INT8 artifact, batch 8 x 128 tokens, 2 threads, timed as "
+        "`krimp compress` times them (alternating rounds until the medians settle, 30 s at most).",
+        "",
+        "| run | CPU burners | speed-up [95% CI] | baseline p50 ms, cv, runs | compressed p50 ms, cv, runs | flagged |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         b, c = r["baseline"], r["compressed"]
-        flag = "stable" if b["stable"] and c["stable"] else "UNSTABLE: " + "; ".join(
-            sorted(set(b["reasons"] + c["reasons"])))
-        lines.append(f"| {r['run']} | {r['burners']} | {r['speedup']:.2f}x [{r['speedup_ci95'][0]:.2f}, "
-                     f"{r['speedup_ci95'][1]:.2f}] | {b['p50_ms']:.1f}, {b['cv']:.1%}, {b['runs']} | "
-                     f"{c['p50_ms']:.1f}, {c['cv']:.1%}, {c['runs']} | {flag} |")
+        flag = (
+            "stable"
+            if b["stable"] and c["stable"]
+            else "UNSTABLE: " + "; ".join(sorted(set(b["reasons"] + c["reasons"])))
+        )
+        lines.append(
+            f"| {r['run']} | {r['burners']} | {r['speedup']:.2f}x [{r['speedup_ci95'][0]:.2f}, "
+            f"{r['speedup_ci95'][1]:.2f}] | {b['p50_ms']:.1f}, {b['cv']:.1%}, {b['runs']} | "
+            f"{c['p50_ms']:.1f}, {c['cv']:.1%}, {c['runs']} | {flag} |"
+        )
     (RESULTS / "timing_noise.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

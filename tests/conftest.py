@@ -30,8 +30,15 @@ def tiny_llama(tmp_path_factory, minilm):
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tok = minilm.task.tokenizer
-    cfg = tf.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = tf.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     tf.LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)

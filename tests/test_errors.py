@@ -33,9 +33,14 @@ def _wikipedia():
     _read_wikipedia()
 
 
-@pytest.mark.parametrize("module,extra,use", [("optuna", "search", _search_storage),
-                                              ("torch_pruning", "prune", _channels_stage),
-                                              ("gensim", "models", _wikipedia)])
+@pytest.mark.parametrize(
+    "module,extra,use",
+    [
+        ("optuna", "search", _search_storage),
+        ("torch_pruning", "prune", _channels_stage),
+        ("gensim", "models", _wikipedia),
+    ],
+)
 def test_missing_extra_is_one_line_naming_the_pip_command(monkeypatch, module, extra, use):
     monkeypatch.setitem(sys.modules, module, None)  # what `import module` sees when it is not installed
     with pytest.raises(KrimpError) as e:
@@ -52,6 +57,9 @@ def test_require_returns_the_module_and_keeps_a_broken_package_s_own_error(tmp_p
     with pytest.raises(ModuleNotFoundError) as e:
         require("krimp_test_broken", "x", "this test")
     assert e.value.name == "krimp_test_absent_dependency"
-    with pytest.raises(KrimpError, match=r"^this test needs krimp-test-missing, which is not installed: "
-                                         r"pip install 'krimp\[x\]'$"):
+    with pytest.raises(
+        KrimpError,
+        match=r"^this test needs krimp-test-missing, which is not installed: "
+        r"pip install 'krimp\[x\]'$",
+    ):
         require("krimp_test_missing", "x", "this test", "krimp-test-missing")

@@ -28,7 +28,9 @@ def test_unknown_stage_key_names_stage_and_closest():
 
 
 def test_unknown_method_suggests():
-    with pytest.raises(KrimpError, match=r"stages\[1\].method: unknown method 'int8-dynamc'; did you mean 'int8-dynamic'"):
+    with pytest.raises(
+        KrimpError, match=r"stages\[1\].method: unknown method 'int8-dynamc'; did you mean 'int8-dynamic'"
+    ):
         Recipe.from_dict({"stages": [{"method": "fp16"}, {"method": "int8-dynamc"}]})
 
 
@@ -52,8 +54,13 @@ def test_configs_are_frozen_and_validated():
 def test_round_trip_dict_and_yaml(tmp_path):
     import yaml
 
-    r = Recipe.from_dict({"model": "builtin:minilm", "goal": {"max_quality_drop": 0.01},
-                          "stages": [{"method": "int8-static", "calibration": "entropy", "ignore": ["*fc*"]}]})
+    r = Recipe.from_dict(
+        {
+            "model": "builtin:minilm",
+            "goal": {"max_quality_drop": 0.01},
+            "stages": [{"method": "int8-static", "calibration": "entropy", "ignore": ["*fc*"]}],
+        }
+    )
     d = r.to_dict()
     assert d["stages"][0] == StaticInt8Config(calibration="entropy", ignore=["*fc*"]).to_dict()
     p = tmp_path / "r.yaml"

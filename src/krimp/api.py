@@ -35,10 +35,16 @@ def _recipe(recipe: Recipe | str | Path | dict) -> Recipe:
     return Recipe.from_yaml(recipe)
 
 
-def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: Recipe | str | Path | dict,
-             out: str | Path, *, overwrite: bool = False, task: str | None = None,
-             step: Callable[[str], None] | None = None,
-             done: Callable[[str], None] | None = None) -> dict[str, Any]:
+def compress(
+    model: str | Path | torch.nn.Module | ModelHandle | None,
+    recipe: Recipe | str | Path | dict,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    task: str | None = None,
+    step: Callable[[str], None] | None = None,
+    done: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Compress ``model`` by ``recipe``, write artifacts and reports into ``out``, return the report.
 
     ``report["within_goal"]`` says whether the accuracy budget held; ``report["misses"]`` says
@@ -68,13 +74,17 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
     src = model if model is not None else r.model
     if src is None:
         raise KrimpError("no model: give one on the command line or as 'model:' in the recipe")
-    inputs = {"model": src, "recipe": recipe,
-              "data": [s for k in ("source", "calib_source", "eval_source") for s in _listed(getattr(r.data, k))]}
+    inputs = {
+        "model": src,
+        "recipe": recipe,
+        "data": [s for k in ("source", "calib_source", "eval_source") for s in _listed(getattr(r.data, k))],
+    }
     check_output_folder(out, inputs, overwrite)
     t_start = time.perf_counter()
     step("loading model")
-    handle = src if isinstance(src, ModelHandle) else load_model(
-        src, task or r.task, trust_remote_code=r.trust_remote_code)
+    handle = (
+        src if isinstance(src, ModelHandle) else load_model(src, task or r.task, trust_remote_code=r.trust_remote_code)
+    )
     _check_methods_fit(r, handle)
     step("loading data")
     data = load_data(r.data, handle.task, handle.builtin_origin)
@@ -105,8 +115,10 @@ def compress(model: str | Path | torch.nn.Module | ModelHandle | None, recipe: R
         shutil.rmtree(work, ignore_errors=True)
         if full:
             need = _space_needed(handle)
-            raise KrimpError(f"no space left on {out.parent.resolve()} (the run needs about {need / 1e6:.{0 if need > 1e7 else 1}f} MB "
-                             "there); free some space or choose another --out") from None
+            raise KrimpError(
+                f"no space left on {out.parent.resolve()} (the run needs about {need / 1e6:.{0 if need > 1e7 else 1}f} MB "
+                "there); free some space or choose another --out"
+            ) from None
         raise
     report["out"] = str(out)
     return report
@@ -159,8 +171,10 @@ def _check_methods_fit(r: Recipe, handle: ModelHandle) -> None:
         if s.needs_decoder_blocks and s.method not in fits:
             kinds = "decoder language models" + (" and BERT-like encoders" if s.runs_on_encoders else "")
             arch = handle.info.get("architecture") or type(handle.module or object()).__name__
-            raise KrimpError(f"stage {i + 1} '{s.method}' works on {kinds}; this {handle.task.name} model "
-                             f"({arch}) has no decoder blocks and takes: {', '.join(fits)}")
+            raise KrimpError(
+                f"stage {i + 1} '{s.method}' works on {kinds}; this {handle.task.name} model "
+                f"({arch}) has no decoder blocks and takes: {', '.join(fits)}"
+            )
 
 
 def _listed(v) -> list:
@@ -184,11 +198,14 @@ def check_output_folder(out: Path, inputs: dict[str, Any], overwrite: bool) -> N
                 continue
             p = p.resolve()
             if p == target or target in p.parents:
-                raise KrimpError(f"--out {out} holds the {role} being read ({item}); "
-                                 "choose an output folder outside it")
+                raise KrimpError(
+                    f"--out {out} holds the {role} being read ({item}); choose an output folder outside it"
+                )
             if p.is_dir() and p in target.parents:
-                raise KrimpError(f"--out {out} lies inside the {role} folder {item}, which the run must not change; "
-                                 "choose an output folder outside it")
+                raise KrimpError(
+                    f"--out {out} lies inside the {role} folder {item}, which the run must not change; "
+                    "choose an output folder outside it"
+                )
     if out.is_symlink():
         raise KrimpError(f"--out {out} is a symbolic link; give the folder it points to ({target})")
     if out.exists() and not out.is_dir():
@@ -198,8 +215,11 @@ def check_output_folder(out: Path, inputs: dict[str, Any], overwrite: bool) -> N
 
 
 def _clean(work: Path, artifacts: list[dict], extras: list[str] = ()) -> None:
-    keep = {a["path"] for a in artifacts} | {"report.json", "report.md", "report.html", "plot.png",
-                                             "recipe.yaml", "run.log"} | set(extras)
+    keep = (
+        {a["path"] for a in artifacts}
+        | {"report.json", "report.md", "report.html", "plot.png", "recipe.yaml", "run.log"}
+        | set(extras)
+    )
     for f in work.iterdir():
         if f.name not in keep:
             f.unlink() if f.is_file() else shutil.rmtree(f)

@@ -55,16 +55,18 @@ class BaseConfig(pydantic.BaseModel):
     @pydantic.model_validator(mode="after")
     def _patterns_honoured(self):
         if not self.honours_targets and (self.targets != ["*"] or self.ignore):
-            raise ValueError(f"'{self.method}' works on the whole model and cannot honour targets / ignore; "
-                             "remove them")
+            raise ValueError(
+                f"'{self.method}' works on the whole model and cannot honour targets / ignore; remove them"
+            )
         return self
 
     def wants(self, *names: str) -> bool:
         """Whether a layer known by any of ``names`` is in this stage's scope."""
         return name_matches(names, self.targets) and not name_matches(names, self.ignore)
 
-    def select(self, layers: Mapping[str, T], what: str = "layer",
-               alias: Callable[[str], str] | None = None) -> dict[str, T]:
+    def select(
+        self, layers: Mapping[str, T], what: str = "layer", alias: Callable[[str], str] | None = None
+    ) -> dict[str, T]:
         """The ``layers`` (name -> anything) in scope, in order. A stage that would change nothing is an
         error naming the patterns and a few names that exist (with no patterns, every layer is in scope
         and nothing is refused). ``alias`` gives a second name to match."""
@@ -73,8 +75,10 @@ class BaseConfig(pydantic.BaseModel):
         out = {n: v for n, v in layers.items() if self.wants(n, *((alias(n),) if alias else ()))}
         if not out:
             some = ", ".join(list(layers)[:4])
-            raise KrimpError(f"{self.method}: targets {self.targets} / ignore {self.ignore} match no {what} "
-                             + (f"of the {len(layers)} there are (e.g. {some})" if layers else "(the model has none)"))
+            raise KrimpError(
+                f"{self.method}: targets {self.targets} / ignore {self.ignore} match no {what} "
+                + (f"of the {len(layers)} there are (e.g. {some})" if layers else "(the model has none)")
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,9 +136,7 @@ def config_from_dict(d: dict[str, Any], where: str = "stage") -> BaseConfig:
     if name not in REGISTRY:
         hint = closest(str(name), REGISTRY)
         extra = f"; did you mean '{hint}'?" if hint else ""
-        raise KrimpError(
-            f"{where}.method: unknown method '{name}'{extra} (known: {', '.join(sorted(REGISTRY))})"
-        )
+        raise KrimpError(f"{where}.method: unknown method '{name}'{extra} (known: {', '.join(sorted(REGISTRY))})")
     cls = REGISTRY[name][0]
     body = {k: v for k, v in d.items() if k != "method"}
     try:

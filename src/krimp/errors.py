@@ -29,8 +29,9 @@ def require(module: str, extra: str, needed_by: str, package: str | None = None)
     except ModuleNotFoundError as e:
         if (e.name or module).split(".")[0] != module.split(".")[0]:
             raise
-        raise KrimpError(f"{needed_by} needs {package or module}, which is not installed: "
-                         f"pip install 'krimp[{extra}]'") from None
+        raise KrimpError(
+            f"{needed_by} needs {package or module}, which is not installed: pip install 'krimp[{extra}]'"
+        ) from None
 
 
 def unknown_key_message(key: str, where: str, options: Iterable[str]) -> str:
@@ -48,5 +49,4 @@ def read_utf8(p: Path) -> str:
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        raise KrimpError(f"{p}: not UTF-8 text (byte {e.start}: 0x{raw[e.start]:02x}); "
-                         "save it as UTF-8") from None
+        raise KrimpError(f"{p}: not UTF-8 text (byte {e.start}: 0x{raw[e.start]:02x}); save it as UTF-8") from None

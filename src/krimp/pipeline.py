@@ -64,10 +64,21 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
         ref_engine = OrtEngine(ref_path, ev.threads)
 
         def check_lm(path: Path):  # a few windows: a full pass of a language model is minutes
-            q = compare(ref_engine, OrtEngine(path, ev.threads), task, data.calib[:16], None, ev.batch,
-                        recipe.data.seq_len, n_boot=100)
+            q = compare(
+                ref_engine,
+                OrtEngine(path, ev.threads),
+                task,
+                data.calib[:16],
+                None,
+                ev.batch,
+                recipe.data.seq_len,
+                n_boot=100,
+            )
             size_ratio = path.stat().st_size / ref_path.stat().st_size
-            return calib_ok(recipe.goal, q, size_ratio, confident=True), {**_brief(q), "size_ratio": round(size_ratio, 4)}
+            return calib_ok(recipe.goal, q, size_ratio, confident=True), {
+                **_brief(q),
+                "size_ratio": round(size_ratio, 4),
+            }
 
         return check_lm
     items = data.calib[:512]  # enough to check a goal; a large transfer set would make each try slow
@@ -92,7 +103,7 @@ def _calib_distance(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path
     from krimp.eval import fidelity as F
 
     task, ev = handle.task, recipe.eval
-    items = data.calib[:n_items // 4 if task.name == "causal-lm" else n_items]
+    items = data.calib[: n_items // 4 if task.name == "causal-lm" else n_items]
     seq = recipe.data.seq_len
     if task.name == "causal-lm":
         feeds = list(batches(task, items, ev.batch, seq))
@@ -100,7 +111,7 @@ def _calib_distance(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path
 
         def dist_lm(model) -> float:
             e = OrtEngine(model, ev.threads)
-            return float(np.mean([F.kl_divergence(r, e.run(f)).mean() for r, f in zip(ref_out, feeds)]))
+            return float(np.mean([F.kl_divergence(r, e.run(f)).mean() for r, f in zip(ref_out, feeds, strict=True)]))
 
         return dist_lm
     ref = collect(OrtEngine(ref_path, ev.threads), task, items, ev.batch, seq)
@@ -120,8 +131,9 @@ def _brief(q: dict) -> dict:
     return {k: round(v["value"], 5) for k, v in q.get("fidelity", {}).items() if isinstance(v, dict)}
 
 
-def _apply_torch_stages(handle: ModelHandle, stages, feeds, recipe: Recipe, data: Dataset, notes: list, step,
-                        ckpt_root: Path | None = None) -> tuple[nn.Module, Needs]:
+def _apply_torch_stages(
+    handle: ModelHandle, stages, feeds, recipe: Recipe, data: Dataset, notes: list, step, ckpt_root: Path | None = None
+) -> tuple[nn.Module, Needs]:
     """Check the original model on calibration data, then apply torch stages to a deep copy; after
     each stage, measure its fidelity to the original on a few evaluation items (the report shows
     quality and size as the recipe goes). Returns the model and what its stages need from the exporters."""
@@ -132,8 +144,9 @@ def _apply_torch_stages(handle: ModelHandle, stages, feeds, recipe: Recipe, data
             out = engine.run(f)
         except Exception as e:  # a model that cannot take the data: say so in one line
             shapes = {k: list(v.shape) for k, v in f.items()}
-            raise KrimpError(f"the model failed on calibration inputs {shapes} "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise KrimpError(
+                f"the model failed on calibration inputs {shapes} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
         if not np.isfinite(out).all():
             raise KrimpError("the original model produces NaN/Inf on the calibration data")
     if stages:
@@ -141,9 +154,16 @@ def _apply_torch_stages(handle: ModelHandle, stages, feeds, recipe: Recipe, data
     for i, cfg in enumerate(stages):
         step(f"stage {i + 1}: {cfg.method}")
         t0 = time.perf_counter()
-        ctx = StageContext(handle.task, feeds, threads, step=step, calib_items=data.calib,
-                           calib_labels=data.calib_labels, seq_len=recipe.data.seq_len,
-                           ckpt_dir=ckpt_root / f"stage{i}-{cfg.method}" if ckpt_root else None)
+        ctx = StageContext(
+            handle.task,
+            feeds,
+            threads,
+            step=step,
+            calib_items=data.calib,
+            calib_labels=data.calib_labels,
+            seq_len=recipe.data.seq_len,
+            ckpt_dir=ckpt_root / f"stage{i}-{cfg.method}" if ckpt_root else None,
+        )
         module, info = method_for(cfg).apply_torch(module, cfg, ctx)
         needs = needs.merge(ctx.needs)
         note = {"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info}
@@ -158,19 +178,39 @@ def _stage_quality(handle: ModelHandle, module, recipe: Recipe, data: Dataset, n
     items, its parameter count, and whether the goal's quality and fidelity limits hold on them
     (a preview as the recipe goes: the final report measures every item on the deployed runtime)."""
     task, ev = handle.task, recipe.eval
-    items = data.eval[:4 if task.name == "causal-lm" else n_items]
+    items = data.eval[: 4 if task.name == "causal-lm" else n_items]
     seq = recipe.data.seq_len
-    labels = data.eval_labels[:len(items)] if data.eval_labels else None
-    q = compare(TorchEngine(handle.module, task, ev.threads), TorchEngine(module, task, ev.threads), task, items,
-                labels, min(ev.batch, 4) if task.name == "causal-lm" else ev.batch, seq, ev.top_k, n_boot=100)
+    labels = data.eval_labels[: len(items)] if data.eval_labels else None
+    q = compare(
+        TorchEngine(handle.module, task, ev.threads),
+        TorchEngine(module, task, ev.threads),
+        task,
+        items,
+        labels,
+        min(ev.batch, 4) if task.name == "causal-lm" else ev.batch,
+        seq,
+        ev.top_k,
+        n_boot=100,
+    )
     out = {"items": len(items), "params": sum(p.numel() for p in module.parameters()), **_brief(q)}
     out.update({k: round(v["value"], 5) for k, v in q.get("compressed", {}).items() if isinstance(v, dict)})
     out["within_goal"] = calib_ok(recipe.goal, q)
     return out
 
 
-def _apply_onnx_stages(cur: Path, stages, first: int, recipe: Recipe, handle: ModelHandle, data: Dataset,
-                       feeds, base: Path, work: Path, notes: list, step) -> Path:
+def _apply_onnx_stages(
+    cur: Path,
+    stages,
+    first: int,
+    recipe: Recipe,
+    handle: ModelHandle,
+    data: Dataset,
+    feeds,
+    base: Path,
+    work: Path,
+    notes: list,
+    step,
+) -> Path:
     """Apply ONNX stages in order, each to a new file; after each, check the goal on calibration data."""
     ev = recipe.eval
     check = _calib_goal_check(recipe, handle, data, base)
@@ -185,10 +225,20 @@ def _apply_onnx_stages(cur: Path, stages, first: int, recipe: Recipe, handle: Mo
         except KrimpError:
             raise
         except Exception as e:
-            raise KrimpError(f"stage {cfg.method} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise KrimpError(
+                f"stage {cfg.method} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
         ok, metrics = check(dst)
-        notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 2),
-                      "calib_within_goal": ok, "calib_metrics": metrics, **info})
+        notes.append(
+            {
+                "method": cfg.method,
+                "config": cfg.to_dict(),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "calib_within_goal": ok,
+                "calib_metrics": metrics,
+                **info,
+            }
+        )
         cur = dst
     return cur
 
@@ -201,8 +251,14 @@ def _verify_feeds(feeds, task):
     return [{k: v[:2, :128] for k, v in feeds[0].items()}]
 
 
-def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
-               step: Callable[[str], None], ckpt_root: Path | None = None) -> RunResult:
+def run_stages(
+    handle: ModelHandle,
+    recipe: Recipe,
+    data: Dataset,
+    work: Path,
+    step: Callable[[str], None],
+    ckpt_root: Path | None = None,
+) -> RunResult:
     """Apply the recipe: torch stages, the ONNX export in the form they need, then ONNX stages."""
     ev, rtol, opset = recipe.eval, recipe.export.rtol, recipe.export.opset
     feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
@@ -230,29 +286,35 @@ def run_stages(handle: ModelHandle, recipe: Recipe, data: Dataset, work: Path,
     else:
         step("export: baseline ONNX")
         export_onnx(handle.module, handle.task, feeds[0], base, opset, handle.source)
-        run.export_error = verify_onnx(base, TorchEngine(handle.module, handle.task, ev.threads),
-                                       _verify_feeds(feeds, handle.task), rtol)
+        run.export_error = verify_onnx(
+            base, TorchEngine(handle.module, handle.task, ev.threads), _verify_feeds(feeds, handle.task), rtol
+        )
         if torch_stages:
             step("export: compressed ONNX")
             plain = export_onnx(run.module, handle.task, feeds[0], work / "torch_stages.onnx", opset, handle.source)
             cur, details = lower(plain, work, run.module, run.needs.onnx, step)
             if details is not None:
                 run.exports[run.needs.onnx] = details
-            run.export_error_compressed = verify_onnx(cur, TorchEngine(run.module, handle.task, ev.threads),
-                                                      _verify_feeds(feeds, handle.task), rtol * 10)
+            run.export_error_compressed = verify_onnx(
+                cur, TorchEngine(run.module, handle.task, ev.threads), _verify_feeds(feeds, handle.task), rtol * 10
+            )
     run.baseline_onnx = base
     if onnx_stages and recipe.export.optimize and handle.module is not None:
         stats = optimize_transformer(cur, work / "fused.onnx", handle.module)
         if stats and recipe.export.optimize == "auto":
             step("timing the fused graph against the plain one")
             ms = faster_of(cur, work / "fused.onnx", bench_feed(handle.task, recipe.eval, data), recipe.eval.threads)
-            run.fusion_choice = {"plain_ms": round(ms["a"], 2), "fused_ms": round(ms["b"], 2),
-                                 "kept": ms["b"] < ms["a"]}
+            run.fusion_choice = {
+                "plain_ms": round(ms["a"], 2),
+                "fused_ms": round(ms["b"], 2),
+                "kept": ms["b"] < ms["a"],
+            }
             log.info("transformer fusion: plain %.1f ms, fused %.1f ms", ms["a"], ms["b"])
             if ms["b"] >= ms["a"]:
                 stats = None
         if stats:
             run.fusions, cur = stats, work / "fused.onnx"
-    run.compressed_onnx = _apply_onnx_stages(cur, onnx_stages, len(torch_stages), recipe, handle, data,
-                                             feeds, base, work, notes, step)
+    run.compressed_onnx = _apply_onnx_stages(
+        cur, onnx_stages, len(torch_stages), recipe, handle, data, feeds, base, work, notes, step
+    )
     return run

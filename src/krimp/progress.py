@@ -23,7 +23,7 @@ def count(msg: str) -> tuple[int, int] | None:
 
 def phase(msg: str) -> str:
     m = _COUNT.search(msg)
-    return (msg[:m.start()] if m else msg).rstrip(" :(")
+    return (msg[: m.start()] if m else msg).rstrip(" :(")
 
 
 class PhaseLog:

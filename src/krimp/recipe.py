@@ -94,9 +94,13 @@ class ExportSpec(_Section):
         for f in v:  # checked when the recipe is read, not after an hour of stages
             if f not in known:
                 hint = closest(f, known)
-                raise ValueError(f"unknown format '{f}'" + (f"; did you mean '{hint}'?" if hint else "")
-                                 + f" (known: {', '.join(known)})")
+                raise ValueError(
+                    f"unknown format '{f}'"
+                    + (f"; did you mean '{hint}'?" if hint else "")
+                    + f" (known: {', '.join(known)})"
+                )
         return v
+
     opset: int = pydantic.Field(17, ge=17)
     rtol: float = pydantic.Field(1e-3, gt=0)  # allowed max |onnx - torch| / max |torch| after export
     # fuse BERT-like encoders (attention, layer norm, GELU) before ONNX stages: true, false, or "auto"
@@ -121,15 +125,15 @@ class Recipe(_Section):
 
         if v is not None and v not in TASKS:
             hint = closest(v, TASKS)
-            raise ValueError(f"unknown task '{v}'" + (f"; did you mean '{hint}'?" if hint else "")
-                             + f" (known: {', '.join(TASKS)})")
+            raise ValueError(
+                f"unknown task '{v}'" + (f"; did you mean '{hint}'?" if hint else "") + f" (known: {', '.join(TASKS)})"
+            )
         return v
 
     @pydantic.field_validator("stages")
     @classmethod
     def _build_stages(cls, v: list[Any]) -> list[BaseConfig]:
-        return [s if isinstance(s, BaseConfig) else config_from_dict(s, f"stages[{i}]")
-                for i, s in enumerate(v)]
+        return [s if isinstance(s, BaseConfig) else config_from_dict(s, f"stages[{i}]") for i, s in enumerate(v)]
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude={"stages"})

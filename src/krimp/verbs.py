@@ -50,8 +50,16 @@ def _at_least(**flags: tuple[int, int]) -> None:
             raise KrimpError(f"--{name.replace('_', '-')} must be an integer >= {low} (got {value!r})")
 
 
-def evaluate(model: str, data: str | None = None, reference: str | None = None, samples: int = 256,
-             seq_len: int = 128, batch: int = 8, threads: int = 2, task: str | None = None) -> dict[str, Any]:
+def evaluate(
+    model: str,
+    data: str | None = None,
+    reference: str | None = None,
+    samples: int = 256,
+    seq_len: int = 128,
+    batch: int = 8,
+    threads: int = 2,
+    task: str | None = None,
+) -> dict[str, Any]:
     """Quality of ``model`` on held-out data, and fidelity to ``reference`` (the model itself if none)."""
     _at_least(samples=(samples, 1), seq=(seq_len, 2), batch=(batch, 1), threads=(threads, 1))
     h = load_model(model, task)
@@ -62,12 +70,25 @@ def evaluate(model: str, data: str | None = None, reference: str | None = None, 
     ds = load_data(spec, h.task, h.builtin_origin)
     eng = _engine(h, threads, seq_len)
     q = compare(_engine(ref, threads, seq_len), eng, h.task, ds.eval, ds.eval_labels, batch, seq_len)
-    return {"model": h.source, "reference": ref.source, "task": h.task.name, "runtime": eng.runtime,
-            "data": ds.info, **q}
+    return {
+        "model": h.source,
+        "reference": ref.source,
+        "task": h.task.name,
+        "runtime": eng.runtime,
+        "data": ds.info,
+        **q,
+    }
 
 
-def bench(model: str, batch: int = 8, seq: int = 128, threads: int = 2, repeats: int = 20,
-          warmup: int = 5, task: str | None = None) -> dict[str, Any]:
+def bench(
+    model: str,
+    batch: int = 8,
+    seq: int = 128,
+    threads: int = 2,
+    repeats: int = 20,
+    warmup: int = 5,
+    task: str | None = None,
+) -> dict[str, Any]:
     """Latency p50/p95, throughput, peak RSS, size and energy/cost estimates on the model's runtime."""
     _at_least(batch=(batch, 1), seq=(seq, 2), threads=(threads, 1), repeats=(repeats, 3), warmup=(warmup, 0))
     if str(model).endswith(".gguf"):  # llama.cpp: prompt and decode tokens/s
@@ -99,8 +120,7 @@ def _size(h: ModelHandle) -> int:
     if p.is_file():
         return p.stat().st_size
     if p.is_dir():
-        return sum(f.stat().st_size for f in p.glob("*.safetensors")) or sum(
-            f.stat().st_size for f in p.glob("*.bin"))
+        return sum(f.stat().st_size for f in p.glob("*.safetensors")) or sum(f.stat().st_size for f in p.glob("*.bin"))
     return sum(t.numel() * t.element_size() for t in h.module.state_dict().values())
 
 
@@ -123,9 +143,11 @@ def fitting_methods(h: ModelHandle) -> list[str]:
             from krimp.quant.smooth_encoder import encoder_layers
 
             encoder = bool(encoder_layers(h.module))
-    return sorted(k for k, (c, _) in REGISTRY.items()
-                  if c.domain in domains and (blocks or not c.needs_decoder_blocks
-                                              or (encoder and c.runs_on_encoders)))
+    return sorted(
+        k
+        for k, (c, _) in REGISTRY.items()
+        if c.domain in domains and (blocks or not c.needs_decoder_blocks or (encoder and c.runs_on_encoders))
+    )
 
 
 def inspect(model: str, task: str | None = None) -> dict[str, Any]:
@@ -141,6 +163,15 @@ def inspect(model: str, task: str | None = None) -> dict[str, Any]:
         layers = Counter(type(m).__name__ for m in h.module.modules() if not list(m.children()))
         dtypes = Counter(str(p.dtype).replace("torch.", "") for p in h.module.parameters())
     methods = fitting_methods(h)
-    return {"model": h.source, "kind": h.kind, "task": h.task.name, "params": h.num_params,
-            "size_bytes": _size(h), "layers": dict(layers.most_common()), "dtypes": dict(dtypes),
-            "inputs": h.task.input_names, "methods": methods, **h.info}
+    return {
+        "model": h.source,
+        "kind": h.kind,
+        "task": h.task.name,
+        "params": h.num_params,
+        "size_bytes": _size(h),
+        "layers": dict(layers.most_common()),
+        "dtypes": dict(dtypes),
+        "inputs": h.task.input_names,
+        "methods": methods,
+        **h.info,
+    }

@@ -18,14 +18,18 @@ def llama(tiny_llama):
     h = load_model(tiny_llama)
     g = torch.Generator().manual_seed(0)
     # token ids drawn from a skewed distribution so activations have structure
-    ids = torch.multinomial(torch.softmax(torch.randn(h.task.tokenizer.vocab_size, generator=g) * 2, 0),
-                            16 * 64, replacement=True, generator=g).reshape(16, 64)
+    ids = torch.multinomial(
+        torch.softmax(torch.randn(h.task.tokenizer.vocab_size, generator=g) * 2, 0),
+        16 * 64,
+        replacement=True,
+        generator=g,
+    ).reshape(16, 64)
     return h, ids
 
 
 def _run(h, ids, stage):
     cfg = config_from_dict(stage)
-    feeds = [{"input_ids": ids[i:i + 8].numpy(), "attention_mask": np.ones((8, 64), np.int64)} for i in (0, 8)]
+    feeds = [{"input_ids": ids[i : i + 8].numpy(), "attention_mask": np.ones((8, 64), np.int64)} for i in (0, 8)]
     return method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, feeds, 2))
 
 
@@ -53,8 +57,18 @@ def test_methods_quantize_every_block_linear_and_gptq_beats_rtn(llama):
 
 def test_overrides_ignore_and_head(llama):
     h, ids = llama
-    m, info = _run(h, ids, {"method": "rtn", "bits": 4, "group_size": 32, "ignore": ["*.o_proj"],
-                            "overrides": {"*.down_proj": {"bits": 8}}, "head_bits": 8})
+    m, info = _run(
+        h,
+        ids,
+        {
+            "method": "rtn",
+            "bits": 4,
+            "group_size": 32,
+            "ignore": ["*.o_proj"],
+            "overrides": {"*.down_proj": {"bits": 8}},
+            "head_bits": 8,
+        },
+    )
     mods = dict(m.named_modules())
     assert not hasattr(mods["model.layers.0.self_attn.o_proj"], "krimp_wq")
     assert mods["model.layers.1.mlp.down_proj"].krimp_wq.spec.bits == 8
@@ -85,8 +99,9 @@ def test_model_without_decoder_blocks_is_a_clear_error(minilm):
         method_for(cfg).apply_torch(copy.deepcopy(minilm.module), cfg, StageContext(minilm.task, feeds, 2))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"*.gate_proj": {"bits": 5}, "*.up_proj": {"bits": 6},
-                                             "*.q_proj": {"bits": 3}}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"*.gate_proj": {"bits": 5}, "*.up_proj": {"bits": 6}, "*.q_proj": {"bits": 3}}]
+)
 def test_packed_safetensors_and_matmulnbits_hold_krimps_weights(llama, tmp_path, overrides):
     """Also with the mixed widths a sensitivity recipe writes (3/5/6 bits beside 4)."""
     from krimp.eval.runtime import OrtEngine, TorchEngine
@@ -100,10 +115,11 @@ def test_packed_safetensors_and_matmulnbits_hold_krimps_weights(llama, tmp_path,
     assert widths == ({3, 4, 5, 6, 8} if overrides else {4, 8})  # the head at 8 bits by default
     save_packed(m, tmp_path / "packed", h.task.tokenizer)
     back = load_model(tmp_path / "packed").module
-    for (n, a), b in zip(m.state_dict().items(), back.state_dict().values()):
+    for (n, a), b in zip(m.state_dict().items(), back.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
     assert (tmp_path / "packed" / "model.safetensors").stat().st_size < 0.7 * sum(  # untied: the embedding stays float
-        p.numel() * 4 for p in h.module.parameters())
+        p.numel() * 4 for p in h.module.parameters()
+    )
     feed = {"input_ids": ids[:2].numpy(), "attention_mask": np.ones((2, 64), np.int64)}
     export_onnx(m, h.task, feed, tmp_path / "f.onnx")
     info = to_matmul_nbits(tmp_path / "f.onnx", tmp_path / "nb.onnx", m)
@@ -125,8 +141,10 @@ def test_gptq_propagate_sets_forwards_per_block(llama, monkeypatch, propagate, f
     assert info["quantized_layers"] == 15 and _kl(h, m, ids[:4]) < 0.05
 
 
-@pytest.mark.parametrize("propagate,last_use,buffers", [
-    ("float", True, 1), ("float", False, 2), ("compressed", True, 1), ("compressed", False, 1)])
+@pytest.mark.parametrize(
+    "propagate,last_use,buffers",
+    [("float", True, 1), ("float", False, 2), ("compressed", True, 1), ("compressed", False, 1)],
+)
 def test_calibrator_feeds_each_block_the_previous_blocks_outputs(llama, propagate, last_use, buffers):
     """What block i receives must be exactly what the full model gives it. The outputs are written
     over the inputs (one activation buffer) unless the method still reads the inputs after its

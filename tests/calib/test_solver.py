@@ -28,8 +28,10 @@ def test_identity_column_rule_leaves_weight_unchanged():
     assert torch.allclose(res.W, w, atol=1e-5) and res.loss == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("bits,group,sym,act_order", [(4, 64, True, False), (4, 64, False, True), (3, 128, True, True),
-                                                     (4, None, True, False)])
+@pytest.mark.parametrize(
+    "bits,group,sym,act_order",
+    [(4, 64, True, False), (4, 64, False, True), (3, 128, True, True), (4, None, True, False)],
+)
 def test_gptq_beats_rtn_on_layer_output(bits, group, sym, act_order):
     w, x = _layer()
     spec = WQSpec(bits, group, sym)
@@ -38,8 +40,11 @@ def test_gptq_beats_rtn_on_layer_output(bits, group, sym, act_order):
     assert e_gptq < e_rtn / 2  # GPTQ's compensation at least halves the output error here
     assert qw.codes.max() < 2**bits and info["damping"] == 0.01
     # the solver's result lies on the grid: re-quantizing its codes gives the same values
-    assert torch.allclose(qw.dequantize(), (qw.codes.float().reshape(96, -1, qw.group) - qw.zeros[..., None])
-                          .mul(qw.scales[..., None]).reshape(96, -1), atol=1e-6)
+    assert torch.allclose(
+        qw.dequantize(),
+        (qw.codes.float().reshape(96, -1, qw.group) - qw.zeros[..., None]).mul(qw.scales[..., None]).reshape(96, -1),
+        atol=1e-6,
+    )
 
 
 def test_dead_inputs_are_zeroed_and_rank_deficient_hessian_is_damped():

@@ -69,7 +69,9 @@ def test_existing_output_folder_is_refused(tmp_path):
 def test_empty_calibration_data(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     r = tmp_path / "r.yaml"
-    r.write_text(f"model: builtin:minilm\ndata: {{source: {tmp_path / 'empty.txt'}}}\nstages: [{{method: int8-dynamic}}]\n")
+    r.write_text(
+        f"model: builtin:minilm\ndata: {{source: {tmp_path / 'empty.txt'}}}\nstages: [{{method: int8-dynamic}}]\n"
+    )
     rc, _, err = krimp("compress", str(r), "--out", str(tmp_path / "out"))
     _assert_clean_error(rc, err, "empty")
 

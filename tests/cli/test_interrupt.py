@@ -14,14 +14,21 @@ pytestmark = pytest.mark.slow  # a whole CLI run, interrupted, then run again: 1
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_no_partial_output_and_rerun_works(tmp_path, sig):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: builtin:digits-cnn\ndata: {calib_samples: 64, eval_samples: 64}\n"
-                      "eval: {repeats: 50, warmup: 5}\nstages: [{method: int8-static}]\n")
+    recipe.write_text(
+        "model: builtin:digits-cnn\ndata: {calib_samples: 64, eval_samples: 64}\n"
+        "eval: {repeats: 50, warmup: 5}\nstages: [{method: int8-static}]\n"
+    )
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "krimp.cli.main", "compress", str(recipe), "--out", str(out)]
     # as from a terminal: a shell starts background jobs (`make test &`) with SIGINT ignored, and
     # the child would inherit that; Ctrl-C reaches a foreground job with the default disposition
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
         time.sleep(0.05)

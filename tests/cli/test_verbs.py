@@ -16,9 +16,11 @@ def krimp(*args):
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     recipe = d / "r.yaml"
-    recipe.write_text("model: builtin:digits-cnn\ndata: {calib_samples: 64, eval_samples: 128}\n"
-                      "eval: {batch: 32, repeats: 5, warmup: 1}\ngoal: {max_quality_drop: 0.02}\n"
-                      "stages: [{method: int8-static}]\n")
+    recipe.write_text(
+        "model: builtin:digits-cnn\ndata: {calib_samples: 64, eval_samples: 128}\n"
+        "eval: {batch: 32, repeats: 5, warmup: 1}\ngoal: {max_quality_drop: 0.02}\n"
+        "stages: [{method: int8-static}]\n"
+    )
     rc, out, err = krimp("compress", str(recipe), "--out", str(d / "run"))
     assert rc == 0, err
     assert "within goal" in out and "report.html" in out and "accuracy" in out
@@ -60,6 +62,8 @@ def test_inspect_offers_layerwise_methods_only_to_language_models(tiny_llama):
     lm = inspect(str(tiny_llama))["methods"]
     assert {"gptq", "awq", "sparsegpt", "wanda", "magnitude"} <= set(lm)
     cnn = inspect("builtin:digits-cnn")["methods"]
-    assert "magnitude" in cnn and not {"gptq", "awq", "sparsegpt", "wanda", "rtn"} & set(cnn) and "smoothquant" not in cnn
+    assert (
+        "magnitude" in cnn and not {"gptq", "awq", "sparsegpt", "wanda", "rtn"} & set(cnn) and "smoothquant" not in cnn
+    )
     enc = inspect("builtin:minilm")["methods"]  # BERT-like encoder: smoothquant, but no layer-wise methods
     assert "smoothquant" in enc and "int8-dynamic" in enc and not {"gptq", "awq", "sparsegpt"} & set(enc)

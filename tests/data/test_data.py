@@ -33,12 +33,15 @@ def test_folder_of_text_files_splits_by_file_without_overlap(tmp_path):
 def test_jsonl_and_csv_with_labels(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps({"text": SENT.format(i=i, t=i % 3), "label": i % 2}) for i in range(40)))
-    ds = load_data(DataSpec(source=str(p), calib_samples=8, eval_samples=10),
-                   make_task("classification", tokenizer=_Tok()))
+    ds = load_data(
+        DataSpec(source=str(p), calib_samples=8, eval_samples=10), make_task("classification", tokenizer=_Tok())
+    )
     assert ds.eval_labels is not None and set(ds.eval_labels) <= {0, 1} and len(ds.eval_labels) == 10
     c = tmp_path / "d.csv"
     c.write_text("text,label\n" + "\n".join(f"\"{SENT.format(i=i, t=1)}\",{i % 2}" for i in range(20)))
-    ds = load_data(DataSpec(source=str(c), calib_samples=4, eval_samples=4), make_task("classification", tokenizer=_Tok()))
+    ds = load_data(
+        DataSpec(source=str(c), calib_samples=4, eval_samples=4), make_task("classification", tokenizer=_Tok())
+    )
     assert len(ds.eval) == 4 and not set(ds.calib) & set(ds.eval)
 
 
@@ -117,8 +120,10 @@ def test_builtin_digits_are_held_out_from_training():
 def test_text_and_label_fields_are_configurable(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps({"body": SENT.format(i=i, t=0), "y": i % 2}) for i in range(20)))
-    ds = load_data(DataSpec(source=str(p), calib_samples=4, eval_samples=6, text_field="body", label_field="y"),
-                   make_task("classification", tokenizer=_Tok()))
+    ds = load_data(
+        DataSpec(source=str(p), calib_samples=4, eval_samples=6, text_field="body", label_field="y"),
+        make_task("classification", tokenizer=_Tok()),
+    )
     assert len(ds.eval) == 6 and ds.eval_labels is not None and "topic" in ds.eval[0]
 
 

@@ -35,13 +35,16 @@ def _package(root, files):
 
 
 def test_docstrings_are_parsed_not_imported_one_group_per_file(tmp_path):
-    pkg = _package(tmp_path / "pkg", {
-        "a.py": MOD,
-        "b.py": '"""Widgets collect the readings of every sensor on the board at once."""\n'
-                'def f():\n    """The second file says something of its own about the sensors here."""\n',
-        "tests/test_a.py": '"""Text from a tests folder is left out of the prose collection."""\n',
-        "broken.py": 'def (:\n    """A file that does not parse is skipped without an error."""\n',
-    })
+    pkg = _package(
+        tmp_path / "pkg",
+        {
+            "a.py": MOD,
+            "b.py": '"""Widgets collect the readings of every sensor on the board at once."""\n'
+            'def f():\n    """The second file says something of its own about the sensors here."""\n',
+            "tests/test_a.py": '"""Text from a tests folder is left out of the prose collection."""\n',
+            "broken.py": 'def (:\n    """A file that does not parse is skipped without an error."""\n',
+        },
+    )
     groups = docstring_groups([pkg])
     text = [s for g in groups for s in g]
     assert len(groups) == 2  # a.py and b.py; the tests folder and the unparsable file give nothing
@@ -68,7 +71,10 @@ def test_builtin_docstrings_read_the_standard_library_once_then_the_cache(tmp_pa
 
     monkeypatch.setattr(D, "PACKAGES", ())  # the standard library alone: seconds, not a minute
     monkeypatch.setattr(krimp.models.builtin, "CACHE", tmp_path)
-    spec, task = DataSpec(source="builtin:docstrings", calib_samples=64, eval_samples=64), make_task("embedding", tokenizer=object())
+    spec, task = (
+        DataSpec(source="builtin:docstrings", calib_samples=64, eval_samples=64),
+        make_task("embedding", tokenizer=object()),
+    )
     ds = load_data(spec, task)
     assert len(ds.calib) == 64 and len(ds.eval) == 64 and not set(ds.calib) & set(ds.eval)
     assert all(40 <= len(s) <= 400 for s in ds.calib + ds.eval)

@@ -22,7 +22,9 @@ def _runner(calls, scale=1.0):
             g = torch.Generator().manual_seed(t)
             main = torch.randn(b, t, 8, generator=g) * scale
             return main, [torch.randn(b, t, 8, generator=g), torch.randn(b, t, 8, generator=g), main]
+
         return run
+
     return run_for
 
 
@@ -38,7 +40,7 @@ def test_second_epoch_comes_from_memory_within_float16_rounding():
     epoch1 = [cache(f, run_for(f)) for f in feeds]
     epoch2 = [cache(f, run_for(f)) for f in feeds]
     assert len(calls) == 3  # the teacher ran once per batch
-    for (m1, s1), (m2, s2) in zip(epoch1, epoch2):
+    for (m1, s1), (m2, s2) in zip(epoch1, epoch2, strict=True):
         assert m2.dtype == torch.float32 and torch.allclose(m1, m2, rtol=1e-3, atol=1e-3)
         assert not torch.equal(m1, m2)  # it did come back through float16
         assert s2[0] is None and torch.allclose(s1[1], s2[1], rtol=1e-3, atol=1e-3) and s2[2] is m2

@@ -11,12 +11,24 @@ from krimp.errors import KrimpError
 
 
 def _recipe(**stage):
-    st = {"method": "distill", "student": {"every": 2}, "weights": {"output": 1.0, "hidden": 1.0},
-          "steps": 24, "batch": 16, "lr": 3e-4, "checkpoint_every": 4, **stage}
-    return {"model": "builtin:minilm",
-            "data": {"source": "builtin:python-docs", "calib_samples": 384, "eval_samples": 64, "seq_len": 48},
-            "eval": {"batch": 16, "seq_len": 48, "threads": 2}, "goal": {"min_cosine": 0.5},
-            "export": {"formats": ["safetensors"]}, "stages": [st]}
+    st = {
+        "method": "distill",
+        "student": {"every": 2},
+        "weights": {"output": 1.0, "hidden": 1.0},
+        "steps": 24,
+        "batch": 16,
+        "lr": 3e-4,
+        "checkpoint_every": 4,
+        **stage,
+    }
+    return {
+        "model": "builtin:minilm",
+        "data": {"source": "builtin:python-docs", "calib_samples": 384, "eval_samples": 64, "seq_len": 48},
+        "eval": {"batch": 16, "seq_len": 48, "threads": 2},
+        "goal": {"min_cosine": 0.5},
+        "export": {"formats": ["safetensors"]},
+        "stages": [st],
+    }
 
 
 def _untrained_cosine(minilm, items):
@@ -94,17 +106,37 @@ def test_causal_lm_student_by_influence(tmp_path):
     from krimp.models.builtin import load_builtin
 
     tok = load_builtin("minilm").task.tokenizer
-    cfg = tf.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = tf.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
-    recipe = {"model": str(tmp_path / "teacher"), "task": "causal-lm",
-              "data": {"source": "builtin:python-docs", "calib_samples": 64, "eval_samples": 8, "seq_len": 32},
-              "eval": {"batch": 4, "seq_len": 32, "threads": 2}, "goal": {"max_quality_drop": 10.0},
-              "export": {"formats": ["safetensors"]},
-              "stages": [{"method": "distill", "student": {"depth": 2, "by": "influence"}, "temperature": 1.0,
-                          "weights": {"output": 1.0, "hard": 1.0}, "steps": 16, "batch": 4, "lr": 3e-3}]}
+    recipe = {
+        "model": str(tmp_path / "teacher"),
+        "task": "causal-lm",
+        "data": {"source": "builtin:python-docs", "calib_samples": 64, "eval_samples": 8, "seq_len": 32},
+        "eval": {"batch": 4, "seq_len": 32, "threads": 2},
+        "goal": {"max_quality_drop": 10.0},
+        "export": {"formats": ["safetensors"]},
+        "stages": [
+            {
+                "method": "distill",
+                "student": {"depth": 2, "by": "influence"},
+                "temperature": 1.0,
+                "weights": {"output": 1.0, "hard": 1.0},
+                "steps": 16,
+                "batch": 4,
+                "lr": 3e-3,
+            }
+        ],
+    }
     r = krimp.compress(None, recipe, tmp_path / "run")
     st = r["stages"][0]
     infl = torch.tensor(st["layer_influence"])

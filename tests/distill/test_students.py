@@ -54,8 +54,13 @@ def test_layer_map_outside_the_teacher():
 def test_given_student_wider_than_teacher(minilm, tmp_path):
     import transformers as tf
 
-    cfg = tf.BertConfig(vocab_size=minilm.task.tokenizer.vocab_size, hidden_size=512, num_hidden_layers=2,
-                        num_attention_heads=8, intermediate_size=512)
+    cfg = tf.BertConfig(
+        vocab_size=minilm.task.tokenizer.vocab_size,
+        hidden_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        intermediate_size=512,
+    )
     tf.BertModel(cfg).save_pretrained(tmp_path)
     minilm.task.tokenizer.save_pretrained(tmp_path)
     with pytest.raises(KrimpError, match="wider than its teacher"):
@@ -71,8 +76,12 @@ def test_student_keeps_the_most_influential_layers(minilm):
     student, keep, notes = build_student(minilm.module, StudentSpec(depth=3, by="influence"), task, feeds)
     scores = block_influence(minilm.module, task, feeds, find_layers(minilm.module)[1])
     assert keep == sorted(torch.topk(scores, 3).indices.tolist()) == notes["kept_layers"]
-    assert len(notes["layer_influence"]) == 6 and min(scores[keep]) >= max(scores[[i for i in range(6) if i not in keep]])
-    assert torch.equal(student.encoder.layer[0].output.dense.weight, minilm.module.encoder.layer[keep[0]].output.dense.weight)
+    assert len(notes["layer_influence"]) == 6 and min(scores[keep]) >= max(
+        scores[[i for i in range(6) if i not in keep]]
+    )
+    assert torch.equal(
+        student.encoder.layer[0].output.dense.weight, minilm.module.encoder.layer[keep[0]].output.dense.weight
+    )
     with pytest.raises(ValueError, match="give depth"):
         StudentSpec(every=2, by="influence")
     with pytest.raises(KrimpError, match="needs transfer data"):

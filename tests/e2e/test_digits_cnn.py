@@ -12,8 +12,19 @@ from krimp.models import load_model
 
 pytestmark = pytest.mark.e2e  # whole runs on real models: make test-fast leaves them out
 
-REPORT_KEYS = ["size_bytes", "bits_per_weight", "latency_ms_p50", "latency_ms_p95", "throughput_per_s",
-               "peak_rss_mb", "quality", "fidelity", "energy_j_per_inference", "cost_usd_per_million", "latency_noise"]
+REPORT_KEYS = [
+    "size_bytes",
+    "bits_per_weight",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "throughput_per_s",
+    "peak_rss_mb",
+    "quality",
+    "fidelity",
+    "energy_j_per_inference",
+    "cost_usd_per_million",
+    "latency_noise",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +32,12 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
     h = load_model("builtin:digits-cnn")
     before = {k: v.clone() for k, v in h.module.state_dict().items()}
-    recipe = {"data": {"source": "builtin:digits", "calib_samples": 128, "eval_samples": 397},
-              "eval": {"batch": 32, "repeats": 5, "warmup": 2, "bootstrap": 200},
-              "goal": {"max_quality_drop": 0.01},
-              "stages": [{"method": "int8-static", "calibration": "minmax"}]}
+    recipe = {
+        "data": {"source": "builtin:digits", "calib_samples": 128, "eval_samples": 397},
+        "eval": {"batch": 32, "repeats": 5, "warmup": 2, "bootstrap": 200},
+        "goal": {"max_quality_drop": 0.01},
+        "stages": [{"method": "int8-static", "calibration": "minmax"}],
+    }
     report = krimp.compress(h, recipe, out)
     return h, before, report, out
 
@@ -55,7 +68,10 @@ def test_artifact_is_smaller_and_report_is_complete(run):
     assert [g["metric"] for g in r["goals"]] == ["quality_drop (accuracy)"] and r["goals"][0]["ci95"]
     assert (out / "run.log").read_text().count("\n") >= 4  # one line per finished phase
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["within_goal"] is True and {a["path"] for a in on_disk["artifacts"]} == {"model.onnx", "baseline.onnx"}
+    assert on_disk["within_goal"] is True and {a["path"] for a in on_disk["artifacts"]} == {
+        "model.onnx",
+        "baseline.onnx",
+    }
     for a in on_disk["artifacts"]:
         assert (out / a["path"]).stat().st_size == a["bytes"]
     assert "data:image/png;base64," in (out / "report.html").read_text()
@@ -76,15 +92,24 @@ def test_exported_files_reload_and_evaluate(run):
     _, _, _, out = run
     from krimp.verbs import evaluate
 
-    res = evaluate(str(out / "model.onnx"), data="builtin:digits", reference=str(out / "baseline.onnx"),
-                   samples=100, task="image-classification")
+    res = evaluate(
+        str(out / "model.onnx"),
+        data="builtin:digits",
+        reference=str(out / "baseline.onnx"),
+        samples=100,
+        task="image-classification",
+    )
     assert res["fidelity"]["top1_agreement"]["value"] > 0.95
 
 
 def test_goal_missed_says_by_how_much(tmp_path):
     h = load_model("builtin:digits-cnn")
-    recipe = {"data": {"calib_samples": 32, "eval_samples": 64}, "eval": {"batch": 32, "repeats": 3, "warmup": 1},
-              "goal": {"max_size_ratio": 0.05}, "stages": [{"method": "int8-dynamic", "fallback": False}]}
+    recipe = {
+        "data": {"calib_samples": 32, "eval_samples": 64},
+        "eval": {"batch": 32, "repeats": 3, "warmup": 1},
+        "goal": {"max_size_ratio": 0.05},
+        "stages": [{"method": "int8-dynamic", "fallback": False}],
+    }
     r = krimp.compress(h, recipe, tmp_path / "o")
     assert r["within_goal"] is False
     miss = r["misses"][0]
@@ -102,14 +127,23 @@ def test_nan_model_is_refused(tmp_path):
 
     h = load_model(NaNNet(), task="image-classification", mean=0.0, std=16.0, channels=1, image_size=8)
     with pytest.raises(KrimpError, match="NaN/Inf"):
-        krimp.compress(h, {"data": {"source": "builtin:digits", "calib_samples": 8, "eval_samples": 8},
-                           "stages": [{"method": "int8-static"}]}, tmp_path / "o")
+        krimp.compress(
+            h,
+            {
+                "data": {"source": "builtin:digits", "calib_samples": 8, "eval_samples": 8},
+                "stages": [{"method": "int8-static"}],
+            },
+            tmp_path / "o",
+        )
     assert not (tmp_path / "o").exists()
 
 
 def test_recipe_without_stages_exports_and_measures_only(tmp_path):
-    r = krimp.compress("builtin:digits-cnn", {"data": {"calib_samples": 16, "eval_samples": 64},
-                                              "eval": {"batch": 32, "repeats": 3, "warmup": 1}}, tmp_path / "o")
+    r = krimp.compress(
+        "builtin:digits-cnn",
+        {"data": {"calib_samples": 16, "eval_samples": 64}, "eval": {"batch": 32, "repeats": 3, "warmup": 1}},
+        tmp_path / "o",
+    )
     assert abs(r["ratios"]["size"] - 1.0) < 1e-9
     assert r["compressed"]["fidelity"]["top1_agreement"]["value"] == 1.0
     assert (tmp_path / "o" / "baseline.onnx").exists() and (tmp_path / "o" / "model.onnx").exists()
@@ -118,10 +152,15 @@ def test_recipe_without_stages_exports_and_measures_only(tmp_path):
 def test_ignore_patterns_keep_named_layers_in_float(tmp_path):
     import onnx
 
-    r = krimp.compress("builtin:digits-cnn", {"data": {"calib_samples": 32, "eval_samples": 64},
-                                              "eval": {"batch": 32, "repeats": 3, "warmup": 1},
-                                              "stages": [{"method": "int8-static", "ignore": ["classifier", "features.0"]}]},
-                       tmp_path / "o")
+    r = krimp.compress(
+        "builtin:digits-cnn",
+        {
+            "data": {"calib_samples": 32, "eval_samples": 64},
+            "eval": {"batch": 32, "repeats": 3, "warmup": 1},
+            "stages": [{"method": "int8-static", "ignore": ["classifier", "features.0"]}],
+        },
+        tmp_path / "o",
+    )
     kept = r["stages"][0]["excluded_by_recipe"]
     assert len(kept) == 2 and any("classifier" in n for n in kept) and any("features.0" in n for n in kept)
     g = onnx.load(tmp_path / "o" / "model.onnx").graph
@@ -151,11 +190,18 @@ class _WrongInputNet(torch.nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.parametrize("net,needle", [(_SvdNet, "ONNX export failed.*svdvals"),
-                                        (_WrongInputNet, "model failed on calibration inputs")])
+@pytest.mark.parametrize(
+    "net,needle", [(_SvdNet, "ONNX export failed.*svdvals"), (_WrongInputNet, "model failed on calibration inputs")]
+)
 def test_unsupported_layer_or_input_is_one_clear_error(tmp_path, net, needle):
     h = load_model(net(), task="image-classification", mean=0.0, std=16.0, channels=1, image_size=8)
     with pytest.raises(KrimpError, match=needle):
-        krimp.compress(h, {"data": {"source": "builtin:digits", "calib_samples": 8, "eval_samples": 8},
-                           "stages": [{"method": "int8-static"}]}, tmp_path / "o")
+        krimp.compress(
+            h,
+            {
+                "data": {"source": "builtin:digits", "calib_samples": 8, "eval_samples": 8},
+                "stages": [{"method": "int8-static"}],
+            },
+            tmp_path / "o",
+        )
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))

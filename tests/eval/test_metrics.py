@@ -43,13 +43,20 @@ def test_fidelity_metrics_on_known_cases():
 
 def _q(acc_base, acc_comp, cos):
     ci = lambda v: {"value": v, "ci95": [v, v], "n": 1}
-    return {"baseline": {"accuracy": ci(acc_base)}, "compressed": {"accuracy": ci(acc_comp)},
-            "fidelity": {"cosine": ci(cos)}}
+    return {
+        "baseline": {"accuracy": ci(acc_base)},
+        "compressed": {"accuracy": ci(acc_comp)},
+        "fidelity": {"cosine": ci(cos)},
+    }
 
 
 def test_goal_reports_which_metric_missed_and_by_how_much():
-    ok, misses = check_goal(Goal(max_quality_drop=0.01, min_cosine=0.99, min_speedup=2.0),
-                            _q(0.90, 0.87, 0.995), size_ratio=0.3, speedup=1.5)
+    ok, misses = check_goal(
+        Goal(max_quality_drop=0.01, min_cosine=0.99, min_speedup=2.0),
+        _q(0.90, 0.87, 0.995),
+        size_ratio=0.3,
+        speedup=1.5,
+    )
     assert not ok
     by = {m["metric"]: m["by"] for m in misses}
     assert abs(by["quality_drop (accuracy)"] - 0.02) < 1e-9
@@ -62,10 +69,18 @@ def test_goal_reports_which_metric_missed_and_by_how_much():
 def test_every_limit_gets_met_missed_or_within_noise():
     from krimp.eval.goal import goal_outcome, verdicts
 
-    q = {"fidelity": {"retrieval_agreement": {"value": 0.901, "ci95": [0.894, 0.907], "n": 512},
-                      "cosine": {"value": 0.994, "ci95": [0.9939, 0.9941], "n": 512}}}
-    rows = verdicts(Goal(min_retrieval_agreement=0.90, min_cosine=0.99, max_size_ratio=0.3, min_speedup=2.0), q,
-                    0.31, {"value": 2.2, "ci95": [2.1, 2.3]})
+    q = {
+        "fidelity": {
+            "retrieval_agreement": {"value": 0.901, "ci95": [0.894, 0.907], "n": 512},
+            "cosine": {"value": 0.994, "ci95": [0.9939, 0.9941], "n": 512},
+        }
+    }
+    rows = verdicts(
+        Goal(min_retrieval_agreement=0.90, min_cosine=0.99, max_size_ratio=0.3, min_speedup=2.0),
+        q,
+        0.31,
+        {"value": 2.2, "ci95": [2.1, 2.3]},
+    )
     got = {r["metric"]: r["verdict"] for r in rows}
     assert got["retrieval_agreement"] == "within noise" and got["cosine"] == "met"
     assert got["size_ratio"] == "missed" and got["speedup"] == "met"
@@ -90,7 +105,13 @@ def test_a_drop_whose_interval_holds_the_limit_is_within_noise_not_missed():
 def test_an_unstable_speedup_is_never_met():
     from krimp.eval.goal import goal_outcome, verdicts
 
-    rows = verdicts(Goal(min_speedup=1.5), {}, 0.3, {"value": 9.59, "ci95": [8.0, 11.0]}, timing_stable=False,
-                    timing_note="compressed: runs vary by 40% of the mean")
+    rows = verdicts(
+        Goal(min_speedup=1.5),
+        {},
+        0.3,
+        {"value": 9.59, "ci95": [8.0, 11.0]},
+        timing_stable=False,
+        timing_note="compressed: runs vary by 40% of the mean",
+    )
     assert rows[0]["verdict"] == "within noise" and "40%" in rows[0]["note"]
     assert goal_outcome(rows)[0] is False

@@ -34,8 +34,9 @@ def test_a_quiet_pair_is_stable_and_its_interval_holds_the_true_ratio():
 def test_load_that_hits_one_round_falls_on_both_models():
     """Calls 3 and 4 of each timer are three times slower (a burst of load across one round, both
     models): alternating rounds keep the ratio, and the medians barely move."""
-    r = time_pair(Fake(20.0, 0.2, slow_calls=(3, 4)), Fake(10.0, 0.1, seed=1, slow_calls=(3, 4)), repeats=20,
-                  budget_s=5)
+    r = time_pair(
+        Fake(20.0, 0.2, slow_calls=(3, 4)), Fake(10.0, 0.1, seed=1, slow_calls=(3, 4)), repeats=20, budget_s=5
+    )
     assert abs(r["speedup"]["value"] - 2.0) < 0.1
 
 

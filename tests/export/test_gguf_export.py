@@ -12,8 +12,17 @@ from krimp.export.gguf import encode_blocks, rope_permutation
 from krimp.quant.wq import WQSpec, rtn
 
 
-@pytest.mark.parametrize("bits,group,sym,fmt", [(8, 32, True, "Q8_0"), (4, 32, True, "Q4_0"), (4, 128, True, "Q4_0"),
-                                                (3, 64, True, "Q4_0"), (4, 32, False, "Q4_1"), (4, None, True, "Q4_0")])
+@pytest.mark.parametrize(
+    "bits,group,sym,fmt",
+    [
+        (8, 32, True, "Q8_0"),
+        (4, 32, True, "Q4_0"),
+        (4, 128, True, "Q4_0"),
+        (3, 64, True, "Q4_0"),
+        (4, 32, False, "Q4_1"),
+        (4, None, True, "Q4_0"),
+    ],
+)
 def test_blocks_decode_to_krimps_values(bits, group, sym, fmt):
     import gguf
 
@@ -46,8 +55,8 @@ def test_rope_permutation_is_a_permutation_that_interleaves_halves():
 def test_smollm2_w4_gguf_reloads_exactly(tmp_path):
     from krimp.export.gguf import export_gguf, verify_gguf
     from krimp.models import load_model
-    from krimp.stage import StageContext
     from krimp.quant.llm import RTN, RTNConfig
+    from krimp.stage import StageContext
 
     h = load_model("builtin:smollm2")
     m, _ = RTN().apply_torch(copy.deepcopy(h.module), RTNConfig(bits=4, group_size=128), StageContext(h.task, [], 2))

@@ -25,9 +25,15 @@ def test_embedding_features_are_mean_pooled_and_normalised(minilm):
 def test_causal_lm_folder_compresses_with_perplexity_and_kl(tmp_path, tiny_llama):
     h = load_model(tiny_llama)
     assert h.task.name == "causal-lm"
-    r = krimp.compress(h, {"data": {"calib_samples": 8, "eval_samples": 16, "seq_len": 64},
-                           "eval": {"seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 100},
-                           "stages": [{"method": "int8-dynamic"}]}, tmp_path / "lm")
+    r = krimp.compress(
+        h,
+        {
+            "data": {"calib_samples": 8, "eval_samples": 16, "seq_len": 64},
+            "eval": {"seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 100},
+            "stages": [{"method": "int8-dynamic"}],
+        },
+        tmp_path / "lm",
+    )
     base = r["baseline"]["quality"]["perplexity"]["value"]
     comp = r["compressed"]["quality"]["perplexity"]["value"]
     assert base > 1 and abs(comp / base - 1) < 0.05  # int8 barely moves a random model's perplexity
@@ -37,9 +43,15 @@ def test_causal_lm_folder_compresses_with_perplexity_and_kl(tmp_path, tiny_llama
 
 
 def test_onnx_file_loads_with_task_metadata(tmp_path):
-    r = krimp.compress("builtin:digits-cnn", {"data": {"calib_samples": 16, "eval_samples": 32},
-                                              "eval": {"repeats": 3, "warmup": 1, "bootstrap": 100},
-                                              "stages": [{"method": "int8-dynamic", "fallback": False}]}, tmp_path / "d")
+    r = krimp.compress(
+        "builtin:digits-cnn",
+        {
+            "data": {"calib_samples": 16, "eval_samples": 32},
+            "eval": {"repeats": 3, "warmup": 1, "bootstrap": 100},
+            "stages": [{"method": "int8-dynamic", "fallback": False}],
+        },
+        tmp_path / "d",
+    )
     assert r["artifacts"][0]["path"] == "model.onnx"
     h = load_model(tmp_path / "d" / "baseline.onnx")
     assert h.kind == "onnx" and h.task.name == "image-classification" and h.task.std == 16.0
@@ -79,16 +91,24 @@ def test_sequence_classifier_folder_with_labelled_jsonl(tmp_path, minilm):
     clf.bert.load_state_dict(body.state_dict(), strict=False)
     clf.save_pretrained(folder)
     minilm.task.tokenizer.save_pretrained(folder)
-    rows = [{"text": f"Item {i}: the function returns {'a list' if i % 2 else 'nothing'} when called.", "label": i % 2}
-            for i in range(80)]
+    rows = [
+        {"text": f"Item {i}: the function returns {'a list' if i % 2 else 'nothing'} when called.", "label": i % 2}
+        for i in range(80)
+    ]
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     h = load_model(folder)
     assert h.task.name == "classification"
-    r = krimp.compress(h, {"data": {"source": str(data), "calib_samples": 16, "eval_samples": 40, "seq_len": 32},
-                           "eval": {"seq_len": 32, "repeats": 3, "warmup": 1, "bootstrap": 200},
-                           "goal": {"max_quality_drop": 0.2},
-                           "stages": [{"method": "int8-dynamic", "fallback": False}]}, tmp_path / "o")
+    r = krimp.compress(
+        h,
+        {
+            "data": {"source": str(data), "calib_samples": 16, "eval_samples": 40, "seq_len": 32},
+            "eval": {"seq_len": 32, "repeats": 3, "warmup": 1, "bootstrap": 200},
+            "goal": {"max_quality_drop": 0.2},
+            "stages": [{"method": "int8-dynamic", "fallback": False}],
+        },
+        tmp_path / "o",
+    )
     acc = r["compressed"]["quality"]["accuracy"]
     assert 0.0 <= acc["ci95"][0] <= acc["value"] <= acc["ci95"][1] <= 1.0
     assert r["quality_drop"]["metric"] == "accuracy"

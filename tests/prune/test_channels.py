@@ -16,11 +16,13 @@ from krimp.stage import StageContext
 
 @pytest.mark.slow
 def test_digits_cnn_half_the_channels_recovers_and_exports(tmp_path):
-    recipe = {"model": "builtin:digits-cnn",
-              "data": {"source": "builtin:digits", "calib_samples": 398, "eval_samples": 398},
-              "eval": {"batch": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
-              "goal": {"max_quality_drop": 0.03},
-              "stages": [{"method": "channels", "ratio": 0.5, "recover_steps": 1000, "lr": 0.003}]}
+    recipe = {
+        "model": "builtin:digits-cnn",
+        "data": {"source": "builtin:digits", "calib_samples": 398, "eval_samples": 398},
+        "eval": {"batch": 64, "repeats": 3, "warmup": 1, "bootstrap": 200},
+        "goal": {"max_quality_drop": 0.03},
+        "stages": [{"method": "channels", "ratio": 0.5, "recover_steps": 1000, "lr": 0.003}],
+    }
     r = krimp.compress("builtin:digits-cnn", recipe, tmp_path / "run")
     st = r["stages"][0]
     assert st["channels"] == {"features.0": 8, "features.3": 16, "features.7": 32}
@@ -35,8 +37,7 @@ def test_channel_pruning_without_recovery_is_a_smaller_working_net():
     h = load_model("builtin:digits-cnn")
     x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
     cfg = config_from_dict({"method": "channels", "ratio": 0.25, "importance": "bn"})
-    m, info = method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg,
-                                          StageContext(h.task, [{"pixel_values": x}], 2))
+    m, info = method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, [{"pixel_values": x}], 2))
     # batch-norm scales rank the convs that have a batch norm; the last conv has none and stays whole
     assert info["channels"] == {"features.0": 12, "features.3": 24, "features.7": 64}
     assert m(torch.from_numpy(x)).shape == (4, 10)
@@ -59,10 +60,12 @@ def test_scores_read_only_obs_batches_and_recovery_all():
     first = run({}, feeds[:1])
     torch.manual_seed(0)
     full = run({}, feeds)
-    same = [torch.equal(a, b) for a, b in zip(capped.state_dict().values(), first.state_dict().values())]
+    same = [torch.equal(a, b) for a, b in zip(capped.state_dict().values(), first.state_dict().values(), strict=True)]
     assert all(same)
-    assert not all(torch.equal(a, b) if a.shape == b.shape else False
-                   for a, b in zip(capped.state_dict().values(), full.state_dict().values()))
+    assert not all(
+        torch.equal(a, b) if a.shape == b.shape else False
+        for a, b in zip(capped.state_dict().values(), full.state_dict().values(), strict=True)
+    )
 
 
 def test_channel_pruning_bad_input(minilm):
@@ -87,8 +90,9 @@ def test_obs_channels_of_efficientnet_beat_magnitude_one_shot_and_export(tmp_pat
     cal, ev = list(batches(h.task, d.calib, 16, 0)), list(batches(h.task, d.eval, 16, 0))
 
     def run(imp, glob=False):
-        cfg = config_from_dict({"method": "channels", "ratio": 0.3, "importance": imp, "round_to": 8,
-                                "global_pruning": glob})
+        cfg = config_from_dict(
+            {"method": "channels", "ratio": 0.3, "importance": imp, "round_to": 8, "global_pruning": glob}
+        )
         return method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg, StageContext(h.task, cal, 2))
 
     def top1(m):
@@ -114,8 +118,11 @@ def test_obs_channels_of_efficientnet_beat_magnitude_one_shot_and_export(tmp_pat
         return sum(c.in_channels for n, c in m.named_modules() if n.endswith("_project_conv") or n == "_conv_head")
 
     assert abs(expanded(m_glob) / expanded(h.module) - expanded(m_obs) / expanded(h.module)) < 0.03
-    shares = [c.in_channels / c0.in_channels for (n, c), c0 in zip(m_glob.named_modules(), h.module.modules())
-              if n.endswith("_project_conv")]
+    shares = [
+        c.in_channels / c0.in_channels
+        for (n, c), c0 in zip(m_glob.named_modules(), h.module.modules(), strict=True)
+        if n.endswith("_project_conv")
+    ]
     assert max(shares) - min(shares) > 0.2, shares
     assert max(ge.values()) < max(errs.values()) and sum(ge.values()) < sum(errs.values()), (ge, errs)
     assert float((top1(m_glob) == ref).float().mean()) > 0.5

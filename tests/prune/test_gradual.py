@@ -11,8 +11,8 @@ from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
 from krimp.eval.runtime import batches
 from krimp.models import load_model
-from krimp.stage import StageContext
 from krimp.prune.gradual import cubic_sparsity, is_pruning_step
+from krimp.stage import StageContext
 
 
 def test_cubic_schedule():
@@ -47,8 +47,9 @@ def digits():
 
 def _run(h, feeds, stage, step=lambda s: None, ckpt=None):
     cfg = config_from_dict({"method": "gradual", **stage})
-    return method_for(cfg).apply_torch(copy.deepcopy(h.module), cfg,
-                                       StageContext(h.task, feeds, 2, step=step, ckpt_dir=ckpt))
+    return method_for(cfg).apply_torch(
+        copy.deepcopy(h.module), cfg, StageContext(h.task, feeds, 2, step=step, ckpt_dir=ckpt)
+    )
 
 
 def _agreement(h, m, ev):
@@ -89,7 +90,7 @@ def test_gradual_resumes_after_ctrl_c(tmp_path, digits):
     resumed, info = _run(h, cal, stage, ckpt=tmp_path / "ck")
     assert info["recovery"]["resumed_from"] == 51
     straight, _ = _run(h, cal, stage)
-    for (n, a), b in zip(resumed.named_parameters(), straight.parameters()):
+    for (n, a), b in zip(resumed.named_parameters(), straight.parameters(), strict=True):
         assert torch.equal(a == 0, b == 0), n  # the same mask ...
         assert torch.allclose(a, b, atol=1e-5), n  # ... and the same weights
 
@@ -119,5 +120,5 @@ def test_ctrl_c_between_an_optimizer_step_and_its_masking_keeps_the_mask(tmp_pat
     for name, m in resumed.named_modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and name != "classifier":
             assert abs(int((m.weight == 0).sum()) - 0.75 * m.weight.numel()) <= 0.5, name
-    for a, b in zip(resumed.parameters(), straight.parameters()):
+    for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(a == 0, b == 0) and torch.allclose(a, b, atol=1e-5)

@@ -24,7 +24,7 @@ def _cols(keep: torch.Tensor, unit: int, n_in: int) -> torch.Tensor:
 
 def _rel(X, W, cols, W1) -> float:
     Y = X @ W.T
-    return float(((Y - X[:, cols] @ W1.T) ** 2).sum() / (Y ** 2).sum())
+    return float(((Y - X[:, cols] @ W1.T) ** 2).sum() / (Y**2).sum())
 
 
 @pytest.mark.parametrize("unit", [1, 4])
@@ -71,6 +71,6 @@ def test_error_path_and_one_threshold_over_layers():
     cheap, dear = [0.001 * k for k in range(1, 10)], [0.01 * k for k in range(1, 10)]
     counts = equal_error_counts([cheap, dear, path], [10, 10, 32], 0.5)
     assert sum(counts) == 26 and counts[0] == 9  # the cheap layer goes as far as it may
-    tau = max(p[c - 1] for p, c in zip([cheap, dear, path], counts) if c)
-    assert all(c == len(p) or p[c] > tau for p, c in zip([cheap, dear, path], counts))
+    tau = max(p[c - 1] for p, c in zip([cheap, dear, path], counts, strict=True) if c)
+    assert all(c == len(p) or p[c] > tau for p, c in zip([cheap, dear, path], counts, strict=True))
     assert equal_error_counts([cheap], [10], 0.0) == [0]

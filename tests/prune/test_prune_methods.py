@@ -14,22 +14,26 @@ import krimp
 from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
 from krimp.models import load_model
-from krimp.stage import StageContext
 from krimp.prune.masks import sparsity
+from krimp.stage import StageContext
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama):
     h = load_model(tiny_llama)
     g = torch.Generator().manual_seed(0)
-    ids = torch.multinomial(torch.softmax(torch.randn(h.task.tokenizer.vocab_size, generator=g) * 2, 0),
-                            16 * 64, replacement=True, generator=g).reshape(16, 64)
+    ids = torch.multinomial(
+        torch.softmax(torch.randn(h.task.tokenizer.vocab_size, generator=g) * 2, 0),
+        16 * 64,
+        replacement=True,
+        generator=g,
+    ).reshape(16, 64)
     return h, ids
 
 
 def _run(h, ids, *stages):
     m = copy.deepcopy(h.module)
-    feeds = [{"input_ids": ids[i:i + 8].numpy(), "attention_mask": np.ones((8, 64), np.int64)} for i in (0, 8)]
+    feeds = [{"input_ids": ids[i : i + 8].numpy(), "attention_mask": np.ones((8, 64), np.int64)} for i in (0, 8)]
     infos = []
     for st in stages:
         cfg = config_from_dict(st)
@@ -103,8 +107,12 @@ def test_two_of_four_pattern(llama, method):
 def test_prune_then_gptq_keeps_the_mask_and_exports_small(tmp_path, llama, tiny_llama):
     h, ids = llama
     pruned, _ = _run(h, ids, {"method": "sparsegpt", "sparsity": 0.5})
-    both, _infos = _run(h, ids, {"method": "sparsegpt", "sparsity": 0.5},
-                       {"method": "gptq", "bits": 4, "group_size": 32, "head_bits": None})
+    both, _infos = _run(
+        h,
+        ids,
+        {"method": "sparsegpt", "sparsity": 0.5},
+        {"method": "gptq", "bits": 4, "group_size": 32, "head_bits": None},
+    )
     for n, lin in _block_linears(both).items():
         assert hasattr(lin, "krimp_wq")
         mask = dict(pruned.named_modules())[n].weight == 0
@@ -115,12 +123,15 @@ def test_prune_then_gptq_keeps_the_mask_and_exports_small(tmp_path, llama, tiny_
 @pytest.mark.slow
 def test_sparse_safetensors_is_smaller_and_reloads_exactly(tmp_path, tiny_llama):
     text = tmp_path / "t.txt"
-    text.write_text("\n\n".join(f"Paragraph {i}: a module is compiled to bytecode, then a frame runs it."
-                                for i in range(200)))
-    recipe = {"data": {"source": str(text), "calib_samples": 4, "eval_samples": 4, "seq_len": 64},
-              "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 100},
-              "export": {"formats": ["safetensors"]},
-              "stages": [{"method": "magnitude", "sparsity": 0.75, "targets": ["*"]}]}
+    text.write_text(
+        "\n\n".join(f"Paragraph {i}: a module is compiled to bytecode, then a frame runs it." for i in range(200))
+    )
+    recipe = {
+        "data": {"source": str(text), "calib_samples": 4, "eval_samples": 4, "seq_len": 64},
+        "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 100},
+        "export": {"formats": ["safetensors"]},
+        "stages": [{"method": "magnitude", "sparsity": 0.75, "targets": ["*"]}],
+    }
     dense = load_model(tiny_llama).module
     r = krimp.compress(tiny_llama, recipe, tmp_path / "run")
     assert r["stages"][0]["sparsity"] == pytest.approx(0.75, abs=0.005)
@@ -157,14 +168,20 @@ def test_bad_pruning_input_is_a_clear_error(llama):
         config_from_dict({"method": "sparsegpt", "sparsity": 1.0})
     with pytest.raises(KrimpError, match="N:M"):
         config_from_dict({"method": "wanda", "pattern": "4:2"})
-    with pytest.raises(KrimpError, match=r"model\.layers\.0\.self_attn\.q_proj: input width 64 is not a multiple of M=48"):
+    with pytest.raises(
+        KrimpError, match=r"model\.layers\.0\.self_attn\.q_proj: input width 64 is not a multiple of M=48"
+    ):
         _run(h, ids, {"method": "magnitude", "pattern": "2:48"})
-    with pytest.raises(KrimpError, match=r"targets \['nothing\.\*'\] / ignore \[\] match no prunable layer of the 14 there are"):
+    with pytest.raises(
+        KrimpError, match=r"targets \['nothing\.\*'\] / ignore \[\] match no prunable layer of the 14 there are"
+    ):
         _run(h, ids, {"method": "magnitude", "targets": ["nothing.*"]})
 
 
-@pytest.mark.parametrize("method,module,fn", [("sparsegpt", "krimp.prune.sparsegpt", "sparsegpt_solve"),
-                                              ("wanda", "krimp.prune.wanda", "wanda_mask")])
+@pytest.mark.parametrize(
+    "method,module,fn",
+    [("sparsegpt", "krimp.prune.sparsegpt", "sparsegpt_solve"), ("wanda", "krimp.prune.wanda", "wanda_mask")],
+)
 def test_sink_weight_reaches_the_input_statistics(llama, monkeypatch, method, module, fn):
     import importlib
 

@@ -12,8 +12,8 @@ from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
 from krimp.eval.runtime import batches
 from krimp.models import load_model
-from krimp.stage import StageContext
 from krimp.prune.structured import keep_count, slice_linear
+from krimp.stage import StageContext
 
 
 def _kept_rows(orig: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def test_minilm_ffn_and_heads_equal_the_zeroed_original(mini, importance):
     assert info["ffn_kept"] == [768] * 6 and info["heads_kept"] == [9] * 6
     assert info["params_after"] == sum(p.numel() for p in m.parameters()) < 0.85 * info["params_before"]
     ref = copy.deepcopy(h.module)
-    for lo, ln in zip(ref.encoder.layer, m.encoder.layer):
+    for lo, ln in zip(ref.encoder.layer, m.encoder.layer, strict=True):
         keep = _kept_rows(lo.intermediate.dense.weight, ln.intermediate.dense.weight)
         drop = torch.ones(1536, dtype=torch.bool)
         drop[keep] = False
@@ -112,14 +112,19 @@ def test_distillation_recovers_minilm_and_the_run_reloads(tmp_path, mini):
         return float((h.task.features(a, ev) * h.task.features(b, ev)).sum(1).mean())
 
     assert cos(m1) > cos(m0) + 0.02  # held-out sentences, not the ones it trained on
-    m2, i2 = _run(h, {"method": "structured", "ffn": 0.5, "heads": 0.25, "recover_steps": 20, "lr": 3e-4,
-                      "precision": "bf16"}, feeds)  # bfloat16 matmuls: weights stay float32, recovery as good
+    m2, i2 = _run(
+        h,
+        {"method": "structured", "ffn": 0.5, "heads": 0.25, "recover_steps": 20, "lr": 3e-4, "precision": "bf16"},
+        feeds,
+    )  # bfloat16 matmuls: weights stay float32, recovery as good
     assert i2["recovery"]["precision"] == "bf16" and all(p.dtype == torch.float32 for p in m2.parameters())
     assert cos(m2) > cos(m0) + 0.02 and abs(cos(m2) - cos(m1)) < 0.01, (cos(m2), cos(m1))
-    recipe = {"data": {"calib_samples": 32, "eval_samples": 16, "seq_len": 64},
-              "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 100},
-              "export": {"formats": ["onnx", "safetensors"]},
-              "stages": [{"method": "structured", "ffn": 0.5, "heads": 0.25, "recover_steps": 5}]}
+    recipe = {
+        "data": {"calib_samples": 32, "eval_samples": 16, "seq_len": 64},
+        "eval": {"batch": 4, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 100},
+        "export": {"formats": ["onnx", "safetensors"]},
+        "stages": [{"method": "structured", "ffn": 0.5, "heads": 0.25, "recover_steps": 5}],
+    }
     r = krimp.compress("builtin:minilm", recipe, tmp_path / "run")
     assert r["export_check"]["compressed_max_relative_error"] < 1e-3
     assert r["stages"][0]["params_ratio"] < 0.85
@@ -173,8 +178,19 @@ def test_recovery_resumes_from_its_checkpoint_after_ctrl_c(tmp_path, mini):
             if stop_at and f"step {stop_at}/" in msg:
                 raise KeyboardInterrupt
 
-        r = distill(m, h.module, h.task, feeds, 10, 1e-4, step=step, hidden=1.0, ckpt_dir=tmp_path / "ck",
-                    fp="x", checkpoint_every=100)
+        r = distill(
+            m,
+            h.module,
+            h.task,
+            feeds,
+            10,
+            1e-4,
+            step=step,
+            hidden=1.0,
+            ckpt_dir=tmp_path / "ck",
+            fp="x",
+            checkpoint_every=100,
+        )
         return m, r
 
     with pytest.raises(KeyboardInterrupt):
@@ -184,6 +200,6 @@ def test_recovery_resumes_from_its_checkpoint_after_ctrl_c(tmp_path, mini):
     assert r["resumed_from"] == 6 and r["steps"] == 10
     straight = copy.deepcopy(m0)
     distill(straight, h.module, h.task, feeds, 10, 1e-4, hidden=1.0)  # the same run, never stopped
-    for a, b in zip(resumed.parameters(), straight.parameters()):
+    for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert not torch.equal(resumed.encoder.layer[3].output.dense.weight, m0.encoder.layer[3].output.dense.weight)

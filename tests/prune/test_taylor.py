@@ -11,8 +11,8 @@ import torch
 from krimp.config import config_from_dict, method_for
 from krimp.eval.runtime import batches
 from krimp.models import load_model
-from krimp.stage import StageContext
 from krimp.prune.taylor import taylor_unit_scores
+from krimp.stage import StageContext
 
 
 def test_probe_estimate_matches_the_exact_first_order_change():
@@ -21,12 +21,12 @@ def test_probe_estimate_matches_the_exact_first_order_change():
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
     x = torch.randn(2000, 6)
-    feeds = [{"x": x[i:i + 1].numpy()} for i in range(len(x))]
+    feeds = [{"x": x[i : i + 1].numpy()} for i in range(len(x))]
     task = types.SimpleNamespace(input_names=["x"], export_module=lambda m: m)
     got = taylor_unit_scores(mlp, task, feeds, {"out": (mlp[2], 1)})["out"]
     with torch.no_grad():
         a = mlp[1](mlp[0](x))
-    exact = (a ** 2).sum(0) * (mlp[2].weight ** 2).sum(0)
+    exact = (a**2).sum(0) * (mlp[2].weight ** 2).sum(0)
     assert torch.allclose(got, exact, rtol=0.15), (got, exact)
     assert all(p.requires_grad for p in mlp.parameters())  # the model is left as it was
     assert not mlp[2]._forward_pre_hooks
@@ -45,6 +45,7 @@ def _cos(h, m, ev):
     def out(mod):
         with torch.no_grad():
             return h.task.export_module(mod)(*[torch.from_numpy(ev[n]) for n in h.task.input_names]).numpy()
+
     return float((h.task.features(out(h.module), ev) * h.task.features(out(m), ev)).sum(1).mean())
 
 

@@ -30,8 +30,11 @@ def test_fixed_scale_gptq_stays_on_the_grid_and_beats_nearest(per_row):
     codes, ratio = fixed_scale_gptq(W, H, scale, 127)
     assert codes.abs().max() <= 127 and torch.equal(codes, codes.round())
     near = torch.round(W / scale[:, None])
-    err = lambda c: float(torch.einsum("ri,rij,rj->", W - c * scale[:, None], H if per_row else H.expand(16, 27, 27),
-                                       W - c * scale[:, None]))
+    err = lambda c: float(
+        torch.einsum(
+            "ri,rij,rj->", W - c * scale[:, None], H if per_row else H.expand(16, 27, 27), W - c * scale[:, None]
+        )
+    )
     assert err(codes) < 0.5 * err(near)
     assert ratio == pytest.approx(err(codes) / err(near), rel=1e-3)
 
@@ -73,9 +76,17 @@ def test_round_conv_weights_on_a_real_qdq_model(tmp_path):
     smooth = lambda n: nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=32, mode="bilinear")
     calib, held = smooth(64), smooth(64)
     f32 = tmp_path / "f32.onnx"
-    torch.onnx.export(net, (calib[:8],), str(f32), input_names=["x"], output_names=["y"], opset_version=17,
-                      dynamic_axes={"x": {0: "n"}}, dynamo=False)
-    feeds = [{"x": calib[i:i + 8].numpy()} for i in range(0, 64, 8)]
+    torch.onnx.export(
+        net,
+        (calib[:8],),
+        str(f32),
+        input_names=["x"],
+        output_names=["y"],
+        opset_version=17,
+        dynamic_axes={"x": {0: "n"}},
+        dynamo=False,
+    )
+    feeds = [{"x": calib[i : i + 8].numpy()} for i in range(0, 64, 8)]
 
     class Reader:
         def __init__(self):
@@ -86,9 +97,16 @@ def test_round_conv_weights_on_a_real_qdq_model(tmp_path):
 
     near, gptq = tmp_path / "near.onnx", tmp_path / "gptq.onnx"
     for dst in (near, gptq):
-        quantize_static(str(f32), str(dst), Reader(), calibrate_method=CalibrationMethod.MinMax,
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
+        quantize_static(
+            str(f32),
+            str(dst),
+            Reader(),
+            calibrate_method=CalibrationMethod.MinMax,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     stats = conv_hessians(f32, feeds)
     assert set(stats) == {n.name for n in onnx.load(str(f32)).graph.node if n.op_type == "Conv"}
     assert [tuple(h.shape) for _, h in stats.values()] == [(27, 27), (16, 9, 9), (16, 16)]
@@ -162,8 +180,15 @@ def test_sensitivity_measures_a_node_with_the_weight_it_is_given(tmp_path):
 
     net = _Net().eval()
     f32 = tmp_path / "f32.onnx"
-    torch.onnx.export(net, (torch.rand(2, 3, 32, 32),), str(f32), input_names=["x"], output_names=["y"],
-                      opset_version=17, dynamo=False)
+    torch.onnx.export(
+        net,
+        (torch.rand(2, 3, 32, 32),),
+        str(f32),
+        input_names=["x"],
+        output_names=["y"],
+        opset_version=17,
+        dynamo=False,
+    )
     model = onnx.load(str(f32))
     node = next(n for n in model.graph.node if n.op_type == "Conv")
     given = np.full(tuple(net.stem.weight.shape), 0.25, np.float32)

@@ -61,8 +61,9 @@ def test_asymmetric_represents_zero_exactly_and_handles_one_sided_ranges():
     w = torch.rand(8, 64) + 0.5  # all positive
     wq = P.ort_fake_quantize(torch.cat([w, torch.zeros(8, 1)], 1), 4, symmetric=False, per_channel=True)
     assert bool((wq[:, -1] == 0).all())
-    assert P.quant_error(w, P.ort_fake_quantize(w, 4, symmetric=False, per_channel=True)) < \
-        P.quant_error(w, P.ort_fake_quantize(w, 4, symmetric=True, per_channel=True))
+    assert P.quant_error(w, P.ort_fake_quantize(w, 4, symmetric=False, per_channel=True)) < P.quant_error(
+        w, P.ort_fake_quantize(w, 4, symmetric=True, per_channel=True)
+    )
 
 
 def test_all_zero_rows_stay_zero():

@@ -35,11 +35,27 @@ def test_gradients_reach_weights_and_scales():
 
 
 def _digits(steps, tmp):
-    return krimp.compress(None, {
-        "model": "builtin:digits-cnn", "data": {"source": "builtin:digits", "calib_samples": 398, "eval_samples": 398},
-        "eval": {"batch": 256, "threads": 2}, "goal": {"max_quality_drop": 1.0}, "export": {"formats": ["onnx"]},
-        "stages": [{"method": "qat", "bits": 3, "steps": steps, "batch": 32, "lr": 1e-3,
-                    "weights": {"output": 1.0, "hard": 1.0}}]}, tmp)
+    return krimp.compress(
+        None,
+        {
+            "model": "builtin:digits-cnn",
+            "data": {"source": "builtin:digits", "calib_samples": 398, "eval_samples": 398},
+            "eval": {"batch": 256, "threads": 2},
+            "goal": {"max_quality_drop": 1.0},
+            "export": {"formats": ["onnx"]},
+            "stages": [
+                {
+                    "method": "qat",
+                    "bits": 3,
+                    "steps": steps,
+                    "batch": 32,
+                    "lr": 1e-3,
+                    "weights": {"output": 1.0, "hard": 1.0},
+                }
+            ],
+        },
+        tmp,
+    )
 
 
 @pytest.mark.slow
@@ -68,14 +84,26 @@ def test_hf_linears_end_on_grid_with_packed_codes(minilm, precision):
     from krimp.data import load_data
     from krimp.recipe import Recipe
 
-    r = Recipe.from_dict({"model": "builtin:minilm", "data": {"source": "builtin:python-docs", "calib_samples": 64,
-                                                                "eval_samples": 16, "seq_len": 32},
-                          "stages": [{"method": "int8-dynamic"}]})
+    r = Recipe.from_dict(
+        {
+            "model": "builtin:minilm",
+            "data": {"source": "builtin:python-docs", "calib_samples": 64, "eval_samples": 16, "seq_len": 32},
+            "stages": [{"method": "int8-dynamic"}],
+        }
+    )
     data = load_data(r.data, minilm.task, minilm.builtin_origin)
     m = copy.deepcopy(minilm.module)
     before = m.encoder.layer[0].attention.self.query.weight.detach().clone()
-    cfg = QATConfig(bits=4, group_size=32, steps=3, batch=16, lr=1e-4, checkpoint_every=0,
-                    targets=["encoder.layer.*"], precision=precision)
+    cfg = QATConfig(
+        bits=4,
+        group_size=32,
+        steps=3,
+        batch=16,
+        lr=1e-4,
+        checkpoint_every=0,
+        targets=["encoder.layer.*"],
+        precision=precision,
+    )
     out, info = QAT().apply_torch(m, cfg, _Ctx(minilm.task, data.calib))
     q = out.encoder.layer[0].attention.self.query
     assert info["quantized_layers"] == 36 and info["training"]["steps"] == 3
@@ -91,12 +119,14 @@ def test_hf_linears_end_on_grid_with_packed_codes(minilm, precision):
 
 def test_bad_input(minilm):
     with pytest.raises(KrimpError, match="needs labelled"):
-        QAT().apply_torch(nn.Sequential(nn.Linear(4, 4)), QATConfig(steps=2, weights={"hard": 1.0}),
-                          _Ctx(minilm.task, ["a b"] * 40))
+        QAT().apply_torch(
+            nn.Sequential(nn.Linear(4, 4)), QATConfig(steps=2, weights={"hard": 1.0}), _Ctx(minilm.task, ["a b"] * 40)
+        )
     with pytest.raises(KrimpError, match="no nn.Linear"):
         QAT().apply_torch(nn.Sequential(nn.ReLU()), QATConfig(steps=0), _Ctx(minilm.task, []))
     with pytest.raises(Exception, match="bits"):
         QATConfig(bits=1)
     with pytest.raises(KrimpError, match="weight-only"):
-        QAT().apply_torch(nn.Sequential(nn.Linear(4, 4)), QATConfig(activations=8, precision="bf16"),
-                          _Ctx(minilm.task, []))
+        QAT().apply_torch(
+            nn.Sequential(nn.Linear(4, 4)), QATConfig(activations=8, precision="bf16"), _Ctx(minilm.task, [])
+        )

@@ -43,19 +43,42 @@ def test_observer_grid_and_gradients(learn):
 
 
 def _digits(tmp, **stage):
-    return krimp.compress(None, {
-        "model": "builtin:digits-cnn", "data": {"source": "builtin:digits", "calib_samples": 398, "eval_samples": 398},
-        "eval": {"batch": 256, "threads": 2}, "goal": {"max_quality_drop": 0.02}, "export": {"formats": ["onnx"]},
-        "stages": [{"method": "qat", "bits": 8, "activations": 8, "steps": 60, "batch": 32, "lr": 1e-3,
-                    "weights": {"output": 1.0, "hard": 1.0}, **stage}]}, tmp)
+    return krimp.compress(
+        None,
+        {
+            "model": "builtin:digits-cnn",
+            "data": {"source": "builtin:digits", "calib_samples": 398, "eval_samples": 398},
+            "eval": {"batch": 256, "threads": 2},
+            "goal": {"max_quality_drop": 0.02},
+            "export": {"formats": ["onnx"]},
+            "stages": [
+                {
+                    "method": "qat",
+                    "bits": 8,
+                    "activations": 8,
+                    "steps": 60,
+                    "batch": 32,
+                    "lr": 1e-3,
+                    "weights": {"output": 1.0, "hard": 1.0},
+                    **stage,
+                }
+            ],
+        },
+        tmp,
+    )
 
 
 @pytest.mark.slow
 def test_digits_w8a8_exports_integer_qdq(tmp_path):
     r = _digits(tmp_path / "run")
     st = r["stages"][0]
-    assert st["activations"] == {"bits": 8, "scales": "learned", "layers": 4, "quantized_outputs": 3,
-                                 "batch_norms_folded": 2}
+    assert st["activations"] == {
+        "bits": 8,
+        "scales": "learned",
+        "layers": 4,
+        "quantized_outputs": 3,
+        "batch_norms_folded": 2,
+    }
     assert r["export_check"]["compressed_max_relative_error"] < 1e-2  # ORT integer math vs torch fake quant
     base = r["baseline"]["quality"]["accuracy"]["value"]
     assert r["compressed"]["quality"]["accuracy"]["value"] >= base - 0.01

@@ -13,11 +13,15 @@ def _two_matmuls(tmp_path):
     w1[:, 3] *= 1000.0  # hidden channel 3 is an outlier: a per-tensor scale for h is dominated by it
     w2[3, :] /= 1000.0  # ... and the second layer scales it back, so the output stays balanced
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
-         helper.make_node("MatMul", ["h", "w2"], ["y"], name="second")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+            helper.make_node("MatMul", ["h", "w2"], ["y"], name="second"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     p = tmp_path / "m.onnx"
@@ -64,8 +68,13 @@ def _chain(tmp_path, n=5, outlier=2):
         out = "y" if i == n - 1 else f"h{i}"
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"m{i}"))
         prev = out
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16])], ws)
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16])],
+        ws,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     p = tmp_path / "chain.onnx"

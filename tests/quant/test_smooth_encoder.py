@@ -13,7 +13,7 @@ from krimp.quant.smooth_encoder import encoder_layers, smooth_encoder
 
 def _feeds(minilm, n=2):
     texts = [f"The function returns a list of {i} items sorted by key." for i in range(8 * n)]
-    return [minilm.task.encode(texts[i:i + 8], 32) for i in range(0, len(texts), 8)]
+    return [minilm.task.encode(texts[i : i + 8], 32) for i in range(0, len(texts), 8)]
 
 
 def _embed(model, task, feed):
@@ -31,6 +31,7 @@ def test_smoothing_keeps_the_function_and_flattens_the_inputs(minilm):
     def record(key):
         def hook(_m, i, _o):
             seen[key] = i[0].abs().amax((0, 1))  # per input channel
+
         return hook
 
     h = lin.register_forward_hook(record("raw"))
@@ -62,8 +63,14 @@ def test_scales_reach_the_onnx_graph(minilm, tmp_path):
     smooth_encoder(model, minilm.task, feeds, alpha=0.75)
     path = export_onnx(model, minilm.task, feeds[0], tmp_path / "m.onnx")
     g = onnx.load(path).graph
-    assert sum(n.op_type == "Mul" for n in g.node) >= sum(n.op_type == "Mul" for n in onnx.load(
-        export_onnx(minilm.module, minilm.task, feeds[0], tmp_path / "plain.onnx")).graph.node) + 12
+    assert (
+        sum(n.op_type == "Mul" for n in g.node)
+        >= sum(
+            n.op_type == "Mul"
+            for n in onnx.load(export_onnx(minilm.module, minilm.task, feeds[0], tmp_path / "plain.onnx")).graph.node
+        )
+        + 12
+    )
     a, b = TorchEngine(model, minilm.task, 2).run(feeds[1]), OrtEngine(path, 2).run(feeds[1])
     assert np.abs(a - b).max() < 1e-3 * np.abs(a).max()
 
@@ -74,9 +81,12 @@ def test_no_encoder_layers_and_safetensors_are_clear_errors(minilm, tmp_path):
 
     with pytest.raises(KrimpError, match="neither decoder blocks nor BERT-like"):
         smooth_encoder(torch.nn.Sequential(torch.nn.Linear(4, 4)), minilm.task, _feeds(minilm), 0.5)
-    recipe = {"data": {"source": "builtin:python-docs", "calib_samples": 16, "eval_samples": 16, "seq_len": 32},
-              "eval": {"repeats": 3, "warmup": 1, "bootstrap": 100}, "export": {"formats": ["safetensors"]},
-              "stages": [{"method": "smoothquant", "alpha": 0.5}]}
+    recipe = {
+        "data": {"source": "builtin:python-docs", "calib_samples": 16, "eval_samples": 16, "seq_len": 32},
+        "eval": {"repeats": 3, "warmup": 1, "bootstrap": 100},
+        "export": {"formats": ["safetensors"]},
+        "stages": [{"method": "smoothquant", "alpha": 0.5}],
+    }
     with pytest.raises(KrimpError, match="input scales exist only in its ONNX graph"):
         krimp.compress(minilm, recipe, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -26,11 +26,14 @@ def test_minilm_static_int8_with_histogram_calibration(tmp_path, calibration, mo
     cwd.mkdir()
     monkeypatch.chdir(cwd)
 
-    recipe = {"model": "builtin:minilm",
-              "data": {"source": "builtin:python-docs", "calib_samples": 32, "eval_samples": 32, "seq_len": 64},
-              "eval": {"batch": 8, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 100},
-              "goal": {"max_quality_drop": 0.05}, "export": {"formats": ["onnx"]},
-              "stages": [{"method": "int8-static", "calibration": calibration}]}
+    recipe = {
+        "model": "builtin:minilm",
+        "data": {"source": "builtin:python-docs", "calib_samples": 32, "eval_samples": 32, "seq_len": 64},
+        "eval": {"batch": 8, "seq_len": 64, "repeats": 3, "warmup": 1, "bootstrap": 100},
+        "goal": {"max_quality_drop": 0.05},
+        "export": {"formats": ["onnx"]},
+        "stages": [{"method": "int8-static", "calibration": calibration}],
+    }
     rep = krimp.compress(None, recipe, tmp_path / "run")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "run" / "model.onnx")).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops

@@ -50,7 +50,7 @@ def test_codes_of_four_bits_or_fewer_are_held_two_to_a_byte(bits, cols):
 
     g = torch.Generator().manual_seed(bits)
     u = torch.randint(0, 2**bits, (10, cols), generator=g, dtype=torch.uint8)
-    s, z = torch.rand(10, 1, generator=g) + 0.1, torch.full((10, 1), 2.0**(bits - 1))
+    s, z = torch.rand(10, 1, generator=g) + 0.1, torch.full((10, 1), 2.0 ** (bits - 1))
     qw = QuantizedWeight(u, s, z, WQSpec(bits, None, True))
     held = qw._data.numel() * qw._data.element_size()
     assert held == 10 * (-(-cols // 2) if bits <= 4 else cols)

@@ -19,8 +19,12 @@ def small_disk(tmp_path, request):
         pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     yield mnt
@@ -31,9 +35,11 @@ def small_disk(tmp_path, request):
 @pytest.mark.parametrize("small_disk", ["48k", "160k"], indirect=True)
 def test_full_disk_is_named_and_leaves_nothing(tmp_path, small_disk):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: builtin:digits-cnn\ndata: {source: builtin:digits, calib_samples: 32, eval_samples: 32}\n"
-                      "eval: {repeats: 3, warmup: 0}\nexport: {formats: [onnx, safetensors]}\n"
-                      "stages: [{method: int8-static}]\n")
+    recipe.write_text(
+        "model: builtin:digits-cnn\ndata: {source: builtin:digits, calib_samples: 32, eval_samples: 32}\n"
+        "eval: {repeats: 3, warmup: 0}\nexport: {formats: [onnx, safetensors]}\n"
+        "stages: [{method: int8-static}]\n"
+    )
     r = CliRunner().invoke(app, ["compress", str(recipe), "--out", str(small_disk / "out")])
     assert r.exit_code == 2, r.stderr
     assert f"no space left on {small_disk.resolve()} (the run needs about 0.3 MB there)" in r.stderr

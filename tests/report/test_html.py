@@ -15,20 +15,27 @@ import krimp
 pytestmark = pytest.mark.slow  # two whole runs on the digits CNN, each page rendered by headless Chromium
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-RECIPE = {"model": "builtin:digits-cnn", "data": {"source": "builtin:digits", "calib_samples": 64, "eval_samples": 200},
-          "eval": {"batch": 32, "repeats": 3, "warmup": 1, "bootstrap": 200, "timing_budget_s": 5},
-          "stages": [{"method": "int8-static"}]}
+RECIPE = {
+    "model": "builtin:digits-cnn",
+    "data": {"source": "builtin:digits", "calib_samples": 64, "eval_samples": 200},
+    "eval": {"batch": 32, "repeats": 3, "warmup": 1, "bootstrap": 200, "timing_budget_s": 5},
+    "stages": [{"method": "int8-static"}],
+}
 
 
 def _browser(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module", params=["met", "missed"])
 def run(request, tmp_path_factory):
-    goal = {"max_quality_drop": 0.05} if request.param == "met" else {"max_quality_drop": 0.05,
-                                                                      "max_size_ratio": 0.1}
+    goal = {"max_quality_drop": 0.05} if request.param == "met" else {"max_quality_drop": 0.05, "max_size_ratio": 0.1}
     out = tmp_path_factory.mktemp("html") / request.param
     return request.param, krimp.compress(None, {**RECIPE, "goal": goal}, out), out
 
@@ -47,8 +54,11 @@ def test_chromium_renders_the_verdict_rows(run, tmp_path):
     url = (out / "report.html").as_uri()
     dom = _browser("--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-500:]
-    rows = re.findall(r'<tr class="(ok|miss|noise)"><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td>'
-                      r'<td class="mark">([a-z ]+)', dom.stdout)
+    rows = re.findall(
+        r'<tr class="(ok|miss|noise)"><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td>'
+        r'<td class="mark">([a-z ]+)',
+        dom.stdout,
+    )
     assert [(m, v) for _, m, _, _, v in rows] == [(g["metric"], g["verdict"]) for g in r["goals"]]
     outcome = re.search(r'<h2 id="outcome" class="(ok|miss)">([^<]+)</h2>', dom.stdout)
     assert outcome.group(2) == ("within goal" if kind == "met" else "goal missed")

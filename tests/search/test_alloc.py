@@ -13,7 +13,7 @@ def _brute(cost, n, target):
     keys = list(cost)
     best = None
     for combo in itertools.product(*[sorted(cost[k]) for k in keys]):
-        ch = dict(zip(keys, combo))
+        ch = dict(zip(keys, combo, strict=True))
         if mean_bits(ch, n) <= target + 1e-9:
             tot = sum(cost[k][ch[k]] for k in keys)
             best = tot if best is None or tot < best else best

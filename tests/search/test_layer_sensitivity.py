@@ -30,8 +30,17 @@ def smollm2():
 def test_measured_sensitivity_leaves_model_unchanged(smollm2):
     h, data = smollm2
     before = {k: v.clone() for k, v in h.module.state_dict().items()}
-    rows = lm_sensitivity(h.module, h.task, data.calib, data.eval, WQSpec(3, 128), [3, 4, 8], seq_len=64,
-                          layers=["model.layers.0.*", "model.layers.29.mlp.*"], measure_widths=[8])
+    rows = lm_sensitivity(
+        h.module,
+        h.task,
+        data.calib,
+        data.eval,
+        WQSpec(3, 128),
+        [3, 4, 8],
+        seq_len=64,
+        layers=["model.layers.0.*", "model.layers.29.mlp.*"],
+        measure_widths=[8],
+    )
     assert len(rows) == 7 + 3
     assert all(r["kl"] > 0 for r in rows)  # a 3-bit layer always moves the distribution
     kls = [r["kl"] for r in rows]
@@ -51,8 +60,7 @@ def test_measured_sensitivity_leaves_model_unchanged(smollm2):
 
 def test_mixed_recipe_is_valid_and_within_budget(smollm2):
     h, data = smollm2
-    rows = lm_sensitivity(h.module, h.task, data.calib, data.eval, WQSpec(4, 128), [3, 4, 8], measure=False,
-                          seq_len=64)
+    rows = lm_sensitivity(h.module, h.task, data.calib, data.eval, WQSpec(4, 128), [3, 4, 8], measure=False, seq_len=64)
     recipe, choice = mixed_recipe(rows, "gptq", WQSpec(4, 128), 4.0, "builtin:smollm2", {"seq_len": 256})
     r = Recipe.from_dict(recipe)
     stage = r.stages[0]
@@ -75,17 +83,37 @@ def test_method_parsing():
 
 def test_cli_proxy_writes_table_plot_and_recipe(tmp_path):
     out = tmp_path / "sens"
-    r = subprocess.run([sys.executable, "-m", "krimp", "sensitivity", "builtin:smollm2", "--proxy",
-                        "--target-bits", "4.5", "--calib-samples", "4", "--seq-len", "64", "--out", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "krimp",
+            "sensitivity",
+            "builtin:smollm2",
+            "--proxy",
+            "--target-bits",
+            "4.5",
+            "--calib-samples",
+            "4",
+            "--seq-len",
+            "64",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     for f in ("sensitivity.json", "sensitivity.md", "sensitivity.png", "mixed.yaml"):
         assert (out / f).stat().st_size > 100
     rec = yaml.safe_load((out / "mixed.yaml").read_text())
     assert Recipe.from_dict(rec).stages[0].method == "rtn"
     assert "mean 4.5" in (out / "sensitivity.md").read_text()
-    bad = subprocess.run([sys.executable, "-m", "krimp", "sensitivity", "builtin:minilm", "--out", str(out)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "krimp", "sensitivity", "builtin:minilm", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "needs a causal language model" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -13,9 +13,12 @@ from krimp.recipe import Recipe
 from krimp.search.run import run_search
 from krimp.search.space import load_space
 
-BASE = {"model": "builtin:digits-cnn", "data": {"source": "builtin:digits", "calib_samples": 64, "eval_samples": 200},
-        "eval": {"batch": 32, "threads": 1, "repeats": 5, "warmup": 1, "bootstrap": 200},
-        "goal": {"max_quality_drop": 0.02}}
+BASE = {
+    "model": "builtin:digits-cnn",
+    "data": {"source": "builtin:digits", "calib_samples": 64, "eval_samples": 200},
+    "eval": {"batch": 32, "threads": 1, "repeats": 5, "warmup": 1, "bootstrap": 200},
+    "goal": {"max_quality_drop": 0.02},
+}
 
 
 def _write(tmp_path, search, **base):
@@ -28,24 +31,47 @@ def _krimp(*args):
     return subprocess.run([sys.executable, "-m", "krimp", *map(str, args)], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("search, message", [
-    ({"candidates": {}}, "search space is empty"),
-    ({"candidate": {"a": []}}, "did you mean 'candidates'"),
-    ({"candidates": {"q": [{"method": "int8-static", "calibrashun": "minmax"}]}}, "did you mean 'calibration'"),
-    ({"candidates": {"q": [{"method": "int8-static", "calibration": {"choice": []}}]}}, "non-empty list"),
-    ({"candidates": {"q": [{"method": "int8-static", "calibration": {"choice": ["minmax"]}}]},
-      "constraints": [{"when": {"q.0.calibraton": "minmax"}, "require": {}}]}, "did you mean 'q.0.calibration'"),
-])
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ({"candidates": {}}, "search space is empty"),
+        ({"candidate": {"a": []}}, "did you mean 'candidates'"),
+        ({"candidates": {"q": [{"method": "int8-static", "calibrashun": "minmax"}]}}, "did you mean 'calibration'"),
+        ({"candidates": {"q": [{"method": "int8-static", "calibration": {"choice": []}}]}}, "non-empty list"),
+        (
+            {
+                "candidates": {"q": [{"method": "int8-static", "calibration": {"choice": ["minmax"]}}]},
+                "constraints": [{"when": {"q.0.calibraton": "minmax"}, "require": {}}],
+            },
+            "did you mean 'q.0.calibration'",
+        ),
+    ],
+)
 def test_bad_spaces_are_refused_on_load(tmp_path, search, message):
     with pytest.raises(KrimpError, match=message):
         load_space(_write(tmp_path, search))
 
 
 def test_space_turns_parameters_into_recipes(tmp_path):
-    space = load_space(_write(tmp_path, {"candidates": {
-        "static": [{"method": "int8-static", "calibration": {"choice": ["minmax", "entropy"]},
-                    "percentile": {"low": 99.0, "high": 99.999}}]},
-        "constraints": [{"when": {"static.0.calibration": "entropy"}, "require": {"static.0.percentile": [99.0]}}]}))
+    space = load_space(
+        _write(
+            tmp_path,
+            {
+                "candidates": {
+                    "static": [
+                        {
+                            "method": "int8-static",
+                            "calibration": {"choice": ["minmax", "entropy"]},
+                            "percentile": {"low": 99.0, "high": 99.999},
+                        }
+                    ]
+                },
+                "constraints": [
+                    {"when": {"static.0.calibration": "entropy"}, "require": {"static.0.percentile": [99.0]}}
+                ],
+            },
+        )
+    )
     assert set(space.params["static"]) == {"static.0.calibration", "static.0.percentile"}
     r = Recipe.from_dict(space.recipe("static", {"static.0.calibration": "entropy", "static.0.percentile": 99.5}))
     assert r.stages[0].calibration == "entropy" and r.stages[0].percentile == 99.5
@@ -55,9 +81,17 @@ def test_space_turns_parameters_into_recipes(tmp_path):
 
 @pytest.mark.slow
 def test_search_runs_trials_and_writes_front_and_best(tmp_path):
-    space = _write(tmp_path, {"sampler": "random", "candidates": {
-        "fp16": [{"method": "fp16"}], "int8-dynamic": [{"method": "int8-dynamic"}],
-        "int8-static": [{"method": "int8-static", "calibration": {"choice": ["minmax", "percentile"]}}]}})
+    space = _write(
+        tmp_path,
+        {
+            "sampler": "random",
+            "candidates": {
+                "fp16": [{"method": "fp16"}],
+                "int8-dynamic": [{"method": "int8-dynamic"}],
+                "int8-static": [{"method": "int8-static", "calibration": {"choice": ["minmax", "percentile"]}}],
+            },
+        },
+    )
     out = tmp_path / "run"
     s = run_search(space, out, 4)
     assert s["done"] == 4 and len([r for r in s["trials"] if r["state"] == "COMPLETE"]) == 4
@@ -86,8 +120,11 @@ def test_failing_trials_are_recorded_and_budget_misses_exit_3(tmp_path):
     assert s["done"] == 2 and all("no decoder blocks" in t["error"] for t in s["trials"])
     assert "no trial met the budget" in r.stdout
     # every trial runs but none keeps within an impossible budget: the closest is named, with by how much
-    space = _write(tmp_path, {"sampler": "random", "candidates": {"fp16": [{"method": "fp16"}]}},
-                   goal={"max_quality_drop": 0.02, "min_speedup": 50.0})
+    space = _write(
+        tmp_path,
+        {"sampler": "random", "candidates": {"fp16": [{"method": "fp16"}]}},
+        goal={"max_quality_drop": 0.02, "min_speedup": 50.0},
+    )
     r = _krimp("search", space, "--trials", 1, "--out", tmp_path / "b")
     assert r.returncode == 3
     assert "closest: trial 0: speedup" in r.stdout and "by" in r.stdout
@@ -102,10 +139,25 @@ def test_unreachable_storage_is_a_clear_error(tmp_path):
 
 
 def test_a_candidate_can_chain_stages(tmp_path):
-    space = _write(tmp_path, {"sampler": "random", "candidates": {"prune+int8": [
-        {"method": "channels", "ratio": {"choice": [0.25, 0.5]}, "importance": "magnitude", "recover_steps": 30,
-         "lr": 0.003},
-        {"method": "int8-static", "calibration": "minmax"}]}}, export={"formats": ["onnx"]})
+    space = _write(
+        tmp_path,
+        {
+            "sampler": "random",
+            "candidates": {
+                "prune+int8": [
+                    {
+                        "method": "channels",
+                        "ratio": {"choice": [0.25, 0.5]},
+                        "importance": "magnitude",
+                        "recover_steps": 30,
+                        "lr": 0.003,
+                    },
+                    {"method": "int8-static", "calibration": "minmax"},
+                ]
+            },
+        },
+        export={"formats": ["onnx"]},
+    )
     s = run_search(space, tmp_path / "run", 1)
     t = s["trials"][0]
     assert t["state"] == "COMPLETE", t

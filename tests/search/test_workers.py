@@ -15,13 +15,20 @@ import yaml
 
 pytestmark = pytest.mark.slow  # two worker processes run a whole study: about 40 s
 
-SPACE = {"model": "builtin:digits-cnn", "data": {"source": "builtin:digits", "calib_samples": 64, "eval_samples": 200},
-         "eval": {"batch": 32, "threads": 1, "repeats": 5, "warmup": 1, "bootstrap": 200},
-         "goal": {"max_quality_drop": 0.02},
-         "search": {"sampler": "random", "candidates": {
-             "fp16": [{"method": "fp16"}], "int8-dynamic": [{"method": "int8-dynamic"}],
-             "int8-static": [{"method": "int8-static",
-                              "calibration": {"choice": ["minmax", "percentile", "entropy"]}}]}}}
+SPACE = {
+    "model": "builtin:digits-cnn",
+    "data": {"source": "builtin:digits", "calib_samples": 64, "eval_samples": 200},
+    "eval": {"batch": 32, "threads": 1, "repeats": 5, "warmup": 1, "bootstrap": 200},
+    "goal": {"max_quality_drop": 0.02},
+    "search": {
+        "sampler": "random",
+        "candidates": {
+            "fp16": [{"method": "fp16"}],
+            "int8-dynamic": [{"method": "int8-dynamic"}],
+            "int8-static": [{"method": "int8-static", "calibration": {"choice": ["minmax", "percentile", "entropy"]}}],
+        },
+    },
+}
 
 
 def _running_pid(url, name, deadline):
@@ -41,8 +48,21 @@ def test_killed_worker_resumed_study_counts_each_trial_once(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     url, out, n = f"sqlite:///{tmp_path}/study.db", tmp_path / "out", 5
-    cmd = [sys.executable, "-m", "krimp", "search", str(space), "--trials", str(n), "--workers", "2",
-           "--storage", url, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "krimp",
+        "search",
+        str(space),
+        "--trials",
+        str(n),
+        "--workers",
+        "2",
+        "--storage",
+        url,
+        "--out",
+        str(out),
+    ]
     coord = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed, pid = _running_pid(url, "krimp-space", time.time() + 120)
     os.kill(pid, signal.SIGKILL)

@@ -78,10 +78,18 @@ def test_ctrl_c_right_after_an_optimizer_step_is_not_taken_twice(tmp_path):
 def test_checkpoint_of_another_run_is_not_resumed(tmp_path):
     data = _problem()
     m = _model()
-    train(dict(m.named_parameters()), _loss(m), data, TrainSettings(steps=4, lr=0.05, checkpoint_every=2),
-          ckpt_dir=tmp_path, fp="a")
+    train(
+        dict(m.named_parameters()),
+        _loss(m),
+        data,
+        TrainSettings(steps=4, lr=0.05, checkpoint_every=2),
+        ckpt_dir=tmp_path,
+        fp="a",
+    )
     m2 = _model()
-    res = train(dict(m2.named_parameters()), _loss(m2), data, TrainSettings(steps=4, lr=0.05), ckpt_dir=tmp_path, fp="b")
+    res = train(
+        dict(m2.named_parameters()), _loss(m2), data, TrainSettings(steps=4, lr=0.05), ckpt_dir=tmp_path, fp="b"
+    )
     assert res["resumed_from"] is None and res["steps"] == 4
 
 
@@ -106,8 +114,13 @@ def test_early_stop_restores_best_weights():
             seen["w"] = m.weight.detach().clone()
         return v
 
-    res = train(dict(m.named_parameters()), _loss(m), data,
-                TrainSettings(steps=50, lr=0.05, eval_every=2, patience=2), val_fn=val)
+    res = train(
+        dict(m.named_parameters()),
+        _loss(m),
+        data,
+        TrainSettings(steps=50, lr=0.05, eval_every=2, patience=2),
+        val_fn=val,
+    )
     assert res["early_stopped"] and res["steps"] == 8  # validations at 2, 4 (best), 6, 8 -> stop
     assert torch.equal(m.weight, seen["w"])
 
@@ -118,8 +131,12 @@ def test_bad_input_is_a_clear_error():
         train(dict(m.named_parameters()), _loss(m), [], TrainSettings(steps=3, lr=0.1))
     data = _problem()
     with pytest.raises(KrimpError, match="loss is nan"):
-        train(dict(m.named_parameters()), lambda b: torch.tensor(float("nan"), requires_grad=True), data,
-              TrainSettings(steps=3, lr=0.1))
+        train(
+            dict(m.named_parameters()),
+            lambda b: torch.tensor(float("nan"), requires_grad=True),
+            data,
+            TrainSettings(steps=3, lr=0.1),
+        )
 
 
 def test_bf16_runs_the_loss_under_autocast_and_keeps_float32_weights():
@@ -161,8 +178,9 @@ def test_optimizer_is_fused_adamw_with_the_same_steps_as_the_loop():
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str):
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.manual_seed(100 + rank)  # different starting weights: rank 0's must win
     m = torch.nn.Linear(4, 1)
     res = train(dict(m.named_parameters()), _loss(m), _problem(), TrainSettings(steps=6, lr=0.05, clip=0))

@@ -50,8 +50,9 @@ class InputStats:
     sample: list[torch.Tensor] = field(default_factory=list)  # a few input rows, for loss searches
     rows: int = 0
 
-    def update(self, x: torch.Tensor, want: set[str], keep_rows: int, gen: torch.Generator,
-               first_weight: float = 1.0) -> None:
+    def update(
+        self, x: torch.Tensor, want: set[str], keep_rows: int, gen: torch.Generator, first_weight: float = 1.0
+    ) -> None:
         """Add ``x`` (batch, seq, in) or (rows, in). ``keep_rows``: rows of this ``x`` kept at random
         for ``sample``. ``first_weight``: each window's first position counts this many times in
         the second moments (``hessian``, ``sq_sum``)."""
@@ -98,11 +99,16 @@ class InputStats:
 
 def _same_or(prev, v):
     """``prev`` when it is a tensor equal to ``v`` (so one copy is kept), else ``v``."""
-    if isinstance(v, torch.Tensor) and isinstance(prev, torch.Tensor) and prev.shape == v.shape \
-            and prev.dtype == v.dtype and torch.equal(prev, v):
+    if (
+        isinstance(v, torch.Tensor)
+        and isinstance(prev, torch.Tensor)
+        and prev.shape == v.shape
+        and prev.dtype == v.dtype
+        and torch.equal(prev, v)
+    ):
         return prev
     if isinstance(v, tuple) and isinstance(prev, tuple) and len(v) == len(prev):
-        return tuple(_same_or(p, x) for p, x in zip(prev, v))
+        return tuple(_same_or(p, x) for p, x in zip(prev, v, strict=True))
     return v.detach() if isinstance(v, torch.Tensor) else v
 
 
@@ -124,8 +130,15 @@ class BlockRun:
     ``propagate="float"``); ``spare``: gives a buffer for them when the inputs must survive the pass.
     """
 
-    def __init__(self, index: int, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
-                 keep_outputs: bool = False, spare: Callable[[], torch.Tensor | None] | None = None):
+    def __init__(
+        self,
+        index: int,
+        block: nn.Module,
+        inputs: list[torch.Tensor],
+        kwargs: list[dict],
+        keep_outputs: bool = False,
+        spare: Callable[[], torch.Tensor | None] | None = None,
+    ):
         self.index, self.block, self.inputs, self.kwargs = index, block, inputs, kwargs
         self.keep_outputs, self._spare = keep_outputs, spare
         self.linears = block_linears(block)
@@ -143,13 +156,13 @@ class BlockRun:
         buf = self._spare() if into == "spare" and self._spare else None
         try:
             outs, r = [], 0
-            for x, kw in zip(self.inputs, self.kwargs):
+            for x, kw in zip(self.inputs, self.kwargs, strict=True):
                 y = self.block(x, **kw)
                 y = y[0] if isinstance(y, (tuple, list)) else y
                 if into == "inputs" and y.shape == x.shape and y.dtype == x.dtype:
                     y = x.copy_(y)
                 elif buf is not None and y.shape[1:] == buf.shape[1:] and r + len(y) <= len(buf):
-                    y = buf[r:r + len(y)].copy_(y)
+                    y = buf[r : r + len(y)].copy_(y)
                 if into != "none":
                     outs.append(y)
                 r += len(y)
@@ -160,8 +173,15 @@ class BlockRun:
             for h in handles:
                 h.remove()
 
-    def collect(self, names: list[str], want: set[str], sample_rows: int = 0, seed: int = 0,
-                first_weight: float = 1.0, last_use: bool = False) -> dict[str, InputStats]:
+    def collect(
+        self,
+        names: list[str],
+        want: set[str],
+        sample_rows: int = 0,
+        seed: int = 0,
+        first_weight: float = 1.0,
+        last_use: bool = False,
+    ) -> dict[str, InputStats]:
         """Run the block once and gather input statistics for the named linears. Linears that read
         the same tensor (q, k and v) share one :class:`InputStats`; ``sample_rows`` input rows are
         kept for ``sample``, the same share of every batch; ``first_weight`` as in
@@ -181,6 +201,7 @@ class BlockRun:
                     stats.setdefault(name, InputStats()).update(x, want, per_batch, gen, first_weight)
                 else:
                     stats[name] = stats.setdefault(owner, InputStats())
+
             return hook
 
         def reset_seen(*_):
@@ -199,9 +220,15 @@ class LayerwiseCalibrator:
     """Runs ``process(BlockRun) -> dict`` on each block of ``model`` in order, on ``windows``
     (token ids, (n, seq)), and returns the per-block notes."""
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, batch: int = 8,
-                 step: Callable[[str], None] | None = None, label: str = "calibrating",
-                 propagate: str = "compressed"):
+    def __init__(
+        self,
+        model: nn.Module,
+        windows: torch.Tensor,
+        batch: int = 8,
+        step: Callable[[str], None] | None = None,
+        label: str = "calibrating",
+        propagate: str = "compressed",
+    ):
         if propagate not in ("compressed", "float"):
             raise ValueError(f"propagate must be 'compressed' or 'float', got {propagate!r}")
         self.model, self.windows, self.batch = model, windows, batch
@@ -225,7 +252,7 @@ class LayerwiseCalibrator:
             if not buf:
                 buf.append(torch.empty((n, *x.shape[1:]), dtype=x.dtype))
             r = sum(len(t) for t in inputs)
-            inputs.append(buf[0][r:r + len(x)].copy_(x) if x.shape[1:] == buf[0].shape[1:] else x)
+            inputs.append(buf[0][r : r + len(x)].copy_(x) if x.shape[1:] == buf[0].shape[1:] else x)
             kw.pop("past_key_values", None), kw.pop("past_key_value", None)
             kw["use_cache"] = False
             prev = kwargs[-1] if kwargs else {}
@@ -235,7 +262,7 @@ class LayerwiseCalibrator:
         h = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             for i in range(0, len(self.windows), self.batch):
-                ids = self.windows[i:i + self.batch]
+                ids = self.windows[i : i + self.batch]
                 try:
                     self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
                 except _Stop:

@@ -57,12 +57,21 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, max_tries: int = 6) -> 
                 return U, d, notes
         notes.append(f"Hessian not positive definite with damping {d:g}; raised to {d * 10:g}")
         d *= 10
-    raise KrimpError(f"Hessian is not positive definite even with damping {d / 10:g} "
-                     "(too little or degenerate calibration data?)")
+    raise KrimpError(
+        f"Hessian is not positive definite even with damping {d / 10:g} (too little or degenerate calibration data?)"
+    )
 
 
-def column_sweep(W: torch.Tensor, H: torch.Tensor, on_column: Callable, *, on_block: Callable | None = None,
-                 block_size: int = 128, damp: float = 0.01, perm: torch.Tensor | None = None) -> SweepResult:
+def column_sweep(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    on_column: Callable,
+    *,
+    on_block: Callable | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    perm: torch.Tensor | None = None,
+) -> SweepResult:
     """Treat the columns of ``W`` one by one (in ``perm`` order), compensating each change on the
     columns not yet treated. ``W`` and ``H`` are not modified."""
     W = W.detach().float().clone()
@@ -89,10 +98,10 @@ def column_sweep(W: torch.Tensor, H: torch.Tensor, on_column: Callable, *, on_bl
             def current(a: int, b: int, W1=W1, j0=j0, j1=j1, i=i, Err1=Err1) -> torch.Tensor:
                 parts = []
                 if a < j1:
-                    parts.append(W1[:, max(a, j0) - j0:min(b, j1) - j0])
+                    parts.append(W1[:, max(a, j0) - j0 : min(b, j1) - j0])
                 if b > j1:  # beyond the block: apply the block's pending updates so far
                     lo = max(a, j1)
-                    parts.append(W[:, lo:b] - Err1[:, :i] @ U[j0:j0 + i, lo:b])
+                    parts.append(W[:, lo:b] - Err1[:, :i] @ U[j0 : j0 + i, lo:b])
                 return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
             q = on_column(j0 + i, w, current, state)

@@ -44,8 +44,11 @@ def user_errors():
         if STATE["debug"]:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        err_console.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {escape(first)} "
-                          "(rerun with --debug for the traceback)", highlight=False)
+        err_console.print(
+            f"[bold red]error:[/] unexpected {type(e).__name__}: {escape(first)} "
+            "(rerun with --debug for the traceback)",
+            highlight=False,
+        )
         sys.exit(EXIT_UNEXPECTED)
 
 
@@ -72,9 +75,18 @@ def progress_bar():
         def render(self, task):
             return Text(f"{task.speed:.2f}/s" if task.speed else "", style="progress.data.speed")
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console,
-                  transient=True) as prog:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as prog:
         state = {"task": prog.add_task("starting", total=None), "phase": None}
 
         def step(msg: str) -> None:
@@ -93,8 +105,11 @@ def progress_bar():
 def setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=err_console, show_path=False)])
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
     for noisy in ("onnxruntime", "root", "transformers", "torch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

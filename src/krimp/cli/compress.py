@@ -26,8 +26,9 @@ def compress_cmd(
         report = krimp.compress(model, recipe, out, overwrite=overwrite, step=step, done=done)
     if report.get("helper"):  # a torchrun helper: rank 0 prints the table
         return
-    common.console.print(common.table(f"krimp: {report['model']['source']}", ["metric", "baseline", "compressed"],
-                                      summary_rows(report)))
+    common.console.print(
+        common.table(f"krimp: {report['model']['source']}", ["metric", "baseline", "compressed"], summary_rows(report))
+    )
     style = "green" if report["within_goal"] else "bold red"
     common.console.print(f"[{style}]{escape(goal_line(report))}[/]", highlight=False)
     if timing_warning(report):

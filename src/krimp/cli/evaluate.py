@@ -35,5 +35,6 @@ def eval_cmd(
     rows += [(f"fidelity: {k}", _ci(v)) for k, v in res["fidelity"].items() if isinstance(v, dict)]
     rows.append(("data", f"{res['data'].get('eval_samples')} samples from {res['data'].get('source')}"))
     rows.append(("runtime", res["runtime"]))
-    common.console.print(common.table(f"krimp eval: {res['model']} (reference: {res['reference']})",
-                                      ["metric", "value (95% CI)"], rows))
+    common.console.print(
+        common.table(f"krimp eval: {res['model']} (reference: {res['reference']})", ["metric", "value (95% CI)"], rows)
+    )

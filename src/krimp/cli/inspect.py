@@ -9,8 +9,9 @@ import typer
 from krimp.cli import common
 
 
-def inspect_cmd(model: str = typer.Argument(..., help="model path or builtin:NAME"),
-                as_json: bool = typer.Option(False, "--json")) -> None:
+def inspect_cmd(
+    model: str = typer.Argument(..., help="model path or builtin:NAME"), as_json: bool = typer.Option(False, "--json")
+) -> None:
     """Layers, parameter count, dtypes, size on disk and applicable methods."""
     from krimp.verbs import inspect
 
@@ -19,9 +20,14 @@ def inspect_cmd(model: str = typer.Argument(..., help="model path or builtin:NAM
     if as_json:
         common.console.print_json(json.dumps(r))
         return
-    rows = [("task", r["task"]), ("kind", r["kind"]), ("parameters", f"{r['params']:,}"),
-            ("size on disk (MB)", f"{r['size_bytes'] / 1e6:.2f}"), ("dtypes", r["dtypes"]),
-            ("inputs", ", ".join(r["inputs"])),
-            ("layers", ", ".join(f"{k} x{v}" for k, v in list(r["layers"].items())[:12])),
-            ("krimp methods", ", ".join(r["methods"]))]
+    rows = [
+        ("task", r["task"]),
+        ("kind", r["kind"]),
+        ("parameters", f"{r['params']:,}"),
+        ("size on disk (MB)", f"{r['size_bytes'] / 1e6:.2f}"),
+        ("dtypes", r["dtypes"]),
+        ("inputs", ", ".join(r["inputs"])),
+        ("layers", ", ".join(f"{k} x{v}" for k, v in list(r["layers"].items())[:12])),
+        ("krimp methods", ", ".join(r["methods"])),
+    ]
     common.console.print(common.table(f"krimp inspect: {r['model']}", ["", ""], rows))

@@ -9,13 +9,19 @@ import typer
 
 from krimp.cli import common
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Make trained neural networks smaller, faster and cheaper to run, and prove it.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make trained neural networks smaller, faster and cheaper to run, and prove it.",
+)
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
-          verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress details")) -> None:
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress details"),
+) -> None:
     common.STATE["debug"] = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars; krimp shows its own

@@ -30,34 +30,75 @@ def search_cmd(
         with common.user_errors():
             _worker(recipe, out, trials, storage, study or study_name(recipe), worker_index)
         return
-    with common.user_errors(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                        TimeElapsedColumn(), console=common.err_console, transient=True) as prog:
+    with (
+        common.user_errors(),
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=common.err_console,
+            transient=True,
+        ) as prog,
+    ):
         t = prog.add_task("search", total=trials)
 
         def step(s: str) -> None:
             prog.update(t, description=s[:90])
 
-        summary = run_search(recipe, out, trials, storage, workers, study, overwrite, step=step,
-                             progress=lambda n: prog.update(t, completed=n))
+        summary = run_search(
+            recipe,
+            out,
+            trials,
+            storage,
+            workers,
+            study,
+            overwrite,
+            step=step,
+            progress=lambda n: prog.update(t, completed=n),
+        )
     rows = []
     for r in summary["trials"]:
         if r["state"] != "COMPLETE":
             why = r.get("error") or r.get("stale") or r["state"]
             rows.append((r["number"], r.get("recipe") or "", "", "", "", why))
             continue
-        mark = ("best" if r["number"] == summary["best"] else "front" if r["number"] in summary["front"] else
-                "" if r["within_goal"] else "over budget")
-        rows.append((r["number"], _params(r["params"]), f"{r['quality_drop']:.4f}", f"{r['size']:.3g}",
-                     f"{r['latency']:.1f}", mark))
-    common.console.print(common.table(f"krimp search: {summary['study']} ({summary['seconds']:.0f} s)",
-                                      ["trial", "recipe", "quality drop", "MiB", "ms p50", ""], rows))
+        mark = (
+            "best"
+            if r["number"] == summary["best"]
+            else "front"
+            if r["number"] in summary["front"]
+            else ""
+            if r["within_goal"]
+            else "over budget"
+        )
+        rows.append(
+            (
+                r["number"],
+                _params(r["params"]),
+                f"{r['quality_drop']:.4f}",
+                f"{r['size']:.3g}",
+                f"{r['latency']:.1f}",
+                mark,
+            )
+        )
+    common.console.print(
+        common.table(
+            f"krimp search: {summary['study']} ({summary['seconds']:.0f} s)",
+            ["trial", "recipe", "quality drop", "MiB", "ms p50", ""],
+            rows,
+        )
+    )
     common.console.print(f"report: {summary['outputs']['html']}  (and search.json)")
     if summary["best"] is None:
         c = summary.get("closest")
-        by = "; ".join(f"{m['metric']} {m['value']} vs limit {m['limit']} (by {m['by']})"
-                       for m in (c["misses"] if c else []))
-        common.console.print("[bold red]no trial met the budget[/]" +
-                             (f"; closest: trial {c['number']}: {by}" if c else ""), highlight=False)
+        by = "; ".join(
+            f"{m['metric']} {m['value']} vs limit {m['limit']} (by {m['by']})" for m in (c["misses"] if c else [])
+        )
+        common.console.print(
+            "[bold red]no trial met the budget[/]" + (f"; closest: trial {c['number']}: {by}" if c else ""),
+            highlight=False,
+        )
         sys.exit(common.EXIT_GOAL_MISSED)
     common.console.print(f"[green]best recipe: {summary['outputs']['best']}[/]")
 

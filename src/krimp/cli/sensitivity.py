@@ -22,8 +22,11 @@ def sensitivity_cmd(
     seq_len: int = typer.Option(256, "--seq-len", min=8, help="tokens per window"),
     layers: list[str] = typer.Option(None, "--layers", help="only layers matching these patterns"),
     metric: str = typer.Option("kl", "--metric", help="what the allocation minimises: kl or ppl"),
-    measure_widths: str = typer.Option("3", "--measure-widths", help="also measure these widths ('' for none); "
-                                       "others are carried from the nearest measured one by the proxy"),
+    measure_widths: str = typer.Option(
+        "3",
+        "--measure-widths",
+        help="also measure these widths ('' for none); others are carried from the nearest measured one by the proxy",
+    ),
 ) -> None:
     """Quantize one layer at a time, measure what it costs, and suggest mixed precision."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,26 +39,58 @@ def sensitivity_cmd(
             ws = sorted({int(w) for w in widths.split(",") if w.strip()})
             also = [int(w) for w in measure_widths.split(",") if w.strip()]
         except ValueError:
-            raise KrimpError(f"--widths '{widths}' / --measure-widths '{measure_widths}': expected "
-                             "comma-separated integers such as 3,4,8") from None
+            raise KrimpError(
+                f"--widths '{widths}' / --measure-widths '{measure_widths}': expected "
+                "comma-separated integers such as 3,4,8"
+            ) from None
         if metric not in ("kl", "ppl"):
             raise KrimpError(f"--metric '{metric}': expected kl or ppl")
         if not ws or not all(2 <= w <= 8 for w in ws):
             raise KrimpError(f"--widths '{widths}': each width must be between 2 and 8")
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} layers"),
-                      TimeElapsedColumn(), console=common.err_console, transient=True) as prog:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed} layers"),
+            TimeElapsedColumn(),
+            console=common.err_console,
+            transient=True,
+        ) as prog:
             t = prog.add_task("loading", total=None)
-            res = run_sensitivity(model, method, data, out, ws, target_bits, not proxy, calib_samples,
-                                  eval_samples, seq_len, layers=layers or None, metric=metric,
-                                  measure_widths=[w for w in also if w in ws],
-                                  advance=lambda s: prog.update(t, description=s, advance=1 if "." in s else 0))
+            res = run_sensitivity(
+                model,
+                method,
+                data,
+                out,
+                ws,
+                target_bits,
+                not proxy,
+                calib_samples,
+                eval_samples,
+                seq_len,
+                layers=layers or None,
+                metric=metric,
+                measure_widths=[w for w in also if w in ws],
+                advance=lambda s: prog.update(t, description=s, advance=1 if "." in s else 0),
+            )
     measured = not proxy
-    rows = [(r["layer"], f"{r['params']:,}",
-             f"{r['kl']:.5f}" if measured else "", f"{100 * r['ppl_change']:+.2f}%" if measured else "",
-             f"{r['proxy'][str(res['method_bits'])]:.2e}", res.get("choice", {}).get(r["layer"], ""))
-            for r in res["layers"][:15]]
-    common.console.print(common.table(f"{model}: {method}, most sensitive of {len(res['layers'])} layers",
-                                      ["layer", "params", "KL", "ppl", "proxy", "mixed bits"], rows))
+    rows = [
+        (
+            r["layer"],
+            f"{r['params']:,}",
+            f"{r['kl']:.5f}" if measured else "",
+            f"{100 * r['ppl_change']:+.2f}%" if measured else "",
+            f"{r['proxy'][str(res['method_bits'])]:.2e}",
+            res.get("choice", {}).get(r["layer"], ""),
+        )
+        for r in res["layers"][:15]
+    ]
+    common.console.print(
+        common.table(
+            f"{model}: {method}, most sensitive of {len(res['layers'])} layers",
+            ["layer", "params", "KL", "ppl", "proxy", "mixed bits"],
+            rows,
+        )
+    )
     if "choice" in res:
         common.console.print(f"mixed precision: mean {res['mean_bits']:.3f} bits, widths {res['widths_used']}")
     for k, p in res["outputs"].items():

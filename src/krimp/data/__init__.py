@@ -14,8 +14,12 @@ from krimp.models.tasks import Task
 from krimp.recipe import DataSpec
 
 log = logging.getLogger(__name__)
-DEFAULT_SOURCE = {"embedding": "builtin:python-docs", "classification": "builtin:python-docs",
-                  "causal-lm": "builtin:python-docs", "image-classification": "builtin:photos"}
+DEFAULT_SOURCE = {
+    "embedding": "builtin:python-docs",
+    "classification": "builtin:python-docs",
+    "causal-lm": "builtin:python-docs",
+    "image-classification": "builtin:photos",
+}
 
 
 @dataclass
@@ -75,12 +79,21 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
     has_labels = all(lab is not None for lab in labels)
     info.update(calib_samples=len(cal), eval_samples=len(ev), labelled=has_labels)
     if len(cal) < spec.calib_samples or len(ev) < spec.eval_samples:
-        log.warning("data has fewer items than asked: calib %d/%d, eval %d/%d",
-                    len(cal), spec.calib_samples, len(ev), spec.eval_samples)
+        log.warning(
+            "data has fewer items than asked: calib %d/%d, eval %d/%d",
+            len(cal),
+            spec.calib_samples,
+            len(ev),
+            spec.eval_samples,
+        )
     cal_labels = [lab for _, lab in cal]
-    return Dataset([prep(x) for x, _ in cal], [prep(x) for x, _ in ev],
-                   _label_ids(labels, task) if has_labels else None, info,
-                   _label_ids(cal_labels, task) if cal_labels and all(x is not None for x in cal_labels) else None)
+    return Dataset(
+        [prep(x) for x, _ in cal],
+        [prep(x) for x, _ in ev],
+        _label_ids(labels, task) if has_labels else None,
+        info,
+        _label_ids(cal_labels, task) if cal_labels and all(x is not None for x in cal_labels) else None,
+    )
 
 
 def _lm_windows(spec: DataSpec, task: Task, cal_pools: list, ev_pools: list, rng, info) -> Dataset:
@@ -90,17 +103,27 @@ def _lm_windows(spec: DataSpec, task: Task, cal_pools: list, ev_pools: list, rng
 
     def windows(pools, n, stride, what, r):
         per = -(-n // len(pools))
-        out = [w for p in pools for w in make_windows(task.tokenizer, [t for t, _ in p], per, spec.seq_len, stride,
-                                                      what, r)]
+        out = [
+            w
+            for p in pools
+            for w in make_windows(task.tokenizer, [t for t, _ in p], per, spec.seq_len, stride, what, r)
+        ]
         return out[:n]
 
     cal = windows(cal_pools, spec.calib_samples, None, "calibration", rng)
     ev = windows(ev_pools, spec.eval_samples, spec.stride, "evaluation", None)
     if len(ev) < spec.eval_samples:
         log.warning("evaluation text makes %d windows, %d asked", len(ev), spec.eval_samples)
-    info.update(calib_samples=len(cal), eval_samples=len(ev), labelled=False, unit="token windows",
-                seq_len=spec.seq_len, stride=spec.stride or spec.seq_len,
-                calib_tokens=len(cal) * spec.seq_len, eval_tokens=len(ev) * spec.seq_len)
+    info.update(
+        calib_samples=len(cal),
+        eval_samples=len(ev),
+        labelled=False,
+        unit="token windows",
+        seq_len=spec.seq_len,
+        stride=spec.stride or spec.seq_len,
+        calib_tokens=len(cal) * spec.seq_len,
+        eval_tokens=len(ev) * spec.seq_len,
+    )
     return Dataset(cal, ev, None, info)
 
 
@@ -128,8 +151,11 @@ def _mixed_pools(spec: DataSpec, task: Task, calib_srcs: list[str], eval_srcs: l
             raise KrimpError("builtin:photos cannot be mixed with other sources; use it alone")
         groups, label = _groups(src, task, spec)
         halves[src] = (*_halves(groups, np.random.default_rng(spec.seed)), label)
-    info = {"calib_sources": [halves[s][2] for s in calib_srcs], "eval_sources": [halves[s][2] for s in eval_srcs],
-            "split": "calibration and evaluation halves of each source"}
+    info = {
+        "calib_sources": [halves[s][2] for s in calib_srcs],
+        "eval_sources": [halves[s][2] for s in eval_srcs],
+        "split": "calibration and evaluation halves of each source",
+    }
     return [halves[s][0] for s in calib_srcs], [halves[s][1] for s in eval_srcs], info
 
 

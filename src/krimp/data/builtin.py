@@ -30,12 +30,48 @@ from krimp.errors import KrimpError, require
 BUILTIN_DATA = ("python-docs", "docstrings", "wikipedia", "digits", "photos")
 DOC_SOURCES = Path(f"/usr/share/doc/python3.{sys.version_info.minor}/html/_sources")
 _DOCSTRING_MODULES = (
-    "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",
-    "datetime", "decimal", "email", "enum", "fractions", "functools", "heapq", "http.client",
-    "importlib", "inspect", "io", "json", "logging", "multiprocessing", "os", "pathlib",
-    "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess",
-    "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid",
-    "xml.etree.ElementTree", "zipfile",
+    "argparse",
+    "asyncio",
+    "collections",
+    "concurrent.futures",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http.client",
+    "importlib",
+    "inspect",
+    "io",
+    "json",
+    "logging",
+    "multiprocessing",
+    "os",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "uuid",
+    "xml.etree.ElementTree",
+    "zipfile",
 )
 
 
@@ -85,6 +121,7 @@ def _read_wikipedia() -> list[str]:
     from gensim.corpora.wikicorpus import filter_wiki
     from gensim.scripts.segment_wiki import segment_all_articles
     from gensim.test.utils import datapath
+
     path = datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     arts = []
     for _title, sections, *_ in segment_all_articles(path, include_interlinks=False):

@@ -44,8 +44,11 @@ def docstring_groups(roots: list[Path], mode: str = "sentence") -> list[list[str
     sorted order; a sentence seen in an earlier file is not repeated. Docstrings are reStructuredText:
     :func:`krimp.data.text.clean_rst` keeps their prose, as for the documentation (a NumPy-style
     ``name : type`` line stays, joined to its description)."""
-    files = [f for root in roots
-             for f in sorted(f for f in root.rglob("*.py") if not _SKIP_DIRS & set(f.relative_to(root).parts))]
+    files = [
+        f
+        for root in roots
+        for f in sorted(f for f in root.rglob("*.py") if not _SKIP_DIRS & set(f.relative_to(root).parts))
+    ]
     return file_groups(files, mode)
 
 

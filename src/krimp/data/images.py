@@ -57,6 +57,6 @@ def photo_crops(n: int, half: str, seed: int) -> list[np.ndarray]:
         h, w = a.shape[:2]
         s = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
         y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-        c = a[y:y + s, x:x + s]
+        c = a[y : y + s, x : x + s]
         out.append(np.ascontiguousarray(c[:, ::-1] if rng.random() < 0.5 else c))
     return out

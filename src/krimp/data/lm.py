@@ -27,15 +27,22 @@ def tokenize_stream(tokenizer, texts: list[str], need: int | None = None, chunk:
     """Token ids of the texts joined by blank lines, stopping once ``need`` tokens are there."""
     ids: list[int] = []
     for i in range(0, len(texts), chunk):
-        for row in tokenizer([t + "\n\n" for t in texts[i:i + chunk]], add_special_tokens=False)["input_ids"]:
+        for row in tokenizer([t + "\n\n" for t in texts[i : i + chunk]], add_special_tokens=False)["input_ids"]:
             ids += row
         if need is not None and len(ids) >= need:
             break
     return np.asarray(ids, dtype=np.int64)
 
 
-def make_windows(tokenizer, texts: list[str], n: int, seq_len: int, stride: int | None, what: str,
-                 rng: np.random.Generator | None = None) -> list[Window]:
+def make_windows(
+    tokenizer,
+    texts: list[str],
+    n: int,
+    seq_len: int,
+    stride: int | None,
+    what: str,
+    rng: np.random.Generator | None = None,
+) -> list[Window]:
     """Up to ``n`` consecutive windows from the start of ``texts`` (whose documents the caller has
     already shuffled). Calibration (``rng`` given) needs all ``n``: too little text is a clear error."""
     stride = stride or seq_len
@@ -44,14 +51,19 @@ def make_windows(tokenizer, texts: list[str], n: int, seq_len: int, stride: int 
     stream = tokenize_stream(tokenizer, texts, (n - 1) * stride + seq_len)
     starts = list(range(0, len(stream) - seq_len + 1, stride))
     if not starts:
-        raise KrimpError(f"{what} text has {len(stream)} tokens, fewer than one window of data.seq_len="
-                         f"{seq_len}: give more text or lower data.seq_len")
+        raise KrimpError(
+            f"{what} text has {len(stream)} tokens, fewer than one window of data.seq_len="
+            f"{seq_len}: give more text or lower data.seq_len"
+        )
     if rng is not None:
         if len(starts) < n:
-            raise KrimpError(f"too little {what} text: {len(stream):,} tokens make {len(starts)} windows of "
-                             f"{seq_len} tokens, {n} asked (data.calib_samples); give more text or lower "
-                             "data.calib_samples / data.seq_len")
+            raise KrimpError(
+                f"too little {what} text: {len(stream):,} tokens make {len(starts)} windows of "
+                f"{seq_len} tokens, {n} asked (data.calib_samples); give more text or lower "
+                "data.calib_samples / data.seq_len"
+            )
     starts = starts[:n]
     overlap = seq_len - stride
-    return [Window(stream[s:s + seq_len], 0 if (rng is not None or i == 0) else overlap)
-            for i, s in enumerate(starts)]
+    return [
+        Window(stream[s : s + seq_len], 0 if (rng is not None or i == 0) else overlap) for i, s in enumerate(starts)
+    ]

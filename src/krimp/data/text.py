@@ -45,8 +45,11 @@ def passages(text: str, mode: str, min_chars: int = 40, max_chars: int = 400) ->
 def read_text_groups(path: Path, mode: str, text_field: str, label_field: str):
     """Groups of (text, label-or-None) items from a file or a folder of files."""
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and
-                       (f.suffix in TEXT_SUFFIXES + (".jsonl", ".csv") or f.name.endswith(".rst.txt")))
+        files = sorted(
+            f
+            for f in path.rglob("*")
+            if f.is_file() and (f.suffix in TEXT_SUFFIXES + (".jsonl", ".csv") or f.name.endswith(".rst.txt"))
+        )
         if not files:
             raise KrimpError(f"{path}: no text files (.txt, .rst, .md, .jsonl, .csv) in this folder")
         groups = []
@@ -71,7 +74,7 @@ def read_text_groups(path: Path, mode: str, text_field: str, label_field: str):
 
 def _chunk(items, size: int = 8):
     """One file of records -> groups of consecutive records, so splits stay deterministic."""
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _read_jsonl(path: Path, text_field: str, label_field: str):

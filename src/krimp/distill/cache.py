@@ -26,8 +26,9 @@ class TeacherCache:
     """``cache(feed, run)`` returns the teacher's (main output, hidden states) for ``feed``, from
     memory after the first time. Hidden states not in ``needed`` come back as ``None``."""
 
-    def __init__(self, batches: Sequence[dict[str, np.ndarray]], first: Outputs, needed: set[int],
-                 limit_gb: float, repeats: bool):
+    def __init__(
+        self, batches: Sequence[dict[str, np.ndarray]], first: Outputs, needed: set[int], limit_gb: float, repeats: bool
+    ):
         self.needed = needed
         self.store: dict[int, Outputs] = {}
         main, states = first
@@ -37,8 +38,12 @@ class TeacherCache:
         self.gib = per_batch * scale * 2 / 2**30  # float16
         self.on = repeats and 0 < self.gib <= limit_gb
         if repeats:
-            log.info("teacher outputs %s in memory (%.2f GiB, limit %.2f GiB)",
-                     "kept" if self.on else "not kept", self.gib, limit_gb)
+            log.info(
+                "teacher outputs %s in memory (%.2f GiB, limit %.2f GiB)",
+                "kept" if self.on else "not kept",
+                self.gib,
+                limit_gb,
+            )
 
     def _own(self, out: Outputs) -> list[int]:
         """The needed hidden states that are not the main output itself (BERT's last state is)."""
@@ -61,10 +66,13 @@ class TeacherCache:
             kept = None
             if states is not None:
                 own = set(self._own(out))
-                kept = [states[i].half() if i in own else (True if i in self.needed else None)
-                        for i in range(len(states))]
+                kept = [
+                    states[i].half() if i in own else (True if i in self.needed else None) for i in range(len(states))
+                ]
             entry = (main.half(), kept)
-            if all(torch.isfinite(t).all() for t in [entry[0], *(k for k in kept or [] if isinstance(k, torch.Tensor))]):
+            if all(
+                torch.isfinite(t).all() for t in [entry[0], *(k for k in kept or [] if isinstance(k, torch.Tensor))]
+            ):
                 self.store[id(feed)] = entry
             else:  # beyond float16's range (an LLM's outlier states): run the teacher every time
                 log.info("teacher outputs exceed float16's range; not kept in memory")

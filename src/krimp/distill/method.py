@@ -76,8 +76,10 @@ class Distill:
             raise KrimpError("distill.weights: all zero; nothing to learn from")
         labels = ctx.calib_labels if task.name in ("classification", "image-classification") else None
         if w.hard and task.name != "causal-lm" and labels is None:
-            raise KrimpError("distill.weights.hard > 0 needs labelled transfer data (this data has no labels; "
-                             "for embedders use weights.output and weights.hidden)")
+            raise KrimpError(
+                "distill.weights.hard > 0 needs labelled transfer data (this data has no labels; "
+                "for embedders use weights.output and weights.hidden)"
+            )
         batches = transfer_batches(task, ctx.calib_items, labels, cfg.batch, ctx.seq_len, cfg.seed)
         teacher.eval()
         student, keep, notes = build_student(teacher, cfg.student, task, [b for b, _ in batches[:8]], ctx)
@@ -93,8 +95,10 @@ class Distill:
             t_main, t_states = forward(teacher, task, first, hidden)
             s_main, s_states = forward(student.eval(), task, first, hidden)
         if s_main.shape[-1] != t_main.shape[-1] and w.output:
-            raise KrimpError(f"distill: the student's output width {s_main.shape[-1]} differs from the "
-                             f"teacher's {t_main.shape[-1]}; the output loss needs them equal")
+            raise KrimpError(
+                f"distill: the student's output width {s_main.shape[-1]} differs from the "
+                f"teacher's {t_main.shape[-1]}; the output loss needs them equal"
+            )
         if hidden:
             lmap = cfg.layer_map or default_layer_map(keep)
             check_layer_map(lmap, len(s_states) - 1, len(t_states) - 1)
@@ -112,8 +116,13 @@ class Distill:
             train_b, val_b = batches[:-n_val], batches[-n_val:]
         _, n_proc = world()
         steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_b) / (cfg.grad_accum * n_proc)))
-        cache = TeacherCache([b for b, _ in train_b + val_b], (t_main, t_states), set(lmap.values()),
-                             cfg.teacher_cache_gb, steps * cfg.grad_accum * n_proc > len(train_b))
+        cache = TeacherCache(
+            [b for b, _ in train_b + val_b],
+            (t_main, t_states),
+            set(lmap.values()),
+            cfg.teacher_cache_gb,
+            steps * cfg.grad_accum * n_proc > len(train_b),
+        )
 
         def loss_fn(b):
             feed, lab = b
@@ -123,23 +132,59 @@ class Distill:
                 with torch.no_grad():
                     tm, ts = cache(feed, lambda: forward(teacher, task, args, hidden))
             sm, ss = forward(student, task, args, hidden)
-            return distill_loss(task.name, w, sm, tm, mask, temperature=cfg.temperature, ids=args[0],
-                                labels=torch.from_numpy(lab).long() if w.hard and lab is not None else None,
-                                s_hidden=ss, t_hidden=ts, layer_map=lmap, proj=proj)
+            return distill_loss(
+                task.name,
+                w,
+                sm,
+                tm,
+                mask,
+                temperature=cfg.temperature,
+                ids=args[0],
+                labels=torch.from_numpy(lab).long() if w.hard and lab is not None else None,
+                s_hidden=ss,
+                t_hidden=ts,
+                layer_map=lmap,
+                proj=proj,
+            )
 
         val_fn = (lambda: float(np.mean([float(loss_fn(b)) for b in val_b]))) if val_b else None
-        settings = TrainSettings(steps=steps, lr=cfg.lr, warmup=cfg.warmup, grad_accum=cfg.grad_accum,
-                                 weight_decay=cfg.weight_decay, checkpoint_every=cfg.checkpoint_every,
-                                 eval_every=cfg.eval_every, patience=cfg.patience, seed=cfg.seed,
-                                 precision=cfg.precision)
+        settings = TrainSettings(
+            steps=steps,
+            lr=cfg.lr,
+            warmup=cfg.warmup,
+            grad_accum=cfg.grad_accum,
+            weight_decay=cfg.weight_decay,
+            checkpoint_every=cfg.checkpoint_every,
+            eval_every=cfg.eval_every,
+            patience=cfg.patience,
+            seed=cfg.seed,
+            precision=cfg.precision,
+        )
         fp = fingerprint(cfg.to_dict(), task.name, len(ctx.calib_items), ctx.seq_len)
-        res = train(named, loss_fn, train_b, settings, val_fn=val_fn, ckpt_dir=ctx.ckpt_dir, fp=fp,
-                    step=ctx.step, samples_per_batch=cfg.batch, modules=[student, proj])
+        res = train(
+            named,
+            loss_fn,
+            train_b,
+            settings,
+            val_fn=val_fn,
+            ckpt_dir=ctx.ckpt_dir,
+            fp=fp,
+            step=ctx.step,
+            samples_per_batch=cfg.batch,
+            modules=[student, proj],
+        )
         p_t = sum(p.numel() for p in teacher.parameters())
         p_s = sum(p.numel() for p in student.parameters())
-        info = {**notes, "params_before": p_t, "params_after": p_s, "params_ratio": round(p_s / p_t, 4),
-                "layer_map": {str(k): v for k, v in lmap.items()}, "projections": len(proj),
-                "training": res, "transfer_samples": len(train_b) * cfg.batch,
-                "teacher_cache_gib": round(cache.gib, 2) if cache.on else None,
-                "seconds": round(time.perf_counter() - t0, 2)}
+        info = {
+            **notes,
+            "params_before": p_t,
+            "params_after": p_s,
+            "params_ratio": round(p_s / p_t, 4),
+            "layer_map": {str(k): v for k, v in lmap.items()},
+            "projections": len(proj),
+            "training": res,
+            "transfer_samples": len(train_b) * cfg.batch,
+            "teacher_cache_gib": round(cache.gib, 2) if cache.on else None,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
         return student.eval(), info

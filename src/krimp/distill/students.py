@@ -91,8 +91,10 @@ def build_student(teacher: nn.Module, spec: StudentSpec, task, feeds, outer=None
     except KrimpError:
         if spec.layers is None and spec.every is None and spec.depth is None:
             raise
-        raise KrimpError(f"distill.student: {type(teacher).__name__} has no transformer layers krimp can drop; "
-                         "give a student model with 'path'") from None
+        raise KrimpError(
+            f"distill.student: {type(teacher).__name__} has no transformer layers krimp can drop; "
+            "give a student model with 'path'"
+        ) from None
     keep = kept_layers(spec, len(layers))
     notes = {}
     if spec.by == "influence" and spec.depth < len(layers):
@@ -107,8 +109,8 @@ def build_student(teacher: nn.Module, spec: StudentSpec, task, feeds, outer=None
         drop_layers(student, path, layers, drop)
     notes.update({"teacher_layers": len(layers), "student_layers": len(keep), "kept_layers": keep})
     if spec.ffn or spec.heads:
-        from krimp.stage import StageContext
         from krimp.prune.transformer import StructuredPrune, StructuredPruneConfig
+        from krimp.stage import StageContext
 
         cfg = StructuredPruneConfig(ffn=spec.ffn, heads=spec.heads, importance="activation" if feeds else "magnitude")
         sub = StageContext(task, feeds[:8], 2)
@@ -139,7 +141,9 @@ def _given(teacher: nn.Module, path: str, task) -> tuple[nn.Module, list[int], d
     s_params = sum(p.numel() for p in student.parameters())
     t_params = sum(p.numel() for p in teacher.parameters())
     if s_params > t_params:
-        raise KrimpError(f"distill.student.path: the student has more parameters than its teacher ({s_params} > {t_params})")
+        raise KrimpError(
+            f"distill.student.path: the student has more parameters than its teacher ({s_params} > {t_params})"
+        )
     keep = [round(j * (tl - 1) / max(sl - 1, 1)) for j in range(sl)] if tl and sl else []
     return student, keep, {"student_path": path, "student_layers": sl, "teacher_layers": tl}
 
@@ -152,7 +156,9 @@ def default_layer_map(keep: list[int]) -> dict[int, int]:
 def check_layer_map(layer_map: dict[int, int], n_student: int, n_teacher: int) -> None:
     for s, t in layer_map.items():
         if not 0 <= s <= n_student:
-            raise KrimpError(f"distill.layer_map: student state {s} is outside 0..{n_student} "
-                             "(0 = embeddings, i = output of layer i)")
+            raise KrimpError(
+                f"distill.layer_map: student state {s} is outside 0..{n_student} "
+                "(0 = embeddings, i = output of layer i)"
+            )
         if not 0 <= t <= n_teacher:
             raise KrimpError(f"distill.layer_map: {s} -> {t} points outside the teacher (states 0..{n_teacher})")

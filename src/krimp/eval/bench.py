@@ -39,8 +39,16 @@ def bench_onnx(path: Path, feed: dict[str, np.ndarray], threads: int, warmup: in
     with tempfile.TemporaryDirectory(prefix="krimp-bench-") as tmp:
         fp = Path(tmp) / "feed.npz"
         np.savez(fp, **feed)
-        cmd = [sys.executable, "-m", "krimp.eval.bench_worker", str(path), str(fp), str(threads),
-               str(warmup), str(repeats)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "krimp.eval.bench_worker",
+            str(path),
+            str(fp),
+            str(threads),
+            str(warmup),
+            str(repeats),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:

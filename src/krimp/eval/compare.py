@@ -30,14 +30,21 @@ def _lm_stats(ref_logits, got_logits, feed):
         r, g = ref_logits[b, :-1][v], got_logits[b, :-1][v]
         t = tgt[b][v]
         lr, lg = F.log_softmax(r), F.log_softmax(g)
-        rows.append((-lr[np.arange(len(t)), t].mean(), -lg[np.arange(len(t)), t].mean(),
-                     (np.exp(lr) * (lr - lg)).sum(-1).mean(), (r.argmax(-1) == g.argmax(-1)).mean(),
-                     len(t)))
+        rows.append(
+            (
+                -lr[np.arange(len(t)), t].mean(),
+                -lg[np.arange(len(t)), t].mean(),
+                (np.exp(lr) * (lr - lg)).sum(-1).mean(),
+                (r.argmax(-1) == g.argmax(-1)).mean(),
+                len(t),
+            )
+        )
     return rows
 
 
-def compare(ref_engine, engine, task, items, labels, batch: int, seq_len: int,
-            top_k: int = 10, n_boot: int = 1000) -> dict:
+def compare(
+    ref_engine, engine, task, items, labels, batch: int, seq_len: int, top_k: int = 10, n_boot: int = 1000
+) -> dict:
     """``{"baseline": {quality}, "compressed": {quality}, "fidelity": {...}}``."""
     if task.name == "causal-lm":
         rows = []
@@ -65,12 +72,16 @@ def compare_features(task, ref, got, labels, top_k: int = 10, n_boot: int = 1000
         raise KrimpError("the compressed model produced NaN/Inf outputs on evaluation data")
     res: dict = {"baseline": {}, "compressed": {}}
     if task.name == "embedding":
-        res["fidelity"] = {"cosine": bootstrap_ci(F.cosine(ref, got), n_boot),
-                           "retrieval_agreement": bootstrap_ci(F.retrieval_agreement(ref, got, top_k), n_boot),
-                           "retrieval_k": min(top_k, len(ref) - 1)}
+        res["fidelity"] = {
+            "cosine": bootstrap_ci(F.cosine(ref, got), n_boot),
+            "retrieval_agreement": bootstrap_ci(F.retrieval_agreement(ref, got, top_k), n_boot),
+            "retrieval_k": min(top_k, len(ref) - 1),
+        }
     else:
-        res["fidelity"] = {"kl": bootstrap_ci(F.kl_divergence(ref, got), n_boot),
-                           "top1_agreement": bootstrap_ci(F.top1_agreement(ref, got), n_boot)}
+        res["fidelity"] = {
+            "kl": bootstrap_ci(F.kl_divergence(ref, got), n_boot),
+            "top1_agreement": bootstrap_ci(F.top1_agreement(ref, got), n_boot),
+        }
     if labels is not None and task.name != "embedding":
         y = np.asarray(labels)
         ca, cb = (ref.argmax(-1) == y).astype(float), (got.argmax(-1) == y).astype(float)

@@ -36,6 +36,6 @@ def assumptions(spec) -> dict:
         "watts_per_core": spec.watts_per_core,
         "usd_per_core_hour": spec.usd_per_core_hour,
         "formula": "energy = cpu_s_per_inference * watts_per_core; "
-                   "cost = cpu_s_per_inference / 3600 * usd_per_core_hour * 1e6",
+        "cost = cpu_s_per_inference / 3600 * usd_per_core_hour * 1e6",
         "inference": "one sample (one row of a batch)",
     }

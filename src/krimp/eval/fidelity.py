@@ -28,7 +28,7 @@ def topk_neighbours(emb: np.ndarray, k: int) -> np.ndarray:
 def retrieval_agreement(ref: np.ndarray, got: np.ndarray, k: int = 10) -> np.ndarray:
     """Per query: |top-k(ref) & top-k(got)| / k."""
     a, b = topk_neighbours(ref, k), topk_neighbours(got, k)
-    return np.array([len(set(x) & set(y)) / a.shape[1] for x, y in zip(a, b)])
+    return np.array([len(set(x) & set(y)) / a.shape[1] for x, y in zip(a, b, strict=True)])
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

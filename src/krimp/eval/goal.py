@@ -17,8 +17,7 @@ def quality_drop(q: dict) -> tuple[str, float] | None:
     return None
 
 
-def check_goal(goal, q: dict, size_ratio: float | None = None, speedup: float | None = None,
-               confident: bool = False):
+def check_goal(goal, q: dict, size_ratio: float | None = None, speedup: float | None = None, confident: bool = False):
     """(within_goal, misses). Each miss: {"metric", "limit", "value", "by"}. With ``confident`` a
     fidelity limit must hold for the whole 95% interval (its lower bound for a minimum, its upper
     bound for a maximum), not only for the point estimate."""
@@ -30,12 +29,14 @@ def check_goal(goal, q: dict, size_ratio: float | None = None, speedup: float | 
             return
         bad = value < limit if higher_is_better else value > limit
         if bad:
-            misses.append({"metric": metric, "limit": limit, "value": round(value, 6),
-                           "by": round(abs(value - limit), 6)})
+            misses.append(
+                {"metric": metric, "limit": limit, "value": round(value, 6), "by": round(abs(value - limit), 6)}
+            )
 
     drop = quality_drop(q)
     if drop is not None:
         need(f"quality_drop ({drop[0]})", drop[1], goal.max_quality_drop, False)
+
     def val(k, side=None):
         if k not in f:
             return None
@@ -73,8 +74,9 @@ def drop_ci(q: dict) -> list[float] | None:
     return None
 
 
-def verdicts(goal, q: dict, size_ratio: float, speedup: dict | None, timing_stable: bool = True,
-             timing_note: str = "") -> list[dict]:
+def verdicts(
+    goal, q: dict, size_ratio: float, speedup: dict | None, timing_stable: bool = True, timing_note: str = ""
+) -> list[dict]:
     """One row per limit of the goal: ``{"metric", "limit", "value", "ci95", "verdict"}``, where the
     verdict is ``met`` (the whole 95% interval on the good side of the limit), ``missed`` (all of it
     on the bad side) or ``within noise`` (the interval holds the limit: the data cannot tell). A
@@ -95,18 +97,26 @@ def verdicts(goal, q: dict, size_ratio: float, speedup: dict | None, timing_stab
             verdict = "missed"
         else:
             verdict = "within noise"
-        row = {"metric": metric, "limit": limit, "value": round(float(value), 6) + 0.0,  # + 0.0: no -0
-               "ci95": [round(float(x), 6) + 0.0 for x in ci] if ci else None, "verdict": verdict,
-               "point_met": bool(good(value))}
+        row = {
+            "metric": metric,
+            "limit": limit,
+            "value": round(float(value), 6) + 0.0,  # + 0.0: no -0
+            "ci95": [round(float(x), 6) + 0.0 for x in ci] if ci else None,
+            "verdict": verdict,
+            "point_met": bool(good(value)),
+        }
         rows.append(row)
         return row
 
     drop = quality_drop(q)
     if drop is not None:
         add(f"quality_drop ({drop[0]})", drop[1], drop_ci(q), goal.max_quality_drop, False)
-    for k, limit, higher in (("cosine", goal.min_cosine, True), ("retrieval_agreement", goal.min_retrieval_agreement,
-                                                                   True),
-                             ("top1_agreement", goal.min_top1_agreement, True), ("kl", goal.max_kl, False)):
+    for k, limit, higher in (
+        ("cosine", goal.min_cosine, True),
+        ("retrieval_agreement", goal.min_retrieval_agreement, True),
+        ("top1_agreement", goal.min_top1_agreement, True),
+        ("kl", goal.max_kl, False),
+    ):
         if isinstance(f.get(k), dict):
             add(k, f[k]["value"], f[k]["ci95"], limit, higher)
     add("size_ratio", size_ratio, None, goal.max_size_ratio, False)
@@ -124,12 +134,24 @@ def goal_outcome(rows: list[dict]) -> tuple[bool, list[dict], list[dict]]:
     """(within_goal, misses, within_noise) from :func:`verdicts`' rows. The run is within its goal
     when no limit is missed and every limit within noise has its point estimate on the good side
     (an unstable speed-up does not count as met)."""
+
     def by(r):  # an unstable speed-up that meets its limit misses by nothing: the note says why
         return 0.0 if "note" in r and r["verdict"] != "missed" else round(abs(r["value"] - r["limit"]), 6)
 
-    misses = [{"metric": r["metric"], "limit": r["limit"], "value": r["value"], "by": by(r),
-               **({"note": r["note"]} if "note" in r else {})}
-              for r in rows if r["verdict"] == "missed" or not r["point_met"]]
-    noise = [{"metric": r["metric"], "limit": r["limit"], "value": r["value"], "ci95": r["ci95"]}
-             for r in rows if r["verdict"] == "within noise"]
+    misses = [
+        {
+            "metric": r["metric"],
+            "limit": r["limit"],
+            "value": r["value"],
+            "by": by(r),
+            **({"note": r["note"]} if "note" in r else {}),
+        }
+        for r in rows
+        if r["verdict"] == "missed" or not r["point_met"]
+    ]
+    noise = [
+        {"metric": r["metric"], "limit": r["limit"], "value": r["value"], "ci95": r["ci95"]}
+        for r in rows
+        if r["verdict"] == "within noise"
+    ]
     return not misses, misses, noise

@@ -18,8 +18,15 @@ def _llama(path: Path | str, n_ctx: int, threads: int, logits_all: bool = True):
         from llama_cpp import Llama
     except ImportError:
         raise KrimpError("llama.cpp is not installed: pip install 'krimp[llama]' (builds from source)") from None
-    return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=threads,
-                 n_threads_batch=threads, n_batch=min(n_ctx, 512))
+    return Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        logits_all=logits_all,
+        verbose=False,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=min(n_ctx, 512),
+    )
 
 
 class LlamaCppEngine:
@@ -45,8 +52,16 @@ def bench_gguf(path: Path | str, threads: int = 2, prompt: int = 128, decode: in
     process so that its peak RSS is the model's alone."""
     import subprocess
 
-    args = [sys.executable, "-m", "krimp.eval.llamacpp", str(path), str(threads), str(prompt), str(decode),
-            str(repeats)]
+    args = [
+        sys.executable,
+        "-m",
+        "krimp.eval.llamacpp",
+        str(path),
+        str(threads),
+        str(prompt),
+        str(decode),
+        str(repeats),
+    ]
     r = subprocess.run(args, capture_output=True, text=True)
     if r.returncode:
         raise KrimpError(f"llama.cpp bench failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -72,9 +87,16 @@ def _worker(path: str, threads: int, prompt: int, decode: int, repeats: int) -> 
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM"):
             rss = int(line.split()[1]) / 1024
-    return {"runtime": "llama.cpp", "prompt_tokens_per_s": best_p, "decode_tokens_per_s": best_d,
-            "peak_rss_mb": rss, "threads": threads, "prompt_tokens": prompt, "decode_tokens": decode,
-            "size_bytes": Path(path).stat().st_size}
+    return {
+        "runtime": "llama.cpp",
+        "prompt_tokens_per_s": best_p,
+        "decode_tokens_per_s": best_d,
+        "peak_rss_mb": rss,
+        "threads": threads,
+        "prompt_tokens": prompt,
+        "decode_tokens": decode,
+        "size_bytes": Path(path).stat().st_size,
+    }
 
 
 if __name__ == "__main__":

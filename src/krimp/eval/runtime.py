@@ -31,30 +31,38 @@ def ort_session(path: Path | str | bytes, threads: int = 2, spin: bool = True):
         if unknown or standard:
             domain, op, version = unknown.groups() if unknown else ("", *standard.groups())
             name = "the model" if isinstance(path, bytes) else str(path)
-            raise KrimpError(f"{name}: ONNX Runtime has no op '{op}' in domain '{domain or 'ai.onnx'}' "
-                             f"(opset {version}); export the model without it, or with ops ONNX Runtime "
-                             "implements") from None
+            raise KrimpError(
+                f"{name}: ONNX Runtime has no op '{op}' in domain '{domain or 'ai.onnx'}' "
+                f"(opset {version}); export the model without it, or with ops ONNX Runtime "
+                "implements"
+            ) from None
         raise
 
 
 def check_feed(sess, feed: dict[str, np.ndarray]) -> None:
     """Name the input whose fixed shape or element type the data does not fit (one line)."""
-    types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-             "tensor(float16)": np.float16, "tensor(double)": np.float64}
+    types = {
+        "tensor(float)": np.float32,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+        "tensor(float16)": np.float16,
+        "tensor(double)": np.float64,
+    }
     for i in sess.get_inputs():
         if i.name not in feed:
             continue
         got = tuple(feed[i.name].shape)
         want = tuple(i.shape)
-        fixed = len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want, got))
+        fixed = len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want, got, strict=True))
         if not fixed:
             shown = tuple(w if isinstance(w, int) else "?" for w in want)
-            raise KrimpError(f"the model's input '{i.name}' takes shape {shown} but the data gives {got}; "
-                             "give data of that size (e.g. data.image_size, data.seq_len) or export the model "
-                             "with dynamic axes")
+            raise KrimpError(
+                f"the model's input '{i.name}' takes shape {shown} but the data gives {got}; "
+                "give data of that size (e.g. data.image_size, data.seq_len) or export the model "
+                "with dynamic axes"
+            )
         if i.type in types and feed[i.name].dtype != types[i.type]:
-            raise KrimpError(f"the model's input '{i.name}' takes {i.type} but the data gives "
-                             f"{feed[i.name].dtype}")
+            raise KrimpError(f"the model's input '{i.name}' takes {i.type} but the data gives {feed[i.name].dtype}")
 
 
 class OrtEngine:
@@ -102,4 +110,4 @@ class TorchEngine:
 def batches(task, items: list, batch: int, seq_len: int):
     """Feeds of ``batch`` items each (the last may be smaller)."""
     for i in range(0, len(items), batch):
-        yield task.encode(items[i:i + batch], seq_len)
+        yield task.encode(items[i : i + batch], seq_len)

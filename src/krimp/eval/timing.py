@@ -42,13 +42,22 @@ class OnnxWorker:
     """An ONNX model in its own process (``krimp.eval.bench_worker --serve``), timed on request."""
 
     def __init__(self, path: Path, feed_path: Path, threads: int, warmup: int):
-        cmd = [sys.executable, "-m", "krimp.eval.bench_worker", "--serve", str(path), str(feed_path), str(threads),
-               str(warmup)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "krimp.eval.bench_worker",
+            "--serve",
+            str(path),
+            str(feed_path),
+            str(threads),
+            str(warmup),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.name = Path(path).name
         self.err = tempfile.TemporaryFile(mode="w+")  # never a pipe: a chatty worker must not block
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
-                                  env=env)
+        self.p = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True, env=env
+        )
         try:
             self.batch = self._reply()["batch"]
         except BaseException:
@@ -129,12 +138,18 @@ def noise(times_s: list[float], rounds: int, load: float, cores: int) -> dict:
         reasons.append(f"runs vary by {cv:.0%} of the mean (more than {MAX_CV:.0%})")
     if load > cores:
         reasons.append(f"load average {load:.1f} exceeded the {cores} cores")
-    return {"p50_ms": round(float(np.median(t)), 4), "p95_ms": round(float(np.percentile(t, 95)), 4),
-            "cv": None if cv is None else round(cv, 4), "runs": int(t.size), "rounds": rounds, "stable": not reasons, "reasons": reasons}
+    return {
+        "p50_ms": round(float(np.median(t)), 4),
+        "p95_ms": round(float(np.percentile(t, 95)), 4),
+        "cv": None if cv is None else round(cv, 4),
+        "runs": int(t.size),
+        "rounds": rounds,
+        "stable": not reasons,
+        "reasons": reasons,
+    }
 
 
-def speedup_ci(base_rounds: list[list[float]], comp_rounds: list[list[float]], n: int = 2000,
-               seed: int = 0) -> dict:
+def speedup_ci(base_rounds: list[list[float]], comp_rounds: list[list[float]], n: int = 2000, seed: int = 0) -> dict:
     """Median(base) / median(comp) over all runs, with a 95% paired bootstrap interval over rounds."""
     b = [np.asarray(r) for r in base_rounds]
     c = [np.asarray(r) for r in comp_rounds]
@@ -167,8 +182,7 @@ def time_pair(a, b, repeats: int, budget_s: float, min_rounds: int = 5, max_roun
             t, c = timers[k].time(per_round)
             runs[k].append(t)
             cpu[k] += c
-        if r + 1 >= min_rounds and (_settled(runs["a"]) and _settled(runs["b"])
-                                    or time.perf_counter() - t0 > budget_s):
+        if r + 1 >= min_rounds and (_settled(runs["a"]) and _settled(runs["b"]) or time.perf_counter() - t0 > budget_s):
             break  # never before min_rounds: the interval needs rounds to resample
     load = os.getloadavg()[0]  # the last minute: mostly the timing itself
     cores = os.cpu_count() or 1
@@ -193,8 +207,9 @@ def _settled(rounds: list[list[float]]) -> bool:
     return abs(now - before) <= SETTLED * before
 
 
-def time_onnx_pair(base: Path, comp: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, repeats: int,
-                   budget_s: float) -> dict:
+def time_onnx_pair(
+    base: Path, comp: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, repeats: int, budget_s: float
+) -> dict:
     """:func:`time_pair` for two ONNX files, each in a worker process of its own."""
     with tempfile.TemporaryDirectory(prefix="krimp-bench-") as tmp:
         fp = Path(tmp) / "feed.npz"

@@ -58,6 +58,7 @@ def rope_permutation(rows: int, n_head: int) -> torch.Tensor:
 
 # ---- block encoders: pure numpy on codes and scales ------------------------------------------
 
+
 def _nibbles(q: np.ndarray) -> np.ndarray:
     """(n_blocks, 32) codes 0..15 -> (n_blocks, 16) bytes: low nibble j, high nibble j + 16."""
     q = q.astype(np.int32)
@@ -95,6 +96,7 @@ def encode_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, str]:
 
 # ---- writer ----------------------------------------------------------------------------------
 
+
 def _linear_of(module: nn.Module, param: str) -> nn.Module | None:
     try:
         return module.get_submodule(param.rsplit(".", 1)[0])
@@ -108,8 +110,10 @@ def export_gguf(module: nn.Module, source_gguf: str | Path | None, out: Path, fl
     import gguf
 
     if not source_gguf or not Path(source_gguf).exists():
-        raise KrimpError("GGUF export needs the model to come from a GGUF file (its tokenizer and metadata "
-                         "are carried over); this model was loaded from elsewhere")
+        raise KrimpError(
+            "GGUF export needs the model to come from a GGUF file (its tokenizer and metadata "
+            "are carried over); this model was loaded from elsewhere"
+        )
     reader = gguf.GGUFReader(str(source_gguf))
     arch = reader.fields["general.architecture"].contents()
     if arch != "llama":
@@ -186,8 +190,10 @@ def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 
         got = _load_gguf(path, False).module(input_ids=ids, use_cache=False).logits.float()
     err = float((got - ref).abs().max() / ref.abs().max())
     if not err <= rtol:
-        raise KrimpError(f"GGUF check failed: {path.name} reloaded differs from krimp's model by {err:.2e} "
-                         f"(relative to the largest logit; allowed {rtol:g})")
+        raise KrimpError(
+            f"GGUF check failed: {path.name} reloaded differs from krimp's model by {err:.2e} "
+            f"(relative to the largest logit; allowed {rtol:g})"
+        )
     res = {"transformers_max_rel_error": err}
     try:
         import llama_cpp  # noqa: F401

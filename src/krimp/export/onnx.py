@@ -22,8 +22,9 @@ from krimp.export.registry import ExportJob, exporter
 log = logging.getLogger(__name__)
 
 
-def export_onnx(module: torch.nn.Module, task, feed: dict[str, np.ndarray], path: Path,
-                opset: int = 17, origin: str | None = None) -> Path:
+def export_onnx(
+    module: torch.nn.Module, task, feed: dict[str, np.ndarray], path: Path, opset: int = 17, origin: str | None = None
+) -> Path:
     import onnx
 
     wrapped = task.export_module(module).eval()
@@ -34,15 +35,29 @@ def export_onnx(module: torch.nn.Module, task, feed: dict[str, np.ndarray], path
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapped, args, str(tmp), input_names=task.input_names,
-                              output_names=["output"], dynamic_axes=dyn, opset_version=opset,
-                              dynamo=False, do_constant_folding=True)
+            torch.onnx.export(
+                wrapped,
+                args,
+                str(tmp),
+                input_names=task.input_names,
+                output_names=["output"],
+                dynamic_axes=dyn,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise KrimpError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     m = onnx.load(str(tmp))
-    meta = {"name": task.name, "mean": task.mean, "std": task.std, "channels": task.channels,
-            "image_size": task.image_size, "labels": task.labels}
+    meta = {
+        "name": task.name,
+        "mean": task.mean,
+        "std": task.std,
+        "channels": task.channels,
+        "image_size": task.image_size,
+        "labels": task.labels,
+    }
     props = {"krimp.task": json.dumps(meta)}
     if origin:
         props["krimp.origin"] = origin  # e.g. builtin:digits-cnn, so its builtin data can follow it
@@ -52,8 +67,7 @@ def export_onnx(module: torch.nn.Module, task, feed: dict[str, np.ndarray], path
     return path
 
 
-def verify_onnx(path: Path, engine_ref, feeds: list[dict[str, np.ndarray]], rtol: float,
-                threads: int = 2) -> float:
+def verify_onnx(path: Path, engine_ref, feeds: list[dict[str, np.ndarray]], rtol: float, threads: int = 2) -> float:
     """Max relative error of the ONNX file against ``engine_ref``; raises past ``rtol``."""
     from krimp.eval.runtime import OrtEngine
 
@@ -66,8 +80,9 @@ def verify_onnx(path: Path, engine_ref, feeds: list[dict[str, np.ndarray]], rtol
         err = float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
         worst = max(worst, err)
     if not np.isfinite(worst) or worst > rtol:
-        raise KrimpError(f"exported {path.name} does not match the model: max relative error "
-                         f"{worst:.2e} > tolerance {rtol:.0e}")
+        raise KrimpError(
+            f"exported {path.name} does not match the model: max relative error {worst:.2e} > tolerance {rtol:.0e}"
+        )
     log.info("export check %s: max relative error %.2e (tolerance %.0e)", path.name, worst, rtol)
     return worst
 
@@ -83,14 +98,14 @@ def optimize_transformer(src: Path, dst: Path, module: torch.nn.Module) -> dict 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=cfg.num_attention_heads,
-                                           hidden_size=cfg.hidden_size, opt_level=1)
+            opt = optimizer.optimize_model(
+                str(src), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size, opt_level=1
+            )
         opt.save_model_to_file(str(dst))
     except Exception as e:
         log.warning("transformer fusion failed (%s); keeping the plain graph", e)
         return None
     return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-
 
 
 def lower(src: Path, work: Path, module: torch.nn.Module, form: str, step=lambda s: None) -> tuple[Path, dict | None]:
@@ -121,5 +136,7 @@ def write_onnx(job: ExportJob) -> list[dict]:
     else:
         os.replace(run.compressed_onnx, final)
     run.compressed_onnx = final
-    return [{"format": "onnx", "role": "compressed", "path": "model.onnx"},
-            {"format": "onnx", "role": "baseline", "path": "baseline.onnx"}]
+    return [
+        {"format": "onnx", "role": "compressed", "path": "model.onnx"},
+        {"format": "onnx", "role": "baseline", "path": "baseline.onnx"},
+    ]

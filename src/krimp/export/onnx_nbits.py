@@ -82,12 +82,27 @@ def to_matmul_nbits(src: Path, dst: Path, module: torch.nn.Module, accuracy_leve
             continue
         b, s, zp, bits = nbits_arrays(qw, bs)
         base = node.input[1]
-        g.initializer.extend([numpy_helper.from_array(b, base + "_Q"), numpy_helper.from_array(s, base + "_scales"),
-                              numpy_helper.from_array(zp, base + "_zp")])
-        new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], base + "_Q", base + "_scales", base + "_zp"], list(node.output),
-            name=node.name + "NBits", domain="com.microsoft", K=qw.shape[1], N=qw.shape[0], bits=bits,
-            block_size=bs, accuracy_level=accuracy_level))
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(b, base + "_Q"),
+                numpy_helper.from_array(s, base + "_scales"),
+                numpy_helper.from_array(zp, base + "_zp"),
+            ]
+        )
+        new_nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], base + "_Q", base + "_scales", base + "_zp"],
+                list(node.output),
+                name=node.name + "NBits",
+                domain="com.microsoft",
+                K=qw.shape[1],
+                N=qw.shape[0],
+                bits=bits,
+                block_size=bs,
+                accuracy_level=accuracy_level,
+            )
+        )
         replaced += 1
     del g.node[:]
     g.node.extend(new_nodes)
@@ -126,8 +141,9 @@ def _embedding_fp16(g, module, qlins) -> bool:
             out = node.output[0]
             node.input[0] = half.name
             node.output[0] = out + "_fp16"
-            nodes.insert(i + 1, helper.make_node("Cast", [out + "_fp16"], [out], name=node.name + "_cast",
-                                                 to=TensorProto.FLOAT))
+            nodes.insert(
+                i + 1, helper.make_node("Cast", [out + "_fp16"], [out], name=node.name + "_cast", to=TensorProto.FLOAT)
+            )
             del g.node[:]
             g.node.extend(nodes)
             return True

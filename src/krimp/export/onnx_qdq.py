@@ -44,13 +44,17 @@ def _qdq(g, inits: dict, nodes: list, x: str, key: str, grid: tuple[float, int],
 
     s_name, z_name = f"{key}_scale", f"{key}_zero_point"
     if s_name not in inits:
-        for t in (numpy_helper.from_array(np.array(grid[0], np.float32), s_name),
-                  numpy_helper.from_array(np.array(grid[1], np.uint8), z_name)):
+        for t in (
+            numpy_helper.from_array(np.array(grid[0], np.float32), s_name),
+            numpy_helper.from_array(np.array(grid[1], np.uint8), z_name),
+        ):
             g.initializer.append(t)
             inits[t.name] = t
     dq = out_name or f"{key}_dq"
-    nodes += [helper.make_node("QuantizeLinear", [x, s_name, z_name], [f"{key}_q"], name=f"{key}/Q"),
-              helper.make_node("DequantizeLinear", [f"{key}_q", s_name, z_name], [dq], name=f"{key}/DQ")]
+    nodes += [
+        helper.make_node("QuantizeLinear", [x, s_name, z_name], [f"{key}_q"], name=f"{key}/Q"),
+        helper.make_node("DequantizeLinear", [f"{key}_q", s_name, z_name], [dq], name=f"{key}/DQ"),
+    ]
     return dq
 
 
@@ -95,11 +99,22 @@ def to_qdq(src: Path, dst: Path, module: torch.nn.Module) -> dict:
             continue
         codes, scales, axis = laid
         base = f"{key}.weight"
-        g.initializer.extend([numpy_helper.from_array(codes, base + "_int8"),
-                              numpy_helper.from_array(scales.astype(np.float32), base + "_scale"),
-                              numpy_helper.from_array(np.zeros(scales.shape, np.int8), base + "_zero_point")])
-        new_nodes.append(helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero_point"],
-                                          [base + "_dq"], name=f"{key}/WeightDQ", axis=axis))
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(codes, base + "_int8"),
+                numpy_helper.from_array(scales.astype(np.float32), base + "_scale"),
+                numpy_helper.from_array(np.zeros(scales.shape, np.int8), base + "_zero_point"),
+            ]
+        )
+        new_nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [base + "_int8", base + "_scale", base + "_zero_point"],
+                [base + "_dq"],
+                name=f"{key}/WeightDQ",
+                axis=axis,
+            )
+        )
         node.input[1] = base + "_dq"
         new_nodes += [node, *after]
         weights += 1

@@ -17,8 +17,13 @@ def count_onnx_params(path: Path) -> int:
     """Elements of weight initializers (two or more dims; float or integer codes)."""
     import onnx
 
-    kinds = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-             onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    kinds = (
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8,
+    )
     return int(sum(np.prod(t.dims) for t in _initializers(path) if t.data_type in kinds and len(t.dims) >= 2))
 
 

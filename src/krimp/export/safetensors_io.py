@@ -45,16 +45,24 @@ def sparse_weights(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     out = {}
     for name, m in module.named_modules():
         w = getattr(m, "weight", None)
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and getattr(m, "krimp_wq", None) is None and w is not None \
-                and w.numel() >= 1024 and float((w == 0).float().mean()) >= SPARSE_MIN:
+        if (
+            isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+            and getattr(m, "krimp_wq", None) is None
+            and w is not None
+            and w.numel() >= 1024
+            and float((w == 0).float().mean()) >= SPARSE_MIN
+        ):
             out[name] = m
     return out
 
 
 def linear_shapes(module: torch.nn.Module) -> dict[str, list]:
     """[out, in, has_bias] of every linear that structured pruning made smaller."""
-    return {n: [m.out_features, m.in_features, m.bias is not None] for n, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear) and getattr(m, "krimp_structured", False)}
+    return {
+        n: [m.out_features, m.in_features, m.bias is not None]
+        for n, m in module.named_modules()
+        if isinstance(m, torch.nn.Linear) and getattr(m, "krimp_structured", False)
+    }
 
 
 def resize_linears(module: torch.nn.Module, shapes: dict[str, list]) -> None:
@@ -86,8 +94,12 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
         state[f"{name}.qweight"] = pack(qw.codes.to(torch.int16), qw.spec.bits, symmetric=False)
         state[f"{name}.scales"] = qw.scales.half().contiguous()
         state[f"{name}.zeros"] = qw.zeros.to(torch.uint8).contiguous()
-        layers[name] = {"bits": qw.spec.bits, "group_size": qw.spec.group_size,
-                        "symmetric": qw.spec.symmetric, "shape": list(qw.shape)}
+        layers[name] = {
+            "bits": qw.spec.bits,
+            "group_size": qw.spec.group_size,
+            "symmetric": qw.spec.symmetric,
+            "shape": list(qw.shape),
+        }
         seen.add(lin.weight.data_ptr())
     sparse = {}
     for name, m in sparse_weights(module).items():
@@ -102,8 +114,12 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
             continue
         seen.add(v.data_ptr())
         state[k] = v.detach().contiguous()
-    meta = {"format": PACKED_FORMAT, "layers": json.dumps(layers), "sparse": json.dumps(sparse),
-            "shapes": json.dumps(linear_shapes(module))}
+    meta = {
+        "format": PACKED_FORMAT,
+        "layers": json.dumps(layers),
+        "sparse": json.dumps(sparse),
+        "shapes": json.dumps(linear_shapes(module)),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.safetensors"
     tmp = path.with_name(path.name + ".tmp")
@@ -112,8 +128,9 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
     if hasattr(getattr(module, "config", None), "save_pretrained"):  # reloadable as a model folder
         module.config.save_pretrained(folder)
     else:  # a plain torch module: load_packed(MyModel(), path) fills it
-        log.info("%s: no model config to write; fill your own module with krimp.export.safetensors_io.load_packed",
-                 path)
+        log.info(
+            "%s: no model config to write; fill your own module with krimp.export.safetensors_io.load_packed", path
+        )
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return path
@@ -154,8 +171,11 @@ def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
         layers = json.loads(f.metadata()["layers"])
         sparse = json.loads(f.metadata().get("sparse", "{}"))
         resize_linears(module, json.loads(f.metadata().get("shapes", "{}")))
-        plain = {k: f.get_tensor(k) for k in f.keys()  # noqa: SIM118 (safe_open is no dict)
-                 if not k.endswith((".qweight", ".scales", ".zeros", ".bitmask", ".values"))}
+        plain = {
+            k: f.get_tensor(k)
+            for k in f.keys()  # noqa: SIM118 (safe_open is no dict)
+            if not k.endswith((".qweight", ".scales", ".zeros", ".bitmask", ".values"))
+        }
         for name, shape in sparse.items():
             n = int(np.prod(shape))
             keep = torch.from_numpy(np.unpackbits(f.get_tensor(f"{name}.bitmask").numpy(), count=n).astype(bool))
@@ -169,8 +189,12 @@ def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
         for name, info in layers.items():
             spec = WQSpec(info["bits"], info["group_size"], info["symmetric"])
             codes = unpack(f.get_tensor(f"{name}.qweight"), spec.bits, False, tuple(info["shape"]))
-            qw = QuantizedWeight(codes.to(torch.uint8), f.get_tensor(f"{name}.scales").float(),
-                                 f.get_tensor(f"{name}.zeros").float(), spec)
+            qw = QuantizedWeight(
+                codes.to(torch.uint8),
+                f.get_tensor(f"{name}.scales").float(),
+                f.get_tensor(f"{name}.zeros").float(),
+                spec,
+            )
             set_quantized(module.get_submodule(name), qw)
     if hasattr(module, "tie_weights"):
         module.tie_weights()

@@ -73,17 +73,16 @@ _LLAMA_PAIRS = (
 # The order is the search order.
 FAMILIES = (
     # BERT, RoBERTa, MiniLM encoders (post-norm: no scale pairs)
-    Family("bert", ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
-           attention=_BERT_ATTN, ffn=_BERT_FFN),
+    Family(
+        "bert", ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"), attention=_BERT_ATTN, ffn=_BERT_FFN
+    ),
     # Llama, Mistral, Qwen2/3, SmolLM, Gemma-style causal LMs
-    Family("llama", ("model.layers",), decoder=True, attention=_LLAMA_ATTN, ffn=_LLAMA_FFN,
-           scale_pairs=_LLAMA_PAIRS),
+    Family("llama", ("model.layers",), decoder=True, attention=_LLAMA_ATTN, ffn=_LLAMA_FFN, scale_pairs=_LLAMA_PAIRS),
     Family("opt", ("model.decoder.layers",), decoder=True),
     Family("gpt2", ("transformer.h",), decoder=True),
     Family("gpt-neox", ("gpt_neox.layers",), decoder=True),
     # a base model without its head (LlamaModel, ...), or a plain module with a ``layers`` list
-    Family("llama-base", ("layers",), decoder=True, attention=_LLAMA_ATTN, ffn=_LLAMA_FFN,
-           scale_pairs=_LLAMA_PAIRS),
+    Family("llama-base", ("layers",), decoder=True, attention=_LLAMA_ATTN, ffn=_LLAMA_FFN, scale_pairs=_LLAMA_PAIRS),
 )
 
 
@@ -124,8 +123,10 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The dotted path and the list of decoder blocks, or KrimpError."""
     found = _stack(model, BLOCK_PATHS)
     if found is None:
-        raise KrimpError(f"{type(model).__name__}: no decoder blocks found (looked for {', '.join(BLOCK_PATHS)}); "
-                         "layer-wise methods support decoder-only language models")
+        raise KrimpError(
+            f"{type(model).__name__}: no decoder blocks found (looked for {', '.join(BLOCK_PATHS)}); "
+            "layer-wise methods support decoder-only language models"
+        )
     return found
 
 
@@ -133,8 +134,10 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The dotted path and the list of transformer layers whose heads and FFN krimp knows, or KrimpError."""
     found = _stack(model, LAYER_PATHS)
     if found is None:
-        raise KrimpError(f"{type(model).__name__}: no transformer layers found (looked for {', '.join(LAYER_PATHS)}); "
-                         "structured pruning of heads/neurons/layers supports BERT- and Llama-style models")
+        raise KrimpError(
+            f"{type(model).__name__}: no transformer layers found (looked for {', '.join(LAYER_PATHS)}); "
+            "structured pruning of heads/neurons/layers supports BERT- and Llama-style models"
+        )
     return found
 
 
@@ -151,8 +154,9 @@ def decoder_linears(module: nn.Module) -> dict[str, nn.Linear]:
 def ffn_of(layer: nn.Module) -> tuple[tuple[str, ...], str] | None:
     """(producers of the FFN activation, its reader) in ``layer``, or None."""
     for f in FFNS:
-        if all(isinstance(submodule(layer, u), nn.Linear) for u in f.ups) \
-                and isinstance(submodule(layer, f.down), nn.Linear):
+        if all(isinstance(submodule(layer, u), nn.Linear) for u in f.ups) and isinstance(
+            submodule(layer, f.down), nn.Linear
+        ):
             return f.ups, f.down
     return None
 

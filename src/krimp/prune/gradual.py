@@ -69,8 +69,10 @@ class GradualPruneConfig(MagnitudePruneConfig):
     @pydantic.model_validator(mode="after")
     def _schedule(self):
         if self.pattern != "unstructured":
-            raise ValueError("gradual: N:M patterns are applied in one shot (method magnitude, wanda or "
-                             "sparsegpt with a pattern); the cubic schedule is for unstructured sparsity")
+            raise ValueError(
+                "gradual: N:M patterns are applied in one shot (method magnitude, wanda or "
+                "sparsegpt with a pattern); the cubic schedule is for unstructured sparsity"
+            )
         if self.end <= self.begin:
             raise ValueError(f"gradual: end ({self.end}) must come after begin ({self.begin})")
         if self.initial > self.sparsity:
@@ -124,8 +126,28 @@ class GradualPrune:
         teacher = copy.deepcopy(module).eval()
         masker = _Masker(layers, cfg)
         fp = fingerprint(cfg.to_dict(), ctx.task.name, len(ctx.calib_feeds), sorted(layers))
-        rec = distill(module, teacher, ctx.task, ctx.calib_feeds, cfg.steps, cfg.lr, cfg.temperature, ctx.step,
-                      ckpt_dir=ctx.ckpt_dir, fp=fp, on_step=masker)
-        return module, _summary(cfg, layers, t0, {"scope": cfg.scope, "schedule": masker.history,
-                                                  "prune_from_step": masker.t0, "prune_until_step": masker.t_end,
-                                                  "recovery": rec})
+        rec = distill(
+            module,
+            teacher,
+            ctx.task,
+            ctx.calib_feeds,
+            cfg.steps,
+            cfg.lr,
+            cfg.temperature,
+            ctx.step,
+            ckpt_dir=ctx.ckpt_dir,
+            fp=fp,
+            on_step=masker,
+        )
+        return module, _summary(
+            cfg,
+            layers,
+            t0,
+            {
+                "scope": cfg.scope,
+                "schedule": masker.history,
+                "prune_from_step": masker.t0,
+                "prune_until_step": masker.t_end,
+                "recovery": rec,
+            },
+        )

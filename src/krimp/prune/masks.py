@@ -32,8 +32,10 @@ def parse_nm(pattern: str | None) -> tuple[int, int] | None:
 
 def check_nm(width: int, nm: tuple[int, int], name: str) -> None:
     if width % nm[1]:
-        raise KrimpError(f"{name}: input width {width} is not a multiple of M={nm[1]} for the "
-                         f"{nm[0]}:{nm[1]} pattern; leave the layer out with 'ignore'")
+        raise KrimpError(
+            f"{name}: input width {width} is not a multiple of M={nm[1]} for the "
+            f"{nm[0]}:{nm[1]} pattern; leave the layer out with 'ignore'"
+        )
 
 
 def n_pruned(count: int, sparsity: float) -> int:

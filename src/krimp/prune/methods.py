@@ -40,8 +40,10 @@ from krimp.quant.llm import SINK_WEIGHT
 
 log = logging.getLogger(__name__)
 
-RUNTIME_NOTE = ("ONNX Runtime and llama.cpp run these weights as dense on CPU: the sparsity makes the "
-                "safetensors artifact smaller, not the model faster")
+RUNTIME_NOTE = (
+    "ONNX Runtime and llama.cpp run these weights as dense on CPU: the sparsity makes the "
+    "safetensors artifact smaller, not the model faster"
+)
 
 
 class _PruneConfig(BaseConfig):
@@ -96,6 +98,7 @@ class SparseGPTConfig(_CalibratedConfig):
 
 # --------------------------------------------------------------------------------------------------
 
+
 def prunable(module: nn.Module, cfg: _PruneConfig) -> dict[str, nn.Module]:
     """Name -> layer that ``cfg`` prunes in ``module`` (see the module docstring)."""
     from krimp.models.arch import decoder_linears
@@ -103,8 +106,11 @@ def prunable(module: nn.Module, cfg: _PruneConfig) -> dict[str, nn.Module]:
     try:
         layers = decoder_linears(module)
     except KrimpError:
-        layers = {n: m for n, m in module.named_modules()
-                  if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}
+        layers = {
+            n: m
+            for n, m in module.named_modules()
+            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+        }
         head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
         if head is None and layers:  # a classifier or plain module: its last layer makes the output
             head = list(layers.values())[-1]
@@ -127,10 +133,18 @@ def _summary(cfg: _PruneConfig, layers: dict[str, nn.Module], t0: float, extra: 
     per = {n: round(sparsity(m.weight.detach()), 4) for n, m in layers.items()}
     total = sum(m.weight.numel() for m in layers.values())
     zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
-    return {"pattern": cfg.pattern, "pruned_layers": len(layers), "pruned_params": zeros,
-            "target_params": total, "sparsity": round(zeros / total, 4),
-            "layer_sparsity_min": min(per.values()), "layer_sparsity_max": max(per.values()),
-            "seconds": round(time.perf_counter() - t0, 2), "runtime": RUNTIME_NOTE, **extra}
+    return {
+        "pattern": cfg.pattern,
+        "pruned_layers": len(layers),
+        "pruned_params": zeros,
+        "target_params": total,
+        "sparsity": round(zeros / total, 4),
+        "layer_sparsity_min": min(per.values()),
+        "layer_sparsity_max": max(per.values()),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "runtime": RUNTIME_NOTE,
+        **extra,
+    }
 
 
 @register(MagnitudePruneConfig)
@@ -142,8 +156,7 @@ class Magnitude:
         t0 = time.perf_counter()
         layers = prunable(module, cfg)
         flat = {n: m.weight.detach().float().reshape(m.weight.shape[0], -1).abs() for n, m in layers.items()}
-        thr = global_threshold(list(flat.values()), cfg.sparsity) \
-            if cfg.scope == "global" and not cfg.nm else None
+        thr = global_threshold(list(flat.values()), cfg.sparsity) if cfg.scope == "global" and not cfg.nm else None
         for n, m in layers.items():
             s = flat[n]
             keep = nm_mask(s, *cfg.nm) if cfg.nm else (s > thr) if thr is not None else layer_mask(s, cfg.sparsity)
@@ -211,5 +224,4 @@ class SparseGPT(_Layerwise):
     def prune(self, W, stats, cfg):
         from krimp.prune.sparsegpt import sparsegpt_solve
 
-        return sparsegpt_solve(W, stats.hessian, cfg.sparsity, nm=cfg.nm, block_size=cfg.block_size,
-                               damp=cfg.damp)
+        return sparsegpt_solve(W, stats.hessian, cfg.sparsity, nm=cfg.nm, block_size=cfg.block_size, damp=cfg.damp)

@@ -30,8 +30,15 @@ def _dampen(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     return H, dead
 
 
-def obs_remove_units(W: torch.Tensor, H: torch.Tensor, unit: int, n_units: int, n_remove: int,
-                     damp: float = 0.01, path: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def obs_remove_units(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    unit: int,
+    n_units: int,
+    n_remove: int,
+    damp: float = 0.01,
+    path: list[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Greedily remove ``n_remove`` of the ``n_units`` units (``unit`` consecutive input columns
     each, at the start of ``W``'s columns; any further columns, such as a bias column, always stay).
 
@@ -42,8 +49,10 @@ def obs_remove_units(W: torch.Tensor, H: torch.Tensor, unit: int, n_units: int, 
     """
     n_in = W.shape[1]
     if H.shape != (n_in, n_in) or n_units * unit > n_in:
-        raise KrimpError(f"structured OBS: weights {tuple(W.shape)} and statistics {tuple(H.shape)} "
-                         f"do not fit {n_units} units of {unit}")
+        raise KrimpError(
+            f"structured OBS: weights {tuple(W.shape)} and statistics {tuple(H.shape)} "
+            f"do not fit {n_units} units of {unit}"
+        )
     if not 0 <= n_remove < n_units:
         raise KrimpError(f"structured OBS: cannot remove {n_remove} of {n_units} units")
     Hd, dead = _dampen(H, damp)
@@ -87,8 +96,15 @@ def obs_remove_units(W: torch.Tensor, H: torch.Tensor, unit: int, n_units: int, 
     return keep, W1[:, cols].to(W.dtype), total / max(base, 1e-30)
 
 
-def obs_cut_reader(weight: torch.Tensor, bias: torch.Tensor | None, H: torch.Tensor, unit: int, n_units: int,
-                   n_remove: int, path: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+def obs_cut_reader(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    H: torch.Tensor,
+    unit: int,
+    n_units: int,
+    n_remove: int,
+    path: list[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
     """:func:`obs_remove_units` for a layer with ``weight`` (out, in) and an optional ``bias``; with a
     bias, ``H`` has one more row and column for the constant input 1. Returns (kept units, the
     re-fitted weights of the kept columns, the re-fitted bias or None, the relative error; ``path`` as

@@ -15,8 +15,15 @@ from krimp.calib.solver import column_sweep
 from krimp.prune.masks import layer_mask, nm_mask
 
 
-def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, sparsity: float, *, nm: tuple[int, int] | None = None,
-                    block_size: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, dict]:
+def sparsegpt_solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    *,
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, dict]:
     """Prune ``W`` (out, in) given ``H`` (in, in) = sum of x x^T. Returns the new weight (exact zeros
     where pruned) and ``{"loss", "damping", "notes"}``."""
     if nm:
@@ -31,7 +38,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, sparsity: float, *, nm: tu
         i = j - st["j0"]
         if nm and i % nm[1] == 0:  # choose this group of M from the columns as updated so far
             cur = current(j, j + nm[1])
-            st["keep"][:, i:i + nm[1]] = nm_mask(cur**2 / st["d2"][:, i:i + nm[1]], *nm)
+            st["keep"][:, i : i + nm[1]] = nm_mask(cur**2 / st["d2"][:, i : i + nm[1]], *nm)
         return w * st["keep"][:, i]
 
     res = column_sweep(W, H, on_column, on_block=on_block, block_size=block_size, damp=damp)

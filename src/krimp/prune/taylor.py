@@ -47,6 +47,7 @@ class _Gates:
         def f(_m, args):
             g = self.gates[name].repeat_interleave(self.sizes[name]).to(args[0].dtype)
             return (args[0] * g,) + tuple(args[1:])
+
         return f
 
     def remove(self):
@@ -54,9 +55,14 @@ class _Gates:
             h.remove()
 
 
-def taylor_unit_scores(model: nn.Module, task, feeds: Sequence[dict[str, np.ndarray]],
-                       readers: dict[str, tuple[nn.Module, int]], seed: int = 0,
-                       step: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+def taylor_unit_scores(
+    model: nn.Module,
+    task,
+    feeds: Sequence[dict[str, np.ndarray]],
+    readers: dict[str, tuple[nn.Module, int]],
+    seed: int = 0,
+    step: Callable[[str], None] | None = None,
+) -> dict[str, torch.Tensor]:
     """Per reader (name -> (linear that reads the units, unit width in columns)): each unit's summed
     squared first-order output change over the calibration ``feeds`` (module docstring)."""
     gates = _Gates(readers)
@@ -73,7 +79,7 @@ def taylor_unit_scores(model: nn.Module, task, feeds: Sequence[dict[str, np.ndar
             with torch.enable_grad():
                 loss = probe_loss(wrapped(*args).float(), gen, mask)
                 grads = torch.autograd.grad(loss, list(gates.gates.values()))
-            for n, g in zip(gates.gates, grads):
+            for n, g in zip(gates.gates, grads, strict=True):
                 scores[n] += g.detach() ** 2
             if step and i % 8 == 0:
                 step(f"Taylor importance: batch {i + 1}/{len(feeds)}")
@@ -123,12 +129,13 @@ class ProbedGroupTaylor:
                 if w in g:
                     per_input = (w * g[w]).transpose(0, 1).flatten(1).sum(1).double()
                     change.index_add_(0, root, per_input[idxs])
-            total += change ** 2
+            total += change**2
         return total.sqrt().float()
 
 
-def probe_grads(model: nn.Module, feeds: Sequence[dict[str, np.ndarray]], input_name: str, batches: int = 32,
-                seed: int = 0) -> list[dict[nn.Parameter, torch.Tensor]]:
+def probe_grads(
+    model: nn.Module, feeds: Sequence[dict[str, np.ndarray]], input_name: str, batches: int = 32, seed: int = 0
+) -> list[dict[nn.Parameter, torch.Tensor]]:
     """The weight gradients of ``v . model(x)`` for a fresh probe ``v`` on each of the first
     ``batches`` calibration batches (an image model in eval mode)."""
     gen = torch.Generator().manual_seed(seed)
@@ -139,5 +146,5 @@ def probe_grads(model: nn.Module, feeds: Sequence[dict[str, np.ndarray]], input_
         x = torch.from_numpy(np.ascontiguousarray(f[input_name]))
         with torch.enable_grad():
             gs = torch.autograd.grad(probe_loss(model(x).float(), gen), params, allow_unused=True)
-        out.append({p: g.detach() for p, g in zip(params, gs) if g is not None})
+        out.append({p: g.detach() for p, g in zip(params, gs, strict=True) if g is not None})
     return out

@@ -70,6 +70,7 @@ def _set(mod: nn.Module, path: str, new: nn.Module) -> None:
 
 # ---- importance -------------------------------------------------------------------------------
 
+
 class _Stop(Exception):
     pass
 
@@ -88,6 +89,7 @@ def _reader_inputs(model, task, feeds, readers: dict[str, nn.Linear], add, stop:
             if m is not None and x.ndim == 3 and m.shape == x.shape[:2]:
                 x = x[m.bool()]
             add(name, x.reshape(-1, x.shape[-1]))
+
         return hook
 
     def halt(*_):
@@ -142,8 +144,9 @@ def _input_gram(model, task, feeds, reader: nn.Linear, stop: nn.Module) -> torch
     return box[0]
 
 
-def _obs_choose(lin: nn.Linear, gram: torch.Tensor, unit: int, n_units: int, keep: int,
-                where: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+def _obs_choose(
+    lin: nn.Linear, gram: torch.Tensor, unit: int, n_units: int, keep: int, where: str
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
     """The units of ``lin``'s input to keep (structured OBS) and the re-fitted (weight, bias) of the
     kept columns."""
     kept, W1, b1, rel = obs_cut_reader(lin.weight, lin.bias, gram, unit, n_units, n_units - keep)
@@ -168,6 +171,7 @@ def block_influence(model, task, feeds, layers: nn.ModuleList) -> torch.Tensor:
     def pre(i):
         def f(_m, args, kwargs):
             box[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+
         return f
 
     def post(i):
@@ -175,6 +179,7 @@ def block_influence(model, task, feeds, layers: nn.ModuleList) -> torch.Tensor:
             y = out[0] if isinstance(out, (tuple, list)) else out
             x = box.pop(i)
             scores[i] += (1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).mean()
+
         return f
 
     hs = [la.register_forward_pre_hook(pre(i), with_kwargs=True) for i, la in enumerate(layers)]
@@ -199,6 +204,7 @@ def least_influential(model, task, feeds, layers: nn.ModuleList, n: int) -> tupl
 
 # ---- removal ----------------------------------------------------------------------------------
 
+
 def prune_ffn(layer: nn.Module, ups: tuple[str, ...], down: str, keep: torch.Tensor) -> None:
     for u in ups:
         _set(layer, u, slice_linear(submodule(layer, u), rows=keep))
@@ -214,8 +220,11 @@ def prune_heads(layer: nn.Module, h: Heads, keep_kv: torch.Tensor) -> None:
     for name in (k, v):
         setattr(h.holder, name, slice_linear(getattr(h.holder, name), rows=unit_rows(keep_kv, h.head_dim)))
     _set(layer, h.out_path, slice_linear(submodule(layer, h.out_path), cols=unit_rows(keep_q, h.head_dim)))
-    for attr, val in (("num_attention_heads", len(keep_q)), ("num_heads", len(keep_q)),
-                      ("num_key_value_heads", len(keep_kv))):
+    for attr, val in (
+        ("num_attention_heads", len(keep_q)),
+        ("num_heads", len(keep_q)),
+        ("num_key_value_heads", len(keep_kv)),
+    ):
         if hasattr(h.holder, attr):
             setattr(h.holder, attr, val)
     if hasattr(h.holder, "all_head_size"):
@@ -254,7 +263,7 @@ def _unit_scores(model, cfg: StructuredPruneConfig, ctx, layers: nn.ModuleList, 
     if cfg.importance == "taylor":
         from krimp.prune.taylor import taylor_unit_scores
 
-        acts = taylor_unit_scores(model, ctx.task, ctx.calib_feeds[:cfg.obs_batches], readers, step=ctx.step)
+        acts = taylor_unit_scores(model, ctx.task, ctx.calib_feeds[: cfg.obs_batches], readers, step=ctx.step)
     elif cfg.importance == "activation":
         acts = _activation_means(model, ctx.task, ctx.calib_feeds, {n: r for n, (r, _s) in readers.items()})
     out = {}
@@ -265,16 +274,22 @@ def _unit_scores(model, cfg: StructuredPruneConfig, ctx, layers: nn.ModuleList, 
             if cfg.importance == "taylor":
                 out[f"{i}.heads"] = acts[f"{i}.heads"].reshape(h.n_kv, group).sum(1)
             else:
-                a = acts[f"{i}.heads"].reshape(h.n_q, h.head_dim).norm(dim=1) if cfg.importance == "activation" \
+                a = (
+                    acts[f"{i}.heads"].reshape(h.n_q, h.head_dim).norm(dim=1)
+                    if cfg.importance == "activation"
                     else row_norms(getattr(h.holder, h.names[0]), size=h.head_dim)
+                )
                 out[f"{i}.heads"] = (a * col_norms(readers[f"{i}.heads"][0], h.head_dim)).reshape(h.n_kv, group).sum(1)
         if cfg.ffn:
             ups, _down = units["ffn"][i]
             if cfg.importance == "taylor":
                 out[f"{i}.ffn"] = acts[f"{i}.ffn"]
             else:
-                a = acts[f"{i}.ffn"] if cfg.importance == "activation" \
+                a = (
+                    acts[f"{i}.ffn"]
+                    if cfg.importance == "activation"
                     else row_norms(*(submodule(layer, u) for u in ups))
+                )
                 out[f"{i}.ffn"] = a * col_norms(readers[f"{i}.ffn"][0])
     return out
 
@@ -314,13 +329,14 @@ class StructuredPrune:
         kept = {"ffn": [], "heads": []}
         obs = cfg.importance == "obs"
         for i, layer in enumerate(layers):
-            feeds = ctx.calib_feeds[:cfg.obs_batches]
+            feeds = ctx.calib_feeds[: cfg.obs_batches]
             if cfg.heads:
                 h = units["heads"][i]
                 ol = submodule(layer, h.out_path)
                 group = h.n_q // h.n_kv
-                n_keep = keep_count(h.n_kv, cfg.heads, f"{path}.{i} attention heads"
-                                    + (" (key/value groups)" if group > 1 else ""))
+                n_keep = keep_count(
+                    h.n_kv, cfg.heads, f"{path}.{i} attention heads" + (" (key/value groups)" if group > 1 else "")
+                )
                 if obs:
                     ctx.step(f"structured OBS: layer {i + 1}/{len(layers)} heads")
                     gram = _input_gram(module, ctx.task, feeds, ol, stop=layer)
@@ -352,13 +368,28 @@ class StructuredPrune:
             from krimp.train.distill import distill
             from krimp.train.trainer import fingerprint
 
-            kept_layers = [i for i in range(len(layers) + len(out.get("layers_removed", [])))
-                           if i not in set(out.get("layers_removed", []))]
+            kept_layers = [
+                i
+                for i in range(len(layers) + len(out.get("layers_removed", [])))
+                if i not in set(out.get("layers_removed", []))
+            ]
             lmap = {j + 1: t + 1 for j, t in enumerate(kept_layers)}
             fp = fingerprint(cfg.to_dict(), ctx.task.name, len(ctx.calib_feeds), out)
-            out["recovery"] = distill(module, teacher, ctx.task, ctx.calib_feeds, cfg.recover_steps, cfg.lr,
-                                      cfg.temperature, ctx.step, hidden=cfg.hidden, layer_map=lmap,
-                                      ckpt_dir=ctx.ckpt_dir, fp=fp, precision=cfg.precision)
+            out["recovery"] = distill(
+                module,
+                teacher,
+                ctx.task,
+                ctx.calib_feeds,
+                cfg.recover_steps,
+                cfg.lr,
+                cfg.temperature,
+                ctx.step,
+                hidden=cfg.hidden,
+                layer_map=lmap,
+                ckpt_dir=ctx.ckpt_dir,
+                fp=fp,
+                precision=cfg.precision,
+            )
         out["seconds"] = round(time.perf_counter() - t0, 2)
         ctx.declare(packed=True)  # smaller linears: safetensors stores their shapes
         return module, out

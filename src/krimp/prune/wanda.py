@@ -13,8 +13,9 @@ import torch
 from krimp.prune.masks import nm_mask, row_mask
 
 
-def wanda_mask(W: torch.Tensor, sq_sum: torch.Tensor, sparsity: float,
-               nm: tuple[int, int] | None = None) -> torch.Tensor:
+def wanda_mask(
+    W: torch.Tensor, sq_sum: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Keep mask for ``W`` (out, in) given ``sq_sum`` (in,) = sum over tokens of ``x_j^2``."""
     score = W.detach().float().abs() * sq_sum.float().clamp_min(0).sqrt()[None, :]
     return nm_mask(score, *nm) if nm else row_mask(score, sparsity)

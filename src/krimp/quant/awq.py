@@ -38,8 +38,9 @@ def block_error(y: torch.Tensor, ref: torch.Tensor, first_weight: float = 1.0) -
     return float(d.sum() + (first_weight - 1) * d[:, 0].sum())
 
 
-def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], specs: list[WQSpec],
-                 grid: int = 20) -> tuple[torch.Tensor, float, float]:
+def search_scale(
+    x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], specs: list[WQSpec], grid: int = 20
+) -> tuple[torch.Tensor, float, float]:
     """Best per-input-channel scale for linears ``weights`` (each (out_i, in)) reading inputs ``x``.
 
     Returns ``(s, alpha, relative error)``; ``alpha = 0`` (s = 1) is plain rounding, so the result is
@@ -54,7 +55,7 @@ def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tens
         s = xm.pow(a)
         s = s / (s.max() * s.min()).sqrt()
         err = 0.0
-        for w, spec, r in zip(weights, specs, ref):
+        for w, spec, r in zip(weights, specs, ref, strict=True):
             wq = fake_quant(w * s[None, :], spec) / s[None, :]
             err += float(((x @ wq.T - r) ** 2).sum())
         if err < best[2]:
@@ -62,23 +63,24 @@ def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tens
     return best[0], best[1], best[2] / norm
 
 
-def search_clip(x: torch.Tensor, w: torch.Tensor, spec: WQSpec, grid: int = 20, max_shrink: float = 0.5,
-                chunk: int = 256) -> torch.Tensor:
+def search_clip(
+    x: torch.Tensor, w: torch.Tensor, spec: WQSpec, grid: int = 20, max_shrink: float = 0.5, chunk: int = 256
+) -> torch.Tensor:
     """Per-(row, group) clipping ratio in ``[1 - max_shrink, 1]`` minimising each group's share of
     the output error on ``x`` (n, in). Returns ratios shaped like the scales (out, n_groups)."""
     g = spec.group_len(w.shape[1])
     xg = grouped(x, g)  # (n, G, g)
     best_r = torch.ones(w.shape[0], xg.shape[1])
     for r0 in range(0, w.shape[0], chunk):
-        wc = w[r0:r0 + chunk]
+        wc = w[r0 : r0 + chunk]
         wg = grouped(wc, g)
         ref = torch.einsum("ngk,ogk->nog", xg, wg)
-        best_err = torch.full(best_r[r0:r0 + chunk].shape, float("inf"))
+        best_err = torch.full(best_r[r0 : r0 + chunk].shape, float("inf"))
         for i in range(int(max_shrink * grid) + 1):
             ratio = 1 - i / grid
             q = grouped(fake_quant(wc, spec, ratio), g)
             err = ((torch.einsum("ngk,ogk->nog", xg, q) - ref) ** 2).sum(0)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_r[r0:r0 + chunk] = torch.where(better, torch.full_like(err, ratio), best_r[r0:r0 + chunk])
+            best_r[r0 : r0 + chunk] = torch.where(better, torch.full_like(err, ratio), best_r[r0 : r0 + chunk])
     return best_r

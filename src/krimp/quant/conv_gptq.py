@@ -36,8 +36,9 @@ from krimp.calib.solver import column_sweep
 log = logging.getLogger(__name__)
 
 
-def fixed_scale_gptq(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int,
-                     damp: float = 0.01) -> tuple[torch.Tensor, float]:
+def fixed_scale_gptq(
+    W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int, damp: float = 0.01
+) -> tuple[torch.Tensor, float]:
     """Integer codes in ``[-qmax, qmax]`` for ``W`` (rows, cols) on the symmetric per-row grid
     ``scale`` (rows,), chosen column by column with GPTQ's error compensation against ``H`` (cols,
     cols), or one Hessian per row ``H`` (rows, cols, cols). Returns the codes and the ratio of the
@@ -50,8 +51,14 @@ def fixed_scale_gptq(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax
     if H.ndim == 2:
         Q = column_sweep(W, H, round_col, damp=damp).W
     else:  # one Hessian per row (depthwise): a sweep per channel
-        Q = torch.cat([column_sweep(W[r:r + 1], H[r], lambda j, w, c, st, r=r: round_col(j, w, c, st, s[r:r + 1]),
-                                    damp=damp).W for r in range(W.shape[0])])
+        Q = torch.cat(
+            [
+                column_sweep(
+                    W[r : r + 1], H[r], lambda j, w, c, st, r=r: round_col(j, w, c, st, s[r : r + 1]), damp=damp
+                ).W
+                for r in range(W.shape[0])
+            ]
+        )
     codes = torch.clamp(torch.round(Q / s[:, None]), -qmax, qmax)
     codes[scale <= 0] = 0
     near = torch.clamp(torch.round(W / s[:, None]), -qmax, qmax)
@@ -92,8 +99,11 @@ def conv_hessians(model_path: str | Path, feeds: list[dict]) -> dict[str, tuple[
 
     m = onnx.load(str(model_path))
     inits = {t.name: t for t in m.graph.initializer}
-    convs = [n for n in m.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits
-             and len(_attr(n, "kernel_shape", [])) == 2]
+    convs = [
+        n
+        for n in m.graph.node
+        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits and len(_attr(n, "kernel_shape", [])) == 2
+    ]
     if not convs:
         return {}
     shown = {o.name for o in m.graph.output}
@@ -106,7 +116,7 @@ def conv_hessians(model_path: str | Path, feeds: list[dict]) -> dict[str, tuple[
     wanted = {i.name for i in sess.get_inputs()}
     hs: dict[str, torch.Tensor] = {}
     for f in feeds:
-        acts = dict(zip(names, sess.run(None, {k: v for k, v in f.items() if k in wanted})))
+        acts = dict(zip(names, sess.run(None, {k: v for k, v in f.items() if k in wanted}), strict=True))
         for n in convs:
             p = _patches(torch.from_numpy(acts[n.input[0]]).float(), n)
             if _attr(n, "group", 1) == 1:
@@ -120,8 +130,11 @@ def conv_hessians(model_path: str | Path, feeds: list[dict]) -> dict[str, tuple[
                 h = torch.einsum("ncil,ncjl->cij", p, p)
             hs[n.name] = hs[n.name].add_(h) if n.name in hs else h
         del acts
-    return {k: (torch.from_numpy(numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)), hs[k])
-            for n in convs if (k := n.name) in hs}
+    return {
+        k: (torch.from_numpy(numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)), hs[k])
+        for n in convs
+        if (k := n.name) in hs
+    }
 
 
 @dataclass(frozen=True)
@@ -136,8 +149,9 @@ class RoundedConv:
         return (self.codes * self.scale.reshape(-1, *[1] * (self.codes.ndim - 1))).numpy()
 
 
-def gptq_round_convs(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], qmax: int = 127,
-                     damp: float = 0.01) -> dict[str, RoundedConv]:
+def gptq_round_convs(
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]], qmax: int = 127, damp: float = 0.01
+) -> dict[str, RoundedConv]:
     """Every convolution of :func:`conv_hessians` GPTQ-rounded once, on the grid ONNX Runtime's
     symmetric per-channel quantizer gives it: ``max|w| / qmax`` (``qmax`` 127, or 64 with its
     reduced range). The fallback's sensitivity ranking and every fallback try reuse these codes."""
@@ -150,8 +164,12 @@ def gptq_round_convs(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], qmax: 
     return out
 
 
-def round_conv_weights(qdq_path: str | Path, stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                       rounded: dict[str, RoundedConv] | None = None, damp: float = 0.01) -> dict:
+def round_conv_weights(
+    qdq_path: str | Path,
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    rounded: dict[str, RoundedConv] | None = None,
+    damp: float = 0.01,
+) -> dict:
     """Re-round, in place, the INT8 weights of the QDQ model's convolutions named in ``stats``
     (:func:`conv_hessians` of the float model it came from). Codes in ``rounded`` are written as
     they are where ONNX Runtime chose the same scales (all but its dead channels); otherwise they
@@ -195,7 +213,13 @@ def round_conv_weights(qdq_path: str | Path, stats: dict[str, tuple[torch.Tensor
         inits[dq.input[0]].CopyFrom(numpy_helper.from_array(new_codes.numpy().astype(np.int8), dq.input[0]))
         ratios.append(ratio_r)
     onnx.save(m, str(qdq_path))
-    log.info("GPTQ rounding: %d convolutions, output error %.3f of nearest rounding's", len(ratios),
-             float(np.mean(ratios)) if ratios else float("nan"))
-    return {"method": "gptq", "convs": len(ratios),
-            "error_vs_nearest": round(float(np.mean(ratios)), 4) if ratios else None}
+    log.info(
+        "GPTQ rounding: %d convolutions, output error %.3f of nearest rounding's",
+        len(ratios),
+        float(np.mean(ratios)) if ratios else float("nan"),
+    )
+    return {
+        "method": "gptq",
+        "convs": len(ratios),
+        "error_vs_nearest": round(float(np.mean(ratios)), 4) if ratios else None,
+    }

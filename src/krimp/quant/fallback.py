@@ -37,8 +37,17 @@ def _distance(metrics: dict) -> float:
     return -metrics.get("top1_agreement", 0.0)
 
 
-def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int, ctx,
-                  mode: str = "static", bits: int = 8, weights: dict | None = None) -> dict:
+def auto_fallback(
+    run,
+    src: Path,
+    dst: Path,
+    excluded: list[str],
+    max_nodes: int,
+    ctx,
+    mode: str = "static",
+    bits: int = 8,
+    weights: dict | None = None,
+) -> dict:
     """Take nodes out of INT8 by forward selection until ``ctx.goal_check`` passes; keep the best
     try that stays within the size limit."""
     ok, metrics = ctx.goal_check(dst)
@@ -46,11 +55,21 @@ def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int
         return {"needed": False, "calib_metrics": metrics}
     shortlist: dict = {}
     big = Path(src).stat().st_size > BIG_GRAPH_BYTES  # every measurement loads a copy of the graph
-    ranked = node_sensitivity(src, ctx.distance, ctx.calib_feeds, excluded, mode, bits, ctx.threads,
-                              shortlist=2 * (max_nodes + 4) if big else None, min_nodes=SHORTLIST, info=shortlist,
-                             weights=weights, step=ctx.step)
-    log.info("goal missed on calibration data (%s); ranking %d nodes for float fallback",
-             metrics, len(ranked))
+    ranked = node_sensitivity(
+        src,
+        ctx.distance,
+        ctx.calib_feeds,
+        excluded,
+        mode,
+        bits,
+        ctx.threads,
+        shortlist=2 * (max_nodes + 4) if big else None,
+        min_nodes=SHORTLIST,
+        info=shortlist,
+        weights=weights,
+        step=ctx.step,
+    )
+    log.info("goal missed on calibration data (%s); ranking %d nodes for float fallback", metrics, len(ranked))
     tries = [{"excluded": [], "ok": ok, "calib_metrics": metrics}]
     chosen, best = [], _distance(metrics)
     with tempfile.TemporaryDirectory(prefix="krimp-") as tmp:
@@ -69,7 +88,19 @@ def auto_fallback(run, src: Path, dst: Path, excluded: list[str], max_nodes: int
                 chosen, best, ok = chosen + [name], _distance(metrics), ok_try
                 best_file.write_bytes(dst.read_bytes())
         dst.write_bytes(best_file.read_bytes())
-    return {"needed": True, "met_on_calib": ok, "excluded": chosen, **({"ranked": shortlist} if shortlist else {}),
-            "ranking": [{"node": n, "distance_alone": round(e, 6)} for n, e in ranked[: max_nodes + 4]],
-            "tries": [{"node": (t["excluded"] or [None])[-1], "accepted": t["excluded"] == chosen[: len(t["excluded"])],
-                       "ok": t["ok"], "calib_metrics": t["calib_metrics"]} for t in tries]}
+    return {
+        "needed": True,
+        "met_on_calib": ok,
+        "excluded": chosen,
+        **({"ranked": shortlist} if shortlist else {}),
+        "ranking": [{"node": n, "distance_alone": round(e, 6)} for n, e in ranked[: max_nodes + 4]],
+        "tries": [
+            {
+                "node": (t["excluded"] or [None])[-1],
+                "accepted": t["excluded"] == chosen[: len(t["excluded"])],
+                "ok": t["ok"],
+                "calib_metrics": t["calib_metrics"],
+            }
+            for t in tries
+        ],
+    }

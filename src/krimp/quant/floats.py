@@ -53,8 +53,7 @@ class Fp16:
         kw = {"op_block_list": cfg.op_block_list} if cfg.op_block_list else {}
         kept = cfg.select({n.name: n for n in m.graph.node if n.name}, "ONNX node", alias=module_path)
         excluded = [n.name for n in m.graph.node if n.name and n.name not in kept]
-        m16 = convert_float_to_float16(m, keep_io_types=cfg.keep_io_types, node_block_list=excluded,
-                                       **kw)
+        m16 = convert_float_to_float16(m, keep_io_types=cfg.keep_io_types, node_block_list=excluded, **kw)
         onnx.save(m16, str(dst))
         return {"excluded_by_recipe": excluded}
 

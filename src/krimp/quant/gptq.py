@@ -26,8 +26,9 @@ from krimp.calib.solver import column_sweep
 from krimp.quant.wq import QuantizedWeight, WQSpec, n_groups, qparams, quantize, quantize_cols
 
 
-def best_range(w: torch.Tensor, h_diag: torch.Tensor, spec: WQSpec, grid: int = 10,
-               max_shrink: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+def best_range(
+    w: torch.Tensor, h_diag: torch.Tensor, spec: WQSpec, grid: int = 10, max_shrink: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero for columns ``w`` (out, k), the range shrunk by the ratio that minimises
     the rounding error weighted by the inputs' energy ``h_diag`` (k,) (GPTQ's ``mse`` grid search).
 
@@ -53,9 +54,17 @@ def best_range(w: torch.Tensor, h_diag: torch.Tensor, spec: WQSpec, grid: int = 
     return best_s, best_z
 
 
-def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: WQSpec, *, block_size: int = 128,
-               damp: float = 0.01, act_order: bool = False, mse: bool = True,
-               keep: torch.Tensor | None = None) -> tuple[QuantizedWeight, dict]:
+def gptq_solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: WQSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    mse: bool = True,
+    keep: torch.Tensor | None = None,
+) -> tuple[QuantizedWeight, dict]:
     """Quantize ``W`` (out, in) given ``H`` (in, in) = sum of x x^T over calibration inputs.
 
     ``mse``: each group's range is the shrink (down to 80%) with the least input-weighted rounding
@@ -83,8 +92,11 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: WQSpec, *, block_size: in
         k = c // g
         if perm is None and c % g == 0:
             cur = current(c, min(c + g, cols))
-            s, z = best_range(cur, hd[c:c + cur.shape[1]], spec) if mse else \
-                qparams(cur, WQSpec(spec.bits, None, spec.symmetric))
+            s, z = (
+                best_range(cur, hd[c : c + cur.shape[1]], spec)
+                if mse
+                else qparams(cur, WQSpec(spec.bits, None, spec.symmetric))
+            )
             scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
         s, z = scales[:, k], zeros[:, k]
         q = (quantize_cols(w, s, z, spec.bits) - z) * s

@@ -28,7 +28,7 @@ from torch import nn
 
 from krimp.config import BaseConfig, name_matches, register
 from krimp.errors import KrimpError
-from krimp.quant.wq import QuantizedWeight, WQSpec, quantized_layers, rtn, set_quantized
+from krimp.quant.wq import WQSpec, quantized_layers, rtn, set_quantized
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class SmoothQuantConfig(BaseConfig):
 
 # --------------------------------------------------------------------------------------------------
 
+
 def windows_of(ctx) -> torch.Tensor:
     ids = [torch.as_tensor(f["input_ids"]) for f in ctx.calib_feeds]
     if not ids:
@@ -141,8 +142,10 @@ def _ragged(cfg, linears: dict[str, nn.Linear]) -> list[str]:
     for name, lin in linears.items():
         spec = cfg.spec_for(name)
         if spec and spec.group_size and lin.in_features % spec.group_size:
-            out.append(f"{name}: width {lin.in_features} is not a multiple of group {spec.group_size}; "
-                       f"its last group has {lin.in_features % spec.group_size} columns")
+            out.append(
+                f"{name}: width {lin.in_features} is not a multiple of group {spec.group_size}; "
+                f"its last group has {lin.in_features % spec.group_size} columns"
+            )
     return out
 
 
@@ -156,8 +159,14 @@ def _summary(cfg, module, t0: float, notes: list, extra: dict) -> dict:
     n = sum(m.weight.numel() for m in blocks)
     bpw = sum(m.krimp_wq.bits_per_weight() * m.weight.numel() for m in blocks) / n
     ragged = sorted({r.split(": ", 1)[1] for r in notes if "not a multiple" in r})
-    out = {"quantized_layers": len(qlins), "quantized_params": n, "layer_bits_per_weight": round(bpw, 3),
-           "seconds": round(time.perf_counter() - t0, 2), "fallbacks": ragged, **extra}
+    out = {
+        "quantized_layers": len(qlins),
+        "quantized_params": n,
+        "layer_bits_per_weight": round(bpw, 3),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "fallbacks": ragged,
+        **extra,
+    }
     if head is not None and getattr(head, "krimp_wq", None) is not None:
         out["head_bits_per_weight"] = round(head.krimp_wq.bits_per_weight(), 3)
     return out
@@ -197,16 +206,23 @@ class GPTQ:
         from krimp.quant.gptq import gptq_solve
 
         t0 = time.perf_counter()
-        cal = LayerwiseCalibrator(module, windows_of(ctx), getattr(ctx, "batch", 8), ctx.step, "gptq",
-                                  "float" if cfg.propagate == "float" else "compressed")
+        cal = LayerwiseCalibrator(
+            module,
+            windows_of(ctx),
+            getattr(ctx, "batch", 8),
+            ctx.step,
+            "gptq",
+            "float" if cfg.propagate == "float" else "compressed",
+        )
         notes: list[str] = []
 
         def process(run):
             names = {_block_name(cal.path, run.index, n): n for n in run.linears}
             todo = {full: local for full, local in names.items() if cfg.spec_for(full)}
             notes.extend(_ragged(cfg, {f: run.linears[loc] for f, loc in todo.items()}))
-            stats = run.collect(list(todo.values()), {"hessian"}, first_weight=cfg.sink_weight,
-                                last_use=True)  # float propagation: outputs over the inputs
+            stats = run.collect(
+                list(todo.values()), {"hessian"}, first_weight=cfg.sink_weight, last_use=True
+            )  # float propagation: outputs over the inputs
             # linears reading the same input with the same spec (q/k/v, gate/up) share a Hessian, and
             # GPTQ treats rows independently: one sweep over their stacked rows gives the same result
             groups: dict[tuple, list[tuple[str, str]]] = {}
@@ -218,10 +234,18 @@ class GPTQ:
                 W = torch.cat([lin.weight.detach().float() for lin in lins])
                 zero = W == 0  # a pruned model's zeros (rare otherwise) stay zero through the sweep
                 keep = ~zero if zero.float().mean() > 0.01 else None
-                qw, info = gptq_solve(W, stats[members[0][1]].hessian, spec, block_size=cfg.block_size,
-                                      damp=cfg.damp, act_order=cfg.act_order, mse=cfg.mse, keep=keep)
+                qw, info = gptq_solve(
+                    W,
+                    stats[members[0][1]].hessian,
+                    spec,
+                    block_size=cfg.block_size,
+                    damp=cfg.damp,
+                    act_order=cfg.act_order,
+                    mse=cfg.mse,
+                    keep=keep,
+                )
                 r = 0
-                for (full, local), lin in zip(members, lins):
+                for lin in lins:
                     n = lin.out_features
                     set_quantized(lin, qw.rows(r, r + n))
                     r += n
@@ -231,8 +255,12 @@ class GPTQ:
             return {"loss": losses}
 
         blocks = cal.run(process)
-        extra = {"calib_windows": len(cal.windows), "calib_tokens": int(cal.windows.numel()),
-                 "notes": [n for n in notes if "not a multiple" not in n], "block_losses": blocks}
+        extra = {
+            "calib_windows": len(cal.windows),
+            "calib_tokens": int(cal.windows.numel()),
+            "notes": [n for n in notes if "not a multiple" not in n],
+            "block_losses": blocks,
+        }
         ctx.declare(onnx="nbits", packed=True)
         return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
 
@@ -262,8 +290,8 @@ class AWQ:
             stats = run.collect(list(run.linears), {"abs_mean", "sample"}, cfg.sample_tokens)
             alphas = {}
             pairs = scale_pairs(run.block)
-            for (prev, lins, label), names in zip(pairs, _pair_names(run, pairs)):
-                keep = [(lin, n) for lin, n in zip(lins, names) if n in todo]
+            for (prev, lins, label), names in zip(pairs, _pair_names(run, pairs), strict=True):
+                keep = [(lin, n) for lin, n in zip(lins, names, strict=True) if n in todo]
                 if len(keep) != len(lins):  # a pair only moves scales when all its linears are quantized
                     continue
                 st = stats[names[0]]
@@ -308,7 +336,7 @@ def _block_scale_search(run, prev, lins, specs, x_mean, cfg) -> tuple[torch.Tens
     from krimp.quant.awq import block_error, fake_quant
 
     b = run.inputs[0].shape[0]
-    x = run.inputs[0][:cfg.loss_windows]
+    x = run.inputs[0][: cfg.loss_windows]
     kw = {k: _slice_batch(v, cfg.loss_windows, b) for k, v in run.kwargs[0].items()}
 
     def out():
@@ -325,7 +353,7 @@ def _block_scale_search(run, prev, lins, specs, x_mean, cfg) -> tuple[torch.Tens
         s = xm.pow(a)
         s = s / (s.max() * s.min()).sqrt()
         fold_scale(prev, lins, s)
-        for lin, spec in zip(lins, specs):
+        for lin, spec in zip(lins, specs, strict=True):
             lin.weight.copy_(fake_quant(lin.weight.float(), spec).to(lin.weight.dtype))
         err = block_error(out(), ref, cfg.sink_weight)
         if err < best[2]:
@@ -333,7 +361,7 @@ def _block_scale_search(run, prev, lins, specs, x_mean, cfg) -> tuple[torch.Tens
         prev.weight.copy_(saved[0])
         if pb is not None:
             prev.bias.copy_(pb)
-        for lin, w in zip(lins, saved[1:]):
+        for lin, w in zip(lins, saved[1:], strict=True):
             lin.weight.copy_(w)
     return best[0], best[1]
 
@@ -361,7 +389,7 @@ class SmoothQuant:
             stats = run.collect(list(run.linears), {"abs_max"}, last_use=True)
             pairs = scale_pairs(run.block)
             done = []
-            for (prev, lins, label), names in zip(pairs, _pair_names(run, pairs)):
+            for (prev, lins, label), names in zip(pairs, _pair_names(run, pairs), strict=True):
                 if not cfg.wants(*[_block_name(cal.path, run.index, n) for n in names]):
                     continue
                 xmax = stats[names[0]].abs_max.clamp_min(1e-5)

@@ -111,9 +111,14 @@ class DynamicInt8:
 
         def run(exclude: list[str]) -> None:
             quantize_dynamic(
-                str(src), str(dst), weight_type=_qtype(cfg.weight_type), per_channel=cfg.per_channel,
-                reduce_range=_reduce_range(cfg), op_types_to_quantize=cfg.op_types,
-                nodes_to_exclude=exclude, extra_options={"DefaultTensorType": 1},
+                str(src),
+                str(dst),
+                weight_type=_qtype(cfg.weight_type),
+                per_channel=cfg.per_channel,
+                reduce_range=_reduce_range(cfg),
+                op_types_to_quantize=cfg.op_types,
+                nodes_to_exclude=exclude,
+                extra_options={"DefaultTensorType": 1},
             )
 
         return _with_fallback(run, src, dst, cfg, ctx)
@@ -125,8 +130,11 @@ class StaticInt8:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                  "entropy": CalibrationMethod.Entropy}[cfg.calibration]
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy,
+        }[cfg.calibration]
         with tempfile.TemporaryDirectory(prefix="krimp-") as tmp:
             pre = Path(tmp) / "pre.onnx"
             try:
@@ -163,11 +171,17 @@ class StaticInt8:
 
             def _static(exclude: list[str]) -> None:
                 quantize_static(
-                    str(pre), str(dst), _Reader(feeds), calibrate_method=method,
+                    str(pre),
+                    str(dst),
+                    _Reader(feeds),
+                    calibrate_method=method,
                     quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
-                    per_channel=cfg.per_channel, reduce_range=_reduce_range(cfg),
-                    activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
-                    op_types_to_quantize=op_types, nodes_to_exclude=exclude,
+                    per_channel=cfg.per_channel,
+                    reduce_range=_reduce_range(cfg),
+                    activation_type=_qtype(cfg.activation_type),
+                    weight_type=_qtype(cfg.weight_type),
+                    op_types_to_quantize=op_types,
+                    nodes_to_exclude=exclude,
                     extra_options={"CalibPercentile": cfg.percentile, "DefaultTensorType": 1},
                 )
 
@@ -187,7 +201,7 @@ def same_shape(feeds: list[dict]) -> list[dict]:
     for f in feeds:
         g = {}
         for k, v in f.items():
-            pad = [(0, int(t) - n) for n, t in zip(v.shape, top[k])]
+            pad = [(0, int(t) - n) for n, t in zip(v.shape, top[k], strict=True)]
             g[k] = np.pad(v, pad) if any(p for _, p in pad) else v
         out.append(g)
     return out
@@ -239,7 +253,6 @@ def _with_fallback(run, src: Path, dst: Path, cfg: _Int8Base, ctx, weights: dict
     if cfg.fallback and cfg.max_fallback_nodes > 0 and ctx.goal_check is not None:
         mode = "dynamic" if isinstance(cfg, DynamicInt8Config) else "static"
         bits = 7 if _reduce_range(cfg) else 8
-        info["fallback"] = auto_fallback(run_with, src, dst, excluded, cfg.max_fallback_nodes, ctx, mode, bits,
-                                         weights)
+        info["fallback"] = auto_fallback(run_with, src, dst, excluded, cfg.max_fallback_nodes, ctx, mode, bits, weights)
         info["fallback"]["weights"] = cfg.fallback_weights
     return info

@@ -52,9 +52,14 @@ def _grouped(w: torch.Tensor, group_size: int | None, per_channel: bool) -> torc
     return w.reshape(1, -1)
 
 
-def ort_qparams(w: torch.Tensor, bits: int = 8, symmetric: bool = True,
-                per_channel: bool = False, group_size: int | None = None,
-                clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def ort_qparams(
+    w: torch.Tensor,
+    bits: int = 8,
+    symmetric: bool = True,
+    per_channel: bool = False,
+    group_size: int | None = None,
+    clip_ratio: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for ``w`` on ONNX Runtime's grid, one per tensor, output channel, or group.
 
     Returned shapes are (n_groups, 1) so they broadcast over :func:`_grouped` rows.
@@ -76,8 +81,15 @@ def ort_qparams(w: torch.Tensor, bits: int = 8, symmetric: bool = True,
     return scale, zero
 
 
-def ort_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool,
-                 per_channel: bool = False, group_size: int | None = None) -> torch.Tensor:
+def ort_quantize(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    per_channel: bool = False,
+    group_size: int | None = None,
+) -> torch.Tensor:
     """Round-to-nearest integer codes (int16 tensor, shaped like ``w``)."""
     qmin, qmax = ort_qrange(bits, symmetric)
     g = _grouped(w.detach().float(), group_size, per_channel)
@@ -85,15 +97,22 @@ def ort_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
     return q.reshape(w.shape).to(torch.int16)
 
 
-def ort_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                   per_channel: bool = False, group_size: int | None = None) -> torch.Tensor:
+def ort_dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, per_channel: bool = False, group_size: int | None = None
+) -> torch.Tensor:
     """Float values back from codes: ``scale * (q - zero)``."""
     g = _grouped(q.float(), group_size, per_channel)
     return ((g - zero) * scale).reshape(q.shape)
 
 
-def ort_fake_quantize(w: torch.Tensor, bits: int = 8, symmetric: bool = True, per_channel: bool = False,
-                      group_size: int | None = None, clip_ratio: float = 1.0) -> torch.Tensor:
+def ort_fake_quantize(
+    w: torch.Tensor,
+    bits: int = 8,
+    symmetric: bool = True,
+    per_channel: bool = False,
+    group_size: int | None = None,
+    clip_ratio: float = 1.0,
+) -> torch.Tensor:
     """Quantize then dequantize: the float weight a round-to-nearest integer model computes with."""
     s, z = ort_qparams(w, bits, symmetric, per_channel, group_size, clip_ratio)
     q = ort_quantize(w, s, z, bits, symmetric, per_channel, group_size)
@@ -107,7 +126,7 @@ def pack(q: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     codes (``symmetric=False``) are packed as they are. 8 codes of 3 bits take 3 bytes, 2 of 4 bits one.
     """
     qmin, _ = ort_qrange(bits, symmetric)
-    u = (q.flatten().to(torch.int32) - (qmin if symmetric else 0))
+    u = q.flatten().to(torch.int32) - (qmin if symmetric else 0)
     if int(u.min()) < 0 or int(u.max()) > 2**bits - 1:
         raise ValueError(f"codes out of range for {bits} bits")
     shifts = torch.arange(bits, dtype=torch.int32)

@@ -94,7 +94,7 @@ class FakeQuant(nn.Module):
         z = 2 ** (self.spec.bits - 1)
         grp = grouped(w2, self.spec.group_len(w2.shape[1]))
         q = torch.clamp(torch.round(grp / self.scale.detach()[..., None]), -z, z - 1)
-        return q.reshape(self.shape[0], -1)[:, :w2.shape[1]]
+        return q.reshape(self.shape[0], -1)[:, : w2.shape[1]]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         z = 2 ** (self.spec.bits - 1)
@@ -108,8 +108,9 @@ class FakeQuant(nn.Module):
 
 def targets(model: nn.Module, cfg: QATConfig) -> dict[str, nn.Module]:
     """The nn.Linear / nn.Conv2d layers in the stage's scope (none is an error)."""
-    return cfg.select({n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)},
-                      "nn.Linear / nn.Conv2d")
+    return cfg.select(
+        {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}, "nn.Linear / nn.Conv2d"
+    )
 
 
 def convert(layer: nn.Module, fq: FakeQuant, attach: bool) -> QuantizedWeight:
@@ -140,15 +141,21 @@ class QAT:
         t0 = time.perf_counter()
         task, w = ctx.task, cfg.weights
         if cfg.steps and not (w.output or w.hard) or w.hidden:
-            raise KrimpError("qat.weights: set output (distillation from the float model) and/or hard (labels); "
-                             "hidden is not used by qat")
+            raise KrimpError(
+                "qat.weights: set output (distillation from the float model) and/or hard (labels); "
+                "hidden is not used by qat"
+            )
         act = cfg.activations is not None
         if act and cfg.group_size is not None:
-            raise KrimpError("qat.activations: 8 needs per-channel weights (group_size: null); ONNX QDQ has no "
-                             "grouped INT8 weights for MatMul/Conv")
+            raise KrimpError(
+                "qat.activations: 8 needs per-channel weights (group_size: null); ONNX QDQ has no "
+                "grouped INT8 weights for MatMul/Conv"
+            )
         if act and cfg.precision != "fp32":
-            raise KrimpError("qat.precision: bf16 is for weight-only QAT; with activations: 8 the activation "
-                             "grids and their observers need float32 (precision: fp32)")
+            raise KrimpError(
+                "qat.precision: bf16 is for weight-only QAT; with activations: 8 the activation "
+                "grids and their observers need float32 (precision: fp32)"
+            )
         folded = qat_act.fold_conv_bn(module) if act else 0
         layers = targets(module, cfg)
         if not layers:
@@ -172,7 +179,7 @@ class QAT:
             afq = qat_act.attach(layers, cfg.act_scales == "learned")
             module.eval()
             with torch.no_grad():
-                for feed, _ in batches[:cfg.observer_batches]:
+                for feed, _ in batches[: cfg.observer_batches]:
                     forward(module, task, [torch.from_numpy(feed[n]) for n in task.input_names], False)
             for qs in afq.values():
                 for q in qs:
@@ -188,20 +195,29 @@ class QAT:
         if act:
             for n, layer in layers.items():
                 grids = [q.freeze() for q in afq[n]]
-                layer.krimp_act = {"input": grids[0], "output": grids[1] if len(grids) > 1 else None,
-                                   "weight": qws[n]}
-            notes["activations"] = {"bits": 8, "scales": cfg.act_scales, "layers": len(afq),
-                                    "quantized_outputs": sum(len(qs) - 1 for qs in afq.values()),
-                                    "batch_norms_folded": folded}
+                layer.krimp_act = {"input": grids[0], "output": grids[1] if len(grids) > 1 else None, "weight": qws[n]}
+            notes["activations"] = {
+                "bits": 8,
+                "scales": cfg.act_scales,
+                "layers": len(afq),
+                "quantized_outputs": sum(len(qs) - 1 for qs in afq.values()),
+                "batch_norms_folded": folded,
+            }
         if act:
             ctx.declare(onnx="qdq")
         elif hasattr(module, "config"):  # Hugging Face linears carry their codes
             ctx.declare(onnx="nbits", packed=True)
         granularity = "per output channel" if cfg.group_size is None else f"groups of {cfg.group_size}"
-        return module.eval(), {"quantized_layers": len(layers), "bits": bits, "granularity": granularity,
-                               "bits_per_weight_mean": round(sum(bpw) / len(bpw), 3),
-                               "packed": hasattr(module, "config") and not act, **notes, "training": res,
-                               "seconds": round(time.perf_counter() - t0, 2)}
+        return module.eval(), {
+            "quantized_layers": len(layers),
+            "bits": bits,
+            "granularity": granularity,
+            "bits_per_weight_mean": round(sum(bpw) / len(bpw), 3),
+            "packed": hasattr(module, "config") and not act,
+            **notes,
+            "training": res,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
 
     def _batches(self, cfg: QATConfig, ctx) -> list:
         task, w = ctx.task, cfg.weights
@@ -221,14 +237,33 @@ class QAT:
             if teacher is not None:  # there is one exactly when w.output > 0
                 with torch.no_grad():
                     tm, _ = forward(teacher, task, args, False)
-            return distill_loss(task.name, w, sm, tm, mask, temperature=cfg.temperature, ids=args[0],
-                                labels=torch.from_numpy(lab).long() if w.hard and lab is not None else None)
+            return distill_loss(
+                task.name,
+                w,
+                sm,
+                tm,
+                mask,
+                temperature=cfg.temperature,
+                ids=args[0],
+                labels=torch.from_numpy(lab).long() if w.hard and lab is not None else None,
+            )
 
         named = {k: p for k, p in module.named_parameters() if p.requires_grad}
-        named.update({f"{n}.act{i}_scale": q.scale for n, qs in afq.items() for i, q in enumerate(qs)
-                      if q.scale.requires_grad})
-        settings = TrainSettings(steps=cfg.steps, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
-                                 precision=cfg.precision)
+        named.update(
+            {f"{n}.act{i}_scale": q.scale for n, qs in afq.items() for i, q in enumerate(qs) if q.scale.requires_grad}
+        )
+        settings = TrainSettings(
+            steps=cfg.steps, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, precision=cfg.precision
+        )
         fp = fingerprint(cfg.to_dict(), task.name, len(ctx.calib_items), ctx.seq_len)
-        return train(named, loss_fn, batches, settings, ckpt_dir=ctx.ckpt_dir, fp=fp, step=ctx.step,
-                     samples_per_batch=cfg.batch, modules=[module])
+        return train(
+            named,
+            loss_fn,
+            batches,
+            settings,
+            ckpt_dir=ctx.ckpt_dir,
+            fp=fp,
+            step=ctx.step,
+            samples_per_batch=cfg.batch,
+            modules=[module],
+        )

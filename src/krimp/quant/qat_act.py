@@ -16,6 +16,8 @@ that is deployed.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -32,7 +34,7 @@ def fold_conv_bn(model: nn.Module) -> int:
     n = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
+        for a, b in pairwise(names):
             conv, bn = seq._modules[a], seq._modules[b]
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
                 seq._modules[a] = fuse_conv_bn_eval(conv.eval(), bn.eval())

@@ -58,13 +58,14 @@ def _input_ranges(path: Path, names: list[str], feeds, threads: int) -> dict[str
     hi = {n: -np.inf for n in names}
     inputs = {i.name for i in sess.get_inputs()}
     for f in feeds:
-        for n, v in zip(names, sess.run(names, {k: v for k, v in f.items() if k in inputs})):
+        for n, v in zip(names, sess.run(names, {k: v for k, v in f.items() if k in inputs}), strict=True):
             lo[n], hi[n] = min(lo[n], float(np.min(v))), max(hi[n], float(np.max(v)))
     return {n: (min(lo[n], 0.0), max(hi[n], 0.0)) for n in names}
 
 
-def _with_one_node_quantized(model, node, mode: str, bits: int, rng: tuple[float, float] | None,
-                             weight: np.ndarray | None = None):
+def _with_one_node_quantized(
+    model, node, mode: str, bits: int, rng: tuple[float, float] | None, weight: np.ndarray | None = None
+):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -84,16 +85,24 @@ def _with_one_node_quantized(model, node, mode: str, bits: int, rng: tuple[float
         return m
     q, dq = f"{x}__kq", f"{x}__kdq"
     if mode == "dynamic":
-        new = [helper.make_node("DynamicQuantizeLinear", [x], [q, q + "_s", q + "_z"]),
-               helper.make_node("DequantizeLinear", [q, q + "_s", q + "_z"], [dq])]
+        new = [
+            helper.make_node("DynamicQuantizeLinear", [x], [q, q + "_s", q + "_z"]),
+            helper.make_node("DequantizeLinear", [q, q + "_s", q + "_z"], [dq]),
+        ]
     else:
         lo, hi = rng
         scale = max(hi - lo, 1e-8) / 255.0
         zp = int(np.clip(round(-lo / scale), 0, 255))
-        g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), q + "_s"),
-                              numpy_helper.from_array(np.array(zp, np.uint8), q + "_z")])
-        new = [helper.make_node("QuantizeLinear", [x, q + "_s", q + "_z"], [q]),
-               helper.make_node("DequantizeLinear", [q, q + "_s", q + "_z"], [dq])]
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(scale, np.float32), q + "_s"),
+                numpy_helper.from_array(np.array(zp, np.uint8), q + "_z"),
+            ]
+        )
+        new = [
+            helper.make_node("QuantizeLinear", [x, q + "_s", q + "_z"], [q]),
+            helper.make_node("DequantizeLinear", [q, q + "_s", q + "_z"], [dq]),
+        ]
     n.input[0] = dq
     idx = list(g.node).index(n)
     for k, extra in enumerate(new):
@@ -134,7 +143,7 @@ def proxy_errors(model, names: list[str], feeds, mode: str, bits: int, threads: 
     score = dict.fromkeys(names, 0.0)
     for name in names:
         n = nodes[name]
-        for w in (n.input[1:] if n.op_type != "EmbedLayerNormalization" else n.input[2:3]):
+        for w in n.input[1:] if n.op_type != "EmbedLayerNormalization" else n.input[2:3]:
             t = inits.get(w)
             if t is not None and len(t.dims) >= 2 and t.data_type == TensorProto.FLOAT:
                 arr = numpy_helper.to_array(t)
@@ -155,9 +164,17 @@ def proxy_errors(model, names: list[str], feeds, mode: str, bits: int, threads: 
         m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(a) for a in acts if a not in have)
         sess = ort_session(m.SerializeToString(), threads)
         inputs = {i.name for i in sess.get_inputs()}
-        outs = [dict(zip(acts, sess.run(acts, {k: v for k, v in f.items() if k in inputs}))) for f in feeds]
-    ranges = {a: (min(0.0, min(float(o[a].min()) for o in outs)), max(0.0, max(float(o[a].max()) for o in outs)))
-              for a in acts} if outs else {}
+        outs = [
+            dict(zip(acts, sess.run(acts, {k: v for k, v in f.items() if k in inputs}), strict=True)) for f in feeds
+        ]
+    ranges = (
+        {
+            a: (min(0.0, min(float(o[a].min()) for o in outs)), max(0.0, max(float(o[a].max()) for o in outs)))
+            for a in acts
+        }
+        if outs
+        else {}
+    )
     for name in names:
         n = nodes[name]
         w = wq.get(name)
@@ -192,18 +209,28 @@ def _quantized(node, inits: dict, mode: str) -> bool:
     activation x activation MatMuls (ONNX Runtime leaves them in float) are not candidates."""
     from onnx import TensorProto
 
-    has_w = any(inits[i].data_type == TensorProto.FLOAT and len(inits[i].dims) >= 2
-                for i in node.input[1:] if i in inits)
+    has_w = any(
+        inits[i].data_type == TensorProto.FLOAT and len(inits[i].dims) >= 2 for i in node.input[1:] if i in inits
+    )
     if has_w or mode == "dynamic":
         return has_w
     return node.input[0] not in inits and node.op_type not in ("Gather", "EmbedLayerNormalization")
 
 
-def node_sensitivity(float_path: Path, distance: Callable[[bytes], float], feeds, skip: list[str],
-                     mode: str, bits: int = 8, threads: int = 2, shortlist: int | None = None,
-                     min_nodes: int = 0, info: dict | None = None,
-                     weights: dict[str, np.ndarray] | None = None,
-                     step: Callable[[str], None] | None = None) -> list[tuple[str, float]]:
+def node_sensitivity(
+    float_path: Path,
+    distance: Callable[[bytes], float],
+    feeds,
+    skip: list[str],
+    mode: str,
+    bits: int = 8,
+    threads: int = 2,
+    shortlist: int | None = None,
+    min_nodes: int = 0,
+    info: dict | None = None,
+    weights: dict[str, np.ndarray] | None = None,
+    step: Callable[[str], None] | None = None,
+) -> list[tuple[str, float]]:
     """(node, output distance to float when only this node is quantized), most sensitive first.
 
     ``weights``: a node's quantized weight as the quantizer will really round it (GPTQ rounding of

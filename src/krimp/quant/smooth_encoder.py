@@ -60,13 +60,15 @@ def smoothing_scale(xmax: torch.Tensor, linears: list[nn.Linear], alpha: float) 
 
 
 @torch.no_grad()
-def smooth_encoder(model: nn.Module, task, feeds: list[dict[str, np.ndarray]], alpha: float,
-                   max_batches: int = 32) -> dict:
+def smooth_encoder(
+    model: nn.Module, task, feeds: list[dict[str, np.ndarray]], alpha: float, max_batches: int = 32
+) -> dict:
     """Smooth the q/k/v and FFN inputs of every encoder layer, measured on ``feeds``."""
     layers = encoder_layers(model)
     if not layers:
-        raise KrimpError(f"smoothquant: {type(model).__name__} has neither decoder blocks nor BERT-like "
-                         "encoder layers to smooth")
+        raise KrimpError(
+            f"smoothquant: {type(model).__name__} has neither decoder blocks nor BERT-like encoder layers to smooth"
+        )
     if not feeds:
         raise KrimpError("smoothquant needs calibration data (data.calib_samples > 0)")
     a, (up_path,) = family("bert").attention, family("bert").ffn.ups
@@ -81,6 +83,7 @@ def smooth_encoder(model: nn.Module, task, feeds: list[dict[str, np.ndarray]], a
         def hook(_m, inp, _out):
             x = inp[0].detach().float().reshape(-1, inp[0].shape[-1]).abs().amax(0)
             xmax[key] = x if key not in xmax else torch.maximum(xmax[key], x)
+
         return hook
 
     handles = [probe.register_forward_hook(hook_for(k)) for k, (_, _, probe) in targets.items()]

@@ -88,8 +88,16 @@ class QuantizedWeight:
     Codes of 4 bits or fewer are held two to a byte (a 4-bit model's codes take half the memory
     while the rest of it is quantized); :attr:`codes` gives them unpacked, as uint8."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: WQSpec,
-                 *, _packed: torch.Tensor | None = None, _cols: int | None = None):
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        spec: WQSpec,
+        *,
+        _packed: torch.Tensor | None = None,
+        _cols: int | None = None,
+    ):
         self.scales, self.zeros, self.spec = scales, zeros, spec
         if _packed is not None:  # rows of an already packed weight (see :meth:`rows`)
             self._data, self._cols = _packed, _cols
@@ -105,8 +113,14 @@ class QuantizedWeight:
 
     def rows(self, start: int, stop: int) -> QuantizedWeight:
         """Output rows ``start:stop``, without unpacking."""
-        return QuantizedWeight(None, self.scales[start:stop], self.zeros[start:stop], self.spec,
-                               _packed=self._data[start:stop], _cols=self._cols)
+        return QuantizedWeight(
+            None,
+            self.scales[start:stop],
+            self.zeros[start:stop],
+            self.spec,
+            _packed=self._data[start:stop],
+            _cols=self._cols,
+        )
 
     def __repr__(self) -> str:
         return f"QuantizedWeight(shape={self.shape}, spec={self.spec})"
@@ -167,14 +181,18 @@ def rtn(w: torch.Tensor, spec: WQSpec, clip: torch.Tensor | float = 1.0, chunk_r
     Rows are treated ``chunk_rows`` at a time so a large embedding needs little extra memory."""
     parts = []
     for r in range(0, w.shape[0], chunk_rows):
-        c = clip[r:r + chunk_rows] if isinstance(clip, torch.Tensor) else clip
-        wr = w[r:r + chunk_rows]
+        c = clip[r : r + chunk_rows] if isinstance(clip, torch.Tensor) else clip
+        wr = w[r : r + chunk_rows]
         s, z = qparams(wr, spec, c)
         parts.append(quantize(wr, s, z, spec))
     if len(parts) == 1:
         return parts[0]
-    return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                           torch.cat([p.zeros for p in parts]), spec)
+    return QuantizedWeight(
+        torch.cat([p.codes for p in parts]),
+        torch.cat([p.scales for p in parts]),
+        torch.cat([p.zeros for p in parts]),
+        spec,
+    )
 
 
 def set_quantized(lin: torch.nn.Linear, qw: QuantizedWeight) -> None:
@@ -182,7 +200,7 @@ def set_quantized(lin: torch.nn.Linear, qw: QuantizedWeight) -> None:
     (what the exporters write)."""
     with torch.no_grad():
         for r in range(0, qw.shape[0], 4096):  # in place, a slice at a time: no second full copy
-            lin.weight[r:r + 4096] = qw.rows(r, r + 4096).dequantize().to(lin.weight.dtype)
+            lin.weight[r : r + 4096] = qw.rows(r, r + 4096).dequantize().to(lin.weight.dtype)
     lin.krimp_wq = qw
 
 

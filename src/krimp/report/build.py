@@ -42,8 +42,12 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "int8_dot_product": cpu_has_vnni(),
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "int8_dot_product": cpu_has_vnni(),
+        "python": platform.python_version(),
+    }
 
 
 def build_report(recipe, handle, data, run, artifacts, measured, wall_s: float) -> dict[str, Any]:
@@ -55,28 +59,47 @@ def build_report(recipe, handle, data, run, artifacts, measured, wall_s: float) 
     comp = _side(sides["compressed"], q["compressed"], q["fidelity"])
     size_ratio = comp["size_bytes"] / base["size_bytes"]
     sp = measured["speedup"]
-    unstable = [f"{name}: {'; '.join(s['latency_noise']['reasons'])}" for name, s in (("baseline", base),
-                ("compressed", comp)) if s["latency_noise"] and not s["latency_noise"]["stable"]]
+    unstable = [
+        f"{name}: {'; '.join(s['latency_noise']['reasons'])}"
+        for name, s in (("baseline", base), ("compressed", comp))
+        if s["latency_noise"] and not s["latency_noise"]["stable"]
+    ]
     goals = verdicts(recipe.goal, q, size_ratio, sp, not unstable, " / ".join(unstable))
     within, misses, noise = goal_outcome(goals)
     drop = quality_drop(q)
     ev = recipe.eval
     return {
         "krimp_version": krimp.__version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"source": handle.source, "kind": handle.kind, "task": handle.task.name,
-                  "params": handle.num_params, **handle.info},
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": {
+            "source": handle.source,
+            "kind": handle.kind,
+            "task": handle.task.name,
+            "params": handle.num_params,
+            **handle.info,
+        },
         "data": data.info,
-        "bench_settings": {"batch": ev.batch, "seq_len": ev.seq_len, "threads": ev.threads, "warmup": ev.warmup,
-                           "repeats": ev.repeats, "feed_shapes": measured["bench_feed"],
-                           "timing_budget_s": ev.timing_budget_s, "timing_s": measured.get("timing_s"),
-                           "note": "alternating rounds of both models until the medians settle (krimp.eval.timing); "
-                                   "ONNX models each in a process of their own"},
+        "bench_settings": {
+            "batch": ev.batch,
+            "seq_len": ev.seq_len,
+            "threads": ev.threads,
+            "warmup": ev.warmup,
+            "repeats": ev.repeats,
+            "feed_shapes": measured["bench_feed"],
+            "timing_budget_s": ev.timing_budget_s,
+            "timing_s": measured.get("timing_s"),
+            "note": "alternating rounds of both models until the medians settle (krimp.eval.timing); "
+            "ONNX models each in a process of their own",
+        },
         "baseline": base,
         "compressed": comp,
-        "ratios": {"size": round(size_ratio, 4), "speedup_p50": round(sp["value"], 3),
-                   "speedup_ci95": [round(x, 3) for x in sp["ci95"]], "timing_stable": not unstable,
-                   "speedup_p95": round(base["latency_ms_p95"] / comp["latency_ms_p95"], 3)},
+        "ratios": {
+            "size": round(size_ratio, 4),
+            "speedup_p50": round(sp["value"], 3),
+            "speedup_ci95": [round(x, 3) for x in sp["ci95"]],
+            "timing_stable": not unstable,
+            "speedup_p95": round(base["latency_ms_p95"] / comp["latency_ms_p95"], 3),
+        },
         "quality_drop": {"metric": drop[0], "value": drop[1], "ci95": drop_ci(q)} if drop else None,
         "accuracy_delta": q.get("accuracy_delta"),
         "artifacts": artifacts,
@@ -88,9 +111,15 @@ def build_report(recipe, handle, data, run, artifacts, measured, wall_s: float) 
         "stages": run.stages,
         "fusions": run.fusions,
         "fusion_choice": run.fusion_choice,  # export.optimize: auto: both graphs timed here
-        "export_check": {"max_relative_error": run.export_error, "tolerance": recipe.export.rtol,
-                         **({"compressed_max_relative_error": run.export_error_compressed}
-                            if run.export_error_compressed is not None else {})},
+        "export_check": {
+            "max_relative_error": run.export_error,
+            "tolerance": recipe.export.rtol,
+            **(
+                {"compressed_max_relative_error": run.export_error_compressed}
+                if run.export_error_compressed is not None
+                else {}
+            ),
+        },
         "exports": run.exports,
         "generation": measured.get("generation"),
         "energy_assumptions": energy.assumptions(ev.energy),

@@ -47,7 +47,7 @@ def plot(report: dict, path: Path) -> Path:
         s = report[side]
         metric, val, ci = quality_value(s, report)
         lat = s["latency_ms_p50"]
-        for ax, x in zip(axes, (s["size_bytes"] / 2**20, lat)):
+        for ax, x in zip(axes, (s["size_bytes"] / 2**20, lat), strict=True):
             ax.scatter([x], [val], s=70, color=color, zorder=3)
             ax.annotate(side, (x, val), textcoords="offset points", xytext=(6, 6), fontsize=8)
             if ci:
@@ -74,7 +74,7 @@ def plot(report: dict, path: Path) -> Path:
     axes[0].set_xlabel("size on disk (MiB)")
     axes[1].set_xlabel(f"latency p50 to p95 (ms, batch {report['bench_settings']['batch']})")
     lat_max = max(base["latency_ms_p95"], report["compressed"]["latency_ms_p95"])
-    for ax, xmax in zip(axes, (base["size_bytes"] / 2**20, lat_max)):
+    for ax, xmax in zip(axes, (base["size_bytes"] / 2**20, lat_max), strict=True):
         ax.set_ylabel(metric + unit)
         ax.set_ylim(lo - pad, hi + pad)
         ax.grid(alpha=0.3)

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def dominates(a: list[float], b: list[float]) -> bool:
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
 
 
 def pareto(points: dict[int, list[float]]) -> list[int]:
@@ -36,8 +36,13 @@ def _feed_for(path: Path, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]
         if shape is None:
             continue
         if i.type.tensor_type.elem_type == onnx.TensorProto.INT64:
-            feed[i.name] = (np.ones(shape, np.int64) if "mask" in i.name else
-                            np.zeros(shape, np.int64) if "type" in i.name else rng.integers(100, 1000, shape))
+            feed[i.name] = (
+                np.ones(shape, np.int64)
+                if "mask" in i.name
+                else np.zeros(shape, np.int64)
+                if "type" in i.name
+                else rng.integers(100, 1000, shape)
+            )
         else:
             feed[i.name] = rng.standard_normal(shape).astype(np.float32)
     return feed
@@ -54,5 +59,8 @@ def remeasure(trial_dir: Path, report: dict) -> dict | None:
     feed = _feed_for(comp, bs["feed_shapes"])
     args = (feed, bs["threads"], bs["warmup"], bs["repeats"])
     runs = [bench_onnx(p, *args)["latency_ms_p50"] for p in (base, comp, base, comp)]
-    return {"latency": min(runs[1], runs[3]), "baseline_latency": min(runs[0], runs[2]),
-            "speedup": min(runs[0], runs[2]) / min(runs[1], runs[3])}
+    return {
+        "latency": min(runs[1], runs[3]),
+        "baseline_latency": min(runs[0], runs[2]),
+        "speedup": min(runs[0], runs[2]) / min(runs[1], runs[3]),
+    }

@@ -28,18 +28,33 @@ def front_plot(summary: dict) -> bytes:
     done = [r for r in summary["trials"] if r["state"] == "COMPLETE"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     budget = (summary.get("goal") or {}).get("max_quality_drop")
-    for ax, key, label in zip(axes, ("size", "latency"), ("artifact size (MiB)", "latency p50 (ms)")):
+    for ax, key, label in zip(axes, ("size", "latency"), ("artifact size (MiB)", "latency p50 (ms)"), strict=True):
         for ok, color, name in ((True, "#1971c2", "within budget"), (False, "#adb5bd", "over budget")):
             pts = [r for r in done if r["within_goal"] == ok]
-            ax.scatter([r[key] for r in pts], [r["quality_drop"] for r in pts], color=color, s=28, label=name,
-                       zorder=2)
+            ax.scatter([r[key] for r in pts], [r["quality_drop"] for r in pts], color=color, s=28, label=name, zorder=2)
         front = sorted((r for r in done if r["number"] in summary["front"]), key=lambda r: r[key])
-        ax.plot([r[key] for r in front], [r["quality_drop"] for r in front], color="#d9480f", lw=1,
-                marker="o", ms=4, label="front (within budget)", zorder=3)
+        ax.plot(
+            [r[key] for r in front],
+            [r["quality_drop"] for r in front],
+            color="#d9480f",
+            lw=1,
+            marker="o",
+            ms=4,
+            label="front (within budget)",
+            zorder=3,
+        )
         best = next((r for r in done if r["number"] == summary["best"]), None)
         if best:
-            ax.scatter([best[key]], [best["quality_drop"]], s=160, facecolors="none", edgecolors="#2b8a3e",
-                       lw=2, label=f"best: trial {best['number']}", zorder=4)
+            ax.scatter(
+                [best[key]],
+                [best["quality_drop"]],
+                s=160,
+                facecolors="none",
+                edgecolors="#2b8a3e",
+                lw=2,
+                label=f"best: trial {best['number']}",
+                zorder=4,
+            )
         if budget is not None:
             ax.axhline(budget, color="#c92a2a", ls="--", lw=1, label="budget")
         ax.set_xlabel(label)
@@ -75,9 +90,12 @@ def html_page(summary: dict, png: bytes | None) -> str:
         style = ' style="background:#ebfbee"' if r["number"] == summary["best"] else ""
         rows.append(f"<tr{style}>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
     img = f'<img alt="front" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
-    best = (f"<p>Best within the budget (smallest, then fastest): <b>trial {summary['best']}</b>; its recipe is "
-            f"<code>best.yaml</code>.</p>" if summary["best"] is not None else
-            "<p><b>No trial met the budget.</b></p>")
+    best = (
+        f"<p>Best within the budget (smallest, then fastest): <b>trial {summary['best']}</b>; its recipe is "
+        f"<code>best.yaml</code>.</p>"
+        if summary["best"] is not None
+        else "<p><b>No trial met the budget.</b></p>"
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>krimp search: {e(summary['study'])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd;
 font-size:13px}}table{{border-collapse:collapse}}</style></head><body>
@@ -98,8 +116,10 @@ def write_search_report(out: Path, summary: dict, best_recipe: dict | None) -> d
         _atomic(paths["png"], png)
     if best_recipe is not None:
         paths["best"] = out / "best.yaml"
-        head = (f"# Best recipe of krimp search '{summary['study']}' (trial {summary['best']}): the smallest artifact\n"
-                f"# within the budget.  krimp compress {paths['best']} --out runs/best\n")
+        head = (
+            f"# Best recipe of krimp search '{summary['study']}' (trial {summary['best']}): the smallest artifact\n"
+            f"# within the budget.  krimp compress {paths['best']} --out runs/best\n"
+        )
         _atomic(paths["best"], head + yaml.safe_dump(best_recipe, sort_keys=False, width=120))
     outputs = {k: str(v) for k, v in paths.items()}
     _atomic(paths["html"], html_page(summary, png))

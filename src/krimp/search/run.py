@@ -22,8 +22,17 @@ def study_name(recipe: Path) -> str:
     return f"krimp-{Path(recipe).stem}"
 
 
-def run_search(recipe: Path, out: Path, n_trials: int, storage_url: str | None = None, workers: int = 1,
-               name: str | None = None, overwrite: bool = False, step=None, progress=None) -> dict:
+def run_search(
+    recipe: Path,
+    out: Path,
+    n_trials: int,
+    storage_url: str | None = None,
+    workers: int = 1,
+    name: str | None = None,
+    overwrite: bool = False,
+    step=None,
+    progress=None,
+) -> dict:
     """Run (or resume) the study until ``n_trials`` trials are done; write the report into ``out``."""
     S.require_optuna()  # a missing extra is refused before anything is written
     space = load_space(recipe)
@@ -32,8 +41,10 @@ def run_search(recipe: Path, out: Path, n_trials: int, storage_url: str | None =
     if workers > 1 and storage_url is None:
         storage_url = f"sqlite:///{(out / 'study.db').resolve()}"
     if storage_url is None and (out / "trials").exists() and any((out / "trials").iterdir()) and not overwrite:
-        raise KrimpError(f"{out} holds trials of an earlier in-memory search; pass --overwrite, or use "
-                         "--storage sqlite:///study.db to make a search resumable")
+        raise KrimpError(
+            f"{out} holds trials of an earlier in-memory search; pass --overwrite, or use "
+            "--storage sqlite:///study.db to make a search resumable"
+        )
     if storage_url is None and overwrite:
         import shutil
 
@@ -49,19 +60,35 @@ def run_search(recipe: Path, out: Path, n_trials: int, storage_url: str | None =
     study = S.open_study(storage, name, space, space.spec.seed)  # fresh view of the storage
     done = sum(S.is_done(t) for t in study.get_trials(deepcopy=False))
     if done < n_trials:
-        raise KrimpError(f"the study has {done} of {n_trials} trials done and no worker left; "
-                         "rerun the same command to resume it")
+        raise KrimpError(
+            f"the study has {done} of {n_trials} trials done and no worker left; rerun the same command to resume it"
+        )
     return finish(study, storage, space, out, time.perf_counter() - t0, storage_url, workers, step)
 
 
 def _spawn(recipe, out, n_trials, url, name, workers, study, progress) -> None:
-    cmd = [sys.executable, "-m", "krimp", "search", str(recipe), "--out", str(out), "--trials", str(n_trials),
-           "--storage", url, "--study", name, "--worker-only"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "krimp",
+        "search",
+        str(recipe),
+        "--out",
+        str(out),
+        "--trials",
+        str(n_trials),
+        "--storage",
+        url,
+        "--study",
+        name,
+        "--worker-only",
+    ]
     procs = []
     for i in range(workers):
         log_path = out / f"worker-{i}.log"
-        procs.append(subprocess.Popen(cmd + ["--worker-index", str(i)], stdout=subprocess.DEVNULL,
-                                      stderr=open(log_path, "a")))
+        procs.append(
+            subprocess.Popen(cmd + ["--worker-index", str(i)], stdout=subprocess.DEVNULL, stderr=open(log_path, "a"))
+        )
     try:
         while any(p.poll() is None for p in procs):
             if progress:
@@ -84,10 +111,30 @@ def _rows(study) -> list[dict]:
         a = t.user_attrs
         if a.get("surplus") or a.get("violates"):
             continue
-        row = {"number": t.number, "state": t.state.name, "params": t.params,
-               "recipe": t.params.get("recipe"), "dir": f"trials/{t.number:04d}"}
-        for k in ("quality_drop", "quality_metric", "size", "latency", "speedup", "runtime", "within_goal",
-                  "misses", "budget_excess", "loaded", "wall_s", "error", "stale", "retry_of", "same_as"):
+        row = {
+            "number": t.number,
+            "state": t.state.name,
+            "params": t.params,
+            "recipe": t.params.get("recipe"),
+            "dir": f"trials/{t.number:04d}",
+        }
+        for k in (
+            "quality_drop",
+            "quality_metric",
+            "size",
+            "latency",
+            "speedup",
+            "runtime",
+            "within_goal",
+            "misses",
+            "budget_excess",
+            "loaded",
+            "wall_s",
+            "error",
+            "stale",
+            "retry_of",
+            "same_as",
+        ):
             if k in a:
                 row[k] = a[k]
         rows.append(row)
@@ -113,8 +160,15 @@ def finish(study, storage, space, out: Path, seconds: float, storage_url, worker
     while True:
         feasible = {r["number"]: point(r) for r in done if r["within_goal"]}
         front = pareto(feasible)
-        todo = [r for r in done if r["number"] in front and r.get("loaded") and str(r["number"]) not in fixed
-                and space.spec.remeasure and "latency" in objs]
+        todo = [
+            r
+            for r in done
+            if r["number"] in front
+            and r.get("loaded")
+            and str(r["number"]) not in fixed
+            and space.spec.remeasure
+            and "latency" in objs
+        ]
         if not todo:
             break
         for r in todo:
@@ -128,13 +182,23 @@ def finish(study, storage, space, out: Path, seconds: float, storage_url, worker
             r["latency_loaded"], r["latency"] = r["latency"], fixed[str(r["number"])]["latency"]
             r["remeasured_alone"] = True
     all_front = pareto({r["number"]: point(r) for r in done})
-    best = min((r for r in done if r["within_goal"]), key=lambda r: (r["size"], r["latency"], r["quality_drop"]),
-               default=None)
-    summary = {"study": study.study_name, "storage": storage_url or "in-memory", "workers": workers,
-               "objectives": objs, "goal": space.base.get("goal", {}), "trials": rows,
-               "done": sum(1 for r in rows if r["state"] == "COMPLETE" or "error" in r),
-               "front": front, "front_all": all_front, "best": best["number"] if best else None,
-               "seconds": round(seconds, 1), "space": space.fingerprint()}
+    best = min(
+        (r for r in done if r["within_goal"]), key=lambda r: (r["size"], r["latency"], r["quality_drop"]), default=None
+    )
+    summary = {
+        "study": study.study_name,
+        "storage": storage_url or "in-memory",
+        "workers": workers,
+        "objectives": objs,
+        "goal": space.base.get("goal", {}),
+        "trials": rows,
+        "done": sum(1 for r in rows if r["state"] == "COMPLETE" or "error" in r),
+        "front": front,
+        "front_all": all_front,
+        "best": best["number"] if best else None,
+        "seconds": round(seconds, 1),
+        "space": space.fingerprint(),
+    }
     if best is None and done:
         close = min(done, key=lambda r: r["budget_excess"])
         summary["closest"] = {"number": close["number"], "misses": close["misses"]}

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def input_moments(module: nn.Module, linears: dict[str, nn.Linear], windows: torch.Tensor,
-                  batch: int = 4) -> dict[str, torch.Tensor]:
+def input_moments(
+    module: nn.Module, linears: dict[str, nn.Linear], windows: torch.Tensor, batch: int = 4
+) -> dict[str, torch.Tensor]:
     """E[x_j^2] of each linear's input columns over the calibration windows."""
     acc = {k: torch.zeros(m.in_features, dtype=torch.float64) for k, m in linears.items()}
     count = {k: 0 for k in linears}
@@ -42,12 +43,13 @@ def input_moments(module: nn.Module, linears: dict[str, nn.Linear], windows: tor
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             acc[name] += (x * x).sum(0)
             count[name] += x.shape[0]
+
         return f
 
     handles = [m.register_forward_pre_hook(hook(k)) for k, m in linears.items()]
     try:
         for i in range(0, len(windows), batch):
-            module(input_ids=windows[i:i + batch], use_cache=False)
+            module(input_ids=windows[i : i + batch], use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -90,8 +92,14 @@ class _Reference:
         return torch.log_softmax(logits.float(), -1)[f["mask"]].to(torch.bfloat16)
 
     def _nll(self, logps) -> float:
-        tot = sum(float(-lp.float().gather(1, f["tgt"][:, None]).sum()) for lp, f in zip(logps, self.feeds))
+        tot = sum(
+            float(-lp.float().gather(1, f["tgt"][:, None]).sum()) for lp, f in zip(logps, self.feeds, strict=True)
+        )
         return tot / sum(len(f["tgt"]) for f in self.feeds)
+
+    def _cached(self, i: int):
+        """A forward for block ``i`` that returns its cached output for the current batch."""
+        return lambda *a, **k: self.cache[self.batch][i]
 
     @torch.no_grad()
     def distance(self, start: int = 0) -> tuple[float, float]:
@@ -99,9 +107,10 @@ class _Reference:
         given that blocks before ``start`` are unchanged."""
         kl, n, logps = 0.0, 0, []
         for i in range(start):
-            self.blocks[i].forward = (lambda i: lambda *a, **k: self.cache[self.batch][i])(i)
+            self.blocks[i].forward = self._cached(i)
         try:
-            for self.batch, (ref, f) in enumerate(zip(self.logp, self.feeds)):
+            for b, (ref, f) in enumerate(zip(self.logp, self.feeds, strict=True)):
+                self.batch = b
                 lp = self._logp(f)
                 r = ref.float()
                 kl += float((r.exp() * (r - lp.float())).sum())
@@ -132,17 +141,27 @@ def width_costs(row: dict, metric: str = "kl") -> dict[int, float]:
 def _feeds(task, windows: list, seq_len: int, batch: int) -> list[dict]:
     out = []
     for i in range(0, len(windows), batch):
-        enc = task.encode(windows[i:i + batch], seq_len)
+        enc = task.encode(windows[i : i + batch], seq_len)
         ids = torch.from_numpy(enc["input_ids"])
         mask = torch.from_numpy(enc["score_mask"][:, 1:] & enc["attention_mask"][:, 1:].astype(bool))
         out.append({"ids": ids, "mask": mask, "tgt": ids[:, 1:][mask]})
     return out
 
 
-def lm_sensitivity(module: nn.Module, task, calib: list, evaluation: list, spec: WQSpec,
-                   widths: list[int], measure: bool = True, seq_len: int = 256, batch: int = 4,
-                   advance: Callable[[str], None] | None = None, layers: list[str] | None = None,
-                   measure_widths: list[int] | None = None) -> list[dict]:
+def lm_sensitivity(
+    module: nn.Module,
+    task,
+    calib: list,
+    evaluation: list,
+    spec: WQSpec,
+    widths: list[int],
+    measure: bool = True,
+    seq_len: int = 256,
+    batch: int = 4,
+    advance: Callable[[str], None] | None = None,
+    layers: list[str] | None = None,
+    measure_widths: list[int] | None = None,
+) -> list[dict]:
     """One row per decoder linear: params, proxy error per width, and (``measure``) the KL and
     perplexity change when only this layer is rounded to ``spec`` (``kl``, ``ppl_change``) and to each
     of ``measure_widths`` (``kl_at``, ``ppl_at``); most sensitive first."""
@@ -153,8 +172,10 @@ def lm_sensitivity(module: nn.Module, task, calib: list, evaluation: list, spec:
         linears = {k: m for k, m in linears.items() if name_matches(k, layers)}
         if not linears:
             every = decoder_linears(module)
-            raise KrimpError(f"--layers {layers}: no decoder linear matches (there are {len(every)}, e.g. "
-                             f"{', '.join(list(every)[:3])})")
+            raise KrimpError(
+                f"--layers {layers}: no decoder linear matches (there are {len(every)}, e.g. "
+                f"{', '.join(list(every)[:3])})"
+            )
         if not linears:
             example = next(iter(decoder_linears(module)))
             raise KrimpError(f"no decoder linear matches {layers} (names look like {example})")
@@ -164,8 +185,10 @@ def lm_sensitivity(module: nn.Module, task, calib: list, evaluation: list, spec:
     widths = sorted(set(widths) | {spec.bits})
     rows = []
     for name, lin in linears.items():
-        proxy = {b: proxy_error(lin.weight.detach(), moments[name], WQSpec(b, spec.group_size, spec.symmetric))
-                 for b in widths}
+        proxy = {
+            b: proxy_error(lin.weight.detach(), moments[name], WQSpec(b, spec.group_size, spec.symmetric))
+            for b in widths
+        }
         rows.append({"layer": name, "params": lin.weight.numel(), "proxy": proxy})
     if measure:
         advance("float reference")
@@ -181,7 +204,7 @@ def lm_sensitivity(module: nn.Module, task, calib: list, evaluation: list, spec:
                     grid = WQSpec(b, spec.group_size, spec.symmetric)
                     with torch.no_grad():
                         lin.weight.copy_(rtn(keep.float(), grid).dequantize().to(keep.dtype))
-                    start = int(row["layer"][len(path) + 1:].split(".")[0])
+                    start = int(row["layer"][len(path) + 1 :].split(".")[0])
                     row["kl_at"][b], row["ppl_at"][b] = ref.distance(start)
             finally:
                 with torch.no_grad():

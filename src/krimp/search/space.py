@@ -80,8 +80,10 @@ class Space:
     def __init__(self, base: dict, spec: SearchSpec, where: str = "search"):
         self.base, self.spec, self.where = base, spec, where
         if not spec.candidates:
-            raise KrimpError(f"{where}: the search space is empty; add at least one entry under "
-                             "search.candidates (a name and its list of stages)")
+            raise KrimpError(
+                f"{where}: the search space is empty; add at least one entry under "
+                "search.candidates (a name and its list of stages)"
+            )
         self.params = {name: {} for name in spec.candidates}
         for name, stages in spec.candidates.items():
             if not isinstance(stages, list):
@@ -126,8 +128,7 @@ class Space:
             elif isinstance(ps["low"], int) and isinstance(ps["high"], int) and not ps.get("log"):
                 values[p] = trial.suggest_int(p, ps["low"], ps["high"], step=ps.get("step") or 1)
             else:
-                values[p] = trial.suggest_float(p, ps["low"], ps["high"], step=ps.get("step"),
-                                                log=bool(ps.get("log")))
+                values[p] = trial.suggest_float(p, ps["low"], ps["high"], step=ps.get("step"), log=bool(ps.get("log")))
         return cand, values
 
     def violated(self, values: dict[str, Any]) -> str | None:

@@ -66,11 +66,22 @@ def open_study(storage, name: str, space: Space, seed: int = 0):
     elif spec.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, n_startup_trials=6,
-                                             multivariate=True, group=True, constant_liar=True)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed,
+            constraints_func=constraints,
+            n_startup_trials=6,
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+        )
     try:
-        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, load_if_exists=True,
-                                    directions=["minimize"] * len(spec.objectives))
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            sampler=sampler,
+            load_if_exists=True,
+            directions=["minimize"] * len(spec.objectives),
+        )
     except ValueError as e:  # same name, other number of objectives
         raise KrimpError(f"study '{name}': {e}") from None
     fp = study.user_attrs.get("space")
@@ -78,8 +89,10 @@ def open_study(storage, name: str, space: Space, seed: int = 0):
         study.set_user_attr("space", space.fingerprint())
         study.set_user_attr("objectives", list(spec.objectives))
     elif fp != space.fingerprint():
-        raise KrimpError(f"study '{name}' in this storage was made for another search space; "
-                         "give a new --study name or the original recipe")
+        raise KrimpError(
+            f"study '{name}' in this storage was made for another search space; "
+            "give a new --study name or the original recipe"
+        )
     return study
 
 
@@ -163,8 +176,9 @@ def _ahead(study, number: int) -> int:
     from optuna.trial import TrialState
 
     ts = study.get_trials(deepcopy=False)
-    return sum(is_done(t) for t in ts) + sum(t.state == TrialState.RUNNING and t.number < number and _alive(t)
-                                            for t in ts)
+    return sum(is_done(t) for t in ts) + sum(
+        t.state == TrialState.RUNNING and t.number < number and _alive(t) for t in ts
+    )
 
 
 class _Heartbeat:
@@ -192,10 +206,17 @@ def metrics(report: dict, goal_excess: float) -> dict:
     if qd.get("value") is None:
         raise KrimpError("the trial's evaluation gives no quality measure (no labels, perplexity or fidelity)")
     c = report["compressed"]
-    return {"quality_drop": float(qd["value"]), "quality_metric": qd["metric"],
-            "size": c["size_bytes"] / 2**20, "latency": c["latency_ms_p50"],
-            "speedup": report["ratios"].get("speedup_p50"), "runtime": c["runtime"],
-            "within_goal": bool(report["within_goal"]), "misses": report["misses"], "budget_excess": goal_excess}
+    return {
+        "quality_drop": float(qd["value"]),
+        "quality_metric": qd["metric"],
+        "size": c["size_bytes"] / 2**20,
+        "latency": c["latency_ms_p50"],
+        "speedup": report["ratios"].get("speedup_p50"),
+        "runtime": c["runtime"],
+        "within_goal": bool(report["within_goal"]),
+        "misses": report["misses"],
+        "budget_excess": goal_excess,
+    }
 
 
 def budget_excess(report: dict) -> float:
@@ -203,15 +224,23 @@ def budget_excess(report: dict) -> float:
     return 0.0 if report["within_goal"] else max(m["by"] for m in report["misses"])
 
 
-def work(study, storage, space: Space, out: Path, n_trials: int, worker: int = 0, step=None,
-         max_violations: int = 200, progress=None) -> int:
+def work(
+    study,
+    storage,
+    space: Space,
+    out: Path,
+    n_trials: int,
+    worker: int = 0,
+    step=None,
+    max_violations: int = 200,
+    progress=None,
+) -> int:
     """Run trials until ``n_trials`` are done; returns how many this worker finished."""
     import psutil
     from optuna.trial import TrialState
 
     step = step or (lambda s: None)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "ctime": psutil.Process().create_time(),
-          "worker": worker}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "ctime": psutil.Process().create_time(), "worker": worker}
     finished = violations = 0
     while True:
         reap_stale(study, storage, out)
@@ -254,8 +283,13 @@ def _one_trial(study, trial, space: Space, out: Path, step) -> bool:
             return True
         step(f"trial {trial.number}: {_label(cand, values)}")
         trial.set_user_attr("busy_at_start", _others_running(study, trial.number))
-        report = krimp.compress(None, space.recipe(cand, values), out / "trials" / f"{trial.number:04d}",
-                                overwrite=True, step=lambda s, n=trial.number: step(f"trial {n}: {s}"))
+        report = krimp.compress(
+            None,
+            space.recipe(cand, values),
+            out / "trials" / f"{trial.number:04d}",
+            overwrite=True,
+            step=lambda s, n=trial.number: step(f"trial {n}: {s}"),
+        )
         m = metrics(report, budget_excess(report))
         m["loaded"] = trial.user_attrs["busy_at_start"] or _others_running(study, trial.number)
         m["wall_s"] = report.get("wall_s")
@@ -301,8 +335,7 @@ def _failed(study, trial, e: BaseException) -> None:
 def _others_running(study, number: int) -> bool:
     from optuna.trial import TrialState
 
-    return any(t.number != number and _alive(t)
-               for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return any(t.number != number and _alive(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def _label(cand: str, values: dict) -> str:

@@ -44,7 +44,7 @@ def forward(model: nn.Module, task, args: list[torch.Tensor], hidden: bool):
         if hidden:
             raise KrimpError("distill: hidden-state loss needs a transformer; set weights.hidden: 0")
         return model(args[0]).float(), None
-    kw = dict(zip(task.input_names, args))
+    kw = dict(zip(task.input_names, args, strict=False))
     if task.name == "causal-lm":
         kw["use_cache"] = False
     out = model(**kw, output_hidden_states=True) if hidden else model(**kw)
@@ -52,30 +52,47 @@ def forward(model: nn.Module, task, args: list[torch.Tensor], hidden: bool):
     return main.float(), ([h.float() for h in out.hidden_states] if hidden else None)  # losses in float32 under bf16
 
 
-def transfer_batches(task, items, labels, batch: int, seq_len: int, seed: int = 0) -> list[tuple[dict, np.ndarray | None]]:
+def transfer_batches(
+    task, items, labels, batch: int, seq_len: int, seed: int = 0
+) -> list[tuple[dict, np.ndarray | None]]:
     """Full batches of the transfer data. Sentences of similar length go together (less padding:
     about twice as fast on short documentation sentences) and the batches are then shuffled."""
     if len(items) < batch:
-        raise KrimpError(f"distill: the transfer data has {len(items)} samples, fewer than one batch of {batch}; "
-                         "raise data.calib_samples or lower batch")
+        raise KrimpError(
+            f"distill: the transfer data has {len(items)} samples, fewer than one batch of {batch}; "
+            "raise data.calib_samples or lower batch"
+        )
     order = np.arange(len(items))
     if items and isinstance(items[0], str):
         order = np.argsort([len(x) for x in items], kind="stable")
     out = []
     for i in range(0, len(items) - batch + 1, batch):  # full batches only
-        idx = order[i:i + batch]
+        idx = order[i : i + batch]
         lab = np.asarray([labels[j] for j in idx]) if labels is not None else None
         out.append((task.encode([items[j] for j in idx], seq_len), lab))
     rng = np.random.default_rng(seed)
     return [out[j] for j in rng.permutation(len(out))]
 
 
-def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: list[dict[str, np.ndarray]],
-            steps: int, lr: float, temperature: float = 2.0,
-            step: Callable[[str], None] | None = None, *, hidden: float = 0.0,
-            layer_map: dict[int, int] | None = None, ckpt_dir: Path | None = None, fp: str = "",
-            checkpoint_every: int = 50, augment: bool = False,
-            on_step: Callable[[int], None] | None = None, precision: Precision = "fp32") -> dict:
+def distill(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    task,
+    feeds: list[dict[str, np.ndarray]],
+    steps: int,
+    lr: float,
+    temperature: float = 2.0,
+    step: Callable[[str], None] | None = None,
+    *,
+    hidden: float = 0.0,
+    layer_map: dict[int, int] | None = None,
+    ckpt_dir: Path | None = None,
+    fp: str = "",
+    checkpoint_every: int = 50,
+    augment: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    precision: Precision = "fp32",
+) -> dict:
     """``steps`` AdamW steps over ``feeds`` (cycled), linear warm-up then cosine decay. Returns the
     first and last loss (mean over the first / last tenth of steps).
 
@@ -115,12 +132,27 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, task, feeds: lis
             t, th = forward(teacher, task, args, True)
         s, sh = forward(student, task, args, True)
         lmap = layer_map or {i: i for i in range(1, min(len(sh), len(th)))}
-        return distill_loss(task.name, weights, s, t, mask, temperature=temperature, s_hidden=sh, t_hidden=th,
-                            layer_map=lmap)
+        return distill_loss(
+            task.name, weights, s, t, mask, temperature=temperature, s_hidden=sh, t_hidden=th, layer_map=lmap
+        )
 
-    settings = TrainSettings(steps=steps, lr=lr, checkpoint_every=checkpoint_every if ckpt_dir else 0,
-                             precision=precision)
-    res = train(named, loss_fn, feeds, settings, ckpt_dir=ckpt_dir, fp=fp, step=step,
-                modules=[],  # eval mode: no dropout noise in matching
-                samples_per_batch=len(next(iter(feeds[0].values()))), on_step=on_step)
-    return {k: res[k] for k in ("steps", "loss_first", "loss_last", "seconds", "resumed_from")} | {"lr": lr, "hidden": hidden, "precision": precision}
+    settings = TrainSettings(
+        steps=steps, lr=lr, checkpoint_every=checkpoint_every if ckpt_dir else 0, precision=precision
+    )
+    res = train(
+        named,
+        loss_fn,
+        feeds,
+        settings,
+        ckpt_dir=ckpt_dir,
+        fp=fp,
+        step=step,
+        modules=[],  # eval mode: no dropout noise in matching
+        samples_per_batch=len(next(iter(feeds[0].values()))),
+        on_step=on_step,
+    )
+    return {k: res[k] for k in ("steps", "loss_first", "loss_last", "seconds", "resumed_from")} | {
+        "lr": lr,
+        "hidden": hidden,
+        "precision": precision,
+    }

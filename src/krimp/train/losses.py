@@ -44,8 +44,9 @@ def hard_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Language-model loss: position ``i`` predicts token ``i + 1``, averaged over ``mask[:, 1:]``."""
-    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                         reduction="none").view(ids.shape[0], -1)
+    ce = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    ).view(ids.shape[0], -1)
     return _masked_mean(ce, None if mask is None else mask[:, 1:])
 
 
@@ -62,15 +63,21 @@ def state_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None
     return _masked_mean(per_tok, mask) / t.float().var().clamp_min(1e-8)
 
 
-def embedding_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None,
-                   mse: float = 1.0, cosine: float = 1.0) -> torch.Tensor:
+def embedding_loss(
+    s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None, mse: float = 1.0, cosine: float = 1.0
+) -> torch.Tensor:
     """Token-state MSE (weight ``mse``) plus ``1 - cos`` of pooled embeddings (weight ``cosine``)."""
     cos = F.cosine_similarity(pooled(s.float(), mask), pooled(t.float(), mask), dim=-1)
     return mse * state_mse(s, t, mask) + cosine * (1 - cos).mean()
 
 
-def hidden_loss(s_hidden: list[torch.Tensor], t_hidden: list[torch.Tensor], layer_map: dict[int, int],
-                proj: torch.nn.ModuleDict | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_loss(
+    s_hidden: list[torch.Tensor],
+    t_hidden: list[torch.Tensor],
+    layer_map: dict[int, int],
+    proj: torch.nn.ModuleDict | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean over the mapped pairs of :func:`state_mse` (student layer -> teacher layer), the
     student's states passed through ``proj[str(student_layer)]`` when there is one."""
     total = s_hidden[0].new_zeros((), dtype=torch.float32)
@@ -91,11 +98,21 @@ class LossWeights(pydantic.BaseModel):
     hidden: float = pydantic.Field(0.0, ge=0)  # mapped hidden states (MSE, projected if widths differ)
 
 
-def distill_loss(task: str, weights: LossWeights, s: torch.Tensor, t: torch.Tensor | None,
-                 mask: torch.Tensor | None = None, *, temperature: float = 2.0, ids: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, s_hidden: list[torch.Tensor] | None = None,
-                 t_hidden: list[torch.Tensor] | None = None, layer_map: dict[int, int] | None = None,
-                 proj: torch.nn.ModuleDict | None = None) -> torch.Tensor:
+def distill_loss(
+    task: str,
+    weights: LossWeights,
+    s: torch.Tensor,
+    t: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 2.0,
+    ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    s_hidden: list[torch.Tensor] | None = None,
+    t_hidden: list[torch.Tensor] | None = None,
+    layer_map: dict[int, int] | None = None,
+    proj: torch.nn.ModuleDict | None = None,
+) -> torch.Tensor:
     """The student's loss for a model of ``task``: the sum of the terms with a non-zero weight.
 
     - ``output``: :func:`embedding_loss` of the student's token states ``s`` against the teacher's
@@ -108,8 +125,11 @@ def distill_loss(task: str, weights: LossWeights, s: torch.Tensor, t: torch.Tens
     What a zero-weight term reads may be None (no teacher without ``output`` or ``hidden``)."""
     loss = torch.zeros(())
     if weights.output:
-        out = embedding_loss(s, t, mask) if task == "embedding" else \
-            kd_logits(s, t, temperature, mask if s.ndim == 3 else None)
+        out = (
+            embedding_loss(s, t, mask)
+            if task == "embedding"
+            else kd_logits(s, t, temperature, mask if s.ndim == 3 else None)
+        )
         loss = loss + weights.output * out
     if weights.hard:
         hard = next_token_ce(s, ids, mask) if task == "causal-lm" else hard_ce(s, labels)
@@ -135,7 +155,7 @@ def matching_views(x: torch.Tensor, min_area: float = 0.08, mixup: bool = True) 
         w = min(W, max(8, round(math.sqrt(area * ratio))))
         top = int(torch.randint(0, H - h + 1, ()))
         left = int(torch.randint(0, W - w + 1, ()))
-        crop = x[i:i + 1, :, top:top + h, left:left + w]
+        crop = x[i : i + 1, :, top : top + h, left : left + w]
         view = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
         out[i] = view[0].flip(-1) if bool(torch.rand(()) < 0.5) else view[0]
     if not mixup:

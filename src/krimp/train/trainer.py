@@ -88,7 +88,7 @@ def _average_grads(params: list[torch.Tensor], n: int) -> None:
     i = 0
     for p in params:
         k = p.numel()
-        p.grad = flat[i:i + k].view_as(p).clone()
+        p.grad = flat[i : i + k].view_as(p).clone()
         i += k
 
 
@@ -106,8 +106,7 @@ def _save(ckpt: Path, named: dict[str, torch.Tensor], opt, sched, state: dict) -
     tmp = ckpt / "tmp"
     tmp.mkdir(exist_ok=True)
     save_file({k: v.detach().contiguous().clone() for k, v in named.items()}, str(tmp / "weights.safetensors"))
-    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state()},
-               tmp / "optim.pt")
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     for name in ("weights.safetensors", "optim.pt", "state.json"):
         os.replace(tmp / name, ckpt / name)  # state.json last: it marks a complete checkpoint
@@ -169,10 +168,20 @@ def bf16_native() -> bool:
 
 
 # ---- the loop ---------------------------------------------------------------------------------
-def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.Tensor], batches: Sequence,
-          s: TrainSettings, *, val_fn: Callable[[], float] | None = None, ckpt_dir: Path | None = None,
-          fp: str = "", step: Callable[[str], None] | None = None, samples_per_batch: int = 1,
-          modules: Sequence[torch.nn.Module] = (), on_step: Callable[[int], None] | None = None) -> dict:
+def train(
+    named: dict[str, torch.nn.Parameter],
+    loss_fn: Callable[[Any], torch.Tensor],
+    batches: Sequence,
+    s: TrainSettings,
+    *,
+    val_fn: Callable[[], float] | None = None,
+    ckpt_dir: Path | None = None,
+    fp: str = "",
+    step: Callable[[str], None] | None = None,
+    samples_per_batch: int = 1,
+    modules: Sequence[torch.nn.Module] = (),
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
     """Minimise ``loss_fn(batch)`` over ``batches`` (cycled) for ``s.steps`` optimizer steps,
     updating the parameters in ``named`` (name -> parameter; the names key the checkpoints).
 
@@ -196,7 +205,8 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
     amp = autocast(s.precision, params[0].device)
     warm = max(1, int(s.steps * s.warmup))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, s.steps) / s.steps)))
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, s.steps) / s.steps))
+    )
     state = {"fingerprint": fp, "step": 0, "losses": [], "best": None, "bad": 0, "val": []}
     if ckpt_dir is not None:
         loaded = _load(ckpt_dir, named, opt, sched, fp)
@@ -269,11 +279,18 @@ def train(named: dict[str, torch.nn.Parameter], loss_fn: Callable[[Any], torch.T
                 p.copy_(best_weights[k])
     losses = state["losses"]
     k = max(1, len(losses) // 10)
-    return {"steps": state["step"], "samples": state["step"] * per_step * samples_per_batch,
-            "loss_first": round(sum(losses[:k]) / k, 5), "loss_last": round(sum(losses[-k:]) / k, 5),
-            "early_stopped": stopped, "validation": state["val"], "processes": n_proc,
-            "resumed_from": done0 or None, "seconds": round(time.perf_counter() - t0, 1),
-            "settings": asdict(s)}
+    return {
+        "steps": state["step"],
+        "samples": state["step"] * per_step * samples_per_batch,
+        "loss_first": round(sum(losses[:k]) / k, 5),
+        "loss_last": round(sum(losses[-k:]) / k, 5),
+        "early_stopped": stopped,
+        "validation": state["val"],
+        "processes": n_proc,
+        "resumed_from": done0 or None,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "settings": asdict(s),
+    }
 
 
 def _settle(opt, sched, state: dict, on_step: Callable[[int], None] | None) -> None:
