@@ -30,7 +30,7 @@ def rounding_rows(fp32: Path, feeds: list[dict], task, tmp: Path) -> dict[str, P
     activations alone (float weights)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from krimp.config import config_from_dict, method_for
+    from krimp.methods import config_from_dict, method_for
     from krimp.stage import StageContext
 
     pre = tmp / "pre.onnx"  # batch norms folded, as int8-static sees the graph: the same weights

@@ -56,11 +56,11 @@ def quantize_one(name: str, calib: int, sources: str = CALIB_SOURCES) -> dict:
     """Child process: quantize, write packed safetensors and GGUF, report time and peak RSS."""
     import torch
 
-    from krimp.config import config_from_dict, method_for
     from krimp.data import load_data
     from krimp.eval.runtime import batches
     from krimp.export.gguf import export_gguf
     from krimp.export.safetensors_io import save_packed
+    from krimp.methods import config_from_dict, method_for
     from krimp.models import load_model
     from krimp.stage import StageContext
 

@@ -46,10 +46,10 @@ def prune_one(name: str, calib: int) -> dict:
     import torch
     from llm_wbits import _vmhwm
 
-    from krimp.config import config_from_dict, method_for
     from krimp.data import load_data
     from krimp.eval.runtime import batches
     from krimp.export.safetensors_io import save_packed
+    from krimp.methods import config_from_dict, method_for
     from krimp.models import load_model
     from krimp.recipe import DataSpec
     from krimp.stage import StageContext

@@ -31,7 +31,7 @@ from _common import RESULTS, machine_line
 
 
 def _apply(h, stage: dict, feeds):
-    from krimp.config import config_from_dict, method_for
+    from krimp.methods import config_from_dict, method_for
     from krimp.stage import StageContext
 
     cfg = config_from_dict(stage)

@@ -10,7 +10,7 @@ from krimp.errors import KrimpError, require
 
 
 def _channels_stage():
-    from krimp.config import config_from_dict, method_for
+    from krimp.methods import config_from_dict, method_for
     from krimp.models.builtin import DigitsCNN
     from krimp.models.tasks import make_task
     from krimp.stage import StageContext

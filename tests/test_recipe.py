@@ -1,8 +1,8 @@
 import pydantic
 import pytest
 
-from krimp.config import REGISTRY, config_from_dict
 from krimp.errors import KrimpError
+from krimp.methods import REGISTRY, config_from_dict
 from krimp.quant import DynamicInt8Config, StaticInt8Config
 from krimp.recipe import Recipe
 

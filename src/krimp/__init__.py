@@ -21,7 +21,7 @@ _LAZY = {
     "Recipe": "krimp.recipe",
     "BaseConfig": "krimp.config",
     "register": "krimp.config",
-    "REGISTRY": "krimp.config",
+    "REGISTRY": "krimp.methods",
     "KrimpError": "krimp.errors",
 }
 __all__ = list(_LAZY)

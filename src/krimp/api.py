@@ -16,7 +16,7 @@ import torch
 from krimp.data import load_data
 from krimp.errors import KrimpError
 from krimp.eval.measure import measure_pair
-from krimp.export.registry import write_artifacts
+from krimp.export.formats import write_artifacts
 from krimp.models import ModelHandle, load_model
 from krimp.pipeline import run_stages
 from krimp.progress import PhaseLog

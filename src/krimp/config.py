@@ -6,8 +6,9 @@ method object registered against it::
     @register(DynamicInt8Config)
     class DynamicInt8: ...
 
-A recipe stage on disk is ``{"method": "int8-dynamic", ...fields}``; :func:`config_from_dict`
-turns it into the config and :meth:`BaseConfig.to_dict` turns it back, so the two round-trip.
+A recipe stage on disk is ``{"method": "int8-dynamic", ...fields}``;
+:func:`krimp.methods.config_from_dict` turns it into the config and :meth:`BaseConfig.to_dict`
+turns it back, so the two round-trip.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pydantic
 
-from krimp.errors import KrimpError, closest, unknown_key_message
+from krimp.errors import KrimpError, unknown_key_message
 
 T = TypeVar("T")
 
@@ -86,6 +87,7 @@ class BaseConfig(pydantic.BaseModel):
 
 
 #: method name -> (config class, method class). The registry is this dict; nothing else hides one.
+#: It fills as method modules are imported; :mod:`krimp.methods` imports them all.
 REGISTRY: dict[str, tuple[type[BaseConfig], type]] = {}
 
 
@@ -101,19 +103,6 @@ def register(cfg_cls: type[BaseConfig]):
     return deco
 
 
-def method_for(cfg: BaseConfig):
-    """An instance of the method registered for this config."""
-    _ensure_loaded()
-    return REGISTRY[cfg.method][1]()
-
-
-def _ensure_loaded() -> None:
-    # Importing the method modules fills REGISTRY; done lazily so `import krimp` stays light.
-    import krimp.distill  # noqa: F401
-    import krimp.prune  # noqa: F401
-    import krimp.quant  # noqa: F401
-
-
 def format_validation_error(err: pydantic.ValidationError, where: str, fields: dict) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
@@ -123,23 +112,3 @@ def format_validation_error(err: pydantic.ValidationError, where: str, fields: d
     if not loc:  # a check of the whole stage: its message says what to change
         return f"{where}: {msg}"
     return f"{where}.{loc}: {msg} (got {first.get('input')!r})"
-
-
-def config_from_dict(d: dict[str, Any], where: str = "stage") -> BaseConfig:
-    """Build a method config from a recipe stage; errors name the field path and a close key."""
-    _ensure_loaded()
-    if not isinstance(d, dict):
-        raise KrimpError(f"{where}: expected a mapping with a 'method' key, got {type(d).__name__}")
-    if "method" not in d:
-        raise KrimpError(f"{where}: missing 'method' (one of: {', '.join(sorted(REGISTRY))})")
-    name = d["method"]
-    if name not in REGISTRY:
-        hint = closest(str(name), REGISTRY)
-        extra = f"; did you mean '{hint}'?" if hint else ""
-        raise KrimpError(f"{where}.method: unknown method '{name}'{extra} (known: {', '.join(sorted(REGISTRY))})")
-    cls = REGISTRY[name][0]
-    body = {k: v for k, v in d.items() if k != "method"}
-    try:
-        return cls(**body)
-    except pydantic.ValidationError as e:
-        raise KrimpError(format_validation_error(e, where, cls.model_fields)) from None

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from krimp.config import method_for
 from krimp.data import Dataset
 from krimp.errors import KrimpError
 from krimp.eval.bench import faster_of
@@ -27,6 +26,7 @@ from krimp.eval.goal import calib_ok
 from krimp.eval.measure import bench_feed
 from krimp.eval.runtime import OrtEngine, TorchEngine, batches
 from krimp.export.onnx import export_onnx, lower, optimize_transformer, verify_onnx
+from krimp.methods import method_for
 from krimp.models import ModelHandle
 from krimp.recipe import Recipe
 from krimp.stage import Needs, StageContext

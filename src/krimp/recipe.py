@@ -21,7 +21,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from krimp.config import BaseConfig, config_from_dict, format_validation_error
+from krimp.config import BaseConfig, format_validation_error
 from krimp.errors import KrimpError, closest, read_utf8, unknown_key_message
 
 
@@ -88,7 +88,7 @@ class ExportSpec(_Section):
     @pydantic.field_validator("formats")
     @classmethod
     def _known_formats(cls, v: list[str]) -> list[str]:
-        from krimp.export.registry import known_formats
+        from krimp.export.formats import known_formats
 
         known = known_formats()
         for f in v:  # checked when the recipe is read, not after an hour of stages
@@ -133,6 +133,8 @@ class Recipe(_Section):
     @pydantic.field_validator("stages")
     @classmethod
     def _build_stages(cls, v: list[Any]) -> list[BaseConfig]:
+        from krimp.methods import config_from_dict  # loads every method package: only when stages are read
+
         return [s if isinstance(s, BaseConfig) else config_from_dict(s, f"stages[{i}]") for i, s in enumerate(v)]
 
     def to_dict(self) -> dict[str, Any]:

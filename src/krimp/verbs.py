@@ -128,10 +128,9 @@ def fitting_methods(h: ModelHandle) -> list[str]:
     """The registered methods that apply to this model: ONNX-graph methods to any model, torch methods
     to a torch model, and layer-wise methods only where decoder blocks (or, for SmoothQuant, BERT-like
     encoder layers) are found."""
-    from krimp.config import REGISTRY, _ensure_loaded
+    from krimp.methods import REGISTRY
     from krimp.models.arch import find_blocks
 
-    _ensure_loaded()
     domains = {"onnx"} if h.module is None else {"onnx", "torch"}
     blocks = encoder = False  # decoder blocks (layer-wise methods); a BERT-like encoder (smoothquant)
     if h.module is not None:

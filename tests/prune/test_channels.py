@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import krimp
-from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
+from krimp.methods import config_from_dict, method_for
 from krimp.models import load_model
 from krimp.stage import StageContext
 

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
 from krimp.eval.runtime import batches
+from krimp.methods import config_from_dict, method_for
 from krimp.models import load_model
 from krimp.prune.gradual import cubic_sparsity, is_pruning_step
 from krimp.stage import StageContext

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import krimp
-from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
+from krimp.methods import config_from_dict, method_for
 from krimp.models import load_model
 from krimp.prune.masks import sparsity
 from krimp.stage import StageContext

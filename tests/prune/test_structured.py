@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import krimp
-from krimp.config import config_from_dict, method_for
 from krimp.errors import KrimpError
 from krimp.eval.runtime import batches
+from krimp.methods import config_from_dict, method_for
 from krimp.models import load_model
 from krimp.prune.structured import keep_count, slice_linear
 from krimp.stage import StageContext

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from krimp.config import config_from_dict, method_for
 from krimp.eval.runtime import batches
+from krimp.methods import config_from_dict, method_for
 from krimp.models import load_model
 from krimp.prune.taylor import taylor_unit_scores
 from krimp.stage import StageContext

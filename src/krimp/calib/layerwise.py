@@ -34,6 +34,16 @@ from krimp.models.arch import block_linears, find_blocks
 
 log = logging.getLogger(__name__)
 
+SINK_WEIGHT = 16.0  # GPTQ's default weight of each window's first position in the Hessian
+
+
+def windows_of(ctx) -> torch.Tensor:
+    """The calibration windows of a stage's context, stacked (windows, seq) for the calibrator."""
+    ids = [torch.as_tensor(f["input_ids"]) for f in ctx.calib_feeds]
+    if not ids:
+        raise KrimpError("no calibration data")
+    return torch.cat(ids)
+
 
 class _Stop(Exception):
     pass

@@ -15,15 +15,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
 import sysconfig
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from krimp.data.cache import cached_json
 from krimp.data.text import passages, read_text_groups
 from krimp.errors import KrimpError, require
 
@@ -93,22 +90,6 @@ def stdlib_source(name: str) -> Path | None:
         if f.is_file():
             return f
     return None
-
-
-def cached_json(name: str, compute: Callable[[], Any]) -> Any:
-    """``compute()``'s JSON-able result, kept in krimp's cache folder after the first call (written
-    to a temporary file, then renamed)."""
-    from krimp.models.builtin import CACHE
-
-    path = CACHE / name
-    if path.exists():
-        return json.loads(path.read_text())
-    out = compute()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, path)
-    return out
 
 
 def wikipedia_articles() -> list[str]:

@@ -88,7 +88,7 @@ def installed_roots() -> tuple[list[Path], str]:
 def builtin_docstring_groups(mode: str) -> tuple[list[list[tuple[str, None]]], str]:
     """``builtin:docstrings``: groups of (text, None), cached per set of versions and mode
     (parsing takes about a minute)."""
-    from krimp.data.builtin import cached_json
+    from krimp.data.cache import cached_json
 
     roots, label = installed_roots()
 

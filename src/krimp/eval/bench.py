@@ -18,24 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from krimp.errors import KrimpError
-
-
-def summarize(times_s: list[float], batch: int, cpu_s: float, peak_rss_mb: float) -> dict:
-    t = np.asarray(times_s) * 1e3
-    return {
-        "latency_ms_p50": float(np.median(t)),
-        "latency_ms_p95": float(np.percentile(t, 95)),
-        "latency_ms_min": float(t.min()),
-        "latency_cv": float(t.std() / t.mean()) if t.size > 1 else None,
-        "throughput_per_s": float(batch / np.median(t) * 1e3),
-        "cpu_s_per_inference": float(cpu_s / (len(t) * batch)),
-        "peak_rss_mb": float(peak_rss_mb),
-        "repeats": len(t),
-    }
+from krimp.eval.bench_worker import peak_rss_mb, summarize
 
 
 def bench_onnx(path: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, repeats: int) -> dict:
-    """Time an ONNX model in a separate process; returns :func:`summarize`'s dict."""
+    """Time an ONNX model in a separate process; returns :func:`krimp.eval.bench_worker.summarize`'s dict."""
     with tempfile.TemporaryDirectory(prefix="krimp-bench-") as tmp:
         fp = Path(tmp) / "feed.npz"
         np.savez(fp, **feed)
@@ -69,7 +56,6 @@ def bench_engine(engine, feed: dict[str, np.ndarray], warmup: int, repeats: int)
         times.append(time.perf_counter() - t)
     cpu = time.process_time() - c0
     batch = next(iter(feed.values())).shape[0]
-    from krimp.eval.bench_worker import peak_rss_mb
 
     out = summarize(times, batch, cpu, peak_rss_mb())
     out["peak_rss_note"] = "in-process: includes krimp and the baseline model"

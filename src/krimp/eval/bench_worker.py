@@ -15,6 +15,22 @@ import sys
 import time
 
 
+def summarize(times_s: list[float], batch: int, cpu_s: float, peak_rss_mb: float) -> dict:
+    import numpy as np
+
+    t = np.asarray(times_s) * 1e3
+    return {
+        "latency_ms_p50": float(np.median(t)),
+        "latency_ms_p95": float(np.percentile(t, 95)),
+        "latency_ms_min": float(t.min()),
+        "latency_cv": float(t.std() / t.mean()) if t.size > 1 else None,
+        "throughput_per_s": float(batch / np.median(t) * 1e3),
+        "cpu_s_per_inference": float(cpu_s / (len(t) * batch)),
+        "peak_rss_mb": float(peak_rss_mb),
+        "repeats": len(t),
+    }
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM is reset by exec, unlike ru_maxrss, which a child
     inherits from the (larger) krimp process that started it."""
@@ -61,7 +77,6 @@ def serve(argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     import numpy as np
 
-    from krimp.eval.bench import summarize
     from krimp.eval.runtime import ort_session
 
     path, feed_path, threads, warmup, repeats = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])

@@ -187,7 +187,7 @@ def time_pair(a, b, repeats: int, budget_s: float, min_rounds: int = 5, max_roun
     load = os.getloadavg()[0]  # the last minute: mostly the timing itself
     cores = os.cpu_count() or 1
     out = {}
-    from krimp.eval.bench import summarize
+    from krimp.eval.bench_worker import summarize
 
     for k, side in (("a", "baseline"), ("b", "compressed")):
         flat = [x for rr in runs[k] for x in rr]

@@ -183,11 +183,11 @@ def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 
     their largest magnitude: the file holds krimp's weights exactly. Through llama.cpp, when
     installed, top-1 agreement must be >= 0.9 (llama.cpp also rounds activations to 8 bits).
     """
-    from krimp.models.loader import _load_gguf
+    from krimp.models.readers import load_gguf
 
     with torch.inference_mode():
         ref = module(input_ids=ids, use_cache=False).logits.float()
-        got = _load_gguf(path, False).module(input_ids=ids, use_cache=False).logits.float()
+        got = load_gguf(path, False).module(input_ids=ids, use_cache=False).logits.float()
     err = float((got - ref).abs().max() / ref.abs().max())
     if not err <= rtol:
         raise KrimpError(

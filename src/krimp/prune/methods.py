@@ -33,10 +33,10 @@ import pydantic
 import torch
 from torch import nn
 
+from krimp.calib.layerwise import SINK_WEIGHT
 from krimp.config import BaseConfig, register
 from krimp.errors import KrimpError
 from krimp.prune.masks import check_nm, global_threshold, layer_mask, nm_mask, parse_nm, sparsity
-from krimp.quant.llm import SINK_WEIGHT
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +171,8 @@ class _Layerwise:
         raise NotImplementedError
 
     def apply_torch(self, module, cfg: _CalibratedConfig, ctx):
-        from krimp.calib.layerwise import LayerwiseCalibrator
+        from krimp.calib.layerwise import LayerwiseCalibrator, windows_of
         from krimp.models.arch import find_blocks
-        from krimp.quant.llm import windows_of
 
         t0 = time.perf_counter()
         find_blocks(module)  # layer-wise methods need decoder blocks: a clear error otherwise

@@ -26,13 +26,12 @@ import pydantic
 import torch
 from torch import nn
 
+from krimp.calib.layerwise import SINK_WEIGHT, windows_of
 from krimp.config import BaseConfig, name_matches, register
 from krimp.errors import KrimpError
 from krimp.quant.wq import WQSpec, quantized_layers, rtn, set_quantized
 
 log = logging.getLogger(__name__)
-
-SINK_WEIGHT = 16.0  # GPTQ's default weight of each window's first position in the Hessian
 
 
 class LayerOverride(pydantic.BaseModel):
@@ -118,13 +117,6 @@ class SmoothQuantConfig(BaseConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-
-
-def windows_of(ctx) -> torch.Tensor:
-    ids = [torch.as_tensor(f["input_ids"]) for f in ctx.calib_feeds]
-    if not ids:
-        raise KrimpError("no calibration data")
-    return torch.cat(ids)
 
 
 def quantize_head(module: nn.Module, bits: int | None) -> dict:

@@ -39,6 +39,9 @@ from torch import nn
 
 from krimp.config import BaseConfig, register
 from krimp.errors import KrimpError
+from krimp.quant.qat_act import attach as attach_act_quant
+from krimp.quant.qat_act import fold_conv_bn
+from krimp.quant.ste import grad_scale, round_ste
 from krimp.quant.wq import QuantizedWeight, WQSpec, grouped, qparams
 from krimp.train.distill import forward, to_tensors, transfer_batches
 from krimp.train.losses import LossWeights, distill_loss
@@ -64,16 +67,6 @@ class QATConfig(BaseConfig):
     observer_batches: int = pydantic.Field(8, ge=1)
     precision: Precision = "fp32"  # bf16: matmuls in bfloat16 under autocast (weight-only QAT)
     seed: int = 0
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round forward, identity backward (the straight-through estimator)."""
-    return (x.round() - x).detach() + x
-
-
-def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """``x`` forward; its gradient multiplied by ``g`` backward (LSQ's step-size gradient scale)."""
-    return (x - x * g).detach() + x * g
 
 
 class FakeQuant(nn.Module):
@@ -136,8 +129,6 @@ class QAT:
     def apply_torch(self, module: nn.Module, cfg: QATConfig, ctx):
         import copy
 
-        from krimp.quant import qat_act
-
         t0 = time.perf_counter()
         task, w = ctx.task, cfg.weights
         if cfg.steps and not (w.output or w.hard) or w.hidden:
@@ -156,7 +147,7 @@ class QAT:
                 "qat.precision: bf16 is for weight-only QAT; with activations: 8 the activation "
                 "grids and their observers need float32 (precision: fp32)"
             )
-        folded = qat_act.fold_conv_bn(module) if act else 0
+        folded = fold_conv_bn(module) if act else 0
         layers = targets(module, cfg)
         if not layers:
             raise KrimpError("qat: no nn.Linear / nn.Conv2d matches targets/ignore")
@@ -176,7 +167,7 @@ class QAT:
         if act or cfg.steps:
             batches = self._batches(cfg, ctx)
         if act:
-            afq = qat_act.attach(layers, cfg.act_scales == "learned")
+            afq = attach_act_quant(layers, cfg.act_scales == "learned")
             module.eval()
             with torch.no_grad():
                 for feed, _ in batches[: cfg.observer_batches]:

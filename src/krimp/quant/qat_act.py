@@ -21,7 +21,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from krimp.quant.qat import grad_scale, round_ste
+from krimp.quant.ste import grad_scale, round_ste
 
 QMAX = 255
 
