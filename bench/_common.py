@@ -88,7 +88,7 @@ def recipe_with_eval(name: str, eval_samples: int):
     """A shipped recipe with the evaluation sample count replaced."""
     from krimp.recipe import Recipe
 
-    r = Recipe.from_yaml(Path(__file__).parents[1] / "recipes" / name)
+    r = Recipe.from_yaml(name.removesuffix(".yaml"))
     return r.model_copy(update={"data": r.data.model_copy(update={"eval_samples": eval_samples})})
 
 

@@ -29,12 +29,11 @@ def main() -> None:
     import krimp
     from krimp.models.builtin import CACHE, _digits_key
 
-    root = Path(__file__).parent.parent / "recipes"
     rows = []
     for name in a.only.split(","):
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="krimp-bench-") as tmp:
-            r = krimp.compress(None, root / f"{name}.yaml", Path(tmp) / "run")
+            r = krimp.compress(None, name, Path(tmp) / "run")
         b, c = r["baseline"]["quality"]["accuracy"], r["compressed"]["quality"]["accuracy"]
         rows.append(
             {

@@ -2,14 +2,14 @@
 
     python bench/distill.py [--only minilm,smollm2,digits] [--lm-steps 200]
 
-- minilm: MiniLM-L6 -> 3-layer student (recipes/minilm-distill-3layer.yaml, 16 epochs in batches of 32
-  over 28,405 documentation sentences), then dynamic INT8 of the student (recipes/minilm-int8.yaml with
+- minilm: MiniLM-L6 -> 3-layer student (minilm-distill-3layer, 16 epochs in batches of 32
+  over 28,405 documentation sentences), then dynamic INT8 of the student (minilm-int8 with
   ``--model`` = the student's run folder). Teacher FP32, student FP32 and student INT8 are timed in
   ONNX Runtime, each in fresh processes, interleaved; fidelity to the teacher on the same 512
   held-out sentences.
-- smollm2: SmolLM2-135M -> half depth (recipes/smollm2-distill-half.yaml) against the same student
+- smollm2: SmolLM2-135M -> half depth (smollm2-distill-half) against the same student
   trained with plain next-token loss for the same steps; held-out perplexity.
-- digits: QAT INT4 (recipes/digits-qat-int4.yaml) against round-to-nearest PTQ INT4 on the same grid,
+- digits: QAT INT4 (digits-qat-int4) against round-to-nearest PTQ INT4 on the same grid,
   and QAT W8A8 (``activations: 8``, exported as ONNX QDQ INT8) against min-max PTQ on the same grid.
 
 Writes bench/results/distill.{md,json}.

@@ -79,20 +79,52 @@ def test_missing_and_broken_yaml(tmp_path):
         Recipe.from_yaml(bad)
 
 
-def test_shipped_recipes_parse():
-    from pathlib import Path
-
-    files = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
-    assert len(files) >= 3
+def test_shipped_recipes_parse_and_resolve_by_name(tmp_path, monkeypatch):
+    from krimp.recipe import find_recipe, recipe_summary, shipped_recipes
     from krimp.search.space import load_space
 
-    searches = [f for f in files if f.name.startswith("search-")]
+    shipped = shipped_recipes()
+    assert len(shipped) >= 20 and all(p.is_file() for p in shipped.values())
+    searches = [n for n in shipped if n.startswith("search-")]
     assert searches
-    for f in files:
-        if f in searches:
+    for name, f in shipped.items():
+        assert 20 < len(recipe_summary(f)) <= 120, name  # `krimp recipes` has a line to show
+        if name in searches:
             with pytest.raises(KrimpError, match="krimp search"):
-                Recipe.from_yaml(f)
-            space = load_space(f)
-            assert space.spec.candidates, f
+                Recipe.from_yaml(name)
+            assert load_space(name).spec.candidates, name
         else:
-            assert Recipe.from_yaml(f).stages, f
+            assert Recipe.from_yaml(name).stages == Recipe.from_yaml(f).stages, name
+    monkeypatch.chdir(tmp_path)
+    assert find_recipe("minilm-int8.yaml") == shipped["minilm-int8"]  # the name with its suffix works too
+    (tmp_path / "minilm-int8.yaml").write_text("stages: []\n")
+    assert find_recipe("minilm-int8.yaml").resolve() == tmp_path / "minilm-int8.yaml"  # a file of that name first
+    with pytest.raises(KrimpError, match="did you mean 'minilm-int8'"):
+        find_recipe("minilm-int9")
+    with pytest.raises(KrimpError, match="krimp recipes"):
+        find_recipe("sub/none.yaml")
+
+
+def test_settings_from_the_command_line():
+    from krimp.recipe import apply_settings, parse_value
+
+    assert [parse_value(v) for v in ("4", "0.5", "true", "2:4", "[a, b]", "null", "x")] == [
+        4,
+        0.5,
+        True,
+        "2:4",
+        ["a", "b"],
+        None,
+        "x",
+    ]
+    d = {"stages": [{"method": "smoothquant"}, {"method": "gptq", "bits": 8}], "data": {"seq_len": 64}}
+    out = apply_settings(d, {"bits": 4, "alpha": 0.6, "data.source": "c.txt", "goal.max_kl": 0.1, "task": "causal-lm"})
+    assert out["stages"] == [{"method": "smoothquant", "alpha": 0.6}, {"method": "gptq", "bits": 4}]
+    assert out["data"] == {"seq_len": 64, "source": "c.txt"} and out["goal"] == {"max_kl": 0.1}
+    assert out["task"] == "causal-lm" and d["stages"][1]["bits"] == 8  # the input is not changed
+    assert apply_settings(d, {"eval.energy.watts_per_core": 7})["eval"] == {"energy": {"watts_per_core": 7}}
+    with pytest.raises(KrimpError, match="no stage has a setting 'sparsity' \\(stages: smoothquant, gptq\\)"):
+        apply_settings(d, {"sparsity": 0.5})
+    with pytest.raises(KrimpError, match="did you mean 'damp'"):
+        apply_settings(d, {"dampp": 0.1})
+    Recipe.from_dict(out)  # what the flags built is a valid recipe

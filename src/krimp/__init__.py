@@ -1,7 +1,7 @@
 """krimp: make trained neural networks smaller, faster and cheaper to run, and prove it.
 
     import krimp
-    report = krimp.compress("builtin:minilm", "recipes/minilm-int8.yaml", out="runs/minilm-int8")
+    report = krimp.compress("builtin:minilm", "minilm-int8", out="runs/minilm-int8")
 
 Names are imported lazily so that light entry points (the benchmark worker) do not load torch.
 """

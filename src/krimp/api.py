@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,22 @@ def compress(
     task: str | None = None,
     step: Callable[[str], None] | None = None,
     done: Callable[[str], None] | None = None,
+    protect: Sequence[str | Path] = (),
+    data: Any = None,
+    inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compress ``model`` by ``recipe``, write artifacts and reports into ``out``, return the report.
 
     ``report["within_goal"]`` says whether the accuracy budget held; ``report["misses"]`` says
     which metric missed and by how much. ``step`` receives each progress message (krimp.progress),
     ``done`` one line per finished phase; those lines also go to ``run.log`` in ``out``.
+    ``protect``: more files the run reads and must not replace (the file a recipe mapping came from).
+
+    Your own model and data: ``model`` may be a ``torch.nn.Module`` with ``task`` and ``inputs`` (what
+    its inputs are: ``image_size``, per-channel ``mean`` / ``std`` or a ``transform`` for an image
+    model, a ``tokenizer`` for a text model; see :func:`krimp.models.load_model`); ``data`` may be
+    items held in memory (a list of texts or images, a ``datasets.Dataset``, a torch ``Dataset`` or
+    ``DataLoader``) used in place of the recipe's ``data.source``.
     """
     lines: list[str] = []
     run_log: list[Path] = []  # the partial folder's run.log, once it exists
@@ -74,20 +84,26 @@ def compress(
     src = model if model is not None else r.model
     if src is None:
         raise KrimpError("no model: give one on the command line or as 'model:' in the recipe")
-    inputs = {
+    read = {
         "model": src,
-        "recipe": recipe,
+        "recipe": [recipe, *protect],
         "data": [s for k in ("source", "calib_source", "eval_source") for s in _listed(getattr(r.data, k))],
     }
-    check_output_folder(out, inputs, overwrite)
+    check_output_folder(out, read, overwrite)
     t_start = time.perf_counter()
     step("loading model")
-    handle = (
-        src if isinstance(src, ModelHandle) else load_model(src, task or r.task, trust_remote_code=r.trust_remote_code)
-    )
+    if isinstance(src, ModelHandle):
+        if inputs:
+            raise KrimpError("inputs= is for a torch.nn.Module; a loaded ModelHandle has its task already")
+        handle = src
+    else:
+        kw = dict(inputs or {})
+        if isinstance(src, torch.nn.Module) and (task or r.task) == "image-classification":
+            kw.setdefault("image_size", r.data.image_size)  # the recipe's data.image_size, unless inputs say
+        handle = load_model(src, task or r.task, trust_remote_code=r.trust_remote_code, **kw)
     _check_methods_fit(r, handle)
     step("loading data")
-    data = load_data(r.data, handle.task, handle.builtin_origin)
+    data = load_data(r.data, handle.task, handle.builtin_origin, items=data)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished folder follows the umask

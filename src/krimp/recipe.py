@@ -10,11 +10,14 @@ A recipe is YAML on disk and the same thing in Python::
         per_channel: true
         ignore: ["*embeddings*"]
 
-Unknown keys are reported with their place and the closest valid key.
+Unknown keys are reported with their place and the closest valid key. Recipes shipped with krimp
+(``src/krimp/recipes/``, inside the installed package) are named without a path or suffix:
+``krimp compress minilm-int8 --out runs/x``; ``krimp recipes`` lists them.
 """
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +48,10 @@ class DataSpec(_Section):
     stride: int | None = pydantic.Field(None, ge=1)  # language-model evaluation windows start every
     # `stride` tokens (default seq_len: disjoint); overlapping windows score only their new tokens
     image_size: int = pydantic.Field(224, ge=8)  # pixels per side for image models
-    text_field: str = "text"  # column / key holding text in .csv / .jsonl
+    text_field: str = "text"  # column / key holding text in .csv / .jsonl / .parquet
+    # how a .txt file is cut into items: one per line, or per blank-line-separated paragraph
+    # (default: lines; paragraphs for a language model, which reads running text)
+    text_unit: Literal["line", "paragraph"] | None = None
     label_field: str = "label"  # column / key holding labels, if any
     seed: int = 0
 
@@ -156,14 +162,108 @@ class Recipe(_Section):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        p = Path(path)
-        if not p.is_file():
-            raise KrimpError(f"recipe not found: {p}")
-        try:
-            d = yaml.safe_load(read_utf8(p))
-        except yaml.YAMLError as e:
-            raise KrimpError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        return cls.from_dict(d or {}, where=p.name)
+        """A recipe file, or a shipped recipe by name (``minilm-int8``)."""
+        return cls.from_dict(read_recipe(path), where=find_recipe(path).name)
+
+
+_SECTIONS = ("data", "eval", "goal", "export")
+
+
+def read_recipe(name: str | Path, what: str = "recipe") -> dict[str, Any]:
+    """The mapping in a recipe file (a path, or a shipped recipe's name), not yet validated."""
+    p = find_recipe(name, what)
+    try:
+        d = yaml.safe_load(read_utf8(p))
+    except yaml.YAMLError as e:
+        raise KrimpError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return d or {}
+
+
+def parse_value(text: str) -> Any:
+    """A setting given on the command line, read as YAML reads it (4, 0.5, true, [a, b], null), except
+    that ``2:4`` stays a string (YAML 1.1 would read it as a base-60 number)."""
+    if ":" in text and not text.lstrip().startswith(("[", "{")):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_settings(d: dict[str, Any], settings: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
+    """A copy of recipe mapping ``d`` with ``settings`` applied: ``section.key`` (``data.seq_len``,
+    ``goal.max_quality_drop``, ``eval.energy.watts_per_core``) or a top-level key (``model``, ``task``)
+    sets that place; a bare field name (``bits``, ``damp``) sets it in every stage whose method has it,
+    and is an error when none has."""
+    import copy
+
+    from krimp.methods import REGISTRY
+
+    d = copy.deepcopy(d)
+    for key, value in settings.items():
+        head, _, rest = key.partition(".")
+        if head in Recipe.model_fields and head != "stages":
+            if not rest:
+                d[head] = value
+                continue
+            node = d.setdefault(head, {}) if isinstance(d.get(head), dict) or head not in d else None
+            if node is None:
+                raise KrimpError(f"{where}: cannot set {key}: '{head}' is not a section")
+            *path, last = rest.split(".")
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = value
+            continue
+        stages = [s for s in d.get("stages") or [] if isinstance(s, dict)]
+        known = {s.get("method"): REGISTRY[s["method"]][0].model_fields for s in stages if s.get("method") in REGISTRY}
+        hit = [s for s in stages if key in known.get(s.get("method"), {})]
+        if not hit:
+            names = ", ".join(map(str, known)) or "none"
+            fields = sorted({f for fs in known.values() for f in fs} | {f"{k}.*" for k in _SECTIONS})
+            hint = closest(key, fields)
+            raise KrimpError(
+                f"{where}: no stage has a setting '{key}' (stages: {names})"
+                + (f"; did you mean '{hint}'?" if hint else f"; settings there are: {', '.join(fields)}")
+            )
+        for s in hit:
+            s[key] = value
+    return d
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that come with krimp: name -> file (inside the installed package)."""
+    folder = Path(str(files("krimp") / "recipes"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def recipe_summary(path: Path) -> str:
+    """What a recipe does: the first sentence of the comment at its top."""
+    words = []
+    for line in read_utf8(path).splitlines():
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or not text or text.startswith("krimp "):
+            break
+        words.append(text)
+    first = " ".join(words)
+    end = first.find(". ")
+    first = first if end < 0 else first[: end + 1]
+    return first if len(first) <= 120 else first[:117].rsplit(" ", 1)[0].rstrip(",;:(") + " ..."
+
+
+def find_recipe(name: str | Path, what: str = "recipe") -> Path:
+    """A recipe file: ``name`` as a path when it is one, else a recipe shipped with krimp by name
+    (``minilm-int8``); one clear line when it is neither."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = shipped_recipes()
+    if p.parent == Path(".") and p.suffix in ("", ".yaml") and p.stem in shipped and not p.exists():
+        return shipped[p.stem]
+    if p.is_dir():
+        raise KrimpError(f"{what} {p} is a folder; give a YAML file or the name of a shipped recipe")
+    hint = closest(p.stem, shipped) if p.parent == Path(".") else None
+    extra = f"; did you mean '{hint}'?" if hint else " (`krimp recipes` lists the shipped ones)"
+    raise KrimpError(f"{what} not found: {p} is not a file nor a recipe shipped with krimp{extra}")
 
 
 def _check_keys(d: dict, model: type[pydantic.BaseModel], where: str) -> None:

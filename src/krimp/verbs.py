@@ -44,7 +44,7 @@ def default_reference(model: str) -> str | None:
 
 
 def _at_least(**flags: tuple[int, int]) -> None:
-    """Refuse an out-of-range number before any work, naming the option (``seq=(0, 2)``: --seq >= 2)."""
+    """Refuse an out-of-range number before any work, naming the option (``seq_len=(0, 2)``: --seq-len >= 2)."""
     for name, (value, low) in flags.items():
         if not isinstance(value, int) or value < low:
             raise KrimpError(f"--{name.replace('_', '-')} must be an integer >= {low} (got {value!r})")
@@ -61,7 +61,7 @@ def evaluate(
     task: str | None = None,
 ) -> dict[str, Any]:
     """Quality of ``model`` on held-out data, and fidelity to ``reference`` (the model itself if none)."""
-    _at_least(samples=(samples, 1), seq=(seq_len, 2), batch=(batch, 1), threads=(threads, 1))
+    _at_least(samples=(samples, 1), seq_len=(seq_len, 2), batch=(batch, 1), threads=(threads, 1))
     h = load_model(model, task)
     ref = load_model(reference, h.task.name) if reference else h
     if ref is not h and ref.task.name != h.task.name:
@@ -90,7 +90,7 @@ def bench(
     task: str | None = None,
 ) -> dict[str, Any]:
     """Latency p50/p95, throughput, peak RSS, size and energy/cost estimates on the model's runtime."""
-    _at_least(batch=(batch, 1), seq=(seq, 2), threads=(threads, 1), repeats=(repeats, 3), warmup=(warmup, 0))
+    _at_least(batch=(batch, 1), seq_len=(seq, 2), threads=(threads, 1), repeats=(repeats, 3), warmup=(warmup, 0))
     if str(model).endswith(".gguf"):  # llama.cpp: prompt and decode tokens/s
         from krimp.eval.llamacpp import bench_gguf
 

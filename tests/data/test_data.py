@@ -59,8 +59,8 @@ def test_empty_data_is_a_clear_error(tmp_path):
     with pytest.raises(KrimpError, match="data not found"):
         load_data(DataSpec(source=str(tmp_path / "missing.txt")), _text_task())
     with pytest.raises(KrimpError, match="unsupported data file type"):
-        (tmp_path / "x.parquet").write_text("x")
-        load_data(DataSpec(source=str(tmp_path / "x.parquet")), _text_task())
+        (tmp_path / "x.xlsx").write_text("x")
+        load_data(DataSpec(source=str(tmp_path / "x.xlsx")), _text_task())
 
 
 def test_builtin_python_docs_is_real_prose():

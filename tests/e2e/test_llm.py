@@ -58,7 +58,7 @@ def test_tiny_llama_gptq_onnx_and_packed(tmp_path, tiny_llama):
             str(corpus),
             "--samples",
             "8",
-            "--seq",
+            "--seq-len",
             "64",
             "--json",
         ],

@@ -338,8 +338,8 @@ CASES: dict[str, tuple[Callable[[Path, bytes], list[str]], str]] = {
     "bench-batch-negative": (_flag("bench", "--batch", "-1"), r"--batch must be an integer >= 1 \(got -1\)"),
     "bench-repeats-0": (_flag("bench", "--repeats", "0"), r"--repeats must be an integer >= 3 \(got 0\)"),
     "bench-warmup-negative": (_flag("bench", "--warmup", "-1"), r"--warmup must be an integer >= 0"),
-    "bench-seq-1": (_flag("bench", "--seq", "1"), r"--seq must be an integer >= 2"),
-    "eval-seq-0": (_flag("eval", "--seq", "0"), r"--seq must be an integer >= 2 \(got 0\)"),
+    "bench-seq-1": (_flag("bench", "--seq-len", "1"), r"--seq-len must be an integer >= 2"),
+    "eval-seq-0": (_flag("eval", "--seq-len", "0"), r"--seq-len must be an integer >= 2 \(got 0\)"),
     "eval-samples-0": (_flag("eval", "--samples", "0"), r"--samples must be an integer >= 1 \(got 0\)"),
     "eval-batch-0": (_flag("eval", "--batch", "0"), r"--batch must be an integer >= 1"),
     "eval-threads-0": (_flag("eval", "--threads", "0"), r"--threads must be an integer >= 1"),
@@ -512,7 +512,7 @@ CASES: dict[str, tuple[Callable[[Path, bytes], list[str]], str]] = {
     ),
     "recipe-is-a-folder": (
         lambda r, o: (r / "r.yaml").mkdir() or ["compress", str(r / "r.yaml"), "--out", str(r / "out")],
-        r"recipe not found",
+        r"recipe .*r\.yaml is a folder",
     ),
     "recipe-unknown-task": (
         _recipe_text("model: builtin:minilm\ntask: detection\nstages: []\n"),

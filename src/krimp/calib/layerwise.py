@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from krimp.errors import KrimpError
-from krimp.models.arch import block_linears, find_blocks
+from krimp.models.arch import block_linears, family_of, find_blocks
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,7 @@ class LayerwiseCalibrator:
         self.step = step or (lambda s: log.info("%s", s))
         self.label = label
         self.path, self.blocks = find_blocks(model)
+        self.family = family_of(model)  # where its scale pairs are and how its norms scale (AWQ, SmoothQuant)
 
     @torch.no_grad()
     def _block_inputs(self) -> tuple[list[torch.Tensor], list[dict], torch.Tensor | None]:

@@ -12,7 +12,7 @@ from krimp.cli import common
 def bench_cmd(
     model: str = typer.Argument(..., help="model path or builtin:NAME"),
     batch: int = typer.Option(8, "--batch"),
-    seq: int = typer.Option(128, "--seq", help="tokens per sample (text models)"),
+    seq_len: int = typer.Option(128, "--seq-len", help="tokens per sample (text models)"),
     threads: int = typer.Option(2, "--threads"),
     repeats: int = typer.Option(20, "--repeats"),
     warmup: int = typer.Option(5, "--warmup"),
@@ -22,7 +22,7 @@ def bench_cmd(
     from krimp.verbs import bench
 
     with common.user_errors():
-        r = bench(model, batch, seq, threads, repeats, warmup)
+        r = bench(model, batch, seq_len, threads, repeats, warmup)
     if as_json:
         common.console.print_json(json.dumps(r))
         return

@@ -18,7 +18,7 @@ def eval_cmd(
     data: str = typer.Option(None, "--data", help="text/image file or folder (default: the task's builtin set)"),
     reference: str = typer.Option(None, "--reference", help="original model to measure fidelity against"),
     samples: int = typer.Option(256, "--samples"),
-    seq: int = typer.Option(128, "--seq"),
+    seq_len: int = typer.Option(128, "--seq-len", help="tokens per text sample (a window for language models)"),
     batch: int = typer.Option(8, "--batch"),
     threads: int = typer.Option(2, "--threads"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
@@ -27,7 +27,7 @@ def eval_cmd(
     from krimp.verbs import default_reference, evaluate
 
     with common.user_errors():
-        res = evaluate(model, data, reference or default_reference(model), samples, seq, batch, threads)
+        res = evaluate(model, data, reference or default_reference(model), samples, seq_len, batch, threads)
     if as_json:
         common.console.print_json(json.dumps(res))
         return

@@ -1,4 +1,4 @@
-"""``krimp``: compress, eval, bench, inspect, sensitivity, search."""
+"""``krimp``: compress, eval, bench, inspect, sensitivity, search, recipes."""
 
 from __future__ import annotations
 
@@ -12,15 +12,25 @@ from krimp.cli import common
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     help="Make trained neural networks smaller, faster and cheaper to run, and prove it.",
 )
+
+
+def _version(show: bool) -> None:
+    if show:
+        from krimp import __version__
+
+        typer.echo(f"krimp {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress details"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
 ) -> None:
     common.STATE["debug"] = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,7 +39,7 @@ def _main(
 
 
 def _register() -> None:
-    from krimp.cli import bench, compress, evaluate, inspect, search, sensitivity
+    from krimp.cli import bench, compress, evaluate, inspect, recipes, search, sensitivity
 
     app.command("compress")(compress.compress_cmd)
     app.command("eval")(evaluate.eval_cmd)
@@ -37,6 +47,7 @@ def _register() -> None:
     app.command("inspect")(inspect.inspect_cmd)
     app.command("sensitivity")(sensitivity.sensitivity_cmd)
     app.command("search")(search.search_cmd)
+    app.command("recipes")(recipes.recipes_cmd)
 
 
 _register()

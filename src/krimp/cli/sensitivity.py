@@ -18,7 +18,7 @@ def sensitivity_cmd(
     widths: str = typer.Option("3,4,5,6,8", "--widths", help="widths the mixed recipe may use"),
     proxy: bool = typer.Option(False, "--proxy", help="cheap proxy only: no evaluation per layer"),
     calib_samples: int = typer.Option(16, "--calib-samples", min=1, help="windows for input statistics"),
-    eval_samples: int = typer.Option(4, "--eval-samples", min=1, help="held-out windows per measurement"),
+    eval_samples: int = typer.Option(4, "--samples", min=1, help="held-out windows per measurement"),
     seq_len: int = typer.Option(256, "--seq-len", min=8, help="tokens per window"),
     layers: list[str] = typer.Option(None, "--layers", help="only layers matching these patterns"),
     metric: str = typer.Option("kl", "--metric", help="what the allocation minimises: kl or ppl"),

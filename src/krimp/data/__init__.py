@@ -31,14 +31,26 @@ class Dataset:
     calib_labels: list[int] | None = None  # hard labels for distillation / QAT, when the data has them
 
 
-def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> Dataset:
-    """Calibration and evaluation items for ``task``; raises KrimpError on empty or bad data."""
+def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None, items: Any = None) -> Dataset:
+    """Calibration and evaluation items for ``task``; raises KrimpError on empty or bad data.
+
+    ``items``: data held in memory (a list of texts or images, a ``datasets.Dataset``, a torch
+    ``Dataset`` or ``DataLoader``: :mod:`krimp.data.objects`) in place of ``spec``'s sources; like one
+    file, its items are split between calibration and evaluation (even and odd of a seeded order).
+    """
     default = "builtin:digits" if builtin_model == "builtin:digits-cnn" else DEFAULT_SOURCE[task.name]
     calib_src = spec.calib_source or spec.source or default
     eval_src = spec.eval_source or spec.source or default
     rng = np.random.default_rng(spec.seed)
     cal_parts = ev_parts = None
-    if isinstance(calib_src, list) or isinstance(eval_src, list):
+    if items is not None:
+        from krimp.data.objects import object_groups
+
+        groups, label = object_groups(items, task, spec)
+        calib_src = eval_src = label
+        cal_pool, ev_pool = _halves(groups, rng)
+        info = {"source": label, "split": "disjoint halves of the items"}
+    elif isinstance(calib_src, list) or isinstance(eval_src, list):
         cal_parts, ev_parts, info = _mixed_pools(spec, task, _as_list(calib_src), _as_list(eval_src))
         cal_pool, ev_pool = [i for p in cal_parts for i in p], [i for p in ev_parts for i in p]
         calib_src, eval_src = "+".join(_as_list(calib_src)), "+".join(_as_list(eval_src))
@@ -51,14 +63,17 @@ def load_data(spec: DataSpec, task: Task, builtin_model: str | None = None) -> D
         eg, el = _groups(eval_src, task, spec)
         cal_pool, ev_pool = [i for g in cg for i in g], [i for g in eg for i in g]
         info = {"calib_source": cl, "eval_source": el, "split": "separate sources"}
-    if cal_parts is None and calib_src.startswith("builtin:photos"):
+    if cal_parts is None and items is None and calib_src.startswith("builtin:photos"):
         from krimp.data.images import photo_crops
 
         cal_pool = [(c, None) for c in photo_crops(spec.calib_samples, "left", spec.seed + 1)]
         ev_pool = [(c, None) for c in photo_crops(spec.eval_samples, "right", spec.seed + 2)]
         info = {"source": "builtin:photos (scikit-image)", "split": "calib from left halves, eval from right halves"}
     if not cal_pool:
-        raise KrimpError(f"calibration data is empty (source: {calib_src})")
+        raise KrimpError(
+            f"calibration data is empty (source: {calib_src}): it needs at least 2 items, one to calibrate "
+            "and one to evaluate"
+        )
     if not ev_pool:
         raise KrimpError(f"evaluation data is empty (source: {eval_src})")
     if task.name == "causal-lm":
@@ -193,7 +208,7 @@ def _groups(src: str, task: Task, spec: DataSpec):
     if task.is_text:
         from krimp.data.text import read_text_groups
 
-        return read_text_groups(p, mode, spec.text_field, spec.label_field), str(p)
+        return read_text_groups(p, mode, spec.text_field, spec.label_field, spec.text_unit), str(p)
     from krimp.data.images import read_image_groups
 
     return read_image_groups(p), str(p)

@@ -56,6 +56,7 @@ def export_onnx(
         "std": task.std,
         "channels": task.channels,
         "image_size": task.image_size,
+        "rescale": task.rescale,
         "labels": task.labels,
     }
     props = {"krimp.task": json.dumps(meta)}

@@ -57,6 +57,8 @@ class Family:
     attention: Attention | None = None  # known head layout: structured pruning finds these layers
     ffn: FFN | None = None
     scale_pairs: tuple[ScalePair, ...] = ()
+    model_types: tuple[str, ...] = ()  # config.model_type values that are this family (checked first)
+    norm_offset: float = 0.0  # the norms scale by (offset + weight): Gemma's RMSNorm uses 1 + weight
 
 
 _BERT_ATTN = Attention("attention.self", "query", "key", "value", "attention.output.dense")
@@ -69,6 +71,14 @@ _LLAMA_PAIRS = (
     ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ScalePair("mlp.up_proj", ("mlp.down_proj",)),
 )
+# Gemma 2 and 3 normalise the attention output after it (post_attention_layernorm, before the residual
+# add) and the MLP input with pre_feedforward_layernorm: only the latter can take the MLP's scale
+_GEMMA2_PAIRS = (
+    _LLAMA_PAIRS[0],
+    _LLAMA_PAIRS[1],
+    ScalePair("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    _LLAMA_PAIRS[3],
+)
 
 # The order is the search order.
 FAMILIES = (
@@ -76,7 +86,29 @@ FAMILIES = (
     Family(
         "bert", ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"), attention=_BERT_ATTN, ffn=_BERT_FFN
     ),
-    # Llama, Mistral, Qwen2/3, SmolLM, Gemma-style causal LMs
+    # Gemma: Llama's layout with RMSNorms that scale by 1 + weight (and, from Gemma 2 on, a norm before
+    # and after each sub-layer)
+    Family(
+        "gemma",
+        ("model.layers",),
+        decoder=True,
+        attention=_LLAMA_ATTN,
+        ffn=_LLAMA_FFN,
+        scale_pairs=_LLAMA_PAIRS,
+        model_types=("gemma",),
+        norm_offset=1.0,
+    ),
+    Family(
+        "gemma2",
+        ("model.layers", "model.language_model.layers"),
+        decoder=True,
+        attention=_LLAMA_ATTN,
+        ffn=_LLAMA_FFN,
+        scale_pairs=_GEMMA2_PAIRS,
+        model_types=("gemma2", "gemma3", "gemma3_text"),
+        norm_offset=1.0,
+    ),
+    # Llama, Mistral, Qwen2/3, SmolLM and other causal LMs of Llama's layout
     Family("llama", ("model.layers",), decoder=True, attention=_LLAMA_ATTN, ffn=_LLAMA_FFN, scale_pairs=_LLAMA_PAIRS),
     Family("opt", ("model.decoder.layers",), decoder=True),
     Family("gpt2", ("transformer.h",), decoder=True),
@@ -94,12 +126,21 @@ BLOCK_PATHS = tuple(p for f in FAMILIES if f.decoder for p in f.blocks)
 LAYER_PATHS = tuple(p for f in FAMILIES if f.attention or f.ffn for p in f.blocks)
 ATTENTIONS = _unique(f.attention for f in FAMILIES)
 FFNS = _unique(f.ffn for f in FAMILIES)
-SCALE_PAIRS = _unique(p for f in FAMILIES for p in f.scale_pairs)
 
 
 def family(name: str) -> Family:
     """The table's entry for ``name`` (``"bert"``, ``"llama"``, ...)."""
     return next(f for f in FAMILIES if f.name == name)
+
+
+def family_of(model: nn.Module) -> Family | None:
+    """The model's family: by ``config.model_type`` where the table names it, else the first family
+    whose block path holds a stack; None when none fits."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    for f in FAMILIES:
+        if kind in f.model_types and _stack(model, f.blocks):
+            return f
+    return next((f for f in FAMILIES if not f.model_types and _stack(model, f.blocks)), None)
 
 
 def submodule(mod: nn.Module, path: str) -> nn.Module | None:
@@ -187,11 +228,12 @@ def heads_of(layer: nn.Module) -> Heads | None:
     return None
 
 
-def scale_pairs(block: nn.Module) -> list[tuple[nn.Module, list[nn.Linear], str]]:
-    """(prev module, linears, a label) for each pair that exists in ``block`` and can take a scale."""
+def scale_pairs(block: nn.Module, fam: Family) -> list[tuple[nn.Module, list[nn.Linear], str]]:
+    """(prev module, linears, a label) for each of ``fam``'s pairs that exists in ``block`` and can take
+    a scale."""
     mods = dict(block.named_modules())
     out = []
-    for p in SCALE_PAIRS:
+    for p in fam.scale_pairs:
         if p.prev not in mods or not all(n in mods for n in p.linears):
             continue
         prev, lins = mods[p.prev], [mods[n] for n in p.linears]
@@ -206,15 +248,16 @@ def scale_pairs(block: nn.Module) -> list[tuple[nn.Module, list[nn.Linear], str]
 
 
 @torch.no_grad()
-def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0) -> None:
     """Divide prev's output channels by ``s`` and multiply the linears' input columns by ``s``:
-    the block computes the same function (up to rounding)."""
+    the block computes the same function (up to rounding). A norm that scales by
+    ``norm_offset + weight`` (Gemma: 1 + weight) gets ``(offset + w) / s - offset``."""
     if isinstance(prev, nn.Linear):
         prev.weight.div_(s[:, None])
         if prev.bias is not None:
             prev.bias.div_(s)
     else:
-        prev.weight.div_(s)
+        prev.weight.add_(norm_offset).div_(s).sub_(norm_offset)
         if getattr(prev, "bias", None) is not None:
             prev.bias.div_(s)
     for lin in linears:

@@ -57,9 +57,11 @@ def load_hf(p: Path, task: str | None, trust: bool) -> ModelHandle:
             ) from None
         raise KrimpError(f"{p}: cannot read config.json ({str(e).splitlines()[0]})") from None
     task = task or detect_task(config, p)
-    auto = {"causal-lm": tf.AutoModelForCausalLM, "classification": tf.AutoModelForSequenceClassification}.get(
-        task, tf.AutoModel
-    )
+    auto = {
+        "causal-lm": tf.AutoModelForCausalLM,
+        "classification": tf.AutoModelForSequenceClassification,
+        "image-classification": tf.AutoModelForImageClassification,
+    }.get(task, tf.AutoModel)
     try:
         packed = is_packed(p / "model.safetensors")
         if packed:  # krimp's packed weight-only artifact
@@ -67,18 +69,52 @@ def load_hf(p: Path, task: str | None, trust: bool) -> ModelHandle:
             load_packed(module, p / "model.safetensors")
         else:
             module = auto.from_pretrained(p, trust_remote_code=trust, attn_implementation="eager", dtype=torch.float32)
-        tok = tf.AutoTokenizer.from_pretrained(p, trust_remote_code=trust)
+        tok = None if task == "image-classification" else tf.AutoTokenizer.from_pretrained(p, trust_remote_code=trust)
     except Exception as e:  # transformers raises many types for a corrupt folder
         raise KrimpError(f"{p}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    handle = hf_handle(module.eval(), tok, task, str(p), "hf")
+    handle = hf_handle(module.eval(), tok, task, str(p), "hf", image_inputs(p) if tok is None else {})
     if packed:
         handle.needs = packed_needs(p / "model.safetensors")
     return handle
 
 
-def hf_handle(module, tok, task, source, kind) -> ModelHandle:
+def image_inputs(folder: Path) -> dict[str, Any]:
+    """Size and normalisation of a Hugging Face image model, from its ``preprocessor_config.json``
+    (read as JSON; nothing of the processor's code runs). Missing: 224 pixels, ImageNet's mean/std."""
+    f = folder / "preprocessor_config.json"
+    cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    size = cfg.get("crop_size") or cfg.get("size") or 224
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge") or size.get("width") or 224
+    return {
+        "image_size": int(size),
+        "mean": cfg.get("image_mean", [0.485, 0.456, 0.406]),
+        "std": cfg.get("image_std", [0.229, 0.224, 0.225]),
+        "rescale": cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0,
+    }
+
+
+def load_tokenizer(folder: Path):
+    """A tokenizer from a local folder (its files only: no code runs)."""
+    tf = _quiet_transformers()
+    try:
+        return tf.AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise KrimpError(f"{folder}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def hf_handle(module, tok, task, source, kind, image: dict[str, Any] | None = None) -> ModelHandle:
     import inspect
 
+    if task == "image-classification":
+        labels = list((getattr(module.config, "id2label", None) or {}).values())
+        return ModelHandle(
+            make_task(task, input_names=["pixel_values"], labels=labels, **(image or {})),
+            source,
+            kind,
+            module=module,
+            info={"architecture": type(module).__name__},
+        )
     names = ["input_ids", "attention_mask"]
     if task != "causal-lm" and "token_type_ids" in inspect.signature(module.forward).parameters:
         names.append("token_type_ids")

@@ -22,11 +22,15 @@ class Task:
     input_names: list[str]
     output_name: str
     tokenizer: Any = None
-    # image preprocessing: (x - mean) / std on 0..255 pixels, resized to `size`, `channels` kept
-    mean: float = 0.0
-    std: float = 1.0
+    # image preprocessing: pixels (0..255) times `rescale`, then (x - mean) / std per channel (a
+    # number, or one per channel), the shorter side resized to `image_size` and the centre cropped
+    # square; or `transform`, a callable (a torchvision / timm transform) from a PIL image to CHW
+    mean: float | list[float] = 0.0
+    std: float | list[float] = 1.0
     channels: int = 3
     image_size: int | None = None
+    rescale: float = 1.0
+    transform: Any = None
     labels: list[str] = field(default_factory=list)
 
     @property
@@ -74,8 +78,16 @@ class Task:
             feed["token_type_ids"] = np.zeros_like(ids)
         return feed
 
-    def preprocess_image(self, img: np.ndarray) -> np.ndarray:
-        """HWC pixels on 0..255 (or the model's own scale) -> CHW float32, resized and normalised."""
+    def preprocess_image(self, img: Any) -> np.ndarray:
+        """An image (HWC or HW pixels on 0..255, a PIL image, or a CHW tensor already prepared) ->
+        CHW float32 of the model's size and normalisation."""
+        if self.transform is not None:
+            from PIL import Image
+
+            pil = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
+            return np.asarray(self.transform(pil), dtype=np.float32)
+        if isinstance(img, torch.Tensor):  # a tensor from a torch Dataset: already the model's input
+            return img.detach().float().numpy()
         x = torch.from_numpy(np.array(img, dtype=np.float32))  # a copy: PIL's pixels are read-only
         if x.ndim == 2:
             x = x[..., None]
@@ -83,10 +95,15 @@ class Task:
         if x.shape[0] != self.channels:
             x = x.mean(0, keepdim=True).expand(self.channels, -1, -1) if self.channels in (1, 3) else x
         if self.image_size and tuple(x.shape[1:]) != (self.image_size, self.image_size):
-            x = torch.nn.functional.interpolate(
-                x[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-            )[0]
-        return ((x - self.mean) / self.std).numpy().astype(np.float32)
+            h, w = x.shape[1:]
+            s = self.image_size / min(h, w)  # the shorter side to image_size, then the centre square
+            size = (max(self.image_size, round(h * s)), max(self.image_size, round(w * s)))
+            x = torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+            top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
+            x = x[:, top : top + self.image_size, left : left + self.image_size]
+        mean = torch.as_tensor(self.mean, dtype=torch.float32).reshape(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32).reshape(-1, 1, 1)
+        return ((x * self.rescale - mean) / std).numpy().astype(np.float32)
 
     # ---- outputs ---------------------------------------------------------------------------
     def features(self, raw: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:

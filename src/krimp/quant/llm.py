@@ -279,9 +279,10 @@ class AWQ:
             full = {n: _block_name(cal.path, run.index, n) for n in run.linears}
             todo = [n for n in run.linears if cfg.spec_for(full[n])]
             notes.extend(_ragged(cfg, {full[n]: run.linears[n] for n in todo}))
+            probe = _FoldProbe(run, cal)
             stats = run.collect(list(run.linears), {"abs_mean", "sample"}, cfg.sample_tokens)
             alphas = {}
-            pairs = scale_pairs(run.block)
+            pairs = scale_pairs(run.block, cal.family)
             for (prev, lins, label), names in zip(pairs, _pair_names(run, pairs), strict=True):
                 keep = [(lin, n) for lin, n in zip(lins, names, strict=True) if n in todo]
                 if len(keep) != len(lins):  # a pair only moves scales when all its linears are quantized
@@ -289,14 +290,15 @@ class AWQ:
                 st = stats[names[0]]
                 specs = [cfg.spec_for(full[n]) for n in names]
                 if cfg.loss == "block":
-                    s, a = _block_scale_search(run, prev, lins, specs, st.abs_mean, cfg)
+                    s, a = _block_scale_search(run, prev, lins, specs, st.abs_mean, cfg, cal.family.norm_offset)
                 else:
                     ws = [lin.weight.detach().float() for lin in lins]
                     s, a, _ = search_scale(st.sample_rows(cfg.sample_tokens), st.abs_mean, ws, specs, cfg.grid)
-                fold_scale(prev, lins, s)
+                fold_scale(prev, lins, s, cal.family.norm_offset)
                 for obj in {id(stats[n]): stats[n] for n in names}.values():  # inputs are now x / s
                     obj.sample = [smp / s for smp in obj.sample]
                 alphas[label] = a
+            probe.check("awq")
             for n in todo:
                 lin, spec = run.linears[n], cfg.spec_for(full[n])
                 w = lin.weight.detach().float()
@@ -312,6 +314,34 @@ class AWQ:
         return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
 
 
+class _FoldProbe:
+    """A block's output on two calibration windows before its scales move, to check after: moving a
+    scale from a norm or linear into the next layers must leave the block's function as it was. A
+    model whose layout the architecture table gets wrong is refused instead of silently changed."""
+
+    def __init__(self, run, cal, n: int = 2):
+        b = run.inputs[0].shape[0]
+        self.run, self.cal = run, cal
+        self.x = run.inputs[0][:n].clone()
+        self.kw = {k: _slice_batch(v, n, b) for k, v in run.kwargs[0].items()}
+        self.ref = self._out()
+
+    @torch.no_grad()
+    def _out(self) -> torch.Tensor:
+        y = self.run.block(self.x, **self.kw)
+        return (y[0] if isinstance(y, tuple | list) else y).float()
+
+    def check(self, method: str) -> None:
+        err = float((self._out() - self.ref).norm() / self.ref.norm().clamp_min(1e-12))
+        if err > 1e-3:
+            fam = self.cal.family.name if self.cal.family else "unknown"
+            raise KrimpError(
+                f"{method}: moving scales between the layers of block {self.run.index} changed its output by "
+                f"{err:.2%} ({type(self.cal.model).__name__}, read as family '{fam}' of krimp.models.arch); "
+                f"this architecture's layout is not described right: use gptq or rtn, and please report it"
+            )
+
+
 def _slice_batch(v, n: int, b: int):
     if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == b:
         return v[:n]
@@ -321,7 +351,7 @@ def _slice_batch(v, n: int, b: int):
 
 
 @torch.no_grad()
-def _block_scale_search(run, prev, lins, specs, x_mean, cfg) -> tuple[torch.Tensor, float]:
+def _block_scale_search(run, prev, lins, specs, x_mean, cfg, norm_offset: float) -> tuple[torch.Tensor, float]:
     """AWQ's grid over ``s = mean|x|^a``: fold ``s``, round the pair's linears, run the whole block on
     a few calibration windows, keep the ``a`` with the least output error (``a = 0`` is plain RTN)."""
     from krimp.models.arch import fold_scale
@@ -344,7 +374,7 @@ def _block_scale_search(run, prev, lins, specs, x_mean, cfg) -> tuple[torch.Tens
         a = k / cfg.grid
         s = xm.pow(a)
         s = s / (s.max() * s.min()).sqrt()
-        fold_scale(prev, lins, s)
+        fold_scale(prev, lins, s, norm_offset)
         for lin, spec in zip(lins, specs, strict=True):
             lin.weight.copy_(fake_quant(lin.weight.float(), spec).to(lin.weight.dtype))
         err = block_error(out(), ref, cfg.sink_weight)
@@ -378,8 +408,9 @@ class SmoothQuant:
         cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "smoothquant", "float")
 
         def process(run):
+            probe = _FoldProbe(run, cal)
             stats = run.collect(list(run.linears), {"abs_max"}, last_use=True)
-            pairs = scale_pairs(run.block)
+            pairs = scale_pairs(run.block, cal.family)
             done = []
             for (prev, lins, label), names in zip(pairs, _pair_names(run, pairs), strict=True):
                 if not cfg.wants(*[_block_name(cal.path, run.index, n) for n in names]):
@@ -387,8 +418,9 @@ class SmoothQuant:
                 xmax = stats[names[0]].abs_max.clamp_min(1e-5)
                 wmax = torch.stack([lin.weight.detach().float().abs().amax(0) for lin in lins]).amax(0)
                 s = (xmax.pow(cfg.alpha) / wmax.clamp_min(1e-5).pow(1 - cfg.alpha)).clamp_min(1e-5)
-                fold_scale(prev, lins, s)
+                fold_scale(prev, lins, s, cal.family.norm_offset)
                 done.append(label)
+            probe.check("smoothquant")
             return {"smoothed": done}
 
         blocks = cal.run(process)

@@ -29,8 +29,8 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from krimp.errors import KrimpError, unknown_key_message
-from krimp.recipe import Recipe
+from krimp.errors import KrimpError, read_utf8, unknown_key_message
+from krimp.recipe import Recipe, find_recipe
 
 OBJECTIVES = ("quality_drop", "size", "latency")
 
@@ -147,11 +147,9 @@ class Space:
 
 
 def load_space(path: str | Path) -> Space:
-    p = Path(path)
-    if not p.is_file():
-        raise KrimpError(f"search recipe not found: {p}")
+    p = find_recipe(path, "search recipe")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(read_utf8(p)) or {}
     except yaml.YAMLError as e:
         raise KrimpError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict) or "search" not in d:
