@@ -1,0 +1,102 @@
+"""Run in a fresh process: time one ONNX model on one feed and print a JSON line.
+
+Usage: python -m krimp.eval.bench_worker MODEL.onnx FEED.npz THREADS WARMUP REPEATS
+
+or, kept alive and timed on request (krimp.eval.timing), with idle threads not spinning:
+``--serve MODEL.onnx FEED.npz THREADS WARMUP`` prints ``{"batch": B}`` when warm, then answers each
+line ``N`` on stdin with ``{"times": [...], "cpu_s": ...}`` and ``quit`` with ``{"peak_rss_mb": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+
+def summarize(times_s: list[float], batch: int, cpu_s: float, peak_rss_mb: float) -> dict:
+    import numpy as np
+
+    t = np.asarray(times_s) * 1e3
+    return {
+        "latency_ms_p50": float(np.median(t)),
+        "latency_ms_p95": float(np.percentile(t, 95)),
+        "latency_ms_min": float(t.min()),
+        "latency_cv": float(t.std() / t.mean()) if t.size > 1 else None,
+        "throughput_per_s": float(batch / np.median(t) * 1e3),
+        "cpu_s_per_inference": float(cpu_s / (len(t) * batch)),
+        "peak_rss_mb": float(peak_rss_mb),
+        "repeats": len(t),
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM is reset by exec, unlike ru_maxrss, which a child
+    inherits from the (larger) krimp process that started it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def serve(argv: list[str]) -> None:
+    import numpy as np
+
+    from krimp.eval.runtime import ort_session
+
+    path, feed_path, threads, warmup = argv[0], argv[1], int(argv[2]), int(argv[3])
+    feed = dict(np.load(feed_path))
+    sess = ort_session(path, threads, spin=False)
+    names = {i.name for i in sess.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in names}
+    for _ in range(warmup):
+        sess.run(None, feed)
+
+    def say(d: dict) -> None:
+        sys.stdout.write(json.dumps(d) + "\n")
+        sys.stdout.flush()
+
+    say({"batch": int(next(iter(feed.values())).shape[0])})
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            say({"peak_rss_mb": peak_rss_mb()})
+            return
+        times, c0 = [], time.process_time()
+        for _ in range(int(line)):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t)
+        say({"times": times, "cpu_s": time.process_time() - c0})
+
+
+def main(argv: list[str]) -> None:
+    import numpy as np
+
+    from krimp.eval.runtime import ort_session
+
+    path, feed_path, threads, warmup, repeats = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    feed = dict(np.load(feed_path))
+    sess = ort_session(path, threads)
+    names = {i.name for i in sess.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in names}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    c0 = time.process_time()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    cpu = time.process_time() - c0
+    batch = next(iter(feed.values())).shape[0]
+    peak = peak_rss_mb()
+    sys.stdout.write(json.dumps(summarize(times, batch, cpu, peak)) + "\n")  # the parent reads this line
+
+
+if __name__ == "__main__":
+    serve(sys.argv[2:]) if sys.argv[1:2] == ["--serve"] else main(sys.argv[1:])

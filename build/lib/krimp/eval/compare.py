@@ -1,0 +1,91 @@
+"""Quality of the original and the compressed model, and fidelity of one to the other, on the same
+held-out evaluation items, with 95% bootstrap intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from krimp.eval import fidelity as F
+from krimp.eval.runtime import batches
+from krimp.eval.stats import bootstrap_ci, paired_delta_ci
+
+
+def collect(engine, task, items, batch: int, seq_len: int) -> np.ndarray:
+    """Per-sample features (embeddings or logits) of ``items`` under ``engine``."""
+    out = [task.features(engine.run(f), f) for f in batches(task, items, batch, seq_len)]
+    return np.concatenate(out) if out else np.zeros((0,))
+
+
+def _lm_stats(ref_logits, got_logits, feed):
+    """Per-sample mean next-token NLL for both models, KL and top-1 agreement over real tokens."""
+    ids, mask = feed["input_ids"], feed["attention_mask"].astype(bool)
+    tgt, valid = ids[:, 1:], mask[:, 1:] & mask[:, :-1]
+    if "score_mask" in feed:  # token windows: only the targets the window is meant to score
+        valid = valid & feed["score_mask"][:, 1:]
+    rows = []
+    for b in range(ids.shape[0]):
+        v = valid[b]
+        if not v.any():
+            continue
+        r, g = ref_logits[b, :-1][v], got_logits[b, :-1][v]
+        t = tgt[b][v]
+        lr, lg = F.log_softmax(r), F.log_softmax(g)
+        rows.append(
+            (
+                -lr[np.arange(len(t)), t].mean(),
+                -lg[np.arange(len(t)), t].mean(),
+                (np.exp(lr) * (lr - lg)).sum(-1).mean(),
+                (r.argmax(-1) == g.argmax(-1)).mean(),
+                len(t),
+            )
+        )
+    return rows
+
+
+def compare(
+    ref_engine, engine, task, items, labels, batch: int, seq_len: int, top_k: int = 10, n_boot: int = 1000
+) -> dict:
+    """``{"baseline": {quality}, "compressed": {quality}, "fidelity": {...}}``."""
+    if task.name == "causal-lm":
+        rows = []
+        for f in batches(task, items, batch, seq_len):
+            rows += _lm_stats(ref_engine.run(f), engine.run(f), f)
+        a = np.array(rows)
+        ppl = lambda x: float(np.exp(np.mean(x)))
+        return {
+            "baseline": {"perplexity": bootstrap_ci(a[:, 0], n_boot, stat=ppl)},
+            "compressed": {"perplexity": bootstrap_ci(a[:, 1], n_boot, stat=ppl)},
+            "fidelity": {"kl": bootstrap_ci(a[:, 2], n_boot), "top1_agreement": bootstrap_ci(a[:, 3], n_boot)},
+            # ppl(compressed) / ppl(baseline) - 1 = exp(mean NLL difference) - 1, paired over windows
+            "perplexity_change": bootstrap_ci(a[:, 1] - a[:, 0], n_boot, stat=lambda d: float(np.expm1(np.mean(d)))),
+            "tokens": int(a[:, 4].sum()),
+        }
+    ref = collect(ref_engine, task, items, batch, seq_len)
+    got = collect(engine, task, items, batch, seq_len)
+    return compare_features(task, ref, got, labels, top_k, n_boot)
+
+
+def compare_features(task, ref, got, labels, top_k: int = 10, n_boot: int = 1000) -> dict:
+    if not np.isfinite(got).all():
+        from krimp.errors import KrimpError
+
+        raise KrimpError("the compressed model produced NaN/Inf outputs on evaluation data")
+    res: dict = {"baseline": {}, "compressed": {}}
+    if task.name == "embedding":
+        res["fidelity"] = {
+            "cosine": bootstrap_ci(F.cosine(ref, got), n_boot),
+            "retrieval_agreement": bootstrap_ci(F.retrieval_agreement(ref, got, top_k), n_boot),
+            "retrieval_k": min(top_k, len(ref) - 1),
+        }
+    else:
+        res["fidelity"] = {
+            "kl": bootstrap_ci(F.kl_divergence(ref, got), n_boot),
+            "top1_agreement": bootstrap_ci(F.top1_agreement(ref, got), n_boot),
+        }
+    if labels is not None and task.name != "embedding":
+        y = np.asarray(labels)
+        ca, cb = (ref.argmax(-1) == y).astype(float), (got.argmax(-1) == y).astype(float)
+        res["baseline"]["accuracy"] = bootstrap_ci(ca, n_boot)
+        res["compressed"]["accuracy"] = bootstrap_ci(cb, n_boot)
+        res["accuracy_delta"] = paired_delta_ci(ca, cb, n_boot)
+    return res

@@ -1,0 +1,97 @@
+"""Measure the baseline and the compressed model side by side on the artifact's own runtime."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from krimp.eval import energy
+from krimp.eval.compare import compare
+from krimp.eval.runtime import OrtEngine, TorchEngine
+from krimp.eval.timing import EngineTimer, time_onnx_pair, time_pair
+from krimp.export.onnx_utils import bits_per_weight, count_onnx_params
+
+
+def bench_feed(task, ev, data):
+    example = task.encode(data.eval[:1], ev.seq_len)
+    return task.dummy_feed(ev.batch, ev.seq_len, example)
+
+
+def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
+    """Size, timing (krimp.eval.timing), quality and fidelity of ``run``'s baseline and compressed models
+    (a :class:`krimp.pipeline.RunResult`): ONNX files on ONNX Runtime, else torch modules."""
+    ev, task = recipe.eval, handle.task
+    feed = bench_feed(task, ev, data)
+    side: dict[str, dict] = {"baseline": {}, "compressed": {}}
+    if not run.torch_only:
+        base, comp = run.baseline_onnx, run.compressed_onnx
+        ref_engine, engine = OrtEngine(base, ev.threads), OrtEngine(comp, ev.threads)
+        n_w = count_onnx_params(base)
+        for name, path in (("baseline", base), ("compressed", comp)):
+            side[name].update(
+                size_bytes=path.stat().st_size, bits_per_weight=bits_per_weight(path, n_w), runtime="onnxruntime"
+            )
+        timed = time_onnx_pair(base, comp, feed, ev.threads, ev.warmup, ev.repeats, ev.timing_budget_s)
+    else:
+        from krimp.export.safetensors_io import save_safetensors
+
+        ref_engine = TorchEngine(run.baseline_module, task, ev.threads)
+        engine = TorchEngine(run.module, task, ev.threads)
+        n_w = sum(p.numel() for p in run.baseline_module.parameters() if p.ndim >= 2)
+        with tempfile.TemporaryDirectory() as tmp:
+            b = save_safetensors(run.baseline_module, Path(tmp) / "base.safetensors").stat().st_size
+        c = (work / "model.safetensors").stat().st_size
+        side["baseline"].update(size_bytes=b, bits_per_weight=8 * b / n_w, runtime="pytorch")
+        side["compressed"].update(size_bytes=c, bits_per_weight=8 * c / n_w, runtime="pytorch")
+        timed = time_pair(
+            EngineTimer(ref_engine, feed, ev.warmup),
+            EngineTimer(engine, feed, ev.warmup),
+            ev.repeats,
+            ev.timing_budget_s,
+        )
+        timed["baseline"]["peak_rss_note"] = "in-process: includes krimp and the baseline model"
+    side["baseline"]["bench"], side["compressed"]["bench"] = timed["baseline"], timed["compressed"]
+    for s in side.values():
+        s.update(energy.estimate(s["bench"], ev.energy))
+    q = compare(
+        ref_engine, engine, task, data.eval, data.eval_labels, ev.batch, recipe.data.seq_len, ev.top_k, ev.bootstrap
+    )
+    out = {
+        "sides": side,
+        "quality": q,
+        "bench_feed": {k: list(v.shape) for k, v in feed.items()},
+        "speedup": timed["speedup"],
+        "timing_s": timed["seconds"],
+    }
+    if task.name == "causal-lm" and run.module is not None:
+        out["generation"] = {
+            name: greedy(m, task.tokenizer, PROMPT)
+            for name, m in (("baseline", run.baseline_module), ("compressed", run.module))
+        }
+        out["generation"]["prompt"] = PROMPT
+    return out
+
+
+PROMPT = "What is the capital of France?"
+
+
+def greedy(module, tokenizer, prompt: str, new_tokens: int = 16) -> str:
+    """A short greedy continuation (chat template when the tokenizer has one): a sanity check."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = module.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,38 @@
+"""Every export format, loaded, and the step that runs a recipe's exporters after its stages.
+
+Importing an exporter module registers it (:mod:`krimp.export.registry`); this list is the one
+place that names them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import krimp.export.gguf  # noqa: F401  (importing an exporter module registers it)
+import krimp.export.onnx  # noqa: F401
+import krimp.export.safetensors_io  # noqa: F401
+from krimp.errors import KrimpError
+from krimp.export.registry import EXPORTERS, ExportJob
+
+
+def known_formats() -> tuple[str, ...]:
+    return tuple(sorted(EXPORTERS))
+
+
+def write_artifacts(run, recipe, handle, work: Path) -> tuple[list[dict], list[str]]:
+    """Run the recipe's exporters (ONNX whenever the run made ONNX models) in the recipe's order;
+    returns the artifacts (format, role, path, bytes) and the side files to keep."""
+    formats = list(recipe.export.formats)
+    if run.compressed_onnx is not None and "onnx" not in formats:
+        formats.insert(0, "onnx")  # ONNX stages ran: their result is an artifact
+    job = ExportJob(run, handle, work)
+    arts: list[dict] = []
+    for name in formats:
+        ex = EXPORTERS[name]
+        if ex.needs_torch and job.module is None:
+            raise KrimpError(f"{name} export needs a torch model; an ONNX file was given (export.formats: [onnx])")
+        out = ex.write(job)
+        arts += out if isinstance(out, list) else [out]
+    for a in arts:
+        a["bytes"] = (work / a["path"]).stat().st_size
+    return arts, job.keep

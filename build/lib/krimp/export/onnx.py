@@ -1,0 +1,143 @@
+"""Export a torch model to ONNX (opset >= 17) and check the file against the in-memory model.
+
+After writing, ONNX Runtime runs the file on a few calibration batches and its outputs must match
+the torch model within ``rtol`` (max abs difference / max abs reference output); otherwise the
+export fails loudly. Files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from krimp.errors import KrimpError
+from krimp.export.registry import ExportJob, exporter
+
+log = logging.getLogger(__name__)
+
+
+def export_onnx(
+    module: torch.nn.Module, task, feed: dict[str, np.ndarray], path: Path, opset: int = 17, origin: str | None = None
+) -> Path:
+    import onnx
+
+    wrapped = task.export_module(module).eval()
+    args = tuple(torch.from_numpy(feed[n]) for n in task.input_names)
+    dyn = {n: ({0: "batch", 1: "seq"} if task.is_text else {0: "batch"}) for n in task.input_names}
+    dyn["output"] = {0: "batch", 1: "seq"} if task.name in ("embedding", "causal-lm") else {0: "batch"}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapped,
+                args,
+                str(tmp),
+                input_names=task.input_names,
+                output_names=["output"],
+                dynamic_axes=dyn,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise KrimpError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    m = onnx.load(str(tmp))
+    meta = {
+        "name": task.name,
+        "mean": task.mean,
+        "std": task.std,
+        "channels": task.channels,
+        "image_size": task.image_size,
+        "rescale": task.rescale,
+        "labels": task.labels,
+    }
+    props = {"krimp.task": json.dumps(meta)}
+    if origin:
+        props["krimp.origin"] = origin  # e.g. builtin:digits-cnn, so its builtin data can follow it
+    onnx.helper.set_model_props(m, props)
+    onnx.save(m, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def verify_onnx(path: Path, engine_ref, feeds: list[dict[str, np.ndarray]], rtol: float, threads: int = 2) -> float:
+    """Max relative error of the ONNX file against ``engine_ref``; raises past ``rtol``."""
+    from krimp.eval.runtime import OrtEngine
+
+    ort_engine = OrtEngine(path, threads)
+    worst = 0.0
+    for f in feeds:
+        a, b = engine_ref.run(f), ort_engine.run(f)
+        if a.shape != b.shape:
+            raise KrimpError(f"exported {path.name} gives shape {b.shape}, model gives {a.shape}")
+        err = float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+        worst = max(worst, err)
+    if not np.isfinite(worst) or worst > rtol:
+        raise KrimpError(
+            f"exported {path.name} does not match the model: max relative error {worst:.2e} > tolerance {rtol:.0e}"
+        )
+    log.info("export check %s: max relative error %.2e (tolerance %.0e)", path.name, worst, rtol)
+    return worst
+
+
+def optimize_transformer(src: Path, dst: Path, module: torch.nn.Module) -> dict | None:
+    """ONNX Runtime's transformer fusions (attention, layer norm, GELU) for BERT-like encoders."""
+    cfg = getattr(module, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in ("bert", "roberta", "distilbert", "xlm-roberta", "electra"):
+        return None
+    from onnxruntime.transformers import optimizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = optimizer.optimize_model(
+                str(src), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size, opt_level=1
+            )
+        opt.save_model_to_file(str(dst))
+    except Exception as e:
+        log.warning("transformer fusion failed (%s); keeping the plain graph", e)
+        return None
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def lower(src: Path, work: Path, module: torch.nn.Module, form: str, step=lambda s: None) -> tuple[Path, dict | None]:
+    """The compressed model's ONNX in the form its stages declared (krimp.stage.Needs.onnx): ``src``
+    itself for "float"; else ``src`` rewritten into ``work/<form>.onnx``, and what the rewrite did."""
+    if form == "float":
+        return src, None
+    if form == "qdq":  # trained activation grids and int8 weights as QuantizeLinear / DequantizeLinear
+        from krimp.export.onnx_qdq import to_qdq as rewrite
+
+        step("export: ONNX QDQ INT8 (trained scales)")
+    else:  # weight-only codes as ONNX Runtime's MatMulNBits
+        from krimp.export.onnx_nbits import to_matmul_nbits as rewrite
+
+        step("export: ONNX Runtime MatMulNBits")
+    dst = work / f"{form}.onnx"
+    return dst, rewrite(src, dst, module)
+
+
+@exporter("onnx", needs_torch=False)
+def write_onnx(job: ExportJob) -> list[dict]:
+    """model.onnx (the compressed graph) beside baseline.onnx; a recipe without stages copies the baseline."""
+    import shutil
+
+    run, final = job.run, job.work / "model.onnx"
+    if run.compressed_onnx == run.baseline_onnx:  # a recipe with no stages: export only
+        shutil.copyfile(run.compressed_onnx, final)
+    else:
+        os.replace(run.compressed_onnx, final)
+    run.compressed_onnx = final
+    return [
+        {"format": "onnx", "role": "compressed", "path": "model.onnx"},
+        {"format": "onnx", "role": "baseline", "path": "baseline.onnx"},
+    ]

@@ -1,0 +1,59 @@
+"""The exporters: one name-keyed registry, the way methods have theirs (krimp.config).
+
+An exporter writes one deployable artifact of a finished run into the run's folder. Adding a format
+is one module that registers a function::
+
+    @exporter("gguf")
+    def write_gguf(job: ExportJob) -> dict: ...  # {"format", "role", "path"} of what it wrote
+
+and adding its module to the list in :mod:`krimp.export.formats`, which loads every exporter and
+runs them. ``export.formats`` in a recipe is checked against
+:func:`krimp.export.formats.known_formats` when the recipe is read. An
+exporter reads what the stages declared their output needs (``job.run.needs``, a
+:class:`krimp.stage.Needs`), never marks on the modules, to decide how to write it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ExportJob:
+    """What an exporter is given: the run (a :class:`krimp.pipeline.RunResult`), the loaded model's
+    handle, and the folder to write into. ``keep`` collects the files written beside the artifact
+    (config, tokenizer) that the finished folder keeps."""
+
+    run: Any
+    handle: Any
+    work: Path
+    keep: list[str] = field(default_factory=list)
+
+    @property
+    def module(self):
+        """The compressed torch model (the loaded one for a recipe without torch stages); None for an ONNX input."""
+        return self.run.module if self.run.module is not None else self.handle.module
+
+
+@dataclass(frozen=True)
+class Exporter:
+    name: str
+    write: Callable[[ExportJob], dict | list[dict]]
+    needs_torch: bool = True  # writes from the torch model (an ONNX input cannot go to this format)
+
+
+#: format name -> exporter. The registry is this dict; :func:`exporter` fills it.
+EXPORTERS: dict[str, Exporter] = {}
+
+
+def exporter(name: str, needs_torch: bool = True):
+    """Register ``fn(job) -> artifact dict(s)`` as the exporter of format ``name``."""
+
+    def deco(fn: Callable[[ExportJob], dict | list[dict]]):
+        EXPORTERS[name] = Exporter(name, fn, needs_torch)
+        return fn
+
+    return deco

@@ -1,0 +1,320 @@
+"""One compression run: load -> torch stages -> export -> ONNX stages -> evaluate -> report.
+
+Data moves one way; the input model is never modified (torch stages work on a deep copy, ONNX
+stages on new files), and everything is written into a temporary folder that is renamed to the
+output folder only when the run is complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from krimp.data import Dataset
+from krimp.errors import KrimpError
+from krimp.eval.bench import faster_of
+from krimp.eval.compare import collect, compare, compare_features
+from krimp.eval.goal import calib_ok
+from krimp.eval.measure import bench_feed
+from krimp.eval.runtime import OrtEngine, TorchEngine, batches
+from krimp.export.onnx import export_onnx, lower, optimize_transformer, verify_onnx
+from krimp.methods import method_for
+from krimp.models import ModelHandle
+from krimp.recipe import Recipe
+from krimp.stage import Needs, StageContext
+from krimp.train.trainer import is_main
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What one run hands on to the exporters (krimp.export.registry), the measurements and the report."""
+
+    stages: list[dict]  # one note per stage: method, config, seconds, what it did
+    baseline_module: nn.Module | None  # the loaded model (None for an ONNX input)
+    module: nn.Module | None  # after the torch stages (the loaded model when there are none)
+    needs: Needs = field(default_factory=Needs)  # what the stages declared their output needs from the exporters
+    helper: bool = False  # a data-parallel helper process (torchrun): it stops after training
+    verify_ids: np.ndarray | None = None  # token windows for checking exports of a language model
+    baseline_onnx: Path | None = None
+    compressed_onnx: Path | None = None  # None: no ONNX; the torch modules are measured
+    export_error: float | None = None  # max relative error of the baseline ONNX against torch
+    export_error_compressed: float | None = None
+    fusions: dict | None = None  # transformer fusions applied before ONNX stages
+    fusion_choice: dict | None = None  # export.optimize: auto: both graphs timed here
+    exports: dict[str, dict] = field(default_factory=dict)  # what each rewrite / exporter did (nbits, qdq, gguf)
+
+    @property
+    def torch_only(self) -> bool:
+        return self.compressed_onnx is None
+
+
+def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path: Path):
+    task, ev = handle.task, recipe.eval
+    if task.name == "causal-lm":
+        ref_engine = OrtEngine(ref_path, ev.threads)
+
+        def check_lm(path: Path):  # a few windows: a full pass of a language model is minutes
+            q = compare(
+                ref_engine,
+                OrtEngine(path, ev.threads),
+                task,
+                data.calib[:16],
+                None,
+                ev.batch,
+                recipe.data.seq_len,
+                n_boot=100,
+            )
+            size_ratio = path.stat().st_size / ref_path.stat().st_size
+            return calib_ok(recipe.goal, q, size_ratio, confident=True), {
+                **_brief(q),
+                "size_ratio": round(size_ratio, 4),
+            }
+
+        return check_lm
+    items = data.calib[:512]  # enough to check a goal; a large transfer set would make each try slow
+    ref = collect(OrtEngine(ref_path, ev.threads), task, items, ev.batch, recipe.data.seq_len)
+    if not np.isfinite(ref).all():
+        raise KrimpError("the original model produces NaN/Inf on the calibration data")
+
+    def check(path: Path):
+        got = collect(OrtEngine(path, ev.threads), task, items, ev.batch, recipe.data.seq_len)
+        if not np.isfinite(got).all():
+            return False, {"finite": False}
+        q = compare_features(task, ref, got, None, ev.top_k, n_boot=100)
+        size_ratio = path.stat().st_size / ref_path.stat().st_size
+        return calib_ok(recipe.goal, q, size_ratio, confident=True), {**_brief(q), "size_ratio": round(size_ratio, 4)}
+
+    return check
+
+
+def _calib_distance(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path: Path, n_items: int = 32):
+    """A continuous distance to the float model on a few calibration items: mean KL for logits,
+    1 - mean cosine for embeddings (used to rank nodes by sensitivity)."""
+    from krimp.eval import fidelity as F
+
+    task, ev = handle.task, recipe.eval
+    items = data.calib[: n_items // 4 if task.name == "causal-lm" else n_items]
+    seq = recipe.data.seq_len
+    if task.name == "causal-lm":
+        feeds = list(batches(task, items, ev.batch, seq))
+        ref_out = [OrtEngine(ref_path, ev.threads).run(f) for f in feeds]
+
+        def dist_lm(model) -> float:
+            e = OrtEngine(model, ev.threads)
+            return float(np.mean([F.kl_divergence(r, e.run(f)).mean() for r, f in zip(ref_out, feeds, strict=True)]))
+
+        return dist_lm
+    ref = collect(OrtEngine(ref_path, ev.threads), task, items, ev.batch, seq)
+
+    def dist(model) -> float:
+        got = collect(OrtEngine(model, ev.threads), task, items, ev.batch, seq)
+        if not np.isfinite(got).all():
+            return float("inf")
+        if task.name == "embedding":
+            return float(1.0 - F.cosine(ref, got).mean())
+        return float(F.kl_divergence(ref, got).mean())
+
+    return dist
+
+
+def _brief(q: dict) -> dict:
+    return {k: round(v["value"], 5) for k, v in q.get("fidelity", {}).items() if isinstance(v, dict)}
+
+
+def _apply_torch_stages(
+    handle: ModelHandle, stages, feeds, recipe: Recipe, data: Dataset, notes: list, step, ckpt_root: Path | None = None
+) -> tuple[nn.Module, Needs]:
+    """Check the original model on calibration data, then apply torch stages to a deep copy; after
+    each stage, measure its fidelity to the original on a few evaluation items (the report shows
+    quality and size as the recipe goes). Returns the model and what its stages need from the exporters."""
+    module, threads, needs = handle.module, recipe.eval.threads, handle.needs
+    engine = TorchEngine(module, handle.task, threads)
+    for f in feeds[:4]:  # a few batches show a model that cannot take the data or overflows
+        try:
+            out = engine.run(f)
+        except Exception as e:  # a model that cannot take the data: say so in one line
+            shapes = {k: list(v.shape) for k, v in f.items()}
+            raise KrimpError(
+                f"the model failed on calibration inputs {shapes} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
+        if not np.isfinite(out).all():
+            raise KrimpError("the original model produces NaN/Inf on the calibration data")
+    if stages:
+        module = copy.deepcopy(module)
+    for i, cfg in enumerate(stages):
+        step(f"stage {i + 1}: {cfg.method}")
+        t0 = time.perf_counter()
+        ctx = StageContext(
+            handle.task,
+            feeds,
+            threads,
+            step=step,
+            calib_items=data.calib,
+            calib_labels=data.calib_labels,
+            seq_len=recipe.data.seq_len,
+            ckpt_dir=ckpt_root / f"stage{i}-{cfg.method}" if ckpt_root else None,
+        )
+        module, info = method_for(cfg).apply_torch(module, cfg, ctx)
+        needs = needs.merge(ctx.needs)
+        note = {"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info}
+        if len(stages) > 1 or cfg.method in ("distill", "qat"):
+            note["after"] = _stage_quality(handle, module, recipe, data)
+        notes.append(note)
+    return module, needs
+
+
+def _stage_quality(handle: ModelHandle, module, recipe: Recipe, data: Dataset, n_items: int = 64) -> dict:
+    """Fidelity (and quality) of a stage's torch model against the original on the first evaluation
+    items, its parameter count, and whether the goal's quality and fidelity limits hold on them
+    (a preview as the recipe goes: the final report measures every item on the deployed runtime)."""
+    task, ev = handle.task, recipe.eval
+    items = data.eval[: 4 if task.name == "causal-lm" else n_items]
+    seq = recipe.data.seq_len
+    labels = data.eval_labels[: len(items)] if data.eval_labels else None
+    q = compare(
+        TorchEngine(handle.module, task, ev.threads),
+        TorchEngine(module, task, ev.threads),
+        task,
+        items,
+        labels,
+        min(ev.batch, 4) if task.name == "causal-lm" else ev.batch,
+        seq,
+        ev.top_k,
+        n_boot=100,
+    )
+    out = {"items": len(items), "params": sum(p.numel() for p in module.parameters()), **_brief(q)}
+    out.update({k: round(v["value"], 5) for k, v in q.get("compressed", {}).items() if isinstance(v, dict)})
+    out["within_goal"] = calib_ok(recipe.goal, q)
+    return out
+
+
+def _apply_onnx_stages(
+    cur: Path,
+    stages,
+    first: int,
+    recipe: Recipe,
+    handle: ModelHandle,
+    data: Dataset,
+    feeds,
+    base: Path,
+    work: Path,
+    notes: list,
+    step,
+) -> Path:
+    """Apply ONNX stages in order, each to a new file; after each, check the goal on calibration data."""
+    ev = recipe.eval
+    check = _calib_goal_check(recipe, handle, data, base)
+    distance = _calib_distance(recipe, handle, data, base)
+    for i, cfg in enumerate(stages):
+        step(f"stage {first + i + 1}: {cfg.method}")
+        dst = work / f"stage{i}.onnx"
+        t0 = time.perf_counter()
+        ctx = StageContext(handle.task, feeds, ev.threads, check, recipe.goal.max_size_ratio, distance, step=step)
+        try:
+            info = method_for(cfg).apply_onnx(cur, dst, cfg, ctx)
+        except KrimpError:
+            raise
+        except Exception as e:
+            raise KrimpError(
+                f"stage {cfg.method} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
+        ok, metrics = check(dst)
+        notes.append(
+            {
+                "method": cfg.method,
+                "config": cfg.to_dict(),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "calib_within_goal": ok,
+                "calib_metrics": metrics,
+                **info,
+            }
+        )
+        cur = dst
+    return cur
+
+
+def _verify_feeds(feeds, task):
+    """Feeds for export checks: two batches, or for language models two short windows (a full batch
+    of long windows costs a minute per check)."""
+    if task.name != "causal-lm":
+        return feeds[:2]
+    return [{k: v[:2, :128] for k, v in feeds[0].items()}]
+
+
+def run_stages(
+    handle: ModelHandle,
+    recipe: Recipe,
+    data: Dataset,
+    work: Path,
+    step: Callable[[str], None],
+    ckpt_root: Path | None = None,
+) -> RunResult:
+    """Apply the recipe: torch stages, the ONNX export in the form they need, then ONNX stages."""
+    ev, rtol, opset = recipe.eval, recipe.export.rtol, recipe.export.opset
+    feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
+    torch_stages = [s for s in recipe.stages if s.domain == "torch"]
+    onnx_stages = [s for s in recipe.stages if s.domain == "onnx"]
+    if torch_stages and onnx_stages and torch_stages[-1] is not recipe.stages[len(torch_stages) - 1]:
+        raise KrimpError("torch stages (e.g. bf16) must come before ONNX stages (int8-*, fp16)")
+    if torch_stages and handle.module is None:
+        raise KrimpError(f"stage '{torch_stages[0].method}' needs a torch model; an ONNX file was given")
+    notes: list[dict] = []
+    run = RunResult(notes, handle.module, None, handle.needs)
+    if handle.module is not None:
+        run.module, run.needs = _apply_torch_stages(handle, torch_stages, feeds, recipe, data, notes, step, ckpt_root)
+    if not is_main():  # data-parallel helpers (torchrun) stop after training; rank 0 writes
+        run.helper = True
+        return run
+    if handle.task.name == "causal-lm" and feeds:
+        run.verify_ids = _verify_feeds(feeds, handle.task)[0]["input_ids"]
+    if "onnx" not in recipe.export.formats and not onnx_stages:
+        return run  # measured as torch modules
+    base = work / "baseline.onnx"
+    cur = base
+    if handle.module is None:  # an ONNX file was given
+        shutil.copyfile(handle.onnx_path, base)
+    else:
+        step("export: baseline ONNX")
+        export_onnx(handle.module, handle.task, feeds[0], base, opset, handle.source)
+        run.export_error = verify_onnx(
+            base, TorchEngine(handle.module, handle.task, ev.threads), _verify_feeds(feeds, handle.task), rtol
+        )
+        if torch_stages:
+            step("export: compressed ONNX")
+            plain = export_onnx(run.module, handle.task, feeds[0], work / "torch_stages.onnx", opset, handle.source)
+            cur, details = lower(plain, work, run.module, run.needs.onnx, step)
+            if details is not None:
+                run.exports[run.needs.onnx] = details
+            run.export_error_compressed = verify_onnx(
+                cur, TorchEngine(run.module, handle.task, ev.threads), _verify_feeds(feeds, handle.task), rtol * 10
+            )
+    run.baseline_onnx = base
+    if onnx_stages and recipe.export.optimize and handle.module is not None:
+        stats = optimize_transformer(cur, work / "fused.onnx", handle.module)
+        if stats and recipe.export.optimize == "auto":
+            step("timing the fused graph against the plain one")
+            ms = faster_of(cur, work / "fused.onnx", bench_feed(handle.task, recipe.eval, data), recipe.eval.threads)
+            run.fusion_choice = {
+                "plain_ms": round(ms["a"], 2),
+                "fused_ms": round(ms["b"], 2),
+                "kept": ms["b"] < ms["a"],
+            }
+            log.info("transformer fusion: plain %.1f ms, fused %.1f ms", ms["a"], ms["b"])
+            if ms["b"] >= ms["a"]:
+                stats = None
+        if stats:
+            run.fusions, cur = stats, work / "fused.onnx"
+    run.compressed_onnx = _apply_onnx_stages(
+        cur, onnx_stages, len(torch_stages), recipe, handle, data, feeds, base, work, notes, step
+    )
+    return run
