@@ -16,7 +16,7 @@ import torch
 from krimp.data import load_data
 from krimp.errors import KrimpError
 from krimp.eval.measure import measure_pair
-from krimp.export.formats import write_artifacts
+from krimp.export.formats import check_exports, write_artifacts
 from krimp.models import ModelHandle, load_model
 from krimp.pipeline import run_stages
 from krimp.progress import PhaseLog
@@ -102,6 +102,7 @@ def compress(
             kw.setdefault("image_size", r.data.image_size)  # the recipe's data.image_size, unless inputs say
         handle = load_model(src, task or r.task, trust_remote_code=r.trust_remote_code, **kw)
     _check_methods_fit(r, handle)
+    check_exports(r, handle)
     step("loading data")
     data = load_data(r.data, handle.task, handle.builtin_origin, items=data)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,20 +177,20 @@ def _space_needed(handle: ModelHandle) -> int:
 
 
 def _check_methods_fit(r: Recipe, handle: ModelHandle) -> None:
-    """A layer-wise method on a model without decoder blocks is refused before any work, in one line
-    that names the methods that do fit."""
-    from krimp.verbs import fitting_methods
+    """A method that needs a part the model lacks (decoder blocks, convolutions, ...) is refused before
+    any work, in one line that names the methods that do fit."""
+    from krimp.verbs import PARTS, fitting_methods
 
-    if not any(s.needs_decoder_blocks for s in r.stages):
+    if not any(s.needs for s in r.stages):
         return
     fits = fitting_methods(handle)
     for i, s in enumerate(r.stages):
-        if s.needs_decoder_blocks and s.method not in fits:
-            kinds = "decoder language models" + (" and BERT-like encoders" if s.runs_on_encoders else "")
-            arch = handle.info.get("architecture") or type(handle.module or object()).__name__
+        if s.needs and s.method not in fits:
+            kinds = " and ".join(PARTS[p] for p in s.needs)
+            arch = handle.info.get("architecture") or (type(handle.module).__name__ if handle.module else "ONNX graph")
             raise KrimpError(
                 f"stage {i + 1} '{s.method}' works on {kinds}; this {handle.task.name} model "
-                f"({arch}) has no decoder blocks and takes: {', '.join(fits)}"
+                f"({arch}) is none of these and takes: {', '.join(fits)}"
             )
 
 

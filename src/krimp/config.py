@@ -44,9 +44,10 @@ class BaseConfig(pydantic.BaseModel):
     method: ClassVar[str] = ""
     #: "torch" methods change a torch module; "onnx" methods change an exported ONNX graph.
     domain: ClassVar[str] = "torch"
-    #: methods that work block by block on a decoder-only language model (krimp.models.arch)
-    needs_decoder_blocks: ClassVar[bool] = False
-    runs_on_encoders: ClassVar[bool] = False  # also on BERT-like encoders, where decoder blocks are needed otherwise
+    #: what a model must have for this method, any one of (krimp.verbs.model_parts): "decoder_blocks"
+    #: (layer-wise methods), "encoder_layers" (BERT-like), "transformer_layers" (known heads and FFN),
+    #: "convolutions"; empty: any torch model
+    needs: ClassVar[tuple[str, ...]] = ()
 
     honours_targets: ClassVar[bool] = True
 

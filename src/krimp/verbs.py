@@ -6,6 +6,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from krimp.data import load_data
 from krimp.errors import KrimpError
 from krimp.eval.bench import bench_engine, bench_onnx
@@ -124,29 +126,49 @@ def _size(h: ModelHandle) -> int:
     return sum(t.numel() * t.element_size() for t in h.module.state_dict().values())
 
 
+#: what each model part is, for messages (BaseConfig.needs)
+PARTS = {
+    "decoder_blocks": "decoder language models",
+    "encoder_layers": "BERT-like encoders",
+    "transformer_layers": "transformers whose heads and FFN krimp.models.arch knows",
+    "convolutions": "convolutional networks",
+}
+
+
+def model_parts(h: ModelHandle) -> set[str]:
+    """Which of :data:`PARTS` this model has (none for an ONNX file)."""
+    from krimp.models.arch import ffn_of, find_blocks, find_layers, heads_of
+    from krimp.quant.smooth_encoder import encoder_layers
+
+    m, has = h.module, set()
+    if m is None:
+        return has
+    try:
+        find_blocks(m)
+        has.add("decoder_blocks")
+    except KrimpError:
+        pass
+    try:
+        layer = find_layers(m)[1][0]
+        if heads_of(layer) or ffn_of(layer):
+            has.add("transformer_layers")
+    except KrimpError:
+        pass
+    if "decoder_blocks" not in has and h.task.name != "causal-lm" and encoder_layers(m):
+        has.add("encoder_layers")
+    if any(isinstance(x, torch.nn.Conv2d) for x in m.modules()):
+        has.add("convolutions")
+    return has
+
+
 def fitting_methods(h: ModelHandle) -> list[str]:
     """The registered methods that apply to this model: ONNX-graph methods to any model, torch methods
-    to a torch model, and layer-wise methods only where decoder blocks (or, for SmoothQuant, BERT-like
-    encoder layers) are found."""
+    to a torch model that has one of the parts the method needs (``BaseConfig.needs``)."""
     from krimp.methods import REGISTRY
-    from krimp.models.arch import find_blocks
 
     domains = {"onnx"} if h.module is None else {"onnx", "torch"}
-    blocks = encoder = False  # decoder blocks (layer-wise methods); a BERT-like encoder (smoothquant)
-    if h.module is not None:
-        try:
-            blocks = bool(find_blocks(h.module))
-        except KrimpError:
-            pass
-        if not blocks and h.task.name != "causal-lm":
-            from krimp.quant.smooth_encoder import encoder_layers
-
-            encoder = bool(encoder_layers(h.module))
-    return sorted(
-        k
-        for k, (c, _) in REGISTRY.items()
-        if c.domain in domains and (blocks or not c.needs_decoder_blocks or (encoder and c.runs_on_encoders))
-    )
+    has = model_parts(h)
+    return sorted(k for k, (c, _) in REGISTRY.items() if c.domain in domains and (not c.needs or has & set(c.needs)))
 
 
 def inspect(model: str, task: str | None = None) -> dict[str, Any]:

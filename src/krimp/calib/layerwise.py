@@ -289,8 +289,11 @@ class LayerwiseCalibrator:
         self.model.eval()
         cfg = getattr(self.model, "config", None)
         impl = getattr(cfg, "_attn_implementation", None)
+        # fused attention for calibration: same math, faster (bench/results/llm_findings.md); not where
+        # attention logits are soft-capped (Gemma 2), which PyTorch's fused kernel cannot do
+        fuse = impl == "eager" and not getattr(cfg, "attn_logit_softcapping", None)
         try:
-            if impl == "eager":  # fused attention for calibration: same math, faster (bench/results/llm_findings.md)
+            if fuse:
                 cfg._attn_implementation = "sdpa"
             inputs, kwargs, held = self._block_inputs()
             spare: list[torch.Tensor] = []  # a second activation buffer, made only when a pass needs it
@@ -314,7 +317,7 @@ class LayerwiseCalibrator:
                     held, spare[0] = spare[0], held  # the outputs were written to the spare buffer
                 _trim_heap()
         finally:
-            if impl == "eager":
+            if fuse:
                 cfg._attn_implementation = impl
             self.model.train(was_training)
         return notes

@@ -19,6 +19,16 @@ def known_formats() -> tuple[str, ...]:
     return tuple(sorted(EXPORTERS))
 
 
+def check_exports(recipe, handle) -> None:
+    """Refuse, before any stage runs, a format this model cannot be written to."""
+    for name in recipe.export.formats:
+        ex = EXPORTERS[name]
+        if ex.needs_torch and handle.module is None:
+            raise KrimpError(f"{name} export needs a torch model; an ONNX file was given (export.formats: [onnx])")
+        if ex.check is not None:
+            ex.check(handle)
+
+
 def write_artifacts(run, recipe, handle, work: Path) -> tuple[list[dict], list[str]]:
     """Run the recipe's exporters (ONNX whenever the run made ONNX models) in the recipe's order;
     returns the artifacts (format, role, path, bytes) and the side files to keep."""
@@ -28,10 +38,7 @@ def write_artifacts(run, recipe, handle, work: Path) -> tuple[list[dict], list[s
     job = ExportJob(run, handle, work)
     arts: list[dict] = []
     for name in formats:
-        ex = EXPORTERS[name]
-        if ex.needs_torch and job.module is None:
-            raise KrimpError(f"{name} export needs a torch model; an ONNX file was given (export.formats: [onnx])")
-        out = ex.write(job)
+        out = EXPORTERS[name].write(job)  # check_exports ran before the stages
         arts += out if isinstance(out, list) else [out]
     for a in arts:
         a["bytes"] = (work / a["path"]).stat().st_size

@@ -210,12 +210,31 @@ def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 
     return res
 
 
-@exporter("gguf")
+def _source_gguf(handle) -> str | None:
+    return handle.info.get("gguf_path") or (handle.source if handle.kind == "gguf" else None)
+
+
+def check_gguf(handle) -> None:
+    """GGUF export carries the tokenizer and metadata over from the GGUF the model was loaded from,
+    and maps the llama architecture's tensor names."""
+    src = _source_gguf(handle)
+    if not src or not Path(src).exists():
+        raise KrimpError(
+            f"GGUF export needs a model loaded from a GGUF file (its tokenizer and metadata are carried over); "
+            f"{handle.source} is a {handle.kind} model: export it as onnx or safetensors, or start from its GGUF"
+        )
+    import gguf
+
+    arch = gguf.GGUFReader(str(src)).fields["general.architecture"].contents()
+    if arch != "llama":
+        raise KrimpError(f"GGUF export supports the llama architecture family, not '{arch}' ({src})")
+
+
+@exporter("gguf", check=check_gguf)
 def write_gguf(job: ExportJob) -> dict:
     """model.gguf from krimp's quantized weights, checked by reloading it (and in llama.cpp)."""
     handle, run = job.handle, job.run
-    src = handle.info.get("gguf_path") or (handle.source if handle.kind == "gguf" else None)
-    info = export_gguf(job.module, src, job.work / "model.gguf")
+    info = export_gguf(job.module, _source_gguf(handle), job.work / "model.gguf")
     if run.verify_ids is not None:
         info["check"] = verify_gguf(job.work / "model.gguf", job.module, torch.from_numpy(np.asarray(run.verify_ids)))
     run.exports["gguf"] = info

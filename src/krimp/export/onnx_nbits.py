@@ -125,8 +125,11 @@ def _embedding_fp16(g, module, qlins) -> bool:
     """Store a quantized (tied) token embedding as float16 + Cast."""
     from onnx import TensorProto, helper, numpy_helper
 
-    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    try:
+        head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+        emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    except NotImplementedError:  # transformers' vision models have no token embeddings
+        return False
     if head is None or emb is None or head.weight is not emb.weight or getattr(head, "krimp_wq", None) is None:
         return False
     inits = {t.name: t for t in g.initializer}

@@ -43,17 +43,21 @@ class Exporter:
     name: str
     write: Callable[[ExportJob], dict | list[dict]]
     needs_torch: bool = True  # writes from the torch model (an ONNX input cannot go to this format)
+    #: ``check(handle)`` raises KrimpError when this model cannot go to this format; run before any
+    #: stage, so a recipe whose export cannot happen fails in seconds, not after an hour
+    check: Callable[[Any], None] | None = None
 
 
 #: format name -> exporter. The registry is this dict; :func:`exporter` fills it.
 EXPORTERS: dict[str, Exporter] = {}
 
 
-def exporter(name: str, needs_torch: bool = True):
-    """Register ``fn(job) -> artifact dict(s)`` as the exporter of format ``name``."""
+def exporter(name: str, needs_torch: bool = True, check: Callable[[Any], None] | None = None):
+    """Register ``fn(job) -> artifact dict(s)`` as the exporter of format ``name``; ``check(handle)``
+    refuses, before the stages run, a model this format cannot take."""
 
     def deco(fn: Callable[[ExportJob], dict | list[dict]]):
-        EXPORTERS[name] = Exporter(name, fn, needs_torch)
+        EXPORTERS[name] = Exporter(name, fn, needs_torch, check)
         return fn
 
     return deco

@@ -80,11 +80,38 @@ _GEMMA2_PAIRS = (
     _LLAMA_PAIRS[3],
 )
 
-# The order is the search order.
+# The order is the search order: families named by model_type first, then by where their blocks are.
 FAMILIES = (
-    # BERT, RoBERTa, MiniLM encoders (post-norm: no scale pairs)
+    # DistilBERT: BERT's post-norm layers under other names
     Family(
-        "bert", ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"), attention=_BERT_ATTN, ffn=_BERT_FFN
+        "distilbert",
+        ("transformer.layer", "distilbert.transformer.layer"),
+        attention=Attention("attention", "q_lin", "k_lin", "v_lin", "attention.out_lin"),
+        ffn=FFN(("ffn.lin1",), "ffn.lin2"),
+        model_types=("distilbert",),
+    ),
+    # DeBERTa v2/v3: BERT's layout, disentangled attention's own projection names
+    Family(
+        "deberta-v2",
+        ("encoder.layer", "deberta.encoder.layer"),
+        attention=Attention("attention.self", "query_proj", "key_proj", "value_proj", "attention.output.dense"),
+        ffn=_BERT_FFN,
+        model_types=("deberta-v2",),
+    ),
+    # ViT (pre-norm encoder of image patches)
+    Family(
+        "vit",
+        ("vit.layers", "layers", "vit.encoder.layer", "encoder.layer"),
+        attention=Attention("attention", "q_proj", "k_proj", "v_proj", "attention.o_proj"),
+        ffn=FFN(("mlp.fc1",), "mlp.fc2"),
+        model_types=("vit",),
+    ),
+    # BERT, RoBERTa, XLM-RoBERTa, MiniLM encoders (post-norm: no scale pairs)
+    Family(
+        "bert",
+        ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
+        attention=_BERT_ATTN,
+        ffn=_BERT_FFN,
     ),
     # Gemma: Llama's layout with RMSNorms that scale by 1 + weight (and, from Gemma 2 on, a norm before
     # and after each sub-layer)
@@ -108,10 +135,22 @@ FAMILIES = (
         model_types=("gemma2", "gemma3", "gemma3_text"),
         norm_offset=1.0,
     ),
+    # Phi-3: q/k/v in one projection and gate/up in another; scales move into those from the norms
+    Family(
+        "phi3",
+        ("model.layers",),
+        decoder=True,
+        scale_pairs=(
+            ScalePair("input_layernorm", ("self_attn.qkv_proj",)),
+            ScalePair("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        ),
+        model_types=("phi3",),
+    ),
     # Llama, Mistral, Qwen2/3, SmolLM and other causal LMs of Llama's layout
     Family("llama", ("model.layers",), decoder=True, attention=_LLAMA_ATTN, ffn=_LLAMA_FFN, scale_pairs=_LLAMA_PAIRS),
     Family("opt", ("model.decoder.layers",), decoder=True),
-    Family("gpt2", ("transformer.h",), decoder=True),
+    # GPT-2 is not here: its projections are transformers' Conv1D (transposed weights), which the
+    # layer-wise methods do not read; ONNX Runtime's INT8 and FP16 take it
     Family("gpt-neox", ("gpt_neox.layers",), decoder=True),
     # a base model without its head (LlamaModel, ...), or a plain module with a ``layers`` list
     Family("llama-base", ("layers",), decoder=True, attention=_LLAMA_ATTN, ffn=_LLAMA_FFN, scale_pairs=_LLAMA_PAIRS),
@@ -162,7 +201,8 @@ def _stack(model: nn.Module, paths: tuple[str, ...]) -> tuple[str, nn.ModuleList
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The dotted path and the list of decoder blocks, or KrimpError."""
-    found = _stack(model, BLOCK_PATHS)
+    fam = family_of(model)
+    found = _stack(model, fam.blocks) if fam is not None and fam.decoder else None
     if found is None:
         raise KrimpError(
             f"{type(model).__name__}: no decoder blocks found (looked for {', '.join(BLOCK_PATHS)}); "
@@ -173,11 +213,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The dotted path and the list of transformer layers whose heads and FFN krimp knows, or KrimpError."""
-    found = _stack(model, LAYER_PATHS)
+    fam = family_of(model)
+    found = _stack(model, fam.blocks) if fam is not None and (fam.attention or fam.ffn) else None
     if found is None:
         raise KrimpError(
             f"{type(model).__name__}: no transformer layers found (looked for {', '.join(LAYER_PATHS)}); "
-            "structured pruning of heads/neurons/layers supports BERT- and Llama-style models"
+            "structured pruning of heads/neurons/layers supports the families of krimp.models.arch: "
+            + ", ".join(f.name for f in FAMILIES if f.attention or f.ffn)
         )
     return found
 

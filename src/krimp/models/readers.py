@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 def detect_task(config: Any, folder: Path | None = None) -> str:
     archs = " ".join(getattr(config, "architectures", None) or [])
-    if "CausalLM" in archs:
+    if "CausalLM" in archs or "LMHeadModel" in archs:
         return "causal-lm"
     if "SequenceClassification" in archs:
         return "classification"
@@ -72,22 +72,25 @@ def load_hf(p: Path, task: str | None, trust: bool) -> ModelHandle:
         tok = None if task == "image-classification" else tf.AutoTokenizer.from_pretrained(p, trust_remote_code=trust)
     except Exception as e:  # transformers raises many types for a corrupt folder
         raise KrimpError(f"{p}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    handle = hf_handle(module.eval(), tok, task, str(p), "hf", image_inputs(p) if tok is None else {})
+    handle = hf_handle(module.eval(), tok, task, str(p), "hf", image_inputs(p, config) if tok is None else {})
     if packed:
         handle.needs = packed_needs(p / "model.safetensors")
     return handle
 
 
-def image_inputs(folder: Path) -> dict[str, Any]:
+def image_inputs(folder: Path, config: Any = None) -> dict[str, Any]:
     """Size and normalisation of a Hugging Face image model, from its ``preprocessor_config.json``
-    (read as JSON; nothing of the processor's code runs). Missing: 224 pixels, ImageNet's mean/std."""
+    (read as JSON; nothing of the processor's code runs). Missing: the model config's image size
+    (else 224 pixels) and ImageNet's mean/std."""
     f = folder / "preprocessor_config.json"
     cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-    size = cfg.get("crop_size") or cfg.get("size") or 224
+    fallback = getattr(config, "image_size", None) or 224
+    size = cfg.get("crop_size") or cfg.get("size") or fallback
     if isinstance(size, dict):
-        size = size.get("height") or size.get("shortest_edge") or size.get("width") or 224
+        size = size.get("height") or size.get("shortest_edge") or size.get("width") or fallback
     return {
         "image_size": int(size),
+        "channels": int(getattr(config, "num_channels", 3) or 3),
         "mean": cfg.get("image_mean", [0.485, 0.456, 0.406]),
         "std": cfg.get("image_std", [0.229, 0.224, 0.225]),
         "rescale": cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0,

@@ -45,6 +45,7 @@ class ChannelPruneConfig(BaseConfig):
     """Remove conv channels through the dependency graph; recover by distillation."""
 
     method = "channels"
+    needs = ("convolutions",)
     ratio: float = pydantic.Field(0.5, ge=0, lt=1)
     importance: Literal["magnitude", "lamp", "bn", "taylor", "obs"] = "magnitude"
     global_pruning: bool = False  # one ranking over all layers instead of the same share per layer

@@ -81,14 +81,14 @@ class WandaConfig(_CalibratedConfig):
     """Wanda (Sun et al. 2023): |w| times the input feature's norm, compared per output row."""
 
     method = "wanda"
-    needs_decoder_blocks = True
+    needs = ("decoder_blocks",)
 
 
 class SparseGPTConfig(_CalibratedConfig):
     """SparseGPT (Frantar & Alistarh 2023): OBS mask and weight update in one Hessian sweep."""
 
     method = "sparsegpt"
-    needs_decoder_blocks = True
+    needs = ("decoder_blocks",)
     damp: float = pydantic.Field(0.01, gt=0, lt=1)
     block_size: int = pydantic.Field(128, ge=1)
     # weight of each window's first position (the attention sink) in the Hessian: GPTQ's default;

@@ -50,6 +50,7 @@ class StructuredPruneConfig(BaseConfig):
     """Remove FFN neurons, attention heads and whole layers; recover by distillation."""
 
     method = "structured"
+    needs = ("transformer_layers",)
     honours_targets = False  # every block loses the same share
     ffn: float = pydantic.Field(0.0, ge=0, lt=1)
     heads: float = pydantic.Field(0.0, ge=0, lt=1)
@@ -223,10 +224,13 @@ def prune_heads(layer: nn.Module, h: Heads, keep_kv: torch.Tensor) -> None:
     for attr, val in (
         ("num_attention_heads", len(keep_q)),
         ("num_heads", len(keep_q)),
+        ("n_heads", len(keep_q)),  # DistilBERT, whose `dim` is the width of all heads together
         ("num_key_value_heads", len(keep_kv)),
     ):
         if hasattr(h.holder, attr):
             setattr(h.holder, attr, val)
+    if hasattr(h.holder, "n_heads") and hasattr(h.holder, "dim"):
+        h.holder.dim = len(keep_q) * h.head_dim
     if hasattr(h.holder, "all_head_size"):
         h.holder.all_head_size = len(keep_q) * h.head_dim
 

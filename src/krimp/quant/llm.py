@@ -43,7 +43,7 @@ class LayerOverride(pydantic.BaseModel):
 
 
 class _WeightOnly(BaseConfig):
-    needs_decoder_blocks = True
+    needs = ("decoder_blocks",)
     bits: int = pydantic.Field(4, ge=2, le=8)
     group_size: int | None = pydantic.Field(128, ge=8)  # None: one scale per output channel
     symmetric: bool = True
@@ -111,8 +111,7 @@ class SmoothQuantConfig(BaseConfig):
     """SmoothQuant (Xiao et al. 2022): move activation outliers into the weights, W8A8-ready."""
 
     method = "smoothquant"
-    needs_decoder_blocks = True
-    runs_on_encoders = True  # explicit input scales (krimp.quant.smooth_encoder)
+    needs = ("decoder_blocks", "encoder_layers")  # encoders: explicit input scales (krimp.quant.smooth_encoder)
     alpha: float = pydantic.Field(0.5, ge=0, le=1)  # migration strength
 
 

@@ -145,7 +145,11 @@ class StaticInt8:
             except Exception as e:  # pre-processing is an optimisation; quantize the plain graph
                 log.warning("ONNX Runtime pre-processing failed (%s); quantizing the plain graph", e)
                 pre = src
-            feeds = ctx.calib_feeds[: cfg.calib_batches]
+            import onnx
+
+            graph_inputs = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
+            # only what the graph takes: an export drops inputs the model never reads (DeBERTa's token types)
+            feeds = [{k: v for k, v in f.items() if k in graph_inputs} for f in ctx.calib_feeds[: cfg.calib_batches]]
             if cfg.calibration != "minmax":  # ORT's histograms stack every batch: one shape for all
                 feeds = same_shape(feeds)
 

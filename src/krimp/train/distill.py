@@ -43,7 +43,8 @@ def forward(model: nn.Module, task, args: list[torch.Tensor], hidden: bool):
     if task.name == "image-classification":
         if hidden:
             raise KrimpError("distill: hidden-state loss needs a transformer; set weights.hidden: 0")
-        return model(args[0]).float(), None
+        out = model(args[0])  # a plain CNN's logits, or a Hugging Face image model's output
+        return (out.logits if hasattr(out, "logits") else out).float(), None
     kw = dict(zip(task.input_names, args, strict=False))
     if task.name == "causal-lm":
         kw["use_cache"] = False

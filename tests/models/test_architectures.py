@@ -1,0 +1,166 @@
+"""The architecture matrix: each family a user brings, built from a tiny random config (seconds), loaded
+from its Hugging Face folder, offered the methods that fit it, and run through a chain of them to
+exported artifacts. Tokenizer: MiniLM's (a random model's vocabulary needs only the right size).
+
+Not here: GPT-2 (its projections are transformers' Conv1D, which the layer-wise methods do not read;
+it is refused in one line, tested below) and transformers' EfficientNet, whose reduced-width configs
+fail inside transformers itself (the EfficientNet kind is the builtin EfficientNet-Lite0's)."""
+
+import dataclasses
+
+import pytest
+import torch
+import transformers as tf
+
+import krimp
+from krimp.errors import KrimpError
+from krimp.models import load_model
+
+H = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+GQA = {**H, "num_key_value_heads": 2}
+DECODERS = {
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, GQA),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, GQA),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, GQA),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**GQA, "head_dim": 16}),
+    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**GQA, "head_dim": 16}),
+    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {**GQA, "head_dim": 16}),
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {**H, "num_key_value_heads": 4, "pad_token_id": 0}),
+}
+ENCODERS = {
+    "bert": (tf.BertConfig, tf.BertModel, H),
+    "roberta": (tf.RobertaConfig, tf.RobertaModel, {**H, "pad_token_id": 1}),
+    "xlm-roberta": (tf.XLMRobertaConfig, tf.XLMRobertaModel, {**H, "pad_token_id": 1}),
+    "distilbert": (
+        tf.DistilBertConfig,
+        tf.DistilBertModel,
+        {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 4},
+    ),
+    "deberta-v2": (tf.DebertaV2Config, tf.DebertaV2Model, H),
+}
+IMAGES = {
+    "vit": (tf.ViTConfig, tf.ViTForImageClassification, {**H, "image_size": 32, "patch_size": 8, "num_labels": 10}),
+    "resnet": (
+        tf.ResNetConfig,
+        tf.ResNetForImageClassification,
+        {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "num_labels": 10},
+    ),
+    "mobilenet_v2": (
+        tf.MobileNetV2Config,
+        tf.MobileNetV2ForImageClassification,
+        {"depth_multiplier": 0.25, "image_size": 32, "num_labels": 10},
+    ),
+    "convnext": (
+        tf.ConvNextConfig,
+        tf.ConvNextForImageClassification,
+        {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "num_labels": 10, "image_size": 32},
+    ),
+}
+SMALL = {
+    "data": {"calib_samples": 8, "eval_samples": 8, "seq_len": 32},
+    "eval": {"seq_len": 32, "batch": 4, "repeats": 3, "warmup": 1, "bootstrap": 100, "timing_budget_s": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory, minilm):
+    def make(table: dict, name: str):
+        cfg_cls, model_cls, kw = table[name]
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(name)
+        text = table is not IMAGES
+        model_cls(cfg_cls(**kw, **({"vocab_size": minilm.task.tokenizer.vocab_size} if text else {}))).save_pretrained(
+            folder
+        )
+        if text:
+            minilm.task.tokenizer.save_pretrained(folder)
+        return folder
+
+    return make
+
+
+def _run(folder, stages, out, formats=("onnx",)):
+    return krimp.compress(str(folder), {**SMALL, "export": {"formats": list(formats)}, "stages": stages}, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_decoders_smooth_then_gptq_to_onnx_and_packed_safetensors(build, name, tmp_path):
+    folder = build(DECODERS, name)
+    fits = krimp.inspect(str(folder))["methods"]
+    assert {"gptq", "awq", "rtn", "sparsegpt", "wanda", "smoothquant"} <= set(fits) and "channels" not in fits
+    assert ("structured" in fits) == (name != "phi3")  # Phi-3's fused q/k/v and gate/up: no heads to cut
+    stages = [{"method": "smoothquant", "alpha": 0.5}, {"method": "gptq", "bits": 4, "group_size": 32}]
+    r = _run(folder, stages, tmp_path / "run", ("onnx", "safetensors"))
+    assert {a["format"] for a in r["artifacts"]} >= {"onnx", "safetensors"}
+    assert r["model"]["task"] == "causal-lm" and r["compressed"]["size_bytes"] < 0.7 * r["baseline"]["size_bytes"]
+    back = load_model(tmp_path / "run")  # the packed folder reloads as the same architecture
+    assert type(back.module).__name__ == type(load_model(folder).module).__name__
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_gemma_scales_fold_into_its_own_norms(build, name, tmp_path, monkeypatch):
+    """Gemma's RMSNorm scales by 1 + weight, and from Gemma 2 on the MLP reads pre_feedforward_layernorm,
+    not post_attention_layernorm: SmoothQuant alone must leave the function as it was. With Llama's pairs
+    in their place, the block check refuses the run instead of shipping a changed model."""
+    from krimp.models import arch
+
+    folder = build(DECODERS, name)
+    r = _run(folder, [{"method": "smoothquant", "alpha": 0.5}], tmp_path / "ok")
+    assert r["compressed"]["fidelity"]["kl"]["value"] < 1e-5
+    wrong = tuple(
+        dataclasses.replace(f, scale_pairs=arch.family("llama").scale_pairs, norm_offset=0.0)
+        if f.name == "gemma2"
+        else f
+        for f in arch.FAMILIES
+    )
+    monkeypatch.setattr(arch, "FAMILIES", wrong)
+    with pytest.raises(KrimpError, match="changed its output by"):
+        _run(folder, [{"method": "smoothquant", "alpha": 0.5}], tmp_path / "wrong")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_encoders_lose_heads_and_neurons_then_smooth_and_int8(build, name, tmp_path):
+    folder = build(ENCODERS, name)
+    fits = set(krimp.inspect(str(folder))["methods"])
+    assert {"structured", "smoothquant", "int8-dynamic", "qat"} <= fits and not fits & {"gptq", "channels"}
+    stages = [
+        {"method": "structured", "ffn": 0.5, "heads": 0.25, "importance": "magnitude"},
+        {"method": "smoothquant", "alpha": 0.5},
+        {"method": "int8-dynamic", "fallback": False},
+    ]
+    r = _run(folder, stages, tmp_path / "run")
+    assert r["model"]["task"] == "embedding" and r["compressed"]["size_bytes"] < 0.3 * r["baseline"]["size_bytes"]
+    pruned = r["stages"][0]
+    assert pruned["method"] == "structured"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_image_models_through_their_methods(build, name, tmp_path):
+    folder = build(IMAGES, name)
+    h = load_model(folder)
+    assert h.task.name == "image-classification" and h.task.image_size in (32, 224) and len(h.task.labels) == 10
+    fits = set(krimp.inspect(str(folder))["methods"])
+    if name == "vit":
+        assert {"structured", "smoothquant"} <= fits
+        stages = [{"method": "structured", "heads": 0.25, "ffn": 0.5, "importance": "magnitude"}]
+    else:
+        assert "channels" in fits and not fits & {"structured", "smoothquant", "gptq"}
+        stages = [{"method": "channels", "ratio": 0.25}]
+    stages += [{"method": "qat", "steps": 2, "batch": 4}, {"method": "int8-static", "fallback": False}]
+    r = _run(folder, stages, tmp_path / "run", ("onnx", "safetensors"))
+    assert {a["format"] for a in r["artifacts"]} >= {"onnx", "safetensors"}
+    assert r["compressed"]["quality"] is not None
+
+
+def test_gpt2_is_a_causal_lm_that_layerwise_methods_refuse_in_one_line(build, tmp_path):
+    table = {"gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128})}
+    folder = build(table, "gpt2")
+    fits = set(krimp.inspect(str(folder))["methods"])
+    assert "int8-dynamic" in fits and not fits & {"gptq", "awq", "smoothquant", "structured"}
+    with pytest.raises(KrimpError, match=r"'gptq' works on decoder language models.*GPT2LMHeadModel"):
+        _run(folder, [{"method": "gptq"}], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
