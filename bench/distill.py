@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_line, time_models
+from _common import RECIPES_DIR, RESULTS, machine_line, time_models
 
-ROOT = Path(__file__).parent.parent / "recipes"
+ROOT = RECIPES_DIR
 
 
 def _v(d: dict, k: str):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_line
+from _common import RECIPES_DIR, RESULTS, machine_line
 
 RECIPES = ("digits-cnn-channels", "minilm-prune-ffn", "efficientnet-channels")
 
@@ -51,7 +51,7 @@ def main() -> None:
     a = ap.parse_args()
     import krimp
 
-    root = Path(__file__).parent.parent / "recipes"
+    root = RECIPES_DIR
     rows = []
     t0 = time.perf_counter()
     for name in a.only.split(","):

@@ -24,9 +24,9 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_line, quiet
+from _common import RECIPES_DIR, RESULTS, machine_line, quiet
 
-ROOT = Path(__file__).parent.parent / "recipes"
+ROOT = RECIPES_DIR
 PRESETS = {
     "minilm": {
         "fp16": [{"method": "fp16"}],

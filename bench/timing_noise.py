@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_line
+from _common import RECIPES_DIR, RESULTS, machine_line
 
 BURN = "import time\nt = time.time()\nwhile time.time() - t < 600: pass\n"
 
@@ -35,7 +35,7 @@ def main() -> None:
     from krimp.models import load_model
     from krimp.recipe import Recipe
 
-    recipe = Recipe.from_yaml(Path(__file__).parent.parent / "recipes" / "minilm-int8.yaml")
+    recipe = Recipe.from_yaml(RECIPES_DIR / "minilm-int8.yaml")
     rows = []
     with tempfile.TemporaryDirectory(prefix="krimp-noise-") as tmp:
         out = Path(tmp) / "run"

@@ -2,9 +2,12 @@
 
 Usage: python -m krimp.eval.bench_worker MODEL.onnx FEED.npz THREADS WARMUP REPEATS
 
-or, kept alive and timed on request (krimp.eval.timing), with idle threads not spinning:
+or, kept alive and timed on request (krimp.eval.timing):
 ``--serve MODEL.onnx FEED.npz THREADS WARMUP`` prints ``{"batch": B}`` when warm, then answers each
-line ``N`` on stdin with ``{"times": [...], "cpu_s": ...}`` and ``quit`` with ``{"peak_rss_mb": ...}``.
+line ``N`` on stdin with ``{"times": [...], "cpu_s": ...}`` (after one untimed run: the other model
+ran meanwhile, and the first run back pays for its caches) and ``quit`` with ``{"peak_rss_mb": ...}``.
+The session keeps ONNX Runtime's default spinning threads, as a deployment has them
+(bench/results/timing_findings.md: with spinning off, runs varied twice as much here).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def serve(argv: list[str]) -> None:
 
     path, feed_path, threads, warmup = argv[0], argv[1], int(argv[2]), int(argv[3])
     feed = dict(np.load(feed_path))
-    sess = ort_session(path, threads, spin=False)
+    sess = ort_session(path, threads)
     names = {i.name for i in sess.get_inputs()}
     feed = {k: v for k, v in feed.items() if k in names}
     for _ in range(warmup):
@@ -66,6 +69,7 @@ def serve(argv: list[str]) -> None:
         if line.strip() == "quit":
             say({"peak_rss_mb": peak_rss_mb()})
             return
+        sess.run(None, feed)  # untimed: back from the other model's turn
         times, c0 = [], time.process_time()
         for _ in range(int(line)):
             t = time.perf_counter()

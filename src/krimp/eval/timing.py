@@ -15,8 +15,9 @@ interval from a paired bootstrap over rounds (each resample takes whole rounds, 
 of a round together, so load shared within a round cancels).
 
 ONNX models run in two worker processes that stay alive between rounds (each process's peak memory
-is its model's), with idle threads not spinning, so that one waiting model does not steal the other's
-cores. PyTorch modules run in this process.
+is its model's); each turn starts with one untimed run, and sessions keep ONNX Runtime's spinning
+threads as deployed (the measurements behind both: bench/results/timing_findings.md). PyTorch
+modules run in this process.
 """
 
 from __future__ import annotations

@@ -157,6 +157,18 @@ class ChannelPrune:
         }
         out["params_ratio"] = round(out["params_after"] / before, 4)
         out["macs_ratio"] = round(out["macs_after"] / max(macs0, 1), 4)
+        removed = 1 - out["params_ratio"]
+        if removed < cfg.ratio / 2:  # e.g. squeeze-excite blocks or depthwise groups tie most channels
+            out["note"] = (
+                f"removed {removed:.1%} of the parameters for ratio {cfg.ratio}: most channels of this model "
+                "are tied to others (squeeze-excite, depthwise or residual groups) or kept by targets/ignore"
+                + (
+                    " or importance 'obs' (it prunes only channels read by one 1x1 conv)"
+                    if cfg.importance == "obs"
+                    else ""
+                )
+            )
+            log.warning("channels: %s", out["note"])
         if cfg.importance == "obs":
             out["obs_relative_error"] = errors
         out["channels"] = {names.get(id(m), "?"): m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)}
