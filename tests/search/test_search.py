@@ -117,7 +117,7 @@ def test_failing_trials_are_recorded_and_budget_misses_exit_3(tmp_path):
     r = _krimp("search", space, "--trials", 2, "--out", tmp_path / "a")
     assert r.returncode == 3, r.stderr
     s = json.loads((tmp_path / "a" / "search.json").read_text())
-    assert s["done"] == 2 and all("no decoder blocks" in t["error"] for t in s["trials"])
+    assert s["done"] == 2 and all("works on decoder language models" in t["error"] for t in s["trials"])
     assert "no trial met the budget" in r.stdout
     # every trial runs but none keeps within an impossible budget: the closest is named, with by how much
     space = _write(
