@@ -1,1 +1,0 @@
-"""Per-layer sensitivity, mixed precision from it, and an accuracy-budgeted recipe search."""

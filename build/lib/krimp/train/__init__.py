@@ -1,1 +1,0 @@
-"""Training loops krimp runs after compressing: recovery by distillation from the original model."""
