@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
-RECIPES_DIR = Path(importlib.util.find_spec("krimp").origin).parent / "recipes"  # the shipped recipes
 
 
 def time_interleaved(runners: dict, rounds: int = 15, warmup: int = 3) -> dict[str, dict]:

@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RECIPES_DIR, RESULTS, machine_line, time_models
+from _common import RESULTS, machine_line, time_models
+
+from krimp.recipe import RECIPES_DIR
 
 ROOT = RECIPES_DIR
 

@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RECIPES_DIR, RESULTS, machine_line
+from _common import RESULTS, machine_line
+
+from krimp.recipe import RECIPES_DIR
 
 RECIPES = ("digits-cnn-channels", "minilm-prune-ffn", "efficientnet-channels")
 

@@ -24,7 +24,9 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RECIPES_DIR, RESULTS, machine_line, quiet
+from _common import RESULTS, machine_line, quiet
+
+from krimp.recipe import RECIPES_DIR
 
 ROOT = RECIPES_DIR
 PRESETS = {

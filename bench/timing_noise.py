@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RECIPES_DIR, RESULTS, machine_line
+from _common import RESULTS, machine_line
+
+from krimp.recipe import RECIPES_DIR
 
 BURN = "import time\nt = time.time()\nwhile time.time() - t < 600: pass\n"
 

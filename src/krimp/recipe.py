@@ -163,7 +163,8 @@ class Recipe(_Section):
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
         """A recipe file, or a shipped recipe by name (``minilm-int8``)."""
-        return cls.from_dict(read_recipe(path), where=find_recipe(path).name)
+        p = find_recipe(path)
+        return cls.from_dict(read_recipe(p), where=p.name)
 
 
 _SECTIONS = ("data", "eval", "goal", "export")
@@ -230,10 +231,13 @@ def apply_settings(d: dict[str, Any], settings: dict[str, Any], where: str = "re
     return d
 
 
+#: the recipes that come with krimp, inside the installed package
+RECIPES_DIR = Path(str(files("krimp") / "recipes"))
+
+
 def shipped_recipes() -> dict[str, Path]:
-    """The recipes that come with krimp: name -> file (inside the installed package)."""
-    folder = Path(str(files("krimp") / "recipes"))
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    """The recipes that come with krimp: name -> file."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
 
 
 def recipe_summary(path: Path) -> str:

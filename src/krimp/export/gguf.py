@@ -109,15 +109,8 @@ def export_gguf(module: nn.Module, source_gguf: str | Path | None, out: Path, fl
     format; other 2-D weights in ``float_type`` (f16 or f32); norms in F32."""
     import gguf
 
-    if not source_gguf or not Path(source_gguf).exists():
-        raise KrimpError(
-            "GGUF export needs the model to come from a GGUF file (its tokenizer and metadata "
-            "are carried over); this model was loaded from elsewhere"
-        )
-    reader = gguf.GGUFReader(str(source_gguf))
+    reader = source_reader(source_gguf, "this model was loaded from elsewhere")
     arch = reader.fields["general.architecture"].contents()
-    if arch != "llama":
-        raise KrimpError(f"GGUF export supports the llama architecture family, not '{arch}'")
     n_head = int(reader.fields["llama.attention.head_count"].contents())
     n_kv = int(reader.fields["llama.attention.head_count_kv"].contents())
     params = dict(module.named_parameters(remove_duplicate=False))
@@ -214,20 +207,26 @@ def _source_gguf(handle) -> str | None:
     return handle.info.get("gguf_path") or (handle.source if handle.kind == "gguf" else None)
 
 
-def check_gguf(handle) -> None:
-    """GGUF export carries the tokenizer and metadata over from the GGUF the model was loaded from,
-    and maps the llama architecture's tensor names."""
-    src = _source_gguf(handle)
+def source_reader(src: str | Path | None, what: str):
+    """The GGUF a model was loaded from, read: GGUF export carries its tokenizer and metadata over and
+    maps the llama architecture's tensor names. ``what`` says, when there is none, what the model is."""
+    import gguf
+
     if not src or not Path(src).exists():
         raise KrimpError(
             f"GGUF export needs a model loaded from a GGUF file (its tokenizer and metadata are carried over); "
-            f"{handle.source} is a {handle.kind} model: export it as onnx or safetensors, or start from its GGUF"
+            f"{what}: export it as onnx or safetensors, or start from its GGUF"
         )
-    import gguf
-
-    arch = gguf.GGUFReader(str(src)).fields["general.architecture"].contents()
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
     if arch != "llama":
         raise KrimpError(f"GGUF export supports the llama architecture family, not '{arch}' ({src})")
+    return reader
+
+
+def check_gguf(handle) -> None:
+    """Refuses, before the stages run, a model GGUF export cannot write (:func:`source_reader`)."""
+    source_reader(_source_gguf(handle), f"{handle.source} is a {handle.kind} model")
 
 
 @exporter("gguf", check=check_gguf)

@@ -304,3 +304,15 @@ def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_
             prev.bias.div_(s)
     for lin in linears:
         lin.weight.mul_(s[None, :])
+
+
+def check_unchanged(before: torch.Tensor, after: torch.Tensor, what: str, instead: str) -> None:
+    """Moving a scale from one layer into the next keeps the function up to rounding; a relative change
+    of the output over 1e-3 means this table describes the model wrong. Refuse then, in one line saying
+    what changed (``what``: "... changed its output") and what to use ``instead``, rather than ship it."""
+    err = float((after - before).norm() / before.norm().clamp_min(1e-12))
+    if err > 1e-3:
+        raise KrimpError(
+            f"{what} by {err:.2%}: krimp.models.arch does not describe this architecture right; "
+            f"{instead}, and please report it"
+        )

@@ -331,14 +331,14 @@ class _FoldProbe:
         return (y[0] if isinstance(y, tuple | list) else y).float()
 
     def check(self, method: str) -> None:
-        err = float((self._out() - self.ref).norm() / self.ref.norm().clamp_min(1e-12))
-        if err > 1e-3:
-            fam = self.cal.family.name if self.cal.family else "unknown"
-            raise KrimpError(
-                f"{method}: moving scales between the layers of block {self.run.index} changed its output by "
-                f"{err:.2%} ({type(self.cal.model).__name__}, read as family '{fam}' of krimp.models.arch); "
-                f"this architecture's layout is not described right: use gptq or rtn, and please report it"
-            )
+        from krimp.models.arch import check_unchanged
+
+        fam = self.cal.family.name if self.cal.family else "unknown"
+        what = (
+            f"{method}: moving scales between the layers of block {self.run.index} of "
+            f"{type(self.cal.model).__name__} (read as family '{fam}') changed its output"
+        )
+        check_unchanged(self.ref, self._out(), what, "use gptq or rtn")
 
 
 def _slice_batch(v, n: int, b: int):

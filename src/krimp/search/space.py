@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-import yaml
 
-from krimp.errors import KrimpError, read_utf8, unknown_key_message
-from krimp.recipe import Recipe, find_recipe
+from krimp.errors import KrimpError, unknown_key_message
+from krimp.recipe import Recipe, find_recipe, read_recipe
 
 OBJECTIVES = ("quality_drop", "size", "latency")
 
@@ -148,10 +147,7 @@ class Space:
 
 def load_space(path: str | Path) -> Space:
     p = find_recipe(path, "search recipe")
-    try:
-        d = yaml.safe_load(read_utf8(p)) or {}
-    except yaml.YAMLError as e:
-        raise KrimpError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    d = read_recipe(p, "search recipe")
     if not isinstance(d, dict) or "search" not in d:
         raise KrimpError(f"{p.name}: a search recipe needs a 'search:' section with candidates")
     if d.get("stages"):
