@@ -104,12 +104,12 @@ class Scorer:
         self.ref = [ref.run(f).astype(np.float16) for f in self.feeds]
 
     def score(self, engine) -> dict:
-        from krimp.eval.compare import _lm_stats
+        from krimp.eval.compare import lm_stats
         from krimp.eval.stats import bootstrap_ci
 
         rows = []
         for f, r in zip(self.feeds, self.ref, strict=True):
-            rows += _lm_stats(r.astype(np.float32), engine.run(f), f)
+            rows += lm_stats(r.astype(np.float32), engine.run(f), f)
         a = np.array(rows)
         ppl = lambda x: float(np.exp(np.mean(x)))
         return {

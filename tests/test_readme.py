@@ -70,3 +70,61 @@ def test_module_snippet_runs(tmp_path, monkeypatch):
     assert 0 < printed[0][0] < 1  # INT8 is smaller
     onnx = tmp_path / "runs/resnet18" / "model.onnx"
     assert onnx.is_file() and (tmp_path / "runs/resnet18" / "recipe.yaml").is_file()
+
+
+def _bash(name: str) -> list[list[str]]:
+    import shlex
+
+    m = re.search(rf"<!-- {name}:[^>]*-->\s*```bash\n(.*?)```\s*<!-- /{name} -->", README, re.S)
+    assert m, f"README has no {name} block"
+    return [shlex.split(c) for c in m.group(1).replace("\\\n", " ").strip().splitlines()]
+
+
+@pytest.mark.slow
+def test_cli_snippet_runs_on_a_hf_folder_and_a_text_file(tmp_path):
+    """The README's commands as written, in a folder holding a small random Llama with a byte-level BPE
+    tokenizer (./my-model) and 2000 queries, one a line (queries.txt)."""
+    import subprocess
+
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    verbs = ("sort", "copy", "merge", "split", "read", "write", "parse", "print", "test", "time")
+    things = ("list", "dict", "file", "string", "table", "frame", "tensor", "model", "graph", "queue")
+    langs = ("python", "rust", "go", "c", "java", "bash", "sql", "julia", "ruby", "lua")
+    # enough text for the default 64 calibration windows of 128 tokens (8k tokens a half)
+    queries = [f"how do I {v} a {t} in {lang}?" for v in verbs for t in things for lang in langs] * 2
+    (tmp_path / "queries.txt").write_text("\n".join(queries) + "\n", encoding="utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        queries, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=alphabet)
+    )
+    hf_tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(hf_tok)
+    )
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "my-model")
+    hf_tok.save_pretrained(tmp_path / "my-model")
+    outs = []
+    for cmd in _bash("readme-cli-snippet"):
+        assert cmd[0] == "krimp"
+        r = subprocess.run(
+            [sys.executable, "-m", "krimp.cli.main", *cmd[1:]],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert r.returncode in (0, 3), f"{' '.join(cmd)}: {r.stderr[-2000:]}"  # 3: ran, missed its goal
+        outs.append(r.stdout)
+    assert "causal-lm" in outs[0] and "gptq" in outs[0]
+    run = tmp_path / "runs/my-model"
+    assert {"model.gguf", "model.onnx", "report.json", "recipe.yaml"} <= {p.name for p in run.iterdir()}
+    import json
+
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["data"]["source"] == "queries.txt" and rep["data"]["eval_samples"] > 0
+    assert "perplexity" in outs[2]

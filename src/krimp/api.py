@@ -17,6 +17,7 @@ from krimp.data import load_data
 from krimp.errors import KrimpError
 from krimp.eval.measure import measure_pair
 from krimp.export.formats import check_exports, write_artifacts
+from krimp.memory import release
 from krimp.models import ModelHandle, load_model
 from krimp.pipeline import run_stages
 from krimp.progress import PhaseLog
@@ -101,13 +102,16 @@ def compress(
         if isinstance(src, torch.nn.Module) and (task or r.task) == "image-classification":
             kw.setdefault("image_size", r.data.image_size)  # the recipe's data.image_size, unless inputs say
         handle = load_model(src, task or r.task, trust_remote_code=r.trust_remote_code, **kw)
+    release()  # what loading freed (a GGUF's dequantized copies) goes back before the work starts
     _check_methods_fit(r, handle)
     check_exports(r, handle)
     step("loading data")
     data = load_data(r.data, handle.task, handle.builtin_origin, items=data)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished folder follows the umask
+    (work / OWNER).write_text(str(os.getpid()))
     ckpt = out.parent / f".{out.name}.checkpoints"  # training stages resume from here after an interrupt
     try:
         run_log.append(work / "run.log")
@@ -117,6 +121,7 @@ def compress(
             shutil.rmtree(work, ignore_errors=True)
             return {"out": None, "helper": True}
         artifacts, side_files = write_artifacts(run, r, handle, work)
+        release()
         step("measuring baseline and compressed models")
         measured = measure_pair(run, handle, r, data, work)
         phases.close()
@@ -229,6 +234,32 @@ def check_output_folder(out: Path, inputs: dict[str, Any], overwrite: bool) -> N
         raise KrimpError(f"--out {out} is a file, not a folder; choose a folder name")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise KrimpError(f"output folder {out} already holds files; pass --overwrite to replace it")
+
+
+OWNER = ".owner-pid"  # in a partial folder: the process writing it
+
+
+def remove_stale_partials(out: Path) -> list[str]:
+    """Remove the ``.{out}.partial-*`` folders that a killed run into ``out`` left behind (their writer
+    is gone; a run that is still writing keeps its own), and say so. Returns the names removed."""
+    removed = []
+    for p in sorted(out.parent.glob(f".{out.name}.partial-*")):
+        try:
+            pid = int((p / OWNER).read_text())
+            os.kill(pid, 0)
+            continue  # its writer is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        except (OSError, ValueError):  # no owner written yet (or unreadable): leave it unless old
+            if time.time() - p.stat().st_mtime < 3600:
+                continue
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        shutil.rmtree(p, ignore_errors=True)
+        log.warning("removed %s (%.0f MB), left by an interrupted run into %s", p.name, size / 1e6, out)
+        removed.append(p.name)
+    return removed
 
 
 def _clean(work: Path, artifacts: list[dict], extras: list[str] = ()) -> None:

@@ -21,11 +21,12 @@ from torch import nn
 from krimp.data import Dataset
 from krimp.errors import KrimpError
 from krimp.eval.bench import faster_of
-from krimp.eval.compare import collect, compare, compare_features
+from krimp.eval.compare import collect, compare, compare_features, lm_feeds, lm_stats
 from krimp.eval.goal import calib_ok
 from krimp.eval.measure import bench_feed
 from krimp.eval.runtime import OrtEngine, TorchEngine, batches
 from krimp.export.onnx import export_onnx, lower, optimize_transformer, verify_onnx
+from krimp.memory import release
 from krimp.methods import method_for
 from krimp.models import ModelHandle
 from krimp.recipe import Recipe
@@ -106,12 +107,12 @@ def _calib_distance(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path
     items = data.calib[: n_items // 4 if task.name == "causal-lm" else n_items]
     seq = recipe.data.seq_len
     if task.name == "causal-lm":
-        feeds = list(batches(task, items, ev.batch, seq))
-        ref_out = [OrtEngine(ref_path, ev.threads).run(f) for f in feeds]
+        ref_engine = OrtEngine(ref_path, ev.threads)
 
-        def dist_lm(model) -> float:
+        def dist_lm(model) -> float:  # the reference runs again each time: its logits are not kept
             e = OrtEngine(model, ev.threads)
-            return float(np.mean([F.kl_divergence(r, e.run(f)).mean() for r, f in zip(ref_out, feeds, strict=True)]))
+            rows = [r for f in lm_feeds(task, items, ev.batch, seq) for r in lm_stats(ref_engine.run(f), e.run(f), f)]
+            return float(np.mean([r[2] for r in rows]))
 
         return dist_lm
     ref = collect(OrtEngine(ref_path, ev.threads), task, items, ev.batch, seq)
@@ -139,7 +140,11 @@ def _apply_torch_stages(
     quality and size as the recipe goes). Returns the model and what its stages need from the exporters."""
     module, threads, needs = handle.module, recipe.eval.threads, handle.needs
     engine = TorchEngine(module, handle.task, threads)
-    for f in feeds[:4]:  # a few batches show a model that cannot take the data or overflows
+    # a few batches show a model that cannot take the data or overflows; for a language model one or two
+    # full-length windows (a batch's logits of a large vocabulary are gigabytes, and minutes to compute)
+    rows = handle.task.rows(2, recipe.data.seq_len)
+    checks = [{k: v[:rows] for k, v in feeds[0].items()}] if handle.task.name == "causal-lm" and feeds else feeds[:4]
+    for f in checks:
         try:
             out = engine.run(f)
         except Exception as e:  # a model that cannot take the data: say so in one line
@@ -165,6 +170,7 @@ def _apply_torch_stages(
             ckpt_dir=ckpt_root / f"stage{i}-{cfg.method}" if ckpt_root else None,
         )
         module, info = method_for(cfg).apply_torch(module, cfg, ctx)
+        release()
         needs = needs.merge(ctx.needs)
         note = {"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info}
         if len(stages) > 1 or cfg.method in ("distill", "qat"):
@@ -281,17 +287,22 @@ def run_stages(
         return run  # measured as torch modules
     base = work / "baseline.onnx"
     cur = base
+    # the exporter traces one forward pass: two rows of a batch show the dynamic axes at a fraction of
+    # the time and memory (a batch of a 262k-vocabulary model's logits is gigabytes)
+    example = {k: v[:2] for k, v in feeds[0].items()}
     if handle.module is None:  # an ONNX file was given
         shutil.copyfile(handle.onnx_path, base)
     else:
         step("export: baseline ONNX")
-        export_onnx(handle.module, handle.task, feeds[0], base, opset, handle.source)
+        export_onnx(handle.module, handle.task, example, base, opset, handle.source, share_tied=not onnx_stages)
+        release()
         run.export_error = verify_onnx(
             base, TorchEngine(handle.module, handle.task, ev.threads), _verify_feeds(feeds, handle.task), rtol
         )
         if torch_stages:
             step("export: compressed ONNX")
-            plain = export_onnx(run.module, handle.task, feeds[0], work / "torch_stages.onnx", opset, handle.source)
+            plain = export_onnx(run.module, handle.task, example, work / "torch_stages.onnx", opset, handle.source)
+            release()
             cur, details = lower(plain, work, run.module, run.needs.onnx, step)
             if details is not None:
                 run.exports[run.needs.onnx] = details

@@ -3,7 +3,8 @@
 A message may carry a count, ``"GPTQ: block 3/30"``: the text before the count names the phase, and
 the count drives a progress bar (with rate and ETA) in the CLI. When a message names another phase,
 the last one is finished: :class:`PhaseLog` turns it into one line with its duration, which the CLI
-keeps on the screen and the run writes to ``run.log`` in its output folder.
+keeps on the screen and the run writes to ``run.log`` in its output folder, with the process's peak
+resident memory so far (the phase that raised it is the one to look at).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+
+from krimp.memory import peak_rss_mb
 
 _COUNT = re.compile(r"(\d+)/(\d+)")
 
@@ -41,5 +44,5 @@ class PhaseLog:
 
     def close(self) -> None:
         if self.current is not None:
-            self.sink(f"{self.last} ({time.perf_counter() - self.t0:.1f} s)")
+            self.sink(f"{self.last} ({time.perf_counter() - self.t0:.1f} s, peak RSS {peak_rss_mb() / 1024:.2f} GiB)")
             self.current = None

@@ -2,7 +2,7 @@
 
 A ``.txt`` file holds one item per line (a query, a sentence, a review), or with
 ``data.text_unit: paragraph`` one per blank-line-separated paragraph; a language model reads
-paragraphs by default, as running text. ``.rst`` / ``.md`` are prose, cleaned of markup and cut into
+paragraphs by default, as running text, where the file has blank lines to cut at. ``.rst`` / ``.md`` are prose, cleaned of markup and cut into
 sentences (paragraphs for a language model). ``.jsonl``, ``.csv`` and ``.parquet`` hold records with a
 text field (``data.text_field``) and optionally a label (``data.label_field``).
 
@@ -54,7 +54,7 @@ RECORD_SUFFIXES = (".jsonl", ".csv", ".parquet")
 def read_text_groups(path: Path, mode: str, text_field: str, label_field: str, unit: str | None = None):
     """Groups of (text, label-or-None) items from a file or a folder of files. ``mode``: "sentence"
     or "passage" (a language model's running text); ``unit``: how a ``.txt`` is cut ("line" or
-    "paragraph"; default: lines, paragraphs for ``mode="passage"``)."""
+    "paragraph"; default: lines, or for ``mode="passage"`` paragraphs where the file has more than one)."""
     if path.is_dir():
         files = sorted(
             f
@@ -80,10 +80,11 @@ def read_text_groups(path: Path, mode: str, text_field: str, label_field: str, u
         text = read_utf8(path)
         if path.name.endswith(".rst.txt") or suffix in (".rst", ".md"):
             items = passages(clean_rst(text) if suffix != ".md" else text, mode)
-        elif (unit or ("paragraph" if mode == "passage" else "line")) == "line":
-            items = [s for s in (line.strip() for line in text.splitlines()) if s]
         else:
-            items = [p for p in (re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)) if p]
+            paras = [p for p in (re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)) if p]
+            # a language model reads paragraphs, unless the file has none to cut (a list of queries)
+            by_line = unit == "line" or (unit is None and (mode != "passage" or len(paras) < 2))
+            items = [s for s in (line.strip() for line in text.splitlines()) if s] if by_line else paras
         return [[(t, None) for t in items]] if items else []
     raise KrimpError(
         f"{path}: unsupported data file type '{suffix}' (use .txt, .rst, .md, .jsonl, .csv, .parquet or a folder)"

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from krimp.errors import KrimpError
-from krimp.eval.bench_worker import peak_rss_mb, summarize
+from krimp.eval.bench_worker import summarize
+from krimp.memory import peak_rss_mb
 
 
 def bench_onnx(path: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, repeats: int) -> dict:

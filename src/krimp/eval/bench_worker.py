@@ -13,9 +13,10 @@ The session keeps ONNX Runtime's default spinning threads, as a deployment has t
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
+
+from krimp.memory import peak_rss_mb
 
 
 def summarize(times_s: list[float], batch: int, cpu_s: float, peak_rss_mb: float) -> dict:
@@ -32,19 +33,6 @@ def summarize(times_s: list[float], batch: int, cpu_s: float, peak_rss_mb: float
         "peak_rss_mb": float(peak_rss_mb),
         "repeats": len(t),
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM is reset by exec, unlike ru_maxrss, which a child
-    inherits from the (larger) krimp process that started it."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def serve(argv: list[str]) -> None:

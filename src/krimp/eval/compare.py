@@ -16,30 +16,44 @@ def collect(engine, task, items, batch: int, seq_len: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,))
 
 
-def _lm_stats(ref_logits, got_logits, feed):
-    """Per-sample mean next-token NLL for both models, KL and top-1 agreement over real tokens."""
+CHUNK = 2**22  # logits handled at a time in float64 statistics: 32 MB
+
+
+def lm_stats(ref_logits, got_logits, feed):
+    """Per-sample mean next-token NLL for both models, KL and top-1 agreement over real tokens.
+    Positions go in chunks, so a 262k-token vocabulary costs tens of MB, not gigabytes, of float64."""
     ids, mask = feed["input_ids"], feed["attention_mask"].astype(bool)
     tgt, valid = ids[:, 1:], mask[:, 1:] & mask[:, :-1]
     if "score_mask" in feed:  # token windows: only the targets the window is meant to score
         valid = valid & feed["score_mask"][:, 1:]
     rows = []
+    step = max(1, CHUNK // ref_logits.shape[-1])
     for b in range(ids.shape[0]):
-        v = valid[b]
-        if not v.any():
+        pos = np.flatnonzero(valid[b])
+        if not len(pos):
             continue
-        r, g = ref_logits[b, :-1][v], got_logits[b, :-1][v]
-        t = tgt[b][v]
-        lr, lg = F.log_softmax(r), F.log_softmax(g)
-        rows.append(
-            (
-                -lr[np.arange(len(t)), t].mean(),
-                -lg[np.arange(len(t)), t].mean(),
-                (np.exp(lr) * (lr - lg)).sum(-1).mean(),
-                (r.argmax(-1) == g.argmax(-1)).mean(),
-                len(t),
+        sums = np.zeros(4)
+        for c in range(0, len(pos), step):
+            p = pos[c : c + step]
+            r, g, t = ref_logits[b, p], got_logits[b, p], tgt[b, p]
+            lr, lg = F.log_softmax(r), F.log_softmax(g)
+            sums += (
+                -lr[np.arange(len(t)), t].sum(),
+                -lg[np.arange(len(t)), t].sum(),
+                (np.exp(lr) * (lr - lg)).sum(),
+                (r.argmax(-1) == g.argmax(-1)).sum(),
             )
-        )
+        rows.append((*(sums / len(pos)), len(pos)))
     return rows
+
+
+def lm_feeds(task, items, batch: int, seq_len: int):
+    """Feeds of at most ``batch`` rows, fewer where a large vocabulary would make the logits of a call
+    too large (:meth:`krimp.models.tasks.Task.rows`)."""
+    rows = task.rows(batch, seq_len)
+    for f in batches(task, items, batch, seq_len):
+        for i in range(0, len(f["input_ids"]), rows):
+            yield {k: v[i : i + rows] for k, v in f.items()}
 
 
 def compare(
@@ -48,8 +62,8 @@ def compare(
     """``{"baseline": {quality}, "compressed": {quality}, "fidelity": {...}}``."""
     if task.name == "causal-lm":
         rows = []
-        for f in batches(task, items, batch, seq_len):
-            rows += _lm_stats(ref_engine.run(f), engine.run(f), f)
+        for f in lm_feeds(task, items, batch, seq_len):
+            rows += lm_stats(ref_engine.run(f), engine.run(f), f)
         a = np.array(rows)
         ppl = lambda x: float(np.exp(np.mean(x)))
         return {

@@ -15,7 +15,7 @@ from krimp.export.onnx_utils import bits_per_weight, count_onnx_params
 
 def bench_feed(task, ev, data):
     example = task.encode(data.eval[:1], ev.seq_len)
-    return task.dummy_feed(ev.batch, ev.seq_len, example)
+    return task.dummy_feed(task.rows(ev.batch, ev.seq_len), ev.seq_len, example)
 
 
 def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
@@ -26,22 +26,24 @@ def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
     side: dict[str, dict] = {"baseline": {}, "compressed": {}}
     if not run.torch_only:
         base, comp = run.baseline_onnx, run.compressed_onnx
-        ref_engine, engine = OrtEngine(base, ev.threads), OrtEngine(comp, ev.threads)
         n_w = count_onnx_params(base)
         for name, path in (("baseline", base), ("compressed", comp)):
             side[name].update(
                 size_bytes=path.stat().st_size, bits_per_weight=bits_per_weight(path, n_w), runtime="onnxruntime"
             )
         timed = time_onnx_pair(base, comp, feed, ev.threads, ev.warmup, ev.repeats, ev.timing_budget_s)
+        # opened after the timing workers are gone: a large model is not held by four sessions at once
+        ref_engine, engine = OrtEngine(base, ev.threads), OrtEngine(comp, ev.threads)
     else:
-        from krimp.export.safetensors_io import save_safetensors
+        from krimp.export.safetensors_io import save_packed, save_safetensors
 
         ref_engine = TorchEngine(run.baseline_module, task, ev.threads)
         engine = TorchEngine(run.module, task, ev.threads)
         n_w = sum(p.numel() for p in run.baseline_module.parameters() if p.ndim >= 2)
         with tempfile.TemporaryDirectory() as tmp:
             b = save_safetensors(run.baseline_module, Path(tmp) / "base.safetensors").stat().st_size
-        c = (work / "model.safetensors").stat().st_size
+            written = work / "model.safetensors"  # the packed artifact, packed here when not exported
+            c = (written if written.exists() else save_packed(run.module, Path(tmp) / "c")).stat().st_size
         side["baseline"].update(size_bytes=b, bits_per_weight=8 * b / n_w, runtime="pytorch")
         side["compressed"].update(size_bytes=c, bits_per_weight=8 * c / n_w, runtime="pytorch")
         timed = time_pair(

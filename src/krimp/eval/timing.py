@@ -123,7 +123,7 @@ class EngineTimer:
         return out, time.process_time() - c0
 
     def close(self) -> float:
-        from krimp.eval.bench_worker import peak_rss_mb
+        from krimp.memory import peak_rss_mb
 
         return peak_rss_mb()
 

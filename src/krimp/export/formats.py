@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import krimp.export.gguf  # noqa: F401  (importing an exporter module registers it)
+import krimp.export.compressed_tensors  # noqa: F401  (importing an exporter module registers it)
+import krimp.export.gguf  # noqa: F401
 import krimp.export.onnx  # noqa: F401
 import krimp.export.safetensors_io  # noqa: F401
 from krimp.errors import KrimpError

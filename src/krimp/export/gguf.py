@@ -5,14 +5,22 @@ Block formats (32 weights a block, a float16 scale ``d``): ``Q8_0`` = ``d * q`` 
 exactly where the group size is a multiple of 32 (a group's scale repeats over its blocks):
 symmetric 8-bit -> Q8_0, symmetric 4- or 3-bit -> Q4_0, asymmetric 4- or 3-bit -> Q4_1 (3-bit
 codes are a subset of 4-bit ones: the file has the size of 4-bit). Anything else is written as F16
-and listed in the result. Metadata and the tokenizer are carried over from the GGUF the model was
-loaded from, so llama.cpp loads the file with nothing beside it.
+and listed in the result.
+
+Every architecture in :data:`krimp.models.arch.GGUF_ARCHS` goes through the one writer: tensor names
+come from gguf-py's own map for the architecture, and the two things llama.cpp stores differently
+from transformers are applied on the way (Llama's interleaved rotary rows, Gemma's 1 + weight norms).
+Metadata and tokenizer are carried over from the GGUF the model was loaded from; a Hugging Face
+model's are written from its config (:func:`write_hparams`) and tokenizer (:func:`write_tokenizer`),
+so llama.cpp loads the file with nothing beside it either way.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,39 +29,157 @@ from torch import nn
 
 from krimp.errors import KrimpError
 from krimp.export.registry import ExportJob, exporter
+from krimp.models.arch import GGUF_ARCHS, GGUF_ROPE_INTERLEAVED, family_of
 from krimp.quant.wq import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-# GGUF tensor name (``{i}`` = block) -> Hugging Face Llama parameter name
-LLAMA_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
 SKIP_KEYS = ("GGUF.", "general.file_type", "general.quantization_version")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        key = ".".join(["blk", "{i}", *parts[2:]])
-        return LLAMA_NAMES[key].format(i=parts[1]) if key in LLAMA_NAMES else None
-    return LLAMA_NAMES.get(gguf_name)
+def gguf_arch(module: nn.Module) -> str:
+    """llama.cpp's architecture name for ``module`` (by its config's model_type), or KrimpError."""
+    kind = getattr(getattr(module, "config", None), "model_type", None)
+    if kind not in GGUF_ARCHS:
+        known = ", ".join(sorted(GGUF_ARCHS))
+        raise KrimpError(
+            f"GGUF export does not write model_type '{kind}' (it writes {known}): export it as onnx or safetensors"
+        )
+    return GGUF_ARCHS[kind]
+
+
+def tensor_names(module: nn.Module, arch: str) -> dict[str, str]:
+    """Each parameter's GGUF tensor name, from gguf-py's map for ``arch`` (tied weights once)."""
+    import gguf
+
+    n_blocks = getattr(module.config, "num_hidden_layers", 0)
+    arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    tmap = gguf.get_tensor_name_map(arch_id, n_blocks)
+    names, missing = {}, []
+    for name, _ in module.named_parameters():
+        got = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if got is None:
+            missing.append(name)
+        names[name] = got
+    if missing:
+        raise KrimpError(
+            f"GGUF export: llama.cpp's '{arch}' architecture has no tensor for {', '.join(missing[:3])}"
+            f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}: export it as onnx or safetensors"
+        )
+    return names
 
 
 def rope_permutation(rows: int, n_head: int) -> torch.Tensor:
     """Row order llama.cpp uses for Q/K (interleaved rotary pairs) from Hugging Face's (halves)."""
     return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
+
+
+# ---- metadata of a model that did not come from a GGUF -------------------------------------------
+
+
+def _rope(config) -> tuple[float | None, str, float | None]:
+    """(theta, type, factor) of the full-attention layers' rotary embedding."""
+    rp = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rp = rp.get("full_attention", rp)
+    theta = rp.get("rope_theta", getattr(config, "rope_theta", None))
+    return theta, rp.get("rope_type", rp.get("type", "default")) or "default", rp.get("factor")
+
+
+def write_hparams(w, config, arch: str) -> None:
+    """The hyper-parameters llama.cpp reads for a Llama-layout architecture, from a transformers config."""
+    import gguf
+
+    c = config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    theta, kind, factor = _rope(c)
+    if kind not in ("default", "linear"):
+        raise KrimpError(
+            f"GGUF export writes rotary embeddings of type default or linear, not '{kind}' "
+            "(start from the model's GGUF, or export onnx or safetensors)"
+        )
+    scalar = getattr(c, "query_pre_attn_scalar", None)
+    if arch in ("gemma2", "gemma3") and scalar not in (None, head_dim):
+        raise KrimpError(
+            f"GGUF export: llama.cpp scales {arch} attention by 1/sqrt(head_dim) ({head_dim}), this model by "
+            f"1/sqrt({scalar}): start from the model's GGUF, or export onnx or safetensors"
+        )
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(getattr(c, "num_key_value_heads", None) or heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(int(head_dim * getattr(c, "partial_rotary_factor", 1.0)))
+    if theta:
+        w.add_rope_freq_base(float(theta))
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(factor))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    if "sliding_attention" in (getattr(c, "layer_types", None) or ()):
+        w.add_sliding_window(c.sliding_window)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(c, key, None) is not None:
+            getattr(w, f"add_{key}")(float(getattr(c, key)))
+
+
+def _pre_tokenizer(tj: dict) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer; "default" when not one it names."""
+    pt = tj.get("pre_tokenizer") or {}
+    steps = pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else [pt]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    return "default"
+
+
+def write_tokenizer(w, tokenizer, n_vocab: int) -> dict:
+    """The tokenizer as GGUF metadata, read with gguf-py's vocabularies from the tokenizer's own
+    ``tokenizer.json``: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) as llama.cpp's "gpt2" model
+    with its merges, SentencePiece-style BPE with byte fallback (Llama 2, Gemma) as its "llama"
+    model; special tokens, BOS/EOS rules and the chat template from ``tokenizer_config.json``.
+    The vocabulary is padded with unused tokens up to the embedding's ``n_vocab`` rows."""
+    import gguf
+    import gguf.vocab as gv
+
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        raise KrimpError(
+            "GGUF export needs the model's tokenizer (a Hugging Face folder's, or inputs={'tokenizer': ...}) "
+            "to write into the file"
+        )
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        path = Path(d) / "tokenizer.json"
+        tj = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        model = tj.get("model", {}).get("type")
+        if model != "BPE":
+            raise KrimpError(
+                f"GGUF export writes BPE tokenizers (byte-level or with byte fallback), not "
+                f"{model or 'a tokenizer without tokenizer.json'}: export it as onnx or safetensors"
+            )
+        sentencepiece = bool(tj["model"].get("byte_fallback"))
+        vocab = gv.LlamaHfVocab(Path(d)) if sentencepiece else gv.BpeVocab(Path(d))
+        tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens(), strict=True))
+        pad = n_vocab - len(tokens)
+        if pad < 0:
+            raise KrimpError(f"GGUF export: the tokenizer has {len(tokens)} tokens for {n_vocab} embedding rows")
+        tokens += [f"[PAD{i}]".encode() for i in range(pad)]
+        scores += [-1000.0] * pad
+        types += [gguf.TokenType.UNUSED] * pad
+        pre = "default" if sentencepiece else _pre_tokenizer(tj)
+        w.add_tokenizer_model("llama" if sentencepiece else "gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        gv.SpecialVocab(Path(d), load_merges=not sentencepiece, n_vocab=n_vocab).add_to_gguf(w, quiet=True)
+    return {"model": "llama" if sentencepiece else "gpt2", "pre": pre, "tokens": len(tokens) - pad, "padded": pad}
 
 
 # ---- block encoders: pure numpy on codes and scales ------------------------------------------
@@ -104,57 +230,72 @@ def _linear_of(module: nn.Module, param: str) -> nn.Module | None:
         return None
 
 
-def export_gguf(module: nn.Module, source_gguf: str | Path | None, out: Path, float_type: str = "f16") -> dict:
+def export_gguf(
+    module: nn.Module, source_gguf: str | Path | None, out: Path, float_type: str = "f16", tokenizer=None
+) -> dict:
     """Write ``module`` as GGUF at ``out`` (atomically). Quantized linears go in their exact block
-    format; other 2-D weights in ``float_type`` (f16 or f32); norms in F32."""
+    format; other 2-D weights in ``float_type`` (f16 or f32); norms and biases in F32. Metadata comes
+    from ``source_gguf`` when the model was loaded from one, else from its config and ``tokenizer``."""
     import gguf
 
-    reader = source_reader(source_gguf, "this model was loaded from elsewhere")
-    arch = reader.fields["general.architecture"].contents()
-    n_head = int(reader.fields["llama.attention.head_count"].contents())
-    n_kv = int(reader.fields["llama.attention.head_count_kv"].contents())
-    params = dict(module.named_parameters(remove_duplicate=False))
+    arch = gguf_arch(module)
+    names = tensor_names(module, arch)
+    config = module.config
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    fam = family_of(module)
+    norm_offset = fam.norm_offset if fam is not None else 0.0
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     w = gguf.GGUFWriter(str(tmp), arch)
-    for key, field in reader.fields.items():
-        if key.startswith(SKIP_KEYS) or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    result: dict = {"architecture": arch}
+    if source_gguf:
+        reader = source_reader(source_gguf, arch)
+        for key, field in reader.fields.items():
+            if key.startswith(SKIP_KEYS) or key == "general.architecture":
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        result["metadata"] = f"from {Path(source_gguf).name}"
+    else:
+        w.add_name(getattr(config, "_name_or_path", "") or arch)
+        write_hparams(w, config, arch)
+        result["tokenizer"] = write_tokenizer(w, tokenizer, config.vocab_size)
+        result["metadata"] = "from the config and tokenizer"
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     types: dict[str, int] = {}
     floats: list[str] = []
-    for t in reader.tensors:
-        name = hf_name(t.name)
-        if name is None or name not in params:
-            raise KrimpError(f"GGUF export: no model weight for tensor '{t.name}'")
+    head = module.get_output_embeddings()
+    for name, param in module.named_parameters():
+        t = names[name]
         lin = _linear_of(module, name)
-        qw = getattr(lin, "krimp_wq", None)
-        if name == "model.embed_tokens.weight" and qw is None:
-            head = module.get_output_embeddings()
-            if head is not None and head.weight is params[name]:
-                qw = getattr(head, "krimp_wq", None)
-        weight = params[name].detach().float()
+        qw = getattr(lin, "krimp_wq", None) if name.endswith(".weight") else None
+        if qw is None and head is not None and head.weight is param and lin is not head:
+            qw = getattr(head, "krimp_wq", None)  # a tied embedding takes the head's codes
+        weight = param.detach().float()
         perm = None
-        if ".attn_q." in t.name or ".attn_k." in t.name:
-            perm = rope_permutation(weight.shape[0], n_head if ".attn_q." in t.name else n_kv)
+        if arch in GGUF_ROPE_INTERLEAVED and (".attn_q." in t or ".attn_k." in t):
+            perm = rope_permutation(weight.shape[0], n_head if ".attn_q." in t else n_kv)
         if qw is not None:
             try:
                 if perm is not None:
                     qw = QuantizedWeight(qw.codes[perm], qw.scales[perm], qw.zeros[perm], qw.spec)
                 data, tname = encode_blocks(qw)
-                w.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType[tname])  # shape from bytes
+                w.add_tensor(t, data, raw_dtype=gguf.GGMLQuantizationType[tname])  # shape from bytes
                 types[tname] = types.get(tname, 0) + 1
                 continue
             except ValueError as e:
-                floats.append(f"{t.name}: {e}; written as {float_type.upper()}")
-        arr = (weight[perm] if perm is not None else weight).numpy()
+                floats.append(f"{t}: {e}; written as {float_type.upper()}")
+        if perm is not None:
+            weight = weight[perm]
+        if weight.ndim == 1 and norm_offset and "norm" in t:
+            weight = weight + norm_offset  # llama.cpp's Gemma norms multiply by the stored weight
+        arr = weight.numpy()
         if arr.ndim == 1 or float_type == "f32":
-            w.add_tensor(t.name, arr.astype(np.float32))
+            w.add_tensor(t, arr.astype(np.float32))
             types["F32"] = types.get("F32", 0) + 1
         else:
-            w.add_tensor(t.name, arr.astype(np.float16))
+            w.add_tensor(t, arr.astype(np.float16))
             types["F16"] = types.get("F16", 0) + 1
     try:
         w.write_header_to_file()
@@ -166,75 +307,107 @@ def export_gguf(module: nn.Module, source_gguf: str | Path | None, out: Path, fl
         tmp.unlink(missing_ok=True)
     for f in floats:
         log.warning("%s", f)
-    return {"tensor_types": types, "float_fallbacks": floats}
+    return {**result, "tensor_types": types, "float_fallbacks": floats}
 
 
-def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 1e-3) -> dict:
+def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 1e-3, tokenizer=None) -> dict:
     """Load the written file back and compare next-token logits with ``module`` on ``ids`` (b, t).
 
     Through transformers (which dequantizes the blocks) the logits must agree within ``rtol`` of
     their largest magnitude: the file holds krimp's weights exactly. Through llama.cpp, when
     installed, top-1 agreement must be >= 0.9 (llama.cpp also rounds activations to 8 bits).
+    With ``tokenizer``, the text of ``ids`` is tokenized by it and by the file's tokenizer (in
+    transformers and in llama.cpp): whether the ids agree is recorded, and a disagreement is warned.
     """
     from krimp.models.readers import load_gguf
 
+    back = load_gguf(path, False)
     with torch.inference_mode():
         ref = module(input_ids=ids, use_cache=False).logits.float()
-        got = load_gguf(path, False).module(input_ids=ids, use_cache=False).logits.float()
+        got = back.module(input_ids=ids, use_cache=False).logits.float()
     err = float((got - ref).abs().max() / ref.abs().max())
     if not err <= rtol:
         raise KrimpError(
             f"GGUF check failed: {path.name} reloaded differs from krimp's model by {err:.2e} "
             f"(relative to the largest logit; allowed {rtol:g})"
         )
-    res = {"transformers_max_rel_error": err}
+    res: dict = {"transformers_max_rel_error": err}
+    text = tokenizer.decode(ids[0].tolist(), skip_special_tokens=True) if tokenizer is not None else None
+    want = tokenizer(text, add_special_tokens=False)["input_ids"] if text else None
+    if want is not None:
+        res["tokenizer_same_ids"] = back.task.tokenizer(text, add_special_tokens=False)["input_ids"] == want
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         res["llama_cpp"] = "not installed (pip install 'krimp[llama]')"
+        _warn_tokenizer(res, path)
         return res
     from krimp.eval.llamacpp import LlamaCppEngine
 
-    lc = torch.from_numpy(LlamaCppEngine(path, n_ctx=ids.shape[1]).run({"input_ids": ids.numpy()}))
+    try:
+        engine = LlamaCppEngine(path, n_ctx=ids.shape[1])
+    except ValueError as e:  # llama.cpp says why on stderr only
+        raise KrimpError(f"GGUF check failed: llama.cpp cannot load {path.name} ({e}); its log says why") from None
+    lc = torch.from_numpy(engine.run({"input_ids": ids.numpy()}))
     agree = float((lc.argmax(-1) == ref.argmax(-1)).float().mean())
     res.update(llama_cpp_top1_agreement=agree, llama_cpp_max_rel_error=float((lc - ref).abs().max() / ref.abs().max()))
+    if want is not None:
+        res["llama_cpp_tokenizer_same_ids"] = engine.llm.tokenize(text.encode(), add_bos=False, special=False) == want
+    _warn_tokenizer(res, path)
     if agree < 0.9:
         raise KrimpError(f"GGUF check failed: llama.cpp agrees with krimp's model on only {agree:.0%} of next tokens")
     return res
+
+
+def _warn_tokenizer(res: dict, path: Path) -> None:
+    for key, who in (("tokenizer_same_ids", "transformers"), ("llama_cpp_tokenizer_same_ids", "llama.cpp")):
+        if res.get(key) is False:
+            log.warning("%s: %s tokenizes a sample text differently from the model's own tokenizer", path.name, who)
 
 
 def _source_gguf(handle) -> str | None:
     return handle.info.get("gguf_path") or (handle.source if handle.kind == "gguf" else None)
 
 
-def source_reader(src: str | Path | None, what: str):
-    """The GGUF a model was loaded from, read: GGUF export carries its tokenizer and metadata over and
-    maps the llama architecture's tensor names. ``what`` says, when there is none, what the model is."""
-    import gguf
+def source_reader(src: str | Path, arch: str | None = None):
+    """The GGUF a model was loaded from, read: GGUF export carries its tokenizer and metadata over.
+    ``arch``, when given, must be the file's architecture."""
+    from krimp.models.readers import gguf_reader
 
-    if not src or not Path(src).exists():
-        raise KrimpError(
-            f"GGUF export needs a model loaded from a GGUF file (its tokenizer and metadata are carried over); "
-            f"{what}: export it as onnx or safetensors, or start from its GGUF"
-        )
-    reader = gguf.GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
-    if arch != "llama":
-        raise KrimpError(f"GGUF export supports the llama architecture family, not '{arch}' ({src})")
+    if not Path(src).exists():
+        raise KrimpError(f"GGUF export: {src}, the GGUF this model was loaded from, is gone")
+    reader = gguf_reader(src)
+    found = reader.fields["general.architecture"].contents()
+    if arch is not None and found != arch:
+        raise KrimpError(f"GGUF export: {src} is a '{found}' model, the model to write is '{arch}'")
     return reader
 
 
 def check_gguf(handle) -> None:
-    """Refuses, before the stages run, a model GGUF export cannot write (:func:`source_reader`)."""
-    source_reader(_source_gguf(handle), f"{handle.source} is a {handle.kind} model")
+    """Refuses, before the stages run, a model GGUF export cannot write: an architecture llama.cpp
+    does not name or a weight it has no tensor for, or, without a source GGUF, a config or tokenizer
+    :func:`write_hparams` and :func:`write_tokenizer` cannot write."""
+    import gguf
+
+    arch = gguf_arch(handle.module)
+    tensor_names(handle.module, arch)
+    src = _source_gguf(handle)
+    if src:
+        source_reader(src, arch)
+        return
+    scratch = gguf.GGUFWriter(None, arch)  # metadata only, in memory
+    write_hparams(scratch, handle.module.config, arch)
+    write_tokenizer(scratch, handle.task.tokenizer, handle.module.config.vocab_size)
 
 
 @exporter("gguf", check=check_gguf)
 def write_gguf(job: ExportJob) -> dict:
     """model.gguf from krimp's quantized weights, checked by reloading it (and in llama.cpp)."""
     handle, run = job.handle, job.run
-    info = export_gguf(job.module, _source_gguf(handle), job.work / "model.gguf")
+    tok = handle.task.tokenizer
+    info = export_gguf(job.module, _source_gguf(handle), job.work / "model.gguf", tokenizer=tok)
     if run.verify_ids is not None:
-        info["check"] = verify_gguf(job.work / "model.gguf", job.module, torch.from_numpy(np.asarray(run.verify_ids)))
+        ids = torch.from_numpy(np.asarray(run.verify_ids))
+        info["check"] = verify_gguf(job.work / "model.gguf", job.module, ids, tokenizer=tok)
     run.exports["gguf"] = info
     return {"format": "gguf", "role": "compressed", "path": "model.gguf"}

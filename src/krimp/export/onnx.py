@@ -23,8 +23,21 @@ log = logging.getLogger(__name__)
 
 
 def export_onnx(
-    module: torch.nn.Module, task, feed: dict[str, np.ndarray], path: Path, opset: int = 17, origin: str | None = None
+    module: torch.nn.Module,
+    task,
+    feed: dict[str, np.ndarray],
+    path: Path,
+    opset: int = 17,
+    origin: str | None = None,
+    share_tied: bool = False,
 ) -> Path:
+    """``module`` as ONNX at ``path``, with krimp's task metadata (appended to the file: the graph is
+    not read back, which for a large model would hold it in memory twice).
+
+    ``share_tied``: fold no constants, so a tied embedding and output head stay one initializer (the
+    folded transpose of the head is a second copy: 671 MB for Gemma 3); ONNX Runtime folds them when
+    it loads the graph. Not for a graph a weight rewrite reads: it finds the head's MatMul by its
+    initializer."""
     import onnx
 
     wrapped = task.export_module(module).eval()
@@ -44,12 +57,11 @@ def export_onnx(
                 dynamic_axes=dyn,
                 opset_version=opset,
                 dynamo=False,
-                do_constant_folding=True,
+                do_constant_folding=not share_tied,
             )
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise KrimpError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    m = onnx.load(str(tmp))
     meta = {
         "name": task.name,
         "mean": task.mean,
@@ -62,8 +74,11 @@ def export_onnx(
     props = {"krimp.task": json.dumps(meta)}
     if origin:
         props["krimp.origin"] = origin  # e.g. builtin:digits-cnn, so its builtin data can follow it
-    onnx.helper.set_model_props(m, props)
-    onnx.save(m, str(tmp))
+    # a serialized protobuf message appended to another merges into it: repeated fields add up
+    extra = onnx.ModelProto()
+    onnx.helper.set_model_props(extra, props)
+    with open(tmp, "ab") as f:
+        f.write(extra.SerializeToString())
     os.replace(tmp, path)
     return path
 
@@ -128,7 +143,8 @@ def lower(src: Path, work: Path, module: torch.nn.Module, form: str, step=lambda
 
 @exporter("onnx", needs_torch=False)
 def write_onnx(job: ExportJob) -> list[dict]:
-    """model.onnx (the compressed graph) beside baseline.onnx; a recipe without stages copies the baseline."""
+    """model.onnx (the compressed graph) beside baseline.onnx, and a text model's tokenizer files; a recipe
+    without stages copies the baseline."""
     import shutil
 
     run, final = job.run, job.work / "model.onnx"
@@ -137,6 +153,9 @@ def write_onnx(job: ExportJob) -> list[dict]:
     else:
         os.replace(run.compressed_onnx, final)
     run.compressed_onnx = final
+    tok = job.handle.task.tokenizer
+    if tok is not None and hasattr(tok, "save_pretrained"):  # `krimp eval model.onnx` reads text with it
+        job.keep += [Path(f).name for f in tok.save_pretrained(job.work)]
     return [
         {"format": "onnx", "role": "compressed", "path": "model.onnx"},
         {"format": "onnx", "role": "baseline", "path": "baseline.onnx"},

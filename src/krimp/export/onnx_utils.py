@@ -7,10 +7,66 @@ from pathlib import Path
 import numpy as np
 
 
-def _initializers(path: Path):
-    import onnx
+def _varint(buf, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
 
-    return onnx.load(str(path)).graph.initializer
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, value or span start, span end) of a protobuf message in ``buf[start:end]``."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _varint(buf, i)
+            yield field, wire, v, None
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            yield field, wire, i, i + n
+            i += n
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            yield field, wire, i, i + size
+            i += size
+        else:
+            raise ValueError(f"protobuf wire type {wire} at byte {i}")
+
+
+def initializer_facts(path: Path) -> list[tuple[tuple[int, ...], int]]:
+    """(dims, data type) of every initializer of an ONNX file, read from its protobuf wire format in
+    place (memory-mapped): the weights' bytes are skipped, not loaded, so a multi-GB model costs
+    nothing to describe. ModelProto.graph is field 7, GraphProto.initializer field 5,
+    TensorProto.dims field 1 and data_type field 2 (onnx.proto)."""
+    import mmap
+
+    out = []
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for field, wire, a, b in _fields(buf, 0, len(buf)):
+            if field != 7 or wire != 2:
+                continue
+            for gf, gw, ta, tb in _fields(buf, a, b):
+                if gf != 5 or gw != 2:
+                    continue
+                dims, dtype = [], 0
+                for tf_, tw, v, e in _fields(buf, ta, tb):
+                    if tf_ == 1 and tw == 0:
+                        dims.append(v)
+                    elif tf_ == 1 and tw == 2:  # packed
+                        i = v
+                        while i < e:
+                            d, i = _varint(buf, i)
+                            dims.append(d)
+                    elif tf_ == 2 and tw == 0:
+                        dtype = v
+                out.append((tuple(dims), dtype))
+    return out
 
 
 def count_onnx_params(path: Path) -> int:
@@ -24,18 +80,14 @@ def count_onnx_params(path: Path) -> int:
         onnx.TensorProto.INT8,
         onnx.TensorProto.UINT8,
     )
-    return int(sum(np.prod(t.dims) for t in _initializers(path) if t.data_type in kinds and len(t.dims) >= 2))
+    return int(sum(np.prod(d) for d, t in initializer_facts(path) if t in kinds and len(d) >= 2))
 
 
 def stored_bytes(path: Path) -> int:
     """Bytes of all initializers (weights, biases, scales, zero points) in the file."""
-    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
 
-    total = 0
-    for t in _initializers(path):
-        arr = onnx.numpy_helper.to_array(t)
-        total += arr.nbytes
-    return int(total)
+    return int(sum(int(np.prod(d)) * tensor_dtype_to_np_dtype(t).itemsize for d, t in initializer_facts(path)))
 
 
 def bits_per_weight(path: Path, n_weights: int) -> float:

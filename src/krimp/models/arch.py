@@ -157,6 +157,24 @@ FAMILIES = (
 )
 
 
+#: config.model_type -> llama.cpp's architecture name, for GGUF export (tensor names then come from
+#: gguf-py's own map for that architecture). llama.cpp stores two things differently from
+#: transformers: the "llama" architecture interleaves the rotary halves of q/k rows
+#: (:data:`GGUF_ROPE_INTERLEAVED`), and a family with ``norm_offset`` stores its norms as offset + weight.
+GGUF_ARCHS = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+}
+GGUF_ROPE_INTERLEAVED = ("llama",)
+
+
 def _unique(items) -> tuple:
     return tuple(dict.fromkeys(i for i in items if i is not None))
 

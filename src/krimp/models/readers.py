@@ -6,6 +6,7 @@ when the user asks for it (``trust``: the recipe's ``trust_remote_code``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -133,17 +134,60 @@ def hf_handle(module, tok, task, source, kind, image: dict[str, Any] | None = No
     )
 
 
-def load_gguf(p: Path, trust: bool) -> ModelHandle:
-    tf = _quiet_transformers()
+def gguf_reader(path: str | Path):
+    """A parsed GGUF file, parsed once per file and process (the last file read is kept: one at a time)."""
+    p = Path(path).resolve()
+    key = (str(p), p.stat().st_mtime_ns, p.stat().st_size)
+    if _READERS.get("key") != key:
+        _READERS.clear()
+        _READERS.update(key=key, reader=_fast_reader_class()(str(p)))
+    return _READERS["reader"]
 
+
+_READERS: dict[str, Any] = {}
+
+
+@functools.cache
+def _fast_reader_class():
+    """gguf-py's reader, slicing the file as a plain array instead of a ``numpy.memmap``: each of the
+    ~800k metadata parts of a 262k-token vocabulary (Gemma 3) was a memmap slice, and building them took
+    24 s a parse; as array views (still of the mapped file) a few."""
+    import gguf
+    import numpy as np
+
+    class FastReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            arr = plain[offset:end].view(dtype=dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return FastReader
+
+
+def load_gguf(p: Path, trust: bool) -> ModelHandle:
+    """A GGUF causal LM through transformers' GGUF reader, dequantized to float32. transformers parses
+    the file for the config, the weights and the tokenizer: here all three share one parse."""
+    import gguf
+
+    tf = _quiet_transformers()
     try:
         with open(p, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise KrimpError(f"{p}: not a GGUF file (bad magic bytes)")
-        module = tf.AutoModelForCausalLM.from_pretrained(
-            p.parent, gguf_file=p.name, dtype=torch.float32, attn_implementation="eager"
-        )
-        tok = tf.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        real = _fast_reader_class().__mro__[1]  # gguf-py's own class
+        gguf.GGUFReader = lambda path, *a, **k: gguf_reader(path)  # transformers imports it per call
+        try:
+            module = tf.AutoModelForCausalLM.from_pretrained(
+                p.parent, gguf_file=p.name, dtype=torch.float32, attn_implementation="eager"
+            )
+            tok = tf.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        finally:
+            gguf.GGUFReader = real
+            _READERS.clear()  # its ~800k parsed parts are not kept for the run; GGUF export parses again
     except KrimpError:
         raise
     except Exception as e:
@@ -161,6 +205,10 @@ def load_onnx(p: Path, task: str | None) -> ModelHandle:
     if not m.graph.node or not m.graph.output:  # a 0-byte file parses as an empty model
         raise KrimpError(f"{p}: not a readable ONNX model (it holds no graph: {p.stat().st_size} bytes)")
     names = [i.name for i in m.graph.input]
+    meta = {kv.key: kv.value for kv in m.metadata_props}
+    kw = json.loads(meta["krimp.task"]) if "krimp.task" in meta else {}
+    task = task or kw.pop("name", None)  # what krimp exported it as
+    kw.pop("name", None)
     tok = None
     if "input_ids" in names:
         task = task or (
@@ -178,9 +226,6 @@ def load_onnx(p: Path, task: str | None) -> ModelHandle:
             log.warning("no tokenizer beside %s; text data cannot be fed", p)
     else:
         task = task or "image-classification"
-    meta = {kv.key: kv.value for kv in m.metadata_props}
-    kw = json.loads(meta["krimp.task"]) if "krimp.task" in meta else {}
-    kw.pop("name", None)
     info = {"origin": meta["krimp.origin"]} if "krimp.origin" in meta else {}
     return ModelHandle(make_task(task, tokenizer=tok, input_names=names, **kw), str(p), "onnx", onnx_path=p, info=info)
 

@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from krimp.errors import KrimpError
+
 TASKS = ("embedding", "classification", "causal-lm", "image-classification")
+LOGITS_BUDGET = 2**25  # logits (float32) one forward pass may return: 128 MB, whatever the vocabulary
 
 
 @dataclass
@@ -38,6 +41,13 @@ class Task:
         return self.name != "image-classification"
 
     # ---- feeding ---------------------------------------------------------------------------
+    def rows(self, batch: int, seq_len: int) -> int:
+        """Rows a feed of ``batch`` may hold: fewer for a language model whose logits (rows x seq_len x
+        vocabulary floats) would pass :data:`LOGITS_BUDGET` (Gemma 3's 262k vocabulary: one row of 512)."""
+        if self.name != "causal-lm" or self.tokenizer is None:
+            return batch
+        return max(1, min(batch, LOGITS_BUDGET // max(1, seq_len * len(self.tokenizer))))
+
     def encode(self, items: list[Any], seq_len: int, pad_to_max: bool = False) -> dict[str, np.ndarray]:
         """A feed for a batch of items: token ids for text, a float NCHW tensor for images."""
         if not self.is_text:
@@ -48,6 +58,8 @@ class Task:
             for b, w in enumerate(items):
                 score[b, : max(w.score_from, 1)] = False  # targets from position score_from on
             return {"input_ids": ids, "attention_mask": np.ones_like(ids), "score_mask": score}
+        if self.tokenizer is None:
+            raise KrimpError("this text model has no tokenizer: put its tokenizer files beside the model file")
         enc = self.tokenizer(
             list(items),
             padding="max_length" if pad_to_max else True,

@@ -119,21 +119,32 @@ def ort_fake_quantize(
     return ort_dequantize(q, s, z, per_channel, group_size).to(w.dtype)
 
 
+_CHUNK = 1 << 20  # groups of 8 codes handled at a time: memory stays ~16 bytes x this, whatever the tensor
+
+
 def pack(q: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Pack ``bits``-bit codes densely into bytes (little-endian within each byte, LSB first).
 
     Symmetric codes (on :func:`ort_qrange`'s restricted range) are offset to unsigned first; unsigned
     codes (``symmetric=False``) are packed as they are. 8 codes of 3 bits take 3 bytes, 2 of 4 bits one.
+    Each run of 8 codes is one ``8 * bits``-bit little-endian integer (code j at bit ``j * bits``),
+    written as its ``bits`` bytes; the work goes in chunks, so packing a 168M-code embedding needs
+    tens of MB beside its output, not bit-planes of the whole tensor.
     """
     qmin, _ = ort_qrange(bits, symmetric)
-    u = q.flatten().to(torch.int32) - (qmin if symmetric else 0)
-    if int(u.min()) < 0 or int(u.max()) > 2**bits - 1:
-        raise ValueError(f"codes out of range for {bits} bits")
-    shifts = torch.arange(bits, dtype=torch.int32)
-    bitplanes = ((u[:, None] >> shifts) & 1).flatten()  # each code's bits, LSB first
-    pad = (-bitplanes.numel()) % 8
-    bitplanes = torch.cat([bitplanes, bitplanes.new_zeros(pad)]).reshape(-1, 8)
-    return (bitplanes << torch.arange(8, dtype=torch.int32)).sum(1).to(torch.uint8)
+    flat = q.flatten()
+    n = flat.numel()
+    out = torch.empty(-(-n // 8) * bits, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    for start in range(0, n, 8 * _CHUNK):
+        u = flat[start : start + 8 * _CHUNK].to(torch.int64) - (qmin if symmetric else 0)
+        if int(u.min()) < 0 or int(u.max()) > 2**bits - 1:
+            raise ValueError(f"codes out of range for {bits} bits")
+        u = torch.cat([u, u.new_zeros((-u.numel()) % 8)]).reshape(-1, 8)
+        v = (u << shifts).sum(1)  # the bits of 8 codes, disjoint: the sum is their OR
+        by = (v[:, None] >> (torch.arange(bits, dtype=torch.int64) * 8)) & 255
+        out[start // 8 * bits : start // 8 * bits + by.numel()] = by.flatten().to(torch.uint8)
+    return out[: -(-n * bits // 8)]
 
 
 def unpack(packed: torch.Tensor, bits: int, symmetric: bool, shape: tuple[int, ...]) -> torch.Tensor:
@@ -141,11 +152,17 @@ def unpack(packed: torch.Tensor, bits: int, symmetric: bool, shape: tuple[int, .
     n = 1
     for d in shape:
         n *= d
-    bitplanes = ((packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).flatten()
-    bitplanes = bitplanes[: n * bits].reshape(n, bits)
-    u = (bitplanes << torch.arange(bits, dtype=torch.int32)).sum(1)
     qmin, _ = ort_qrange(bits, symmetric)
-    return (u + (qmin if symmetric else 0)).to(torch.int16).reshape(shape)
+    out = torch.empty(n, dtype=torch.int16)
+    groups = -(-n // 8)
+    padded = torch.cat([packed, packed.new_zeros(groups * bits - packed.numel())]).reshape(groups, bits)
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    for g in range(0, groups, _CHUNK):
+        v = (padded[g : g + _CHUNK].to(torch.int64) << byte_shifts).sum(1)
+        u = ((v[:, None] >> shifts) & (2**bits - 1)).flatten()[: n - g * 8]
+        out[g * 8 : g * 8 + u.numel()] = (u + (qmin if symmetric else 0)).to(torch.int16)
+    return out.reshape(shape)
 
 
 def quant_error(w: torch.Tensor, wq: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ from typing import Any
 
 from krimp.eval import energy
 from krimp.eval.goal import drop_ci, goal_outcome, quality_drop, verdicts
+from krimp.memory import peak_rss_mb
 
 
 def _side(s: dict, quality: dict, fidelity: dict) -> dict:
@@ -126,4 +127,7 @@ def build_report(recipe, handle, data, run, artifacts, measured, wall_s: float) 
         "machine": machine(),
         "recipe": recipe.to_dict(),
         "wall_s": round(wall_s, 1),
+        # krimp's own high-water mark (load, stages, exports, quality); each side's timing worker reports
+        # its own in bench.peak_rss_mb
+        "peak_rss_mb": round(peak_rss_mb(), 1),
     }
