@@ -241,21 +241,26 @@ OWNER = ".owner-pid"  # in a partial folder: the process writing it
 
 def remove_stale_partials(out: Path) -> list[str]:
     """Remove the ``.{out}.partial-*`` folders that a killed run into ``out`` left behind (their writer
-    is gone; a run that is still writing keeps its own), and say so. Returns the names removed."""
+    is gone; a run that is still writing keeps its own), and say so. Returns the names removed. The
+    writer is known by its process id on this machine: a run in another container on a shared disk
+    is not seen."""
     removed = []
     for p in sorted(out.parent.glob(f".{out.name}.partial-*")):
         try:
-            pid = int((p / OWNER).read_text())
-            os.kill(pid, 0)
-            continue  # its writer is alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, another user's
-        except (OSError, ValueError):  # no owner written yet (or unreadable): leave it unless old
-            if time.time() - p.stat().st_mtime < 3600:
-                continue
-        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            try:
+                pid = int((p / OWNER).read_text())
+                os.kill(pid, 0)
+                continue  # its writer is alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, another user's
+            except (OSError, ValueError):  # no owner written yet (or unreadable): leave it unless old
+                if time.time() - p.stat().st_mtime < 3600:
+                    continue
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        except OSError:  # another run is removing it as we look
+            continue
         shutil.rmtree(p, ignore_errors=True)
         log.warning("removed %s (%.0f MB), left by an interrupted run into %s", p.name, size / 1e6, out)
         removed.append(p.name)

@@ -287,12 +287,12 @@ def run_stages(
         return run  # measured as torch modules
     base = work / "baseline.onnx"
     cur = base
-    # the exporter traces one forward pass: two rows of a batch show the dynamic axes at a fraction of
-    # the time and memory (a batch of a 262k-vocabulary model's logits is gigabytes)
-    example = {k: v[:2] for k, v in feeds[0].items()}
     if handle.module is None:  # an ONNX file was given
         shutil.copyfile(handle.onnx_path, base)
     else:
+        # the exporter traces one forward pass: two rows of a batch show the dynamic axes at a fraction
+        # of the time and memory (a batch of a 262k-vocabulary model's logits is gigabytes)
+        example = {k: v[:2] for k, v in feeds[0].items()}
         step("export: baseline ONNX")
         export_onnx(handle.module, handle.task, example, base, opset, handle.source, share_tied=not onnx_stages)
         release()

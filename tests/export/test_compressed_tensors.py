@@ -64,6 +64,7 @@ def test_transformers_loads_the_folder_on_cpu_with_krimps_logits(tmp_path, sym):
     assert info == {"layers": 14, "groups": 1, "float_fallbacks": []}
     qcfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert qcfg["format"] == "pack-quantized" and qcfg["config_groups"]["group_0"]["weights"]["symmetric"] == sym
+    assert qcfg["ignore"] == ["lm_head"]  # float, and named: a linear no group targets must be
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
     ids = torch.randint(0, 320, (2, 16))
     with torch.no_grad():

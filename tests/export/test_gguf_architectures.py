@@ -111,7 +111,7 @@ def test_gguf_export_is_refused_before_the_stages_for_what_it_cannot_write(tmp_p
     tf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))).save_pretrained(
         wordpiece
     )
-    with pytest.raises(KrimpError, match="writes BPE tokenizers"):
+    with pytest.raises(KrimpError, match="writes byte-level BPE tokenizers, not WordPiece"):
         krimp.compress(str(wordpiece), {**recipe, "stages": [{"method": "rtn"}]}, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 

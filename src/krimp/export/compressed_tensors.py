@@ -10,9 +10,9 @@ offset by ``2^(bits-1)`` to unsigned, form one little-endian bit stream (code ``
 krimp's grids map onto it exactly: a weight is ``s * (u - z)`` with unsigned codes ``u``. Symmetric
 grids have ``z = 2^(bits-1)``, so ``q = u - z`` and no zero point is stored; asymmetric ones store
 ``q = u - 2^(bits-1)`` and ``zero = z - 2^(bits-1)``, which leaves ``q - zero = u - z``. A layer with a
-ragged last group or a fractional zero point has no exact form and stays float (listed). The output
-head stays float (as krimp's dequantized values): compressed-tensors' usual ``ignore: [lm_head]``, which
-keeps a tied embedding one tensor.
+ragged last group or a fractional zero point has no exact form and stays float (listed, and named in
+``ignore``). The output head stays float (as krimp's dequantized values) and is ignored too, which keeps
+a tied embedding one tensor. vLLM's kernels take 4- and 8-bit codes; the format holds 2 to 8.
 """
 
 from __future__ import annotations
@@ -79,11 +79,13 @@ def export_compressed_tensors(module: torch.nn.Module, folder: Path, tokenizer=N
         raise KrimpError("compressed-tensors export writes weight-only quantized linears: add a rtn, gptq or awq stage")
     state, groups, floats, seen = {}, {}, [], {}
     packed = set()
+    ignore = [n for n, m in module.named_modules() if m is head] if head is not None else []
     for name, qw in codes.items():
         try:
             tensors, args = encode(qw)
         except ValueError as e:
             floats.append(f"{name}: {e}; stored as float")
+            ignore.append(name)  # a linear that no group targets must be named, or vLLM refuses the file
             continue
         state.update({f"{name}.{k}": v for k, v in tensors.items()})
         groups.setdefault(json.dumps(args, sort_keys=True), []).append(name)
@@ -101,7 +103,7 @@ def export_compressed_tensors(module: torch.nn.Module, folder: Path, tokenizer=N
             f"group_{i}": {"targets": names, "weights": json.loads(args)}
             for i, (args, names) in enumerate(groups.items())
         },
-        "ignore": ["lm_head"],
+        "ignore": ignore,
     }
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".model.safetensors.tmp"

@@ -11,8 +11,8 @@ Every architecture in :data:`krimp.models.arch.GGUF_ARCHS` goes through the one 
 come from gguf-py's own map for the architecture, and the two things llama.cpp stores differently
 from transformers are applied on the way (Llama's interleaved rotary rows, Gemma's 1 + weight norms).
 Metadata and tokenizer are carried over from the GGUF the model was loaded from; a Hugging Face
-model's are written from its config (:func:`write_hparams`) and tokenizer (:func:`write_tokenizer`),
-so llama.cpp loads the file with nothing beside it either way.
+model's are written from its config (:func:`write_hparams`) and byte-level BPE tokenizer
+(:func:`write_tokenizer`), so llama.cpp loads the file with nothing beside it either way.
 """
 
 from __future__ import annotations
@@ -127,8 +127,17 @@ def write_hparams(w, config, arch: str) -> None:
             getattr(w, f"add_{key}")(float(getattr(c, key)))
 
 
-def _pre_tokenizer(tj: dict) -> str:
-    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer; "default" when not one it names."""
+#: the split patterns of byte-level BPE tokenizers -> llama.cpp's pre-tokenizer names (Qwen2's, as
+#: transformers' Qwen2Tokenizer writes it)
+SPLIT_PATTERNS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+def _pre_tokenizer(tj: dict) -> str | None:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, or None when it is not one
+    krimp recognises (a wrong name would split text differently in llama.cpp, silently)."""
     pt = tj.get("pre_tokenizer") or {}
     steps = pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else [pt]
     kinds = [s.get("type") for s in steps]
@@ -136,15 +145,18 @@ def _pre_tokenizer(tj: dict) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
-    return "default"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        return SPLIT_PATTERNS.get((steps[0].get("pattern") or {}).get("Regex"))
+    return None
 
 
 def write_tokenizer(w, tokenizer, n_vocab: int) -> dict:
-    """The tokenizer as GGUF metadata, read with gguf-py's vocabularies from the tokenizer's own
-    ``tokenizer.json``: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) as llama.cpp's "gpt2" model
-    with its merges, SentencePiece-style BPE with byte fallback (Llama 2, Gemma) as its "llama"
-    model; special tokens, BOS/EOS rules and the chat template from ``tokenizer_config.json``.
-    The vocabulary is padded with unused tokens up to the embedding's ``n_vocab`` rows."""
+    """The tokenizer as GGUF metadata: a byte-level BPE ``tokenizer.json`` (GPT-2's, SmolLM's and
+    Qwen2's pre-tokenizers) read with gguf-py's vocabulary, as llama.cpp's "gpt2" model with its merges;
+    special tokens, BOS/EOS rules and the chat template from ``tokenizer_config.json``. The vocabulary
+    is padded with unused tokens up to the embedding's ``n_vocab`` rows. Other tokenizers (SentencePiece
+    kinds, Llama 3's pre-tokenizer) are refused: krimp cannot yet check that llama.cpp
+    would split text as they do; such a model goes to GGUF from its own GGUF."""
     import gguf
     import gguf.vocab as gv
 
@@ -153,33 +165,43 @@ def write_tokenizer(w, tokenizer, n_vocab: int) -> dict:
             "GGUF export needs the model's tokenizer (a Hugging Face folder's, or inputs={'tokenizer': ...}) "
             "to write into the file"
         )
+    instead = (
+        "start from the model's GGUF (llama.cpp's convert_hf_to_gguf.py writes one), or export onnx or safetensors"
+    )
     with tempfile.TemporaryDirectory() as d:
         tokenizer.save_pretrained(d)
         path = Path(d) / "tokenizer.json"
         tj = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        model = tj.get("model", {}).get("type")
-        if model != "BPE":
+        model = tj.get("model", {})
+        if model.get("type") != "BPE" or model.get("byte_fallback"):
+            kind = "SentencePiece-style BPE" if model.get("byte_fallback") else model.get("type") or "no tokenizer.json"
             raise KrimpError(
-                f"GGUF export writes BPE tokenizers (byte-level or with byte fallback), not "
-                f"{model or 'a tokenizer without tokenizer.json'}: export it as onnx or safetensors"
+                f"GGUF export from a Hugging Face model writes byte-level BPE tokenizers, not {kind}: {instead}"
             )
-        sentencepiece = bool(tj["model"].get("byte_fallback"))
-        vocab = gv.LlamaHfVocab(Path(d)) if sentencepiece else gv.BpeVocab(Path(d))
-        tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens(), strict=True))
+        pre = _pre_tokenizer(tj)
+        if pre is None:
+            raise KrimpError(
+                f"GGUF export: this tokenizer's pre-tokenizer is not GPT-2's, SmolLM's or Qwen2's, which llama.cpp "
+                f"would need named: {instead}"
+            )
+        try:
+            vocab = gv.BpeVocab(Path(d))
+            tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens(), strict=True))
+        except (OSError, TypeError, ValueError, KeyError) as e:
+            raise KrimpError(f"GGUF export: cannot read the tokenizer ({type(e).__name__}: {e}): {instead}") from None
         pad = n_vocab - len(tokens)
         if pad < 0:
             raise KrimpError(f"GGUF export: the tokenizer has {len(tokens)} tokens for {n_vocab} embedding rows")
         tokens += [f"[PAD{i}]".encode() for i in range(pad)]
         scores += [-1000.0] * pad
         types += [gguf.TokenType.UNUSED] * pad
-        pre = "default" if sentencepiece else _pre_tokenizer(tj)
-        w.add_tokenizer_model("llama" if sentencepiece else "gpt2")
+        w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
-        gv.SpecialVocab(Path(d), load_merges=not sentencepiece, n_vocab=n_vocab).add_to_gguf(w, quiet=True)
-    return {"model": "llama" if sentencepiece else "gpt2", "pre": pre, "tokens": len(tokens) - pad, "padded": pad}
+        gv.SpecialVocab(Path(d), load_merges=True, n_vocab=n_vocab).add_to_gguf(w, quiet=True)
+    return {"model": "gpt2", "pre": pre, "tokens": len(tokens) - pad, "padded": pad}
 
 
 # ---- block encoders: pure numpy on codes and scales ------------------------------------------
@@ -354,6 +376,10 @@ def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 
     if want is not None:
         res["llama_cpp_tokenizer_same_ids"] = engine.llm.tokenize(text.encode(), add_bos=False, special=False) == want
     _warn_tokenizer(res, path)
+    if res.get("llama_cpp_tokenizer_same_ids") is False:
+        raise KrimpError(
+            f"GGUF check failed: llama.cpp tokenizes a sample text differently from the model's tokenizer ({path.name})"
+        )
     if agree < 0.9:
         raise KrimpError(f"GGUF check failed: llama.cpp agrees with krimp's model on only {agree:.0%} of next tokens")
     return res

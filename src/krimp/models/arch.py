@@ -158,7 +158,8 @@ FAMILIES = (
 
 
 #: config.model_type -> llama.cpp's architecture name, for GGUF export (tensor names then come from
-#: gguf-py's own map for that architecture). llama.cpp stores two things differently from
+#: gguf-py's own map for that architecture). Gemma 1 is not here: transformers cannot read its GGUF
+#: back, which is how every export is checked. llama.cpp stores two things differently from
 #: transformers: the "llama" architecture interleaves the rotary halves of q/k rows
 #: (:data:`GGUF_ROPE_INTERLEAVED`), and a family with ``norm_offset`` stores its norms as offset + weight.
 GGUF_ARCHS = {
@@ -166,7 +167,6 @@ GGUF_ARCHS = {
     "mistral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
-    "gemma": "gemma",
     "gemma2": "gemma2",
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",

@@ -155,6 +155,7 @@ def unpack(packed: torch.Tensor, bits: int, symmetric: bool, shape: tuple[int, .
     qmin, _ = ort_qrange(bits, symmetric)
     out = torch.empty(n, dtype=torch.int16)
     groups = -(-n // 8)
+    packed = packed[: groups * bits]
     padded = torch.cat([packed, packed.new_zeros(groups * bits - packed.numel())]).reshape(groups, bits)
     byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
     shifts = torch.arange(8, dtype=torch.int64) * bits
