@@ -22,7 +22,9 @@ from typer.testing import CliRunner
 
 from krimp.cli.main import app
 
-PHASE = re.compile(r"\d\d:\d\d:\d\d .* \(\d+\.\d s\)$")  # a finished step's line (krimp.progress)
+PHASE = re.compile(
+    r"\d\d:\d\d:\d\d .* \(\d+\.\d s, peak RSS \d+\.\d\d GiB\)$"
+)  # a finished step's line (krimp.progress)
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 RECIPE = (
     "model: {model}\ndata: {{source: builtin:digits, calib_samples: 16, eval_samples: 16}}\n"

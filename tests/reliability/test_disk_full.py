@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from krimp.cli.main import app
 
-PHASE = re.compile(r"\d\d:\d\d:\d\d .* \(\d+\.\d s\)$")  # a finished step's line (krimp.progress)
+PHASE = re.compile(
+    r"\d\d:\d\d:\d\d .* \(\d+\.\d s, peak RSS \d+\.\d\d GiB\)$"
+)  # a finished step's line (krimp.progress)
 
 
 @pytest.fixture
