@@ -103,6 +103,8 @@ def test_a_recipe_writes_it_and_refuses_a_model_without_codes(tmp_path):
     )
     art = next(a for a in r["artifacts"] if a["format"] == "compressed-tensors")
     assert 100 < r["peak_rss_mb"] < 8000  # krimp's own high-water mark, in the report
+    mode = lambda p: (tmp_path / "a" / p).stat().st_mode & 0o777
+    assert mode(art["path"]) == mode("report.json")  # not safetensors' owner-only 0600
     assert (tmp_path / "a" / art["path"]).is_file() and (
         tmp_path / "a" / "compressed-tensors" / "config.json"
     ).is_file()

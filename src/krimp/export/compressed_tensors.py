@@ -26,6 +26,7 @@ import torch
 
 from krimp.errors import KrimpError
 from krimp.export.registry import ExportJob, exporter
+from krimp.export.safetensors_io import follow_umask
 from krimp.quant.primitives import pack
 from krimp.quant.wq import QuantizedWeight, quantized_layers
 
@@ -108,6 +109,7 @@ def export_compressed_tensors(module: torch.nn.Module, folder: Path, tokenizer=N
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
+    follow_umask(tmp)
     os.replace(tmp, folder / "model.safetensors")
     cfg = config.to_dict()
     cfg["quantization_config"] = qcfg

@@ -16,6 +16,14 @@ from krimp.stage import Needs
 log = logging.getLogger(__name__)
 
 
+def follow_umask(path: Path) -> None:
+    """safetensors writes its files readable by their owner only (0600); an artifact gets the mode the
+    user's umask gives every other file of the run."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_safetensors(module: torch.nn.Module, path: Path) -> Path:
     from safetensors.torch import save_file
 
@@ -29,6 +37,7 @@ def save_safetensors(module: torch.nn.Module, path: Path) -> Path:
         seen[key] = k
         state[k] = v.detach().contiguous()
     save_file(state, str(tmp))
+    follow_umask(tmp)
     os.replace(tmp, path)
     return path
 
@@ -124,6 +133,7 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
     path = folder / "model.safetensors"
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
+    follow_umask(tmp)
     os.replace(tmp, path)
     if hasattr(getattr(module, "config", None), "save_pretrained"):  # reloadable as a model folder
         module.config.save_pretrained(folder)
