@@ -47,6 +47,8 @@ def initializer_facts(path: Path) -> list[tuple[tuple[int, ...], int]]:
     import mmap
 
     out = []
+    if Path(path).stat().st_size == 0:  # nothing to map (and no model: readers refuse it by name)
+        return out
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         for field, wire, a, b in _fields(buf, 0, len(buf)):
             if field != 7 or wire != 2:
@@ -87,7 +89,8 @@ def stored_bytes(path: Path) -> int:
     """Bytes of all initializers (weights, biases, scales, zero points) in the file."""
     from onnx.helper import tensor_dtype_to_np_dtype
 
-    return int(sum(int(np.prod(d)) * tensor_dtype_to_np_dtype(t).itemsize for d, t in initializer_facts(path)))
+    facts = [(d, t) for d, t in initializer_facts(path) if t]  # 0: UNDEFINED, holds nothing
+    return int(sum(int(np.prod(d)) * tensor_dtype_to_np_dtype(t).itemsize for d, t in facts))
 
 
 def bits_per_weight(path: Path, n_weights: int) -> float:
