@@ -60,6 +60,7 @@ def quantize_one(name: str, calib: int, sources: str = CALIB_SOURCES) -> dict:
     from krimp.eval.runtime import batches
     from krimp.export.gguf import export_gguf
     from krimp.export.safetensors_io import save_packed
+    from krimp.memory import peak_rss_mb
     from krimp.methods import config_from_dict, method_for
     from krimp.models import load_model
     from krimp.stage import StageContext
@@ -72,7 +73,7 @@ def quantize_one(name: str, calib: int, sources: str = CALIB_SOURCES) -> dict:
     t0 = time.perf_counter()
     module, info = method_for(cfg).apply_torch(h.module, cfg, StageContext(h.task, feeds, 2))
     secs = time.perf_counter() - t0
-    rss = _vmhwm()
+    rss = peak_rss_mb()
     out = WORK / name
     save_packed(module, out, h.task.tokenizer)
     export_gguf(module, h.info["gguf_path"], out / "model.gguf")
@@ -83,13 +84,6 @@ def quantize_one(name: str, calib: int, sources: str = CALIB_SOURCES) -> dict:
         "packed_bytes": (out / "model.safetensors").stat().st_size,
         "gguf_bytes": (out / "model.gguf").stat().st_size,
     }
-
-
-def _vmhwm() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class Scorer:

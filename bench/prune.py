@@ -44,11 +44,11 @@ METHODS = {
 def prune_one(name: str, calib: int) -> dict:
     """Child process: prune (and quantize), write the artifact, report time, peak RSS, sparsity."""
     import torch
-    from llm_wbits import _vmhwm
 
     from krimp.data import load_data
     from krimp.eval.runtime import batches
     from krimp.export.safetensors_io import save_packed
+    from krimp.memory import peak_rss_mb
     from krimp.methods import config_from_dict, method_for
     from krimp.models import load_model
     from krimp.recipe import DataSpec
@@ -69,7 +69,7 @@ def prune_one(name: str, calib: int) -> dict:
     save_packed(module, out, h.task.tokenizer)
     return {
         "seconds": secs,
-        "peak_rss_mb": _vmhwm(),
+        "peak_rss_mb": peak_rss_mb(),
         "sparsity": infos[0]["sparsity"],
         "bytes": (out / "model.safetensors").stat().st_size,
     }

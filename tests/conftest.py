@@ -43,3 +43,24 @@ def tiny_llama(tmp_path_factory, minilm):
     tf.LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def byte_bpe():
+    """A factory: ``byte_bpe(texts, specials=("<eos>",), vocab_size=300, **tokens)`` trains a byte-level BPE
+    tokenizer (GPT-2's kind) on ``texts`` in milliseconds; ``tokens`` name its special tokens
+    (``eos_token="<eos>"``)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def make(texts, specials=("<eos>",), vocab_size: int = 300, **tokens):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tok.train_from_iterator(texts, trainer)
+        return tf.PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
+
+    return make

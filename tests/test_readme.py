@@ -81,13 +81,12 @@ def _bash(name: str) -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_cli_snippet_runs_on_a_hf_folder_and_a_text_file(tmp_path):
+def test_cli_snippet_runs_on_a_hf_folder_and_a_text_file(tmp_path, byte_bpe):
     """The README's commands as written, in a folder holding a small random Llama with a byte-level BPE
     tokenizer (./my-model) and 2000 queries, one a line (queries.txt)."""
     import subprocess
 
     import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     verbs = ("sort", "copy", "merge", "split", "read", "write", "parse", "print", "test", "time")
     things = ("list", "dict", "file", "string", "table", "frame", "tensor", "model", "graph", "queue")
@@ -95,13 +94,7 @@ def test_cli_snippet_runs_on_a_hf_folder_and_a_text_file(tmp_path):
     # enough text for the default 64 calibration windows of 128 tokens (8k tokens a half)
     queries = [f"how do I {v} a {t} in {lang}?" for v in verbs for t in things for lang in langs] * 2
     (tmp_path / "queries.txt").write_text("\n".join(queries) + "\n", encoding="utf-8")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(
-        queries, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=alphabet)
-    )
-    hf_tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>")
+    hf_tok = byte_bpe(queries, eos_token="<eos>", bos_token="<eos>")
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(hf_tok)

@@ -81,18 +81,11 @@ def test_transformers_loads_the_folder_on_cpu_with_krimps_logits(tmp_path, sym):
     )
 
 
-def test_a_recipe_writes_it_and_refuses_a_model_without_codes(tmp_path):
+def test_a_recipe_writes_it_and_refuses_a_model_without_codes(tmp_path, byte_bpe):
     folder = tmp_path / "tiny"
     _tiny().save_pretrained(folder)
-    tok = tf.PreTrainedTokenizerFast(
-        tokenizer_object=__import__("tokenizers").Tokenizer(
-            __import__("tokenizers").models.WordLevel({f"w{i}": i for i in range(320)}, unk_token="w0")
-        ),
-        unk_token="w0",
-        pad_token="w1",
-    )
-    tok.save_pretrained(folder)
     items = [" ".join(f"w{(i * 7 + j) % 320}" for j in range(40)) for i in range(40)]
+    byte_bpe(items, eos_token="<eos>", pad_token="<eos>").save_pretrained(folder)
     base = {
         "data": {"calib_samples": 4, "eval_samples": 4, "seq_len": 16},
         "eval": {"seq_len": 16, "batch": 2, "repeats": 3, "warmup": 1, "bootstrap": 100, "timing_budget_s": 1},

@@ -38,20 +38,11 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|end|>", "<|user|>", "<|a
 
 
 @pytest.fixture(scope="module")
-def bpe():
-    """A byte-level BPE tokenizer of ~300 tokens (GPT-2's kind), trained here in milliseconds. llama.cpp
-    looks up some of Phi-3's special tokens by their text, so they are among the specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(
-        TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet)
-    )
-    return tf.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<s>", pad_token="<|endoftext|>", unk_token="<unk>"
+def bpe(byte_bpe):
+    """A byte-level BPE tokenizer of ~300 tokens. llama.cpp looks up some of Phi-3's special tokens by
+    their text, so they are among the specials."""
+    return byte_bpe(
+        TEXTS, SPECIALS, eos_token="<|endoftext|>", bos_token="<s>", pad_token="<|endoftext|>", unk_token="<unk>"
     )
 
 

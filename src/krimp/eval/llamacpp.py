@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from krimp.errors import KrimpError
+from krimp.memory import peak_rss_mb
 
 
 def _llama(path: Path | str, n_ctx: int, threads: int, logits_all: bool = True):
@@ -83,10 +84,7 @@ def _worker(path: str, threads: int, prompt: int, decode: int, repeats: int) -> 
             llm.eval([nxt])
         t2 = time.perf_counter()
         best_p, best_d = max(best_p, prompt / (t1 - t0)), max(best_d, decode / (t2 - t1))
-    rss = 0.0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
-            rss = int(line.split()[1]) / 1024
+    rss = peak_rss_mb()
     return {
         "runtime": "llama.cpp",
         "prompt_tokens_per_s": best_p,
