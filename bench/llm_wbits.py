@@ -97,14 +97,23 @@ class Scorer:
         ref = TorchEngine(handle.module, handle.task, 2)
         self.ref = [ref.run(f).astype(np.float16) for f in self.feeds]
 
-    def score(self, engine) -> dict:
+    def rows(self, engine) -> np.ndarray:
+        """Per window: (float NLL, ``engine``'s NLL, KL, top-1 agreement)."""
         from krimp.eval.compare import lm_stats
-        from krimp.eval.stats import bootstrap_ci
 
         rows = []
         for f, r in zip(self.feeds, self.ref, strict=True):
             rows += lm_stats(r.astype(np.float32), engine.run(f), f)
-        a = np.array(rows)
+        return np.array(rows)
+
+    def score(self, engine) -> dict:
+        return self.summary(self.rows(engine))
+
+    @staticmethod
+    def summary(a: np.ndarray) -> dict:
+        """Perplexities and intervals of :meth:`rows`."""
+        from krimp.eval.stats import bootstrap_ci
+
         ppl = lambda x: float(np.exp(np.mean(x)))
         return {
             "ppl_ref": ppl(a[:, 0]),

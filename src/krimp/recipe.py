@@ -112,6 +112,9 @@ class ExportSpec(_Section):
     # fuse BERT-like encoders (attention, layer norm, GELU) before ONNX stages: true, false, or "auto"
     # (keep the fused graph only where it runs faster than the plain one here, in float32)
     optimize: bool | Literal["auto"] = "auto"
+    # the MLX folder's scales and float tensors: float16 (Apple silicon's native type, mlx_lm's usual) or
+    # float32 (exact, and the fast type of MLX on a Linux CPU, whose float16 quantized kernels are ~50x slower)
+    mlx_dtype: Literal["float16", "float32"] = "float16"
 
 
 class Recipe(_Section):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import transformers as tf
+from tiny_lms import QUICK_RUN, save_with_texts
 
 import krimp
 from krimp.errors import KrimpError
@@ -83,18 +84,16 @@ def test_transformers_loads_the_folder_on_cpu_with_krimps_logits(tmp_path, sym):
 
 def test_a_recipe_writes_it_and_refuses_a_model_without_codes(tmp_path, byte_bpe):
     folder = tmp_path / "tiny"
-    _tiny().save_pretrained(folder)
-    items = [" ".join(f"w{(i * 7 + j) % 320}" for j in range(40)) for i in range(40)]
-    byte_bpe(items, eos_token="<eos>", pad_token="<eos>").save_pretrained(folder)
+    items = save_with_texts(_tiny(), folder, byte_bpe)
     base = {
-        "data": {"calib_samples": 4, "eval_samples": 4, "seq_len": 16},
-        "eval": {"seq_len": 16, "batch": 2, "repeats": 3, "warmup": 1, "bootstrap": 100, "timing_budget_s": 1},
+        **QUICK_RUN,
         "export": {"formats": ["compressed-tensors"]},
     }
     r = krimp.compress(
         str(folder), {**base, "stages": [{"method": "rtn", "bits": 4, "group_size": 32}]}, tmp_path / "a", data=items
     )
     art = next(a for a in r["artifacts"] if a["format"] == "compressed-tensors")
+    assert art["check"]["transformers_max_rel_error"] <= 1e-4  # loaded back in transformers, in the artifact
     assert 100 < r["peak_rss_mb"] < 8000  # krimp's own high-water mark, in the report
     mode = lambda p: (tmp_path / "a" / p).stat().st_mode & 0o777
     assert mode(art["path"]) == mode("report.json")  # not safetensors' owner-only 0600

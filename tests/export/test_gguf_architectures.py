@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 import torch
 import transformers as tf
+from tiny_lms import ARCHS, tiny_lm
 
 import krimp
 from krimp.errors import KrimpError
@@ -15,20 +16,10 @@ from krimp.models import load_model
 from krimp.quant.llm import RTN, RTNConfig
 from krimp.stage import StageContext
 
-GQA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-GQA = {**GQA, "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 256}
-ARCHS = {
-    "llama": (tf.LlamaConfig, {}),
-    "mistral": (tf.MistralConfig, {}),
-    "qwen2": (tf.Qwen2Config, {}),
-    # transformers' GGUF reader does not read qwen3's key_length: its config default head_dim (128) must hold
-    "qwen3": (tf.Qwen3Config, {"head_dim": 128}),
-    # llama.cpp scales Gemma's attention by 1/sqrt(head_dim) and transformers' GGUF reader keeps the config's
-    # query_pre_attn_scalar (256): the released models' head_dim of 256 satisfies both
-    "gemma2": (tf.Gemma2Config, {"head_dim": 256}),
-    "gemma3": (tf.Gemma3TextConfig, {"head_dim": 256}),
-    "phi3": (tf.Phi3Config, {"num_key_value_heads": 4, "pad_token_id": 0}),
-}
+# transformers' GGUF reader does not read qwen3's key_length: its config default head_dim (128) must hold.
+# llama.cpp scales Gemma's attention by 1/sqrt(head_dim) and transformers' GGUF reader keeps the config's
+# query_pre_attn_scalar (256): the released models' head_dim of 256 satisfies both
+HEAD_DIM = {"qwen3": 128, "gemma2": 256, "gemma3": 256}
 TEXTS = [
     "The capital of France is Paris, and the capital of Italy is Rome.",
     "def add(a, b):\n    return a + b  # 42 apples, 1234 pears",
@@ -47,9 +38,7 @@ def bpe(byte_bpe):
 
 
 def _model(name):
-    cfg_cls, kw = ARCHS[name]
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(cfg_cls(**{**GQA, **kw}), dtype=torch.float32).eval()
+    return tiny_lm(name, **({"head_dim": HEAD_DIM[name]} if name in HEAD_DIM else {}))
 
 
 @pytest.mark.slow

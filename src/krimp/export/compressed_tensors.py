@@ -22,25 +22,16 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from krimp.errors import KrimpError
 from krimp.export.registry import ExportJob, exporter
 from krimp.export.safetensors_io import follow_umask
-from krimp.quant.primitives import pack
+from krimp.quant.primitives import pack_rows
 from krimp.quant.wq import QuantizedWeight, quantized_layers
 
 log = logging.getLogger(__name__)
-
-
-def pack_rows(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes (rows, cols) -> int32 words (rows, ceil(cols * bits / 32)), each row its own stream."""
-    rows, cols = u.shape
-    padded = -(-cols // 32) * 32  # 32 codes fill exactly ``bits`` words: rows stay word-aligned
-    if padded > cols:
-        u = torch.cat([u, u.new_zeros(rows, padded - cols)], 1)
-    words = pack(u, bits, symmetric=False).view(torch.int32).reshape(rows, padded * bits // 32)
-    return words[:, : -(-cols * bits // 32)].contiguous()
 
 
 def encode(qw: QuantizedWeight) -> tuple[dict[str, torch.Tensor], dict]:
@@ -121,10 +112,46 @@ def export_compressed_tensors(module: torch.nn.Module, folder: Path, tokenizer=N
     return {"layers": sum(len(v) for v in groups.values()), "groups": len(groups), "float_fallbacks": floats}
 
 
+def verify_compressed_tensors(folder: Path, module: torch.nn.Module, ids: torch.Tensor, rtol: float = 1e-4) -> dict:
+    """Load ``folder`` in transformers (with the compressed-tensors library) and compare next-token logits
+    with ``module`` on ``ids``: the file holds krimp's weights exactly, so they must agree within ``rtol``
+    of the largest logit. A folder with asymmetric groups is not loaded: transformers 5.24 sizes their
+    zero points unpacked while the library packs them (the library's own decompressor reads them exactly)."""
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        return {
+            "transformers": "not loaded: compressed-tensors not installed (pip install 'krimp[compressed-tensors]')"
+        }
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    if any(not g["weights"]["symmetric"] for g in qcfg["config_groups"].values()):
+        return {
+            "transformers": "not loaded: asymmetric groups (transformers' loader sizes packed zero points unpacked)"
+        }
+    import transformers as tf
+
+    back = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = module(input_ids=ids, use_cache=False).logits.float()
+        got = back(input_ids=ids, use_cache=False).logits.float()
+    err = float((got - ref).abs().max() / ref.abs().max())
+    if not err <= rtol:
+        raise KrimpError(
+            f"compressed-tensors check failed: transformers' logits differ from krimp's by {err:.2e} "
+            f"(relative to the largest logit; allowed {rtol:g})"
+        )
+    return {"transformers_max_rel_error": err}
+
+
 @exporter("compressed-tensors")
 def write_compressed_tensors(job: ExportJob) -> dict:
-    """compressed-tensors/ (a pack-quantized checkpoint folder: vLLM, transformers with compressed-tensors)."""
+    """compressed-tensors/ (a pack-quantized checkpoint folder: vLLM, transformers with compressed-tensors),
+    checked by loading it in transformers."""
     folder = job.work / "compressed-tensors"
-    job.run.exports["compressed-tensors"] = export_compressed_tensors(job.module, folder, job.handle.task.tokenizer)
+    info = export_compressed_tensors(job.module, folder, job.handle.task.tokenizer)
+    if job.run.verify_ids is not None:
+        ids = torch.from_numpy(np.asarray(job.run.verify_ids))
+        info["check"] = verify_compressed_tensors(folder, job.module, ids)
+    job.run.exports["compressed-tensors"] = info
     job.keep.append(folder.name)
     return {"format": "compressed-tensors", "role": "compressed", "path": "compressed-tensors/model.safetensors"}

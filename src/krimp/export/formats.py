@@ -10,6 +10,7 @@ from pathlib import Path
 
 import krimp.export.compressed_tensors  # noqa: F401  (importing an exporter module registers it)
 import krimp.export.gguf  # noqa: F401
+import krimp.export.mlx  # noqa: F401
 import krimp.export.onnx  # noqa: F401
 import krimp.export.safetensors_io  # noqa: F401
 from krimp.errors import KrimpError
@@ -32,15 +33,19 @@ def check_exports(recipe, handle) -> None:
 
 def write_artifacts(run, recipe, handle, work: Path) -> tuple[list[dict], list[str]]:
     """Run the recipe's exporters (ONNX whenever the run made ONNX models) in the recipe's order;
-    returns the artifacts (format, role, path, bytes) and the side files to keep."""
+    returns the artifacts (format, role, path, bytes, and the reload check where the exporter made
+    one) and the side files to keep."""
     formats = list(recipe.export.formats)
     if run.compressed_onnx is not None and "onnx" not in formats:
         formats.insert(0, "onnx")  # ONNX stages ran: their result is an artifact
-    job = ExportJob(run, handle, work)
+    job = ExportJob(run, handle, work, recipe.export)
     arts: list[dict] = []
     for name in formats:
         out = EXPORTERS[name].write(job)  # check_exports ran before the stages
         arts += out if isinstance(out, list) else [out]
     for a in arts:
         a["bytes"] = (work / a["path"]).stat().st_size
+        check = run.exports.get(a["format"], {}).get("check")
+        if check is not None:  # the exporter loaded the file back in its runtime: what it found
+            a["check"] = check
     return arts, job.keep

@@ -24,12 +24,14 @@ from typing import Any
 @dataclass
 class ExportJob:
     """What an exporter is given: the run (a :class:`krimp.pipeline.RunResult`), the loaded model's
-    handle, and the folder to write into. ``keep`` collects the files written beside the artifact
-    (config, tokenizer) that the finished folder keeps."""
+    handle, the folder to write into and the recipe's ``export`` section (a
+    :class:`krimp.recipe.ExportSpec`: a format's own settings). ``keep`` collects the files written
+    beside the artifact (config, tokenizer) that the finished folder keeps."""
 
     run: Any
     handle: Any
     work: Path
+    spec: Any = None
     keep: list[str] = field(default_factory=list)
 
     @property

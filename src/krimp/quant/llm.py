@@ -11,7 +11,8 @@ pattern its own bits or group size, so mixed precision is a recipe::
       overrides: {"*.mlp.down_proj": {bits: 8}}
 
 The output head (tied to the token embedding in small models) is rounded separately to ``head_bits``
-in groups of 32 (llama.cpp's Q8_0 grid at 8 bits), or left in float with ``head_bits: null``.
+in symmetric groups of ``head_group_size`` (32 by default: llama.cpp's Q8_0 grid at 8 bits; 64 is
+``mlx_lm.convert``'s), or left in float with ``head_bits: null``.
 Each quantized ``nn.Linear`` keeps computing in float with its dequantized weight and carries the
 codes as ``module.krimp_wq`` (a :class:`~krimp.quant.wq.QuantizedWeight`): what the exporters write.
 """
@@ -48,7 +49,8 @@ class _WeightOnly(BaseConfig):
     group_size: int | None = pydantic.Field(128, ge=8)  # None: one scale per output channel
     symmetric: bool = True
     overrides: dict[str, LayerOverride] = pydantic.Field(default_factory=dict)
-    head_bits: int | None = pydantic.Field(8, ge=2, le=8)  # output head / tied embedding, groups of 32
+    head_bits: int | None = pydantic.Field(8, ge=2, le=8)  # output head / tied embedding
+    head_group_size: int = pydantic.Field(32, ge=8)  # the head's groups (32: llama.cpp's Q8_0 / Q4_0 blocks)
 
     def spec_for(self, name: str) -> WQSpec | None:
         """The grid for layer ``name``, or None when the recipe leaves it in float."""
@@ -118,14 +120,14 @@ class SmoothQuantConfig(BaseConfig):
 # --------------------------------------------------------------------------------------------------
 
 
-def quantize_head(module: nn.Module, bits: int | None) -> dict:
-    """Round the output head (and so the tied embedding) to ``bits`` in symmetric groups of 32."""
+def quantize_head(module: nn.Module, bits: int | None, group: int = 32) -> dict:
+    """Round the output head (and so the tied embedding) to ``bits`` in symmetric groups of ``group``."""
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
     if bits is None or head is None or not isinstance(head, nn.Linear):
         return {}
-    set_quantized(head, rtn(head.weight.detach(), WQSpec(bits, 32, True)))
+    set_quantized(head, rtn(head.weight.detach(), WQSpec(bits, group, True)))
     tied = head.weight is module.get_input_embeddings().weight
-    return {"head": f"{bits}-bit, groups of 32" + (" (tied to the token embedding)" if tied else "")}
+    return {"head": f"{bits}-bit, groups of {group}" + (" (tied to the token embedding)" if tied else "")}
 
 
 def _ragged(cfg, linears: dict[str, nn.Linear]) -> list[str]:
@@ -185,7 +187,7 @@ class RTN:
                 if spec:
                     set_quantized(lin, rtn(lin.weight.detach().float(), spec))
         ctx.declare(onnx="nbits", packed=True)
-        return module, _summary(cfg, module, t0, notes, quantize_head(module, cfg.head_bits))
+        return module, _summary(cfg, module, t0, notes, quantize_head(module, cfg.head_bits, cfg.head_group_size))
 
 
 @register(GPTQConfig)
@@ -253,7 +255,9 @@ class GPTQ:
             "block_losses": blocks,
         }
         ctx.declare(onnx="nbits", packed=True)
-        return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
+        return module, _summary(
+            cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits, cfg.head_group_size)}
+        )
 
 
 def _pair_names(run, pairs) -> list[list[str]]:
@@ -310,7 +314,9 @@ class AWQ:
         blocks = cal.run(process)
         extra = {"calib_windows": len(cal.windows), "block_alphas": blocks}
         ctx.declare(onnx="nbits", packed=True)
-        return module, _summary(cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits)})
+        return module, _summary(
+            cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits, cfg.head_group_size)}
+        )
 
 
 class _FoldProbe:

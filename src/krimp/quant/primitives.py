@@ -147,6 +147,18 @@ def pack(q: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     return out[: -(-n * bits // 8)]
 
 
+def pack_rows(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (rows, cols) -> int32 words (rows, ceil(cols * bits / 32)), each row its own
+    :func:`pack` stream (code ``i`` of a row at bit ``i * bits``): the layout compressed-tensors'
+    ``pack-quantized`` and MLX's affine quantization both store (MLX reads the words as uint32)."""
+    rows, cols = u.shape
+    padded = -(-cols // 32) * 32  # 32 codes fill exactly ``bits`` words: rows stay word-aligned
+    if padded > cols:
+        u = torch.cat([u, u.new_zeros(rows, padded - cols)], 1)
+    words = pack(u, bits, symmetric=False).view(torch.int32).reshape(rows, padded * bits // 32)
+    return words[:, : -(-cols * bits // 32)].contiguous()
+
+
 def unpack(packed: torch.Tensor, bits: int, symmetric: bool, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`pack`: int16 codes of the given shape."""
     n = 1
