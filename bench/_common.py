@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -104,3 +105,68 @@ def calib_reader(feeds: list):
             return next(self.it, None)
 
     return Reader()
+
+
+def float_folder(h, out: Path) -> Path:
+    """The float model as a plain Hugging Face folder (a GGUF-loaded model cannot save_pretrained)."""
+    import transformers as tf
+
+    from krimp.export.hf_config import legacy_config
+
+    if (out / "config.json").exists():
+        return out
+    m = tf.AutoModelForCausalLM.from_config(h.module.config)
+    m.load_state_dict(h.module.state_dict())
+    m.save_pretrained(out)
+    h.task.tokenizer.save_pretrained(out)
+    # transformers 5 writes rope_theta inside rope_parameters, which mlx-lm 0.32 does not read (it would
+    # rotate at its default 10000, not SmolLM2's 100000): add the key, as the Hub's config.json has it
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.pop("quantization_config", None)  # the GGUF it was read from: the float folder is plain float32
+    (out / "config.json").write_text(json.dumps(legacy_config(cfg), indent=2) + "\n")
+    return out
+
+
+def timed(cmd: list[str], log: Path) -> float:
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode not in (0, 3):  # 3: the run finished and missed its goal
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{log.read_text()[-3000:]}")
+    return round(time.perf_counter() - t, 1)
+
+
+def ci_text(m: dict, d: int = 3) -> str:
+    """``value [low, high]`` of a :func:`krimp.eval.stats.bootstrap_ci` result."""
+    return f"{m['value']:.{d}f} [{m['ci95'][0]:.{d}f}, {m['ci95'][1]:.{d}f}]"
+
+
+def ppl_ratios(rows: dict, nll: dict, peer: str) -> None:
+    """Into each of ``rows``: its perplexity relative to ``peer``'s per source, paired over the same
+    windows (``nll[name][source]``: per-window mean NLL), with a 95% bootstrap interval."""
+    from krimp.eval.stats import bootstrap_ci
+
+    for k in rows:
+        rows[k]["ppl_ratio_to_peer"] = {
+            src: bootstrap_ci(nll[k][src] - nll[peer][src], 1000, stat=lambda d: float(np.exp(np.mean(d))))
+            for src in nll[peer]
+        }
+
+
+def lm_peer_table(rows: dict, extra: tuple[str, str] | None = None) -> list[str]:
+    """The markdown table of a language-model peer bench (Wikipedia and documentation perplexity, the
+    ratio to the peer's, KL and top-1 to float, decode speed, time); ``extra``: (header, row key) of
+    one more column."""
+    head = "| folder | bytes | wikipedia ppl | docs ppl | ppl / peer's (wikipedia; docs) | KL (wikipedia) | top-1 (wikipedia) |"
+    head += f" {extra[0]} |" if extra else ""
+    lines = [head + " decode tok/s | time s |", "|---" * (9 + bool(extra)) + "|"]
+    for name, r in rows.items():
+        w, d = r["scores"]["wikipedia"], r["scores"]["python-docs"]
+        rw, rd = r["ppl_ratio_to_peer"]["wikipedia"], r["ppl_ratio_to_peer"]["python-docs"]
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        cells = [name, f"{r['bytes'] / 1e6:.2f} MB", ci_text(w["ppl"], 2), ci_text(d["ppl"], 2)]
+        cells += [f"{ci_text(rw)}; {ci_text(rd)}", ci_text(w["kl"]), ci_text(w["top1"])]
+        cells += [f"{r[extra[1]]:.4f}"] if extra else []
+        cells += [f"{r['decode_tps']:.1f}", secs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -115,6 +115,9 @@ class ExportSpec(_Section):
     # the MLX folder's scales and float tensors: float16 (Apple silicon's native type, mlx_lm's usual) or
     # float32 (exact, and the fast type of MLX on a Linux CPU, whose float16 quantized kernels are ~50x slower)
     mlx_dtype: Literal["float16", "float32"] = "float16"
+    # the GenAI folder's MatMulNBits accuracy_level: 4 (the model builder's CPU default: activations rounded
+    # to int8 inside the op, fastest) or 1 (float32 activations: the folder computes krimp's model exactly)
+    genai_accuracy_level: Literal[1, 2, 3, 4] = 4
 
 
 class Recipe(_Section):

@@ -34,7 +34,7 @@ def compress_cmd(
     samples: int = typer.Option(None, "--samples", min=1, help="evaluation samples"),
     seq_len: int = typer.Option(None, "--seq-len", min=2, help="tokens per text sample"),
     export: str = typer.Option(
-        None, "--export", help="formats to write, comma-separated: onnx,safetensors,gguf,compressed-tensors,mlx"
+        None, "--export", help="formats to write, comma-separated: onnx,safetensors,gguf,compressed-tensors,mlx,genai"
     ),
     goal: list[str] = typer.Option(
         None, "--goal", help="accuracy budget as KEY=VALUE, repeatable: max_quality_drop=0.01, min_cosine=0.99"

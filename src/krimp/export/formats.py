@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import krimp.export.compressed_tensors  # noqa: F401  (importing an exporter module registers it)
+import krimp.export.genai  # noqa: F401
 import krimp.export.gguf  # noqa: F401
 import krimp.export.mlx  # noqa: F401
 import krimp.export.onnx  # noqa: F401
@@ -44,7 +45,8 @@ def write_artifacts(run, recipe, handle, work: Path) -> tuple[list[dict], list[s
         out = EXPORTERS[name].write(job)  # check_exports ran before the stages
         arts += out if isinstance(out, list) else [out]
     for a in arts:
-        a["bytes"] = (work / a["path"]).stat().st_size
+        if "bytes" not in a:  # an exporter whose weights are not all in ``path`` counts them itself
+            a["bytes"] = (work / a["path"]).stat().st_size
         check = run.exports.get(a["format"], {}).get("check")
         if check is not None:  # the exporter loaded the file back in its runtime: what it found
             a["check"] = check
