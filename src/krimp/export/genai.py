@@ -40,7 +40,7 @@ import torch
 
 from krimp.errors import KrimpError
 from krimp.export.hf_config import legacy_config
-from krimp.export.registry import ExportJob, exporter
+from krimp.export.registry import ExportJob, exporter, next_tokens, sample_text
 from krimp.quant.primitives import pack_rows
 from krimp.quant.wq import QuantizedWeight, quantized_layers
 
@@ -229,11 +229,10 @@ def verify_genai(folder: Path, module: torch.nn.Module, ids: torch.Tensor, token
     with torch.inference_mode():
         ref = module(input_ids=ids, use_cache=False).logits.float()
     got = got.reshape(ref.shape)
-    agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-    res = {"genai_top1_agreement": agree, "genai_max_rel_error": float((got - ref).abs().max() / ref.abs().max())}
+    res = next_tokens("genai", got, ref)
+    agree = res["genai_top1_agreement"]
     if tokenizer is not None:
-        text = tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
-        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        text, want = sample_text(tokenizer, ids)
         got_ids = [int(i) for i in og.Tokenizer(model).encode(text)]
         res["genai_tokenizer_same_ids"] = got_ids == want
         if not res["genai_tokenizer_same_ids"]:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from krimp.errors import KrimpError
-from krimp.export.registry import ExportJob, exporter
+from krimp.export.registry import ExportJob, exporter, next_tokens, sample_text
 from krimp.models.arch import GGUF_ARCHS, GGUF_ROPE_INTERLEAVED, family_of
 from krimp.quant.wq import QuantizedWeight
 
@@ -354,8 +354,7 @@ def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 
             f"(relative to the largest logit; allowed {rtol:g})"
         )
     res: dict = {"transformers_max_rel_error": err}
-    text = tokenizer.decode(ids[0].tolist(), skip_special_tokens=True) if tokenizer is not None else None
-    want = tokenizer(text, add_special_tokens=False)["input_ids"] if text else None
+    text, want = sample_text(tokenizer, ids) if tokenizer is not None else (None, None)
     if want is not None:
         res["tokenizer_same_ids"] = back.task.tokenizer(text, add_special_tokens=False)["input_ids"] == want
     try:
@@ -371,8 +370,8 @@ def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 
     except ValueError as e:  # llama.cpp says why on stderr only
         raise KrimpError(f"GGUF check failed: llama.cpp cannot load {path.name} ({e}); its log says why") from None
     lc = torch.from_numpy(engine.run({"input_ids": ids.numpy()}))
-    agree = float((lc.argmax(-1) == ref.argmax(-1)).float().mean())
-    res.update(llama_cpp_top1_agreement=agree, llama_cpp_max_rel_error=float((lc - ref).abs().max() / ref.abs().max()))
+    res.update(next_tokens("llama_cpp", lc, ref))
+    agree = res["llama_cpp_top1_agreement"]
     if want is not None:
         res["llama_cpp_tokenizer_same_ids"] = engine.llm.tokenize(text.encode(), add_bos=False, special=False) == want
     _warn_tokenizer(res, path)

@@ -35,7 +35,7 @@ import torch
 
 from krimp.errors import KrimpError
 from krimp.export.hf_config import legacy_config
-from krimp.export.registry import ExportJob, exporter
+from krimp.export.registry import ExportJob, exporter, next_tokens, sample_text
 from krimp.export.safetensors_io import follow_umask
 from krimp.quant.primitives import pack_rows
 from krimp.quant.wq import QuantizedWeight, quantized_layers
@@ -155,11 +155,10 @@ def verify_mlx(folder: Path, module: torch.nn.Module, ids: torch.Tensor, tokeniz
         ref = module(input_ids=ids, use_cache=False).logits.float()
     if not torch.isfinite(got).all():
         raise KrimpError("MLX check failed: the model's float16 logits overflow (not finite) in MLX")
-    agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-    res = {"mlx_top1_agreement": agree, "mlx_max_rel_error": float((got - ref).abs().max() / ref.abs().max())}
+    res = next_tokens("mlx", got, ref)
+    agree = res["mlx_top1_agreement"]
     if tokenizer is not None:
-        text = tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
-        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        text, want = sample_text(tokenizer, ids)
         res["mlx_tokenizer_same_ids"] = list(tok.encode(text, add_special_tokens=False)) == want
         if not res["mlx_tokenizer_same_ids"]:
             raise KrimpError(f"MLX check failed: {folder.name}'s tokenizer splits a sample text differently")

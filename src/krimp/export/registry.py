@@ -63,3 +63,24 @@ def exporter(name: str, needs_torch: bool = True, check: Callable[[Any], None] |
         return fn
 
     return deco
+
+
+# --------------------------------------------------------------------------------------------------
+# what the exporters' checks share: a runtime's logits against krimp's, a sample text's ids
+# --------------------------------------------------------------------------------------------------
+
+
+def next_tokens(runtime: str, got, ref) -> dict:
+    """``{runtime}_top1_agreement`` of two (batch, tokens, vocab) logit tensors and their
+    ``{runtime}_max_rel_error`` (relative to the largest logit of ``ref``, krimp's)."""
+    return {
+        f"{runtime}_top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+        f"{runtime}_max_rel_error": float((got - ref).abs().max() / ref.abs().max()),
+    }
+
+
+def sample_text(tokenizer, ids) -> tuple[str, list[int]]:
+    """The text of the check's first row of ``ids`` and the ids the model's tokenizer gives it (no
+    special tokens): what a runtime's own tokenizer must reproduce."""
+    text = tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
