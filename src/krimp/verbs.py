@@ -14,16 +14,16 @@ from krimp.eval.bench import bench_engine, bench_onnx
 from krimp.eval.compare import compare
 from krimp.eval.energy import estimate
 from krimp.eval.measure import bench_feed
-from krimp.eval.runtime import OrtEngine, TorchEngine
+from krimp.eval.runtime import TorchEngine, onnx_engine
 from krimp.models import ModelHandle, load_model
 from krimp.recipe import DataSpec, EnergySpec, EvalSpec
 
 
 def _engine(h: ModelHandle, threads: int, seq_len: int = 512):
-    """The artifact's own runtime: ONNX Runtime for .onnx, llama.cpp for .gguf when installed
-    (else PyTorch on the dequantized weights), PyTorch for the rest."""
+    """The artifact's own runtime: ONNX Runtime for .onnx, OpenVINO for .xml, llama.cpp for .gguf when
+    installed (else PyTorch on the dequantized weights), PyTorch for the rest."""
     if h.onnx_path is not None:
-        return OrtEngine(h.onnx_path, threads)
+        return onnx_engine(h.onnx_path, threads)
     if h.kind == "gguf" and _has_llama_cpp():
         from krimp.eval.llamacpp import LlamaCppEngine
 
@@ -41,6 +41,8 @@ def default_reference(model: str) -> str | None:
     """For a run folder's model.onnx / model.gguf / packed folder, the baseline.onnx written beside it."""
     p = Path(model)
     folder = p if p.is_dir() else p.parent
+    if p.suffix == ".xml" and folder.name == "openvino":  # a run folder's openvino/model.xml
+        folder = folder.parent
     ref = folder / "baseline.onnx"
     return str(ref) if p.name != "baseline.onnx" and ref.exists() else None
 
@@ -107,14 +109,22 @@ def bench(
         ds = load_data(DataSpec(calib_samples=1, eval_samples=1), h.task, h.builtin_origin)
         feed = bench_feed(h.task, ev, ds)
     if h.onnx_path is not None:
-        res = bench_onnx(h.onnx_path, feed, threads, warmup, repeats)
-        res.update(runtime="onnxruntime", size_bytes=h.onnx_path.stat().st_size)
+        runtime = "openvino" if h.kind == "openvino" else "onnxruntime"
+        res = bench_onnx(h.onnx_path, feed, threads, warmup, repeats, runtime)
+        res.update(runtime=runtime, size_bytes=file_bytes(h.onnx_path))
     else:
         res = bench_engine(_engine(h, threads), feed, warmup, repeats)
         res.update(runtime="pytorch", size_bytes=_size(h))
     res.update(estimate(res, EnergySpec()))
     res.update(model=h.source, feed_shapes={k: list(v.shape) for k, v in feed.items()}, threads=threads)
     return res
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes of a model file with its weights file (an OpenVINO .xml's .bin)."""
+    path = Path(path)
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
+    return path.stat().st_size + (weights.stat().st_size if weights is not None and weights.exists() else 0)
 
 
 def _size(h: ModelHandle) -> int:

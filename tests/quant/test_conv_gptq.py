@@ -109,7 +109,7 @@ def test_round_conv_weights_on_a_real_qdq_model(tmp_path):
         )
     stats = conv_hessians(f32, feeds)
     assert set(stats) == {n.name for n in onnx.load(str(f32)).graph.node if n.op_type == "Conv"}
-    assert [tuple(h.shape) for _, h in stats.values()] == [(27, 27), (16, 9, 9), (16, 16)]
+    assert [tuple(h.shape) for _, h, _ in stats.values()] == [(27, 27), (16, 9, 9), (16, 16)]
     info = round_conv_weights(gptq, stats)
     assert info["convs"] == 3 and info["error_vs_nearest"] < 0.9
     # codes computed once (as int8-static does for all its fallback tries) are written as they are
@@ -157,7 +157,7 @@ def test_codes_computed_once_are_on_the_int8_grid_the_quantizer_uses():
     g = torch.Generator().manual_seed(2)
     W = torch.randn(8, 3, 3, 3, generator=g)
     x = _inputs(k=27)
-    stats = {"conv": (W, x.T @ x)}
+    stats = {"conv": (W, x.T @ x, False)}
     for qmax in (127, 64):
         r = gptq_round_convs(stats, qmax)["conv"]
         q = torch.from_numpy(r.dequantized())
@@ -196,3 +196,66 @@ def test_sensitivity_measures_a_node_with_the_weight_it_is_given(tmp_path):
         m = _with_one_node_quantized(model, node, "static", 8, (0.0, 1.0), weight)
         w = next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == node.input[1])
         assert check(w)
+
+
+class _Mlp(nn.Module):
+    """Two MatMuls on token rows; the second is square, where a transposed weight would still fit."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.up, self.down = nn.Linear(16, 8), nn.Linear(8, 8)
+        with torch.no_grad():
+            self.up.weight[:, 0] *= 8  # one large input column sets each row's scale
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_matmul_weights_are_rounded_in_their_stored_layout(tmp_path):
+    """A MatMul stores its weight (in, out), quantized per output column: the GPTQ codes go back
+    transposed, the cached codes' dequantized weight is what the graph holds, and the graph's output
+    moves closer to the float model's than nearest rounding leaves it."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from krimp.eval.runtime import OrtEngine
+    from krimp.quant.ort_int8 import _Reader
+
+    f32 = tmp_path / "mlp.onnx"
+    x = (_inputs(n=512, k=16) - 3.0).reshape(8, 64, 16).numpy()
+    torch.onnx.export(_Mlp().eval(), (torch.from_numpy(x[:1]),), str(f32), input_names=["x"], dynamo=False)
+    feeds = [{"x": x[i : i + 1]} for i in range(8)]
+    near, gptq = tmp_path / "near.onnx", tmp_path / "gptq.onnx"
+    for dst in (near, gptq):
+        quantize_static(
+            str(f32),
+            str(dst),
+            _Reader(feeds),
+            calibrate_method=CalibrationMethod.MinMax,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
+        )
+    stats = conv_hessians(f32, feeds)
+    assert [(tuple(w.shape), t) for w, _, t in stats.values()] == [((8, 16), True), ((8, 8), True)]
+    cached = gptq_round_convs(stats, 127)
+    info = round_conv_weights(gptq, stats, cached)
+    assert info["convs"] == 2 and info["error_vs_nearest"] < 1
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(gptq)).graph.initializer}
+    graph_w = {}
+    for n in onnx.load(str(gptq)).graph.node:
+        if n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(1)).dtype == np.int8:
+            graph_w[inits[n.input[0]].shape] = inits[n.input[0]] * inits[n.input[1]]
+    for r in cached.values():
+        w = r.dequantized()
+        assert np.allclose(graph_w[w.shape], w, atol=1e-7)  # stored layout: (in, out)
+    ref = [OrtEngine(f32).run(f) for f in feeds]
+    err = {
+        p: sum(float(((OrtEngine(p).run(f) - r) ** 2).sum()) for f, r in zip(feeds, ref, strict=True))
+        for p in (near, gptq)
+    }
+    assert err[gptq] < err[near]

@@ -22,8 +22,11 @@ from krimp.eval.bench_worker import summarize
 from krimp.memory import peak_rss_mb
 
 
-def bench_onnx(path: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, repeats: int) -> dict:
-    """Time an ONNX model in a separate process; returns :func:`krimp.eval.bench_worker.summarize`'s dict."""
+def bench_onnx(
+    path: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, repeats: int, runtime: str = "onnxruntime"
+) -> dict:
+    """Time an ONNX model (or an OpenVINO ``.xml``) in a separate process on ``runtime``; returns
+    :func:`krimp.eval.bench_worker.summarize`'s dict."""
     with tempfile.TemporaryDirectory(prefix="krimp-bench-") as tmp:
         fp = Path(tmp) / "feed.npz"
         np.savez(fp, **feed)
@@ -36,6 +39,7 @@ def bench_onnx(path: Path, feed: dict[str, np.ndarray], threads: int, warmup: in
             str(threads),
             str(warmup),
             str(repeats),
+            runtime,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)

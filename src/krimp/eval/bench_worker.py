@@ -1,12 +1,13 @@
 """Run in a fresh process: time one ONNX model on one feed and print a JSON line.
 
-Usage: python -m krimp.eval.bench_worker MODEL.onnx FEED.npz THREADS WARMUP REPEATS
+Usage: python -m krimp.eval.bench_worker MODEL.onnx FEED.npz THREADS WARMUP REPEATS [RUNTIME [PRECISION]]
 
 or, kept alive and timed on request (krimp.eval.timing):
-``--serve MODEL.onnx FEED.npz THREADS WARMUP`` prints ``{"batch": B}`` when warm, then answers each
+``--serve MODEL.onnx FEED.npz THREADS WARMUP [RUNTIME [PRECISION]]`` prints ``{"batch": B}`` when warm, then answers each
 line ``N`` on stdin with ``{"times": [...], "cpu_s": ...}`` (after one untimed run: the other model
 ran meanwhile, and the first run back pays for its caches) and ``quit`` with ``{"peak_rss_mb": ...}``.
-The session keeps ONNX Runtime's default spinning threads, as a deployment has them
+RUNTIME is onnxruntime (default) or openvino (an ONNX file or IR ``.xml``, PRECISION f32 or bf16).
+An ONNX Runtime session keeps its default spinning threads, as a deployment has them
 (bench/results/timing_findings.md: with spinning off, runs varied twice as much here).
 """
 
@@ -35,18 +36,28 @@ def summarize(times_s: list[float], batch: int, cpu_s: float, peak_rss_mb: float
     }
 
 
+def _runner(path: str, threads: int, runtime: str = "onnxruntime", precision: str = "f32"):
+    """``run(feed)``: one inference of the model on its runtime, every output computed."""
+    if runtime == "openvino" or path.endswith(".xml"):
+        from krimp.eval.runtime import OvEngine
+
+        engine = OvEngine(path, threads, precision)
+        return engine.run
+    from krimp.eval.runtime import ort_session
+
+    sess = ort_session(path, threads)
+    names = {i.name for i in sess.get_inputs()}
+    return lambda feed: sess.run(None, {k: v for k, v in feed.items() if k in names})
+
+
 def serve(argv: list[str]) -> None:
     import numpy as np
 
-    from krimp.eval.runtime import ort_session
-
     path, feed_path, threads, warmup = argv[0], argv[1], int(argv[2]), int(argv[3])
     feed = dict(np.load(feed_path))
-    sess = ort_session(path, threads)
-    names = {i.name for i in sess.get_inputs()}
-    feed = {k: v for k, v in feed.items() if k in names}
+    run = _runner(path, threads, *argv[4:6])
     for _ in range(warmup):
-        sess.run(None, feed)
+        run(feed)
 
     def say(d: dict) -> None:
         sys.stdout.write(json.dumps(d) + "\n")
@@ -57,11 +68,11 @@ def serve(argv: list[str]) -> None:
         if line.strip() == "quit":
             say({"peak_rss_mb": peak_rss_mb()})
             return
-        sess.run(None, feed)  # untimed: back from the other model's turn
+        run(feed)  # untimed: back from the other model's turn
         times, c0 = [], time.process_time()
         for _ in range(int(line)):
             t = time.perf_counter()
-            sess.run(None, feed)
+            run(feed)
             times.append(time.perf_counter() - t)
         say({"times": times, "cpu_s": time.process_time() - c0})
 
@@ -69,20 +80,16 @@ def serve(argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     import numpy as np
 
-    from krimp.eval.runtime import ort_session
-
     path, feed_path, threads, warmup, repeats = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
     feed = dict(np.load(feed_path))
-    sess = ort_session(path, threads)
-    names = {i.name for i in sess.get_inputs()}
-    feed = {k: v for k, v in feed.items() if k in names}
+    run = _runner(path, threads, *argv[5:7])
     for _ in range(warmup):
-        sess.run(None, feed)
+        run(feed)
     times = []
     c0 = time.process_time()
     for _ in range(repeats):
         t = time.perf_counter()
-        sess.run(None, feed)
+        run(feed)
         times.append(time.perf_counter() - t)
     cpu = time.process_time() - c0
     batch = next(iter(feed.values())).shape[0]

@@ -8,7 +8,7 @@ from typing import Any
 
 from krimp.eval import energy
 from krimp.eval.compare import compare
-from krimp.eval.runtime import OrtEngine, TorchEngine
+from krimp.eval.runtime import TorchEngine, engine_for
 from krimp.eval.timing import EngineTimer, time_onnx_pair, time_pair
 from krimp.export.onnx_utils import bits_per_weight, count_onnx_params
 
@@ -20,7 +20,8 @@ def bench_feed(task, ev, data):
 
 def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
     """Size, timing (krimp.eval.timing), quality and fidelity of ``run``'s baseline and compressed models
-    (a :class:`krimp.pipeline.RunResult`): ONNX files on ONNX Runtime, else torch modules."""
+    (a :class:`krimp.pipeline.RunResult`): ONNX files on ``eval.runtime`` (ONNX Runtime or OpenVINO), else torch
+    modules."""
     ev, task = recipe.eval, handle.task
     feed = bench_feed(task, ev, data)
     side: dict[str, dict] = {"baseline": {}, "compressed": {}}
@@ -29,11 +30,15 @@ def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
         n_w = count_onnx_params(base)
         for name, path in (("baseline", base), ("compressed", comp)):
             side[name].update(
-                size_bytes=path.stat().st_size, bits_per_weight=bits_per_weight(path, n_w), runtime="onnxruntime"
+                size_bytes=path.stat().st_size, bits_per_weight=bits_per_weight(path, n_w), runtime=ev.runtime
             )
-        timed = time_onnx_pair(base, comp, feed, ev.threads, ev.warmup, ev.repeats, ev.timing_budget_s)
+            if ev.runtime == "openvino":
+                side[name]["inference_precision"] = ev.precision
+        timed = time_onnx_pair(
+            base, comp, feed, ev.threads, ev.warmup, ev.repeats, ev.timing_budget_s, ev.runtime, ev.precision
+        )
         # opened after the timing workers are gone: a large model is not held by four sessions at once
-        ref_engine, engine = OrtEngine(base, ev.threads), OrtEngine(comp, ev.threads)
+        ref_engine, engine = engine_for(base, ev), engine_for(comp, ev)
     else:
         from krimp.export.safetensors_io import save_packed, save_safetensors
 

@@ -1,4 +1,10 @@
-"""Runtimes that execute a model on a numpy feed: ONNX Runtime sessions and PyTorch modules."""
+"""Runtimes that execute a model on a numpy feed: ONNX Runtime sessions, OpenVINO compiled models
+and PyTorch modules.
+
+An ONNX file runs on either ONNX Runtime or OpenVINO (``eval.runtime``): :func:`onnx_engine` opens it
+on the one asked for, so the goal check, the float fallback and the report measure the model where
+it will be deployed.
+"""
 
 from __future__ import annotations
 
@@ -79,6 +85,71 @@ class OrtEngine:
         except Exception:
             check_feed(self.sess, feed)  # a user's model that does not fit the data: say which input
             raise
+
+
+class OvEngine:
+    """An ONNX file (or OpenVINO IR ``.xml``) compiled by OpenVINO for the CPU: fixed threads, the
+    latency hint, and float32 inference unless ``precision`` is "bf16" (OpenVINO would otherwise pick
+    bf16 on CPUs that have it, and its results would not be float32's)."""
+
+    runtime = "openvino"
+
+    def __init__(self, path: Path | str | bytes, threads: int = 2, precision: str = "f32"):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise KrimpError("eval.runtime openvino needs OpenVINO: pip install 'krimp[openvino]'") from None
+        core = ov.Core()
+        if isinstance(path, bytes):  # an ONNX model in memory (the fallback's tries)
+            model = _convert_onnx_bytes(path)
+        elif str(path).endswith(".xml"):
+            model = core.read_model(str(path))
+        else:
+            # the conversion the openvino export saves (convert_model, not read_model: the two can round a QDQ
+            # model's weights differently), so what is measured here is what the IR computes
+            model = ov.convert_model(str(path))
+        config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.inputs = [i.get_any_name() for i in self.compiled.inputs]
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {k: v for k, v in feed.items() if k in self.inputs}
+        missing = [k for k in self.inputs if k not in feed]
+        if missing:
+            raise KrimpError(f"the model's input '{missing[0]}' is not in the data's feed ({', '.join(feed)})")
+        return self.request.infer(feed)[0].copy()
+
+
+def _convert_onnx_bytes(data: bytes):
+    import tempfile
+
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="krimp-ov-") as tmp:
+        p = Path(tmp) / "model.onnx"
+        p.write_bytes(data)
+        return ov.convert_model(str(p))
+
+
+#: the runtimes an ONNX model can be measured on (``eval.runtime``)
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def onnx_engine(path: Path | str | bytes, threads: int = 2, runtime: str = "onnxruntime", precision: str = "f32"):
+    """``path`` (an ONNX file or bytes; for OpenVINO also an ``.xml``) opened on ``runtime``."""
+    if runtime == "openvino" or str(path).endswith(".xml"):
+        return OvEngine(path, threads, precision)
+    return OrtEngine(path, threads)
+
+
+def engine_for(path: Path | str | bytes, ev):
+    """``path`` on the runtime a recipe's ``eval`` section names (its threads and precision)."""
+    return onnx_engine(path, ev.threads, ev.runtime, ev.precision)
 
 
 class TorchEngine:

@@ -42,7 +42,9 @@ ROUND_S = 0.05  # fast models run several times per round, so that a round is no
 class OnnxWorker:
     """An ONNX model in its own process (``krimp.eval.bench_worker --serve``), timed on request."""
 
-    def __init__(self, path: Path, feed_path: Path, threads: int, warmup: int):
+    def __init__(
+        self, path: Path, feed_path: Path, threads: int, warmup: int, runtime: str = "onnxruntime", precision="f32"
+    ):
         cmd = [
             sys.executable,
             "-m",
@@ -52,6 +54,8 @@ class OnnxWorker:
             str(feed_path),
             str(threads),
             str(warmup),
+            runtime,
+            precision,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.name = Path(path).name
@@ -209,15 +213,23 @@ def _settled(rounds: list[list[float]]) -> bool:
 
 
 def time_onnx_pair(
-    base: Path, comp: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, repeats: int, budget_s: float
+    base: Path,
+    comp: Path,
+    feed: dict[str, np.ndarray],
+    threads: int,
+    warmup: int,
+    repeats: int,
+    budget_s: float,
+    runtime: str = "onnxruntime",
+    precision: str = "f32",
 ) -> dict:
-    """:func:`time_pair` for two ONNX files, each in a worker process of its own."""
+    """:func:`time_pair` for two ONNX files, each in a worker process of its own on ``runtime``."""
     with tempfile.TemporaryDirectory(prefix="krimp-bench-") as tmp:
         fp = Path(tmp) / "feed.npz"
         np.savez(fp, **feed)
-        a = OnnxWorker(base, fp, threads, warmup)
+        a = OnnxWorker(base, fp, threads, warmup, runtime, precision)
         try:
-            b = OnnxWorker(comp, fp, threads, warmup)
+            b = OnnxWorker(comp, fp, threads, warmup, runtime, precision)
         except BaseException:
             a.release()
             raise

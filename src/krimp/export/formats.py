@@ -13,6 +13,7 @@ import krimp.export.genai  # noqa: F401
 import krimp.export.gguf  # noqa: F401
 import krimp.export.mlx  # noqa: F401
 import krimp.export.onnx  # noqa: F401
+import krimp.export.openvino  # noqa: F401
 import krimp.export.safetensors_io  # noqa: F401
 from krimp.errors import KrimpError
 from krimp.export.registry import EXPORTERS, ExportJob

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from krimp.models.tasks import Task
@@ -18,7 +19,7 @@ class ModelHandle:
 
     task: Task
     source: str
-    kind: str  # hf | gguf | onnx | torch | builtin
+    kind: str  # hf | gguf | onnx | openvino | torch | builtin
     module: torch.nn.Module | None = None
     onnx_path: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -28,6 +29,12 @@ class ModelHandle:
     def num_params(self) -> int:
         if self.module is not None:
             return sum(p.numel() for p in self.module.parameters())
+        if self.kind == "openvino":
+            import openvino as ov
+
+            model = ov.Core().read_model(str(self.onnx_path))
+            consts = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"]
+            return sum(int(np.prod(c.get_output_shape(0))) for c in consts if len(c.get_output_shape(0)) >= 2)
         from krimp.export.onnx_utils import count_onnx_params
 
         return count_onnx_params(self.onnx_path)

@@ -12,7 +12,7 @@ import torch
 
 from krimp.errors import KrimpError
 from krimp.models.handle import ModelHandle
-from krimp.models.readers import load_gguf, load_hf, load_onnx
+from krimp.models.readers import load_gguf, load_hf, load_onnx, load_openvino
 from krimp.models.tasks import make_task
 
 #: what a torch.nn.Module's inputs need said, by kind of task (``inputs=`` of krimp.compress / load_model)
@@ -61,8 +61,11 @@ def load_model(
         return load_gguf(p, trust_remote_code)
     if suffix == ".onnx":
         return load_onnx(p, task)
+    if suffix == ".xml":
+        return load_openvino(p, task)
     raise KrimpError(
-        f"{p}: unsupported model file type '{suffix or p.name}' (expected a Hugging Face folder, .gguf or .onnx)"
+        f"{p}: unsupported model file type '{suffix or p.name}' "
+        "(expected a Hugging Face folder, .gguf, .onnx or an OpenVINO .xml)"
     )
 
 

@@ -230,6 +230,48 @@ def load_onnx(p: Path, task: str | None) -> ModelHandle:
     return ModelHandle(make_task(task, tokenizer=tok, input_names=names, **kw), str(p), "onnx", onnx_path=p, info=info)
 
 
+def load_openvino(p: Path, task: str | None) -> ModelHandle:
+    """An OpenVINO IR (``model.xml`` beside its ``model.bin``), for ``krimp eval`` and ``krimp bench`` on
+    OpenVINO; the task from the krimp metadata the openvino export writes, or from its inputs."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise KrimpError(f"{p}: an OpenVINO model needs OpenVINO: pip install 'krimp[openvino]'") from None
+    try:
+        m = ov.Core().read_model(str(p))
+    except Exception as e:
+        raise KrimpError(
+            f"{p}: not a readable OpenVINO IR ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
+    names = [i.get_any_name() for i in m.inputs]
+
+    def meta(key: str) -> str | None:
+        return m.get_rt_info(["krimp", key]).astype(str) if m.has_rt_info(["krimp", key]) else None
+
+    kw = json.loads(meta("task")) if meta("task") else {}
+    task = task or kw.pop("name", None)
+    kw.pop("name", None)
+    tok = None
+    if "input_ids" in names:
+        task = task or "embedding"
+        import transformers as tf
+
+        for folder in (p.parent, p.parent.parent):  # a run folder keeps the tokenizer above openvino/
+            try:
+                tok = tf.AutoTokenizer.from_pretrained(folder)
+                break
+            except Exception:
+                continue
+        else:
+            log.warning("no tokenizer beside %s; text data cannot be fed", p)
+    else:
+        task = task or "image-classification"
+    info = {"origin": meta("origin")} if meta("origin") else {}
+    return ModelHandle(
+        make_task(task, tokenizer=tok, input_names=names, **kw), str(p), "openvino", onnx_path=p, info=info
+    )
+
+
 def _vocab_sized(m) -> bool:
     dims = m.graph.output[0].type.tensor_type.shape.dim
     return dims[-1].dim_value > 1000

@@ -1,4 +1,4 @@
-"""GPTQ rounding for the INT8 convolution weights of a static QDQ model.
+"""GPTQ rounding for the INT8 convolution and MatMul weights of a static QDQ model.
 
 ONNX Runtime's static quantizer rounds every weight to its nearest grid point. On a convolution
 whose input has a large mean (the ReLU6 output an EfficientNet's depthwise convolution reads) the
@@ -8,8 +8,9 @@ rounded again, on the same per-channel scales, column by column with the roundin
 compensated on the weights still to be rounded, against the second moments of the convolution's
 input patches on the calibration data: GPTQ (Frantar et al. 2022, arXiv:2210.17323), the
 layer-wise optimal-brain-quantization view of Frantar & Alistarh 2022 ("Optimal Brain Compression",
-arXiv:2208.11580), who apply it to CNN convolutions. Only the integer weights change; scales, zero
-points and the graph stay ONNX Runtime's, so the model runs exactly as before.
+arXiv:2208.11580), who apply it to CNN convolutions. A transformer's MatMul weights are rounded the
+same way against the second moments of their input rows. Only the integer weights change; scales,
+zero points and the graph stay ONNX Runtime's, so the model runs exactly as before.
 
 Recipe::
 
@@ -89,10 +90,11 @@ def _patches(x: torch.Tensor, node) -> torch.Tensor:
     return F.unfold(x, list(k), dilation=_attr(node, "dilations", [1, 1]), stride=_attr(node, "strides", [1, 1]))
 
 
-def conv_hessians(model_path: str | Path, feeds: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """For every 2-D convolution with a constant weight in the float model, by node name: its float
-    weight and the sum over the calibration data of its input patches' outer products, (C*k*k)^2,
-    or per channel (C, k*k, k*k) for a depthwise convolution."""
+def conv_hessians(model_path: str | Path, feeds: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """For every 2-D convolution and MatMul with a constant weight in the float model, by node name: its
+    float weight (rows: output channels), the sum over the calibration data of its input patches' (or
+    input rows') outer products, (C*k*k)^2, or per channel (C, k*k, k*k) for a depthwise convolution,
+    and whether the weight is stored transposed (a MatMul's, (in, out))."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -102,7 +104,12 @@ def conv_hessians(model_path: str | Path, feeds: list[dict]) -> dict[str, tuple[
     convs = [
         n
         for n in m.graph.node
-        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits and len(_attr(n, "kernel_shape", [])) == 2
+        if len(n.input) > 1
+        and n.input[1] in inits
+        and (
+            (n.op_type == "Conv" and len(_attr(n, "kernel_shape", [])) == 2)
+            or (n.op_type == "MatMul" and len(inits[n.input[1]].dims) == 2)
+        )
     ]
     if not convs:
         return {}
@@ -118,7 +125,13 @@ def conv_hessians(model_path: str | Path, feeds: list[dict]) -> dict[str, tuple[
     for f in feeds:
         acts = dict(zip(names, sess.run(None, {k: v for k, v in f.items() if k in wanted}), strict=True))
         for n in convs:
-            p = _patches(torch.from_numpy(acts[n.input[0]]).float(), n)
+            x = torch.from_numpy(acts[n.input[0]]).float()
+            if n.op_type == "MatMul":  # x @ B: the columns of B^T are x's last axis
+                rows = x.reshape(-1, x.shape[-1])
+                h = rows.T @ rows
+                hs[n.name] = hs[n.name].add_(h) if n.name in hs else h
+                continue
+            p = _patches(x, n)
             if _attr(n, "group", 1) == 1:
                 rows = p.transpose(1, 2).reshape(-1, p.shape[1])
                 h = rows.T @ rows
@@ -130,11 +143,13 @@ def conv_hessians(model_path: str | Path, feeds: list[dict]) -> dict[str, tuple[
                 h = torch.einsum("ncil,ncjl->cij", p, p)
             hs[n.name] = hs[n.name].add_(h) if n.name in hs else h
         del acts
-    return {
-        k: (torch.from_numpy(numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)), hs[k])
-        for n in convs
-        if (k := n.name) in hs
-    }
+    out = {}
+    for n in convs:
+        if n.name in hs:
+            w = torch.from_numpy(numpy_helper.to_array(inits[n.input[1]]).astype(np.float32))
+            mm = n.op_type == "MatMul"  # rows: output channels (a MatMul's weight is stored transposed)
+            out[n.name] = (w.T.contiguous() if mm else w, hs[n.name], mm)
+    return out
 
 
 @dataclass(frozen=True)
@@ -144,29 +159,32 @@ class RoundedConv:
     codes: torch.Tensor  # integers, the weight's shape
     scale: torch.Tensor  # (out channels,)
     error_vs_nearest: float
+    transposed: bool = False  # a MatMul's weight: stored (in, out), the codes' transpose
 
     def dequantized(self) -> np.ndarray:
-        return (self.codes * self.scale.reshape(-1, *[1] * (self.codes.ndim - 1))).numpy()
+        """The weight as the graph stores it."""
+        w = (self.codes * self.scale.reshape(-1, *[1] * (self.codes.ndim - 1))).numpy()
+        return np.ascontiguousarray(w.T) if self.transposed else w
 
 
 def gptq_round_convs(
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]], qmax: int = 127, damp: float = 0.01
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor, bool]], qmax: int = 127, damp: float = 0.01
 ) -> dict[str, RoundedConv]:
     """Every convolution of :func:`conv_hessians` GPTQ-rounded once, on the grid ONNX Runtime's
     symmetric per-channel quantizer gives it: ``max|w| / qmax`` (``qmax`` 127, or 64 with its
     reduced range). The fallback's sensitivity ranking and every fallback try reuse these codes."""
     out = {}
-    for name, (W, H) in stats.items():
+    for name, (W, H, transposed) in stats.items():
         rows = W.shape[0]
         scale = W.reshape(rows, -1).abs().amax(1) / qmax
         codes, ratio = fixed_scale_gptq(W.reshape(rows, -1), H, scale, qmax, damp)
-        out[name] = RoundedConv(codes.reshape(W.shape), scale, ratio)
+        out[name] = RoundedConv(codes.reshape(W.shape), scale, ratio, transposed)
     return out
 
 
 def round_conv_weights(
     qdq_path: str | Path,
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor, bool]],
     rounded: dict[str, RoundedConv] | None = None,
     damp: float = 0.01,
 ) -> dict:
@@ -183,7 +201,7 @@ def round_conv_weights(
     producer = {o: n for n in m.graph.node for o in n.output}
     ratios = []
     for node in m.graph.node:
-        if node.op_type != "Conv" or node.name not in stats:
+        if node.op_type not in ("Conv", "MatMul") or node.name not in stats:
             continue
         dq = producer.get(node.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
@@ -191,6 +209,11 @@ def round_conv_weights(
         q = numpy_helper.to_array(inits[dq.input[0]])
         if q.dtype != np.int8 or len(dq.input) < 2 or dq.input[1] not in inits:
             continue
+        matmul = node.op_type == "MatMul"
+        if matmul:  # stored (in, out), quantized per output channel (axis 1): rows are its columns
+            if next((a.i for a in dq.attribute if a.name == "axis"), 1) != 1:
+                continue
+            q = q.T
         zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else 0
         if np.any(zp != 0):
             continue  # symmetric grids only
@@ -198,7 +221,7 @@ def round_conv_weights(
         rows = q.shape[0]
         if scale.numel() == 1:
             scale = scale.expand(rows).clone()
-        W, H = stats[node.name]
+        W, H, _ = stats[node.name]
         if W.shape != q.shape:
             continue
         r = (rounded or {}).get(node.name)
@@ -210,7 +233,10 @@ def round_conv_weights(
         else:  # ONNX Runtime floors the scale of dead (all ~0) channels: those keep its own codes
             keep = same.reshape(-1, *[1] * (q.ndim - 1))
             new_codes, ratio_r = torch.where(keep, r.codes, torch.from_numpy(q.astype(np.float32))), r.error_vs_nearest
-        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(new_codes.numpy().astype(np.int8), dq.input[0]))
+        codes = new_codes.numpy().astype(np.int8)
+        inits[dq.input[0]].CopyFrom(
+            numpy_helper.from_array(np.ascontiguousarray(codes.T if matmul else codes), dq.input[0])
+        )
         ratios.append(ratio_r)
     onnx.save(m, str(qdq_path))
     log.info(

@@ -115,6 +115,10 @@ class SmoothQuantConfig(BaseConfig):
     method = "smoothquant"
     needs = ("decoder_blocks", "encoder_layers")  # encoders: explicit input scales (krimp.quant.smooth_encoder)
     alpha: float = pydantic.Field(0.5, ge=0, le=1)  # migration strength
+    # encoders: which projections' inputs. "norm": those that read a LayerNorm (q/k/v, FFN input), what
+    # dynamic INT8 needs; "all": also the attention output and FFN output projections, for static INT8,
+    # which gives every MatMul input one calibrated range
+    scope: Literal["norm", "all"] = "norm"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,7 +410,7 @@ class SmoothQuant:
 
         t0 = time.perf_counter()
         if ctx.task.name != "causal-lm" and encoder_layers(module):  # BERT-like encoders: explicit scales
-            info = smooth_encoder(module, ctx.task, ctx.calib_feeds, cfg.alpha)
+            info = smooth_encoder(module, ctx.task, ctx.calib_feeds, cfg.alpha, scope=cfg.scope)
             ctx.declare(onnx_only="a smoothed encoder's input scales exist only in its ONNX graph")
             return module, {**info, "seconds": round(time.perf_counter() - t0, 2)}
         # smoothing keeps each block's function: the statistics pass's outputs feed the next block

@@ -66,6 +66,12 @@ class StaticInt8Config(_Int8Base):
     # (krimp.quant.conv_gptq; QDQ only) or ONNX Runtime's nearest rounding
     weight_rounding: Literal["gptq", "nearest"] = "gptq"
     rounding_damp: float = pydantic.Field(0.01, gt=0, lt=1)
+    # text: the MatMul of attention probabilities (a Softmax output) by the values. "float" keeps it out
+    # of INT8: on a uint8 grid of steps of 1/255 most small probabilities become 0
+    attention_probs: Literal["float", "int8"] = "float"
+    # text: the embedding tables (Gather) as int8 with one scale per row. OpenVINO gathers from the int8
+    # table; ONNX Runtime would dequantize the whole table on every call (keep "float" there)
+    embeddings: Literal["float", "int8"] = "float"
 
 
 @contextlib.contextmanager
@@ -167,13 +173,31 @@ class StaticInt8:
                 if stats:
                     from krimp.quant.conv_gptq import round_conv_weights
 
-                    rounding[tuple(sorted(exclude))] = round_conv_weights(dst, stats, codes, cfg.rounding_damp)
+                    rounding[tuple(sorted(set(exclude)))] = round_conv_weights(dst, stats, codes, cfg.rounding_damp)
 
             # text transformers: the weight-bearing ops only. Adds, Muls and Wheres of the plain graph
             # also carry the attention mask (0 / float-min), whose range breaks histogram calibration
             op_types = cfg.op_types or (["MatMul", "Gemm", "Attention"] if ctx.task.is_text else None)
+            extra = {"CalibPercentile": cfg.percentile, "DefaultTensorType": 1}
+            if ctx.task.is_text:
+                # a projection's inputs only: ONNX Runtime would also round each MatMul's output (before
+                # its bias) to one per-tensor range, and a transformer's FFN output carries the residual
+                # stream's few huge channels (cosine 0.94 on MiniLM with it, 0.997 without: openvino_findings.md)
+                extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
+                # attention's query and key (a MatMul of two activations): symmetric int8, the form
+                # OpenVINO's fused INT8 attention takes
+                extra["TensorQuantOverrides"] = {
+                    t: [{"quant_type": _qtype("int8"), "symmetric": True}] for t in activation_matmul_inputs(pre)
+                }
 
             def _static(exclude: list[str]) -> None:
+                _quantize(exclude)
+                if ctx.task.is_text:
+                    hoist_qdq(dst)
+                    if cfg.embeddings == "int8":
+                        embeddings_int8(dst)
+
+            def _quantize(exclude: list[str]) -> None:
                 quantize_static(
                     str(pre),
                     str(dst),
@@ -186,12 +210,18 @@ class StaticInt8:
                     weight_type=_qtype(cfg.weight_type),
                     op_types_to_quantize=op_types,
                     nodes_to_exclude=exclude,
-                    extra_options={"CalibPercentile": cfg.percentile, "DefaultTensorType": 1},
+                    extra_options=extra,
                 )
 
+            probs = softmax_matmuls(pre) if ctx.task.is_text and cfg.attention_probs == "float" else []
             # the fallback ranks each conv with the weight it will really get
-            info = _with_fallback(run, pre, dst, cfg, ctx, {n: r.dequantized() for n, r in codes.items()} or None)
-            kept = tuple(sorted(info["excluded_by_recipe"] + (info.get("fallback") or {}).get("excluded", [])))
+            weights = {n: r.dequantized() for n, r in codes.items()} or None
+            info = _with_fallback(run, pre, dst, cfg, ctx, weights, always=probs)
+            if probs:
+                info["attention_probs_float"] = len(probs)
+            kept = tuple(
+                sorted({*info["excluded_by_recipe"], *probs, *(info.get("fallback") or {}).get("excluded", [])})
+            )
             return {**info, "weight_rounding": rounding.get(kept, {"method": "nearest"})}
 
 
@@ -244,12 +274,142 @@ def weight_only_int8(path: Path, nodes: list[str], block_size: int = 32) -> list
     return todo
 
 
-def _with_fallback(run, src: Path, dst: Path, cfg: _Int8Base, ctx, weights: dict | None = None) -> dict:
+def hoist_qdq(path: Path) -> int:
+    """Move each per-tensor QuantizeLinear/DequantizeLinear pair that feeds a MatMul above the Reshape and
+    Transpose nodes before it, in place; returns how many moved. Rounding to one grid commutes with
+    reshaping and transposing, so the model computes the same; OpenVINO then sees attention's query and
+    key quantized where its fused INT8 attention looks for them (behind Transpose it keeps the pair as a
+    separate FakeQuantize and runs attention in float32: MiniLM 10% slower, bench/results/openvino_findings.md)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    g = m.graph
+    made_by = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+    moved = 0
+    for d in [n for n in g.node if n.op_type == "DequantizeLinear"]:
+        q = made_by.get(d.input[0])
+        users = readers.get(d.output[0], [])
+        if q is None or q.op_type != "QuantizeLinear" or len(users) != 1 or users[0].op_type != "MatMul":
+            continue
+        if q.input[1] not in inits or len(inits[q.input[1]].dims) != 0 or len(readers.get(q.output[0], [])) != 1:
+            continue  # per-tensor pairs only: a per-channel grid does not commute with a transpose
+        bottom = made_by.get(q.input[0])
+        chain = []
+        node = bottom
+        while node is not None and node.op_type in ("Reshape", "Transpose") and len(readers[node.output[0]]) == 1:
+            chain.append(node)
+            node = made_by.get(node.input[0])
+        if not chain:
+            continue
+        top = chain[-1]
+        q.input[0], top.input[0] = top.input[0], d.output[0]
+        users[0].input[list(users[0].input).index(d.output[0])] = bottom.output[0]
+        moved += 1
+    if moved:
+        _topological(g)
+        onnx.save(m, str(path))
+    return moved
+
+
+def _topological(g) -> None:
+    """Reorder ``g``'s nodes so that each comes after the producers of its inputs."""
+    ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    todo, order = list(g.node), []
+    while todo:
+        rest = []
+        for n in todo:
+            if all(i in ready for i in n.input):
+                order.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(todo):
+            raise ValueError("the graph has a cycle")
+        todo = rest
+    nodes = [type(order[0])() for _ in order]
+    for dst, src in zip(nodes, order, strict=True):
+        dst.CopyFrom(src)
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+def embeddings_int8(path: Path) -> int:
+    """Store each float embedding table that a Gather reads (2-D, by row) as int8 codes with one symmetric
+    scale per row behind a DequantizeLinear, in place; returns how many tables."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    done, new_nodes = 0, []
+    for n in g.node:
+        t = inits.get(n.input[0]) if n.op_type == "Gather" else None
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if t is None or len(t.dims) != 2 or axis != 0 or t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        if any(r.op_type != "Gather" for r in readers[t.name]):
+            continue  # a table shared with a MatMul (a tied head) keeps its float values
+        w = numpy_helper.to_array(t).astype(np.float32)
+        scale = np.maximum(np.abs(w).max(1), 1e-12) / 127
+        codes = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+        name = t.name
+        t.CopyFrom(numpy_helper.from_array(codes, name + "_int8"))
+        g.initializer.append(numpy_helper.from_array(scale.astype(np.float32), name + "_scale"))
+        new_nodes.append(
+            helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name], name + "_dq", axis=0)
+        )
+        done += 1
+    if done:
+        nodes = new_nodes + list(g.node)
+        del g.node[:]
+        g.node.extend(nodes)
+        onnx.save(m, str(path))
+    return done
+
+
+def activation_matmul_inputs(path: Path) -> list[str]:
+    """The inputs of MatMuls that multiply two activations and read no Softmax (attention's query by key)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    softmax_out = {o for n in g.node if n.op_type == "Softmax" for o in n.output}
+    return [
+        i
+        for n in g.node
+        if n.op_type == "MatMul" and not consts & set(n.input) and not softmax_out & set(n.input)
+        for i in n.input
+    ]
+
+
+def softmax_matmuls(path: Path) -> list[str]:
+    """MatMul nodes that read a Softmax output (attention probabilities times values)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    softmax_out = {o for n in m.graph.node if n.op_type == "Softmax" for o in n.output}
+    return [n.name for n in m.graph.node if n.op_type == "MatMul" and softmax_out & set(n.input)]
+
+
+def _with_fallback(
+    run, src: Path, dst: Path, cfg: _Int8Base, ctx, weights: dict | None = None, always: list[str] = ()
+) -> dict:
     excluded = select_excluded(src, cfg)
     info = {"excluded_by_recipe": excluded, "reduce_range": _reduce_range(cfg)}
+    kept = [n for n in always if n not in excluded]  # float by the method's own rule (not fallback candidates)
 
     def run_with(extra: list[str]) -> None:
-        run(excluded + extra)
+        run(excluded + kept + extra)
         if extra and cfg.fallback_weights == "int8":
             weight_only_int8(dst, extra)
 
@@ -257,6 +417,8 @@ def _with_fallback(run, src: Path, dst: Path, cfg: _Int8Base, ctx, weights: dict
     if cfg.fallback and cfg.max_fallback_nodes > 0 and ctx.goal_check is not None:
         mode = "dynamic" if isinstance(cfg, DynamicInt8Config) else "static"
         bits = 7 if _reduce_range(cfg) else 8
-        info["fallback"] = auto_fallback(run_with, src, dst, excluded, cfg.max_fallback_nodes, ctx, mode, bits, weights)
+        info["fallback"] = auto_fallback(
+            run_with, src, dst, excluded + kept, cfg.max_fallback_nodes, ctx, mode, bits, weights
+        )
         info["fallback"]["weights"] = cfg.fallback_weights
     return info

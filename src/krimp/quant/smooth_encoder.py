@@ -63,9 +63,15 @@ def smoothing_scale(xmax: torch.Tensor, linears: list[nn.Linear], alpha: float) 
 
 @torch.no_grad()
 def smooth_encoder(
-    model: nn.Module, task, feeds: list[dict[str, np.ndarray]], alpha: float, max_batches: int = 32
+    model: nn.Module,
+    task,
+    feeds: list[dict[str, np.ndarray]],
+    alpha: float,
+    max_batches: int = 32,
+    scope: str = "norm",
 ) -> dict:
-    """Smooth the q/k/v and FFN inputs of every encoder layer, measured on ``feeds``."""
+    """Smooth the q/k/v and FFN inputs of every encoder layer (with ``scope="all"`` also the inputs of
+    its attention output and FFN output projections), measured on ``feeds``."""
     layers = encoder_layers(model)
     if not layers:
         raise KrimpError(
@@ -75,12 +81,16 @@ def smooth_encoder(
         raise KrimpError("smoothquant needs calibration data (data.calib_samples > 0)")
     targets = {}
     for i, layer in enumerate(layers):
-        h, (ups, _) = heads_of(layer), ffn_of(layer)
+        h, (ups, down_path) = heads_of(layer), ffn_of(layer)
         qkv = [getattr(h.holder, n) for n in h.names]
         targets[f"{i}.qkv"] = (h.holder, qkv, qkv[0])
         for up_path in ups:
             up = submodule(layer, up_path)
             targets[f"{i}.ffn.{up_path}"] = (up, [up], up)
+        if scope == "all":
+            for path in (h.out_path, down_path):
+                lin = submodule(layer, path)
+                targets[f"{i}.{path}"] = (lin, [lin], lin)
     xmax: dict[str, torch.Tensor] = {}
 
     def hook_for(key):

@@ -14,8 +14,10 @@ from krimp.memory import peak_rss_mb
 
 def _side(s: dict, quality: dict, fidelity: dict) -> dict:
     b = s["bench"]
+    precision = {"inference_precision": s["inference_precision"]} if "inference_precision" in s else {}
     return {
         "runtime": s["runtime"],
+        **precision,  # OpenVINO's: f32, or bf16 where the recipe asked for it
         "size_bytes": int(s["size_bytes"]),
         "bits_per_weight": round(float(s["bits_per_weight"]), 3),
         "latency_ms_p50": round(b["latency_ms_p50"], 3),

@@ -34,11 +34,16 @@ def _noise(side: dict) -> str:
     return f"cv {n['cv']:.1%}, {n['runs']} runs" + ("" if n["stable"] else ", unstable")
 
 
+def _runtime(side: dict) -> str:
+    p = side.get("inference_precision")
+    return f"{side['runtime']} ({p} inference)" if p else side["runtime"]
+
+
 def summary_rows(r: dict) -> list[tuple[str, str, str]]:
     """(metric, baseline, compressed) rows shared by the terminal table, markdown and HTML."""
     b, c = r["baseline"], r["compressed"]
     rows = [
-        ("runtime", b["runtime"], c["runtime"]),
+        ("runtime", _runtime(b), _runtime(c)),
         (
             "size on disk (MB)",
             f"{b['size_bytes'] / 1e6:.2f}",

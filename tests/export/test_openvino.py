@@ -1,0 +1,114 @@
+"""OpenVINO: ONNX models measured on OpenVINO (eval.runtime), the IR export checked in OpenVINO, and
+static INT8 for a text encoder that OpenVINO runs as INT8 (a tiny random BERT; seconds)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import krimp
+from krimp.errors import KrimpError
+
+pytest.importorskip("openvino")
+
+QUICK = {
+    "data": {"calib_samples": 16, "eval_samples": 16, "seq_len": 32},
+    "eval": {"seq_len": 32, "batch": 4, "repeats": 3, "warmup": 1, "bootstrap": 100, "timing_budget_s": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, minilm):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("bert")
+    cfg = tf.BertConfig(
+        vocab_size=minilm.task.tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+    )
+    tf.BertModel(cfg).save_pretrained(folder)
+    minilm.task.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_static_int8_encoder_measured_and_exported_on_openvino(tiny_bert, tmp_path):
+    recipe = {
+        **QUICK,
+        "eval": {**QUICK["eval"], "runtime": "openvino"},
+        "export": {"formats": ["openvino"]},
+        "stages": [
+            {"method": "smoothquant", "alpha": 0.75, "scope": "all"},
+            {"method": "int8-static", "fallback": False, "embeddings": "int8"},
+        ],
+    }
+    out = tmp_path / "run"
+    r = krimp.compress(str(tiny_bert), recipe, out)
+    assert r["compressed"]["runtime"] == "openvino" and r["baseline"]["runtime"] == "openvino"
+    assert r["compressed"]["inference_precision"] == "f32"
+    smooth, static = r["stages"]
+    assert smooth["smoothed_pairs"] == 2 * 4  # q/k/v, FFN input, attention output, FFN output per layer
+    assert static["attention_probs_float"] == 2
+    assert static["weight_rounding"]["method"] == "gptq" and static["weight_rounding"]["convs"] == 2 * 6
+    assert static["weight_rounding"]["error_vs_nearest"] < 1
+    # projections' inputs only: no MatMul output is rounded to a per-tensor grid, no attention probabilities
+    g = onnx.load(str(out / "model.onnx")).graph
+    made_by = {o: n.op_type for n in g.node for o in n.output}
+    assert not [n for n in g.node if n.op_type == "QuantizeLinear" and made_by.get(n.input[0]) in ("MatMul", "Softmax")]
+    assert sum(made_by.get(n.input[0]) == "Mul" for n in g.node if n.op_type == "QuantizeLinear") >= 2 * 3
+    # query and key: symmetric int8, quantized before their Reshape/Transpose (where OpenVINO's INT8 attention
+    # looks for them); the embedding tables: int8 rows behind a DequantizeLinear
+    inits = {t.name: t for t in g.initializer}
+    nodes = {n.output[0]: n for n in g.node}
+    qk = [
+        n
+        for n in g.node
+        if n.op_type == "DequantizeLinear" and any(r.op_type == "Reshape" and r.input[0] == n.output[0] for r in g.node)
+    ]
+    assert len(qk) == 2 * 2 and all(inits[n.input[2]].data_type == onnx.TensorProto.INT8 for n in qk)
+    tables = [nodes[n.input[0]] for n in g.node if n.op_type == "Gather" and n.input[0] in nodes]
+    assert len([t for t in tables if t.op_type == "DequantizeLinear"]) == 3  # words, positions, token types
+    assert all(inits[t.input[0]].data_type == onnx.TensorProto.INT8 for t in tables if t.op_type == "DequantizeLinear")
+    ov = next(a for a in r["artifacts"] if a["format"] == "openvino")
+    assert ov["path"] == "openvino/model.xml" and (out / "openvino" / "model.bin").exists()
+    assert ov["bytes"] == sum(f.stat().st_size for f in (out / "openvino").iterdir())
+    assert ov["check"]["openvino_ir_max_rel_error"] <= 1e-4 and np.isfinite(ov["check"]["onnxruntime_max_rel_error"])
+    # the IR is a model krimp reads back: task and tokenizer from the run folder, evaluated on OpenVINO
+    ev = krimp.evaluate(
+        str(out / "openvino" / "model.xml"), reference=str(out / "baseline.onnx"), samples=8, seq_len=32
+    )
+    assert ev["runtime"] == "openvino" and ev["task"] == "embedding"
+    assert ev["fidelity"]["cosine"]["value"] > 0.9
+    b = krimp.bench(str(out / "openvino" / "model.xml"), batch=2, seq=32, repeats=3, warmup=1)
+    assert b["runtime"] == "openvino" and b["size_bytes"] == ov["bytes"] and b["latency_ms_p50"] > 0
+    assert json.loads((out / "report.json").read_text())["artifacts"][-1]["check"] == ov["check"]
+
+
+def test_openvino_computes_the_onnx_model_and_names_a_missing_input(tmp_path, minilm):
+    import torch
+
+    from krimp.eval.runtime import OrtEngine, OvEngine, onnx_engine
+
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.GELU())
+    p = tmp_path / "m.onnx"
+    torch.onnx.export(lin, (torch.zeros(2, 8),), str(p), input_names=["x"], dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    x = {"x": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
+    assert isinstance(onnx_engine(p, runtime="openvino"), OvEngine) and isinstance(onnx_engine(p), OrtEngine)
+    assert np.allclose(OvEngine(p).run(x), OrtEngine(p).run(x), atol=1e-5)
+    assert np.allclose(OvEngine(p.read_bytes()).run(x), OrtEngine(p).run(x), atol=1e-5)  # a fallback try's bytes
+    with pytest.raises(KrimpError, match="input 'x'"):
+        OvEngine(p).run({"y": x["x"]})
+
+
+def test_bf16_is_an_openvino_setting_and_an_ir_is_read_not_compressed():
+    from krimp.recipe import Recipe
+
+    with pytest.raises(KrimpError, match="eval.runtime: openvino"):
+        Recipe.from_dict({"eval": {"precision": "bf16"}})
+    assert Recipe.from_dict({"eval": {"runtime": "openvino", "precision": "bf16"}}).eval.precision == "bf16"
