@@ -112,3 +112,29 @@ def test_bf16_is_an_openvino_setting_and_an_ir_is_read_not_compressed():
     with pytest.raises(KrimpError, match="eval.runtime: openvino"):
         Recipe.from_dict({"eval": {"precision": "bf16"}})
     assert Recipe.from_dict({"eval": {"runtime": "openvino", "precision": "bf16"}}).eval.precision == "bf16"
+
+
+@pytest.mark.slow
+def test_weight_only_codes_reach_openvino_as_compressed_weights(tiny_llama, tmp_path):
+    """krimp's 4-bit codes (ONNX Runtime's MatMulNBits) become OpenVINO's compressed weights: the IR is
+    about as small as the ONNX file and, with float32 activations, computes what ONNX Runtime does."""
+    recipe = {
+        "data": {"calib_samples": 4, "eval_samples": 4, "seq_len": 64},
+        "eval": {
+            "seq_len": 32,
+            "batch": 2,
+            "repeats": 3,
+            "warmup": 1,
+            "bootstrap": 100,
+            "timing_budget_s": 1,
+            "runtime": "openvino",
+        },
+        "export": {"formats": ["openvino"]},
+        "stages": [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False, "head_bits": 8}],
+    }
+    r = krimp.compress(str(tiny_llama), recipe, tmp_path / "run")
+    onnx_art = next(a for a in r["artifacts"] if a["format"] == "onnx" and a["role"] == "compressed")
+    ov = next(a for a in r["artifacts"] if a["format"] == "openvino")
+    assert ov["bytes"] < 1.1 * onnx_art["bytes"]
+    assert ov["check"]["onnxruntime_max_rel_error"] < 1e-4 and ov["check"]["onnxruntime_top1_agreement"] == 1.0
+    assert r["compressed"]["runtime"] == "openvino" and np.isfinite(r["compressed"]["quality"]["perplexity"]["value"])
