@@ -106,9 +106,11 @@ class OvEngine:
         elif str(path).endswith(".xml"):
             model = core.read_model(str(path))
         else:
-            # the conversion the openvino export saves (convert_model, not read_model: the two can round a QDQ
+            # the model the openvino export saves (convert_model, not read_model: the two can round a QDQ
             # model's weights differently), so what is measured here is what the IR computes
-            model = ov.convert_model(str(path))
+            from krimp.export.openvino import to_openvino
+
+            model = to_openvino(path)
         config = {
             "INFERENCE_NUM_THREADS": threads,
             "INFERENCE_PRECISION_HINT": precision,
@@ -131,12 +133,12 @@ class OvEngine:
 def _convert_onnx_bytes(data: bytes):
     import tempfile
 
-    import openvino as ov
+    from krimp.export.openvino import to_openvino
 
     with tempfile.TemporaryDirectory(prefix="krimp-ov-") as tmp:
         p = Path(tmp) / "model.onnx"
         p.write_bytes(data)
-        return ov.convert_model(str(p))
+        return to_openvino(p)
 
 
 #: the runtimes an ONNX model can be measured on (``eval.runtime``)
