@@ -156,7 +156,7 @@ def test_scales_become_float16_only_where_exact():
     import openvino as ov
     import openvino.opset13 as ops
 
-    from krimp.export.openvino import half_scales
+    from krimp.export.ov_model import half_scales
 
     codes = ops.constant(np.arange(8, dtype=np.uint8).reshape(2, 4))
     exact = ops.constant(np.array([[0.5], [0.25]], np.float32))

@@ -108,7 +108,7 @@ class OvEngine:
         else:
             # the model the openvino export saves (convert_model, not read_model: the two can round a QDQ
             # model's weights differently), so what is measured here is what the IR computes
-            from krimp.export.openvino import to_openvino
+            from krimp.export.ov_model import to_openvino
 
             model = to_openvino(path)
         config = {
@@ -133,7 +133,7 @@ class OvEngine:
 def _convert_onnx_bytes(data: bytes):
     import tempfile
 
-    from krimp.export.openvino import to_openvino
+    from krimp.export.ov_model import to_openvino
 
     with tempfile.TemporaryDirectory(prefix="krimp-ov-") as tmp:
         p = Path(tmp) / "model.onnx"
