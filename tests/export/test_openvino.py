@@ -115,38 +115,38 @@ def test_bf16_is_an_openvino_setting_and_an_ir_is_read_not_compressed():
 
 
 @pytest.mark.slow
-def test_weight_only_codes_reach_openvino_as_compressed_weights(minilm, tmp_path):
+def test_weight_only_codes_reach_openvino_as_compressed_weights(byte_bpe, tmp_path):
     """krimp's 4-bit codes (ONNX Runtime's MatMulNBits) become OpenVINO's compressed weights; the tied
     embedding is read from the 8-bit head's codes (the ONNX file keeps a float16 copy for its Gather), so
     the IR is smaller than the ONNX file and computes what ONNX Runtime does up to that copy's rounding."""
-    import torch
-    import transformers as tf
+    from tiny_lms import GQA, QUICK_RUN, save_with_texts, tiny_lm
 
     folder = tmp_path / "tied-llama"
-    cfg = tf.LlamaConfig(
-        vocab_size=minilm.task.tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
-    minilm.task.tokenizer.save_pretrained(folder)
+    items = save_with_texts(tiny_lm("llama", tie_word_embeddings=True), folder, byte_bpe)
     recipe = {
-        "data": {"calib_samples": 4, "eval_samples": 4, "seq_len": 64},
-        "eval": {"seq_len": 32, "batch": 2, "repeats": 3, "warmup": 1, "bootstrap": 100, "timing_budget_s": 1},
+        **QUICK_RUN,
+        "eval": {**QUICK_RUN["eval"], "runtime": "openvino"},
         "export": {"formats": ["openvino"]},
         "stages": [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False, "head_bits": 8}],
     }
-    recipe["eval"]["runtime"] = "openvino"
-    r = krimp.compress(str(folder), recipe, tmp_path / "run")
+    r = krimp.compress(str(folder), recipe, tmp_path / "run", data=items)
     onnx_art = next(a for a in r["artifacts"] if a["format"] == "onnx" and a["role"] == "compressed")
     ov = next(a for a in r["artifacts"] if a["format"] == "openvino")
-    table = cfg.vocab_size * cfg.hidden_size
-    assert ov["bytes"] < onnx_art["bytes"] - 1.5 * table  # the float16 copy (2 bytes a value) is gone
+    table = GQA["vocab_size"] * GQA["hidden_size"]
+    weights = (tmp_path / "run" / "openvino" / "model.bin").stat().st_size  # (the .xml text is most of a tiny IR)
+    assert weights < onnx_art["bytes"] - 1.5 * table
+    import openvino
+
+    ir = openvino.Core().read_model(str(tmp_path / "run" / "openvino" / "model.xml"))
+    shape = [GQA["vocab_size"], GQA["hidden_size"]]
+    floats = [
+        o
+        for o in ir.get_ordered_ops()
+        if o.get_type_name() == "Constant"
+        and list(o.get_output_shape(0)) == shape
+        and o.get_output_element_type(0).is_real()
+    ]
+    assert not floats  # the float16 copy of the tied table is gone: the Gather reads the head's codes
     assert ov["check"]["onnxruntime_max_rel_error"] < 1e-3 and ov["check"]["onnxruntime_top1_agreement"] == 1.0
     assert ov["check"]["openvino_ir_max_rel_error"] <= 1e-4
     assert r["compressed"]["runtime"] == "openvino" and np.isfinite(r["compressed"]["quality"]["perplexity"]["value"])

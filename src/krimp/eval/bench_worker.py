@@ -37,17 +37,10 @@ def summarize(times_s: list[float], batch: int, cpu_s: float, peak_rss_mb: float
 
 
 def _runner(path: str, threads: int, runtime: str = "onnxruntime", precision: str = "f32"):
-    """``run(feed)``: one inference of the model on its runtime, every output computed."""
-    if runtime == "openvino" or path.endswith(".xml"):
-        from krimp.eval.runtime import OvEngine
+    """``run(feed)``: one inference of the model on its runtime."""
+    from krimp.eval.runtime import onnx_engine
 
-        engine = OvEngine(path, threads, precision)
-        return engine.run
-    from krimp.eval.runtime import ort_session
-
-    sess = ort_session(path, threads)
-    names = {i.name for i in sess.get_inputs()}
-    return lambda feed: sess.run(None, {k: v for k, v in feed.items() if k in names})
+    return onnx_engine(path, threads, runtime, precision).run
 
 
 def serve(argv: list[str]) -> None:

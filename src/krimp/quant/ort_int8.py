@@ -187,7 +187,7 @@ class StaticInt8:
                 # attention's query and key (a MatMul of two activations): symmetric int8, the form
                 # OpenVINO's fused INT8 attention takes
                 extra["TensorQuantOverrides"] = {
-                    t: [{"quant_type": _qtype("int8"), "symmetric": True}] for t in activation_matmul_inputs(pre)
+                    t: [{"quant_type": _qtype("int8"), "symmetric": True}] for t in attention_matmuls(pre)[1]
                 }
 
             def _static(exclude: list[str]) -> None:
@@ -213,7 +213,7 @@ class StaticInt8:
                     extra_options=extra,
                 )
 
-            probs = softmax_matmuls(pre) if ctx.task.is_text and cfg.attention_probs == "float" else []
+            probs = attention_matmuls(pre)[0] if ctx.task.is_text and cfg.attention_probs == "float" else []
             # the fallback ranks each conv with the weight it will really get
             weights = {n: r.dequantized() for n, r in codes.items()} or None
             info = _with_fallback(run, pre, dst, cfg, ctx, weights, always=probs)
@@ -311,31 +311,11 @@ def hoist_qdq(path: Path) -> int:
         users[0].input[list(users[0].input).index(d.output[0])] = bottom.output[0]
         moved += 1
     if moved:
-        _topological(g)
+        from onnxruntime.quantization.onnx_model import ONNXModel
+
+        ONNXModel(m).topological_sort()  # each moved pair now comes before the Reshape it feeds
         onnx.save(m, str(path))
     return moved
-
-
-def _topological(g) -> None:
-    """Reorder ``g``'s nodes so that each comes after the producers of its inputs."""
-    ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
-    todo, order = list(g.node), []
-    while todo:
-        rest = []
-        for n in todo:
-            if all(i in ready for i in n.input):
-                order.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(todo):
-            raise ValueError("the graph has a cycle")
-        todo = rest
-    nodes = [type(order[0])() for _ in order]
-    for dst, src in zip(nodes, order, strict=True):
-        dst.CopyFrom(src)
-    del g.node[:]
-    g.node.extend(nodes)
 
 
 def embeddings_int8(path: Path) -> int:
@@ -377,28 +357,17 @@ def embeddings_int8(path: Path) -> int:
     return done
 
 
-def activation_matmul_inputs(path: Path) -> list[str]:
-    """The inputs of MatMuls that multiply two activations and read no Softmax (attention's query by key)."""
+def attention_matmuls(path: Path) -> tuple[list[str], list[str]]:
+    """Attention's MatMuls of two activations: the names of those that read a Softmax output (probabilities
+    times values), and the inputs of the others (query times key)."""
     import onnx
 
     g = onnx.load(str(path), load_external_data=False).graph
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     softmax_out = {o for n in g.node if n.op_type == "Softmax" for o in n.output}
-    return [
-        i
-        for n in g.node
-        if n.op_type == "MatMul" and not consts & set(n.input) and not softmax_out & set(n.input)
-        for i in n.input
-    ]
-
-
-def softmax_matmuls(path: Path) -> list[str]:
-    """MatMul nodes that read a Softmax output (attention probabilities times values)."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    softmax_out = {o for n in m.graph.node if n.op_type == "Softmax" for o in n.output}
-    return [n.name for n in m.graph.node if n.op_type == "MatMul" and softmax_out & set(n.input)]
+    both = [n for n in g.node if n.op_type == "MatMul" and not consts & set(n.input)]
+    probs = [n.name for n in both if softmax_out & set(n.input)]
+    return probs, [i for n in both if n.name not in probs for i in n.input]
 
 
 def _with_fallback(
