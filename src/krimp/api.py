@@ -13,13 +13,15 @@ from typing import Any
 
 import torch
 
+from krimp.budget import plan as memory_plan
 from krimp.data import load_data
+from krimp.device import resolve_device
 from krimp.errors import KrimpError
-from krimp.eval.measure import measure_pair
+from krimp.eval.measure import measure_pair, measure_streamed
 from krimp.export.formats import check_exports, write_artifacts
 from krimp.memory import release
 from krimp.models import ModelHandle, load_model
-from krimp.pipeline import run_stages
+from krimp.pipeline import run_stages, run_streamed
 from krimp.progress import PhaseLog
 from krimp.recipe import Recipe
 from krimp.report.build import build_report
@@ -92,8 +94,15 @@ def compress(
     }
     check_output_folder(out, read, overwrite)
     t_start = time.perf_counter()
-    step("loading model")
-    if isinstance(src, ModelHandle):
+    device = resolve_device(r.resources.device)  # a GPU that is not there is refused before any work
+    mem = memory_plan(r, src)  # a run that cannot fit is refused here, before anything is loaded
+    streamed = mem["path"] == "streamed"
+    step("loading model" + (" (streamed: blocks stay in the files until their turn)" if streamed else ""))
+    if streamed:
+        from krimp.models.readers import load_lazy
+
+        handle = load_lazy(Path(src), task or r.task, r.trust_remote_code)
+    elif isinstance(src, ModelHandle):
         if inputs:
             raise KrimpError("inputs= is for a torch.nn.Module; a loaded ModelHandle has its task already")
         handle = src
@@ -116,14 +125,18 @@ def compress(
     try:
         run_log.append(work / "run.log")
         run_log[0].write_text("".join(line + "\n" for line in lines))
-        run = run_stages(handle, r, data, work, step, ckpt)
+        if streamed:
+            run = run_streamed(handle, r, data, step, device, mem.get("calib_batch", 8))
+        else:
+            run = run_stages(handle, r, data, work, step, ckpt, device)
         if run.helper:  # a torchrun helper process: rank 0 writes the run
             shutil.rmtree(work, ignore_errors=True)
             return {"out": None, "helper": True}
         artifacts, side_files = write_artifacts(run, r, handle, work)
         release()
         step("measuring baseline and compressed models")
-        measured = measure_pair(run, handle, r, data, work)
+        measured = (measure_streamed if streamed else measure_pair)(run, handle, r, data, work)
+        measured["memory_plan"], measured["device"] = mem, device
         phases.close()
         report = build_report(r, handle, data, run, artifacts, measured, time.perf_counter() - t_start)
         write_reports(report, work)

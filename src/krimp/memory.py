@@ -24,12 +24,17 @@ def _libc():
         return None
 
 
-def release() -> None:
-    """Collect garbage and return free heap pages to the OS (glibc; elsewhere a no-op)."""
-    gc.collect()
+def trim_heap() -> None:
+    """Return free heap pages to the OS (glibc; elsewhere a no-op)."""
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
+
+
+def release() -> None:
+    """Collect garbage and return free heap pages to the OS."""
+    gc.collect()
+    trim_heap()
 
 
 def peak_rss_mb() -> float:

@@ -134,7 +134,15 @@ def _brief(q: dict) -> dict:
 
 
 def _apply_torch_stages(
-    handle: ModelHandle, stages, feeds, recipe: Recipe, data: Dataset, notes: list, step, ckpt_root: Path | None = None
+    handle: ModelHandle,
+    stages,
+    feeds,
+    recipe: Recipe,
+    data: Dataset,
+    notes: list,
+    step,
+    ckpt_root: Path | None = None,
+    device: str = "cpu",
 ) -> tuple[nn.Module, Needs]:
     """Check the original model on calibration data, then apply torch stages to a deep copy; after
     each stage, measure its fidelity to the original on a few evaluation items (the report shows
@@ -169,6 +177,7 @@ def _apply_torch_stages(
             calib_labels=data.calib_labels,
             seq_len=recipe.data.seq_len,
             ckpt_dir=ckpt_root / f"stage{i}-{cfg.method}" if ckpt_root else None,
+            device=device,
         )
         module, info = method_for(cfg).apply_torch(module, cfg, ctx)
         release()
@@ -265,8 +274,10 @@ def run_stages(
     work: Path,
     step: Callable[[str], None],
     ckpt_root: Path | None = None,
+    device: str = "cpu",
 ) -> RunResult:
-    """Apply the recipe: torch stages, the ONNX export in the form they need, then ONNX stages."""
+    """Apply the recipe: torch stages, the ONNX export in the form they need, then ONNX stages.
+    ``device``: where layer-wise calibration works (:mod:`krimp.device`)."""
     ev, rtol, opset = recipe.eval, recipe.export.rtol, recipe.export.opset
     feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
     torch_stages = [s for s in recipe.stages if s.domain == "torch"]
@@ -278,7 +289,9 @@ def run_stages(
     notes: list[dict] = []
     run = RunResult(notes, handle.module, None, handle.needs)
     if handle.module is not None:
-        run.module, run.needs = _apply_torch_stages(handle, torch_stages, feeds, recipe, data, notes, step, ckpt_root)
+        run.module, run.needs = _apply_torch_stages(
+            handle, torch_stages, feeds, recipe, data, notes, step, ckpt_root, device
+        )
     if not is_main():  # data-parallel helpers (torchrun) stop after training; rank 0 writes
         run.helper = True
         return run
@@ -336,4 +349,55 @@ def run_stages(
     run.compressed_onnx = _apply_onnx_stages(
         cur, onnx_stages, len(torch_stages), recipe, handle, data, feeds, base, work, notes, step
     )
+    return run
+
+
+def run_streamed(
+    handle: ModelHandle,
+    recipe: Recipe,
+    data: Dataset,
+    step: Callable[[str], None],
+    device: str = "cpu",
+    calib_batch: int = 8,
+) -> RunResult:
+    """The recipe's stages on a lazily opened decoder (:mod:`krimp.models.lazy`): each block is read
+    from the file for its turn, compressed and released, so the float model is never in memory at
+    once. No copy is made: the original stays in its file, the stages' result is codes in memory.
+    The memory plan (:func:`krimp.budget.plan`) let only layer-wise weight-only stages and
+    safetensors export come here, and chose ``calib_batch``: the windows a block's forward pass takes
+    at a time."""
+    from krimp.eval.runtime import StreamedEngine
+    from krimp.models.lazy import lazy_of
+
+    ev = recipe.eval
+    feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
+    if not feeds:
+        raise KrimpError("no calibration data")
+    # one short window through the float model: a model that cannot take the data fails here, in seconds
+    check = {k: v[:1, :32] for k, v in feeds[0].items()}
+    out = StreamedEngine(handle.module, handle.task, ev.threads, "float").run(check)
+    if not np.isfinite(out).all():
+        raise KrimpError("the original model produces NaN/Inf on the calibration data")
+    notes: list[dict] = []
+    needs = handle.needs
+    for i, cfg in enumerate(recipe.stages):
+        step(f"stage {i + 1}: {cfg.method}")
+        t0 = time.perf_counter()
+        ctx = StageContext(
+            handle.task,
+            feeds,
+            ev.threads,
+            step=step,
+            calib_items=data.calib,
+            seq_len=recipe.data.seq_len,
+            device=device,
+            batch=calib_batch,
+        )
+        _, info = method_for(cfg).apply_torch(handle.module, cfg, ctx)
+        lazy_of(handle.module).release_outside()
+        release()
+        needs = needs.merge(ctx.needs)
+        notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info})
+    run = RunResult(notes, None, handle.module, needs)
+    run.verify_feeds = _verify_feeds(feeds, handle.task)
     return run

@@ -132,6 +132,36 @@ class ExportSpec(_Section):
     genai_accuracy_level: Literal[1, 2, 3, 4] = 4
 
 
+class ResourcesSpec(_Section):
+    """What the run may use of the machine. ``max_memory`` (``8GB``, ``3.5GiB``): the run is planned to
+    stay under it: in memory when it fits, else streamed block by block (``stream: auto``; layer-wise
+    weight-only methods on a Hugging Face folder: krimp.models.lazy), else refused before it starts
+    with the estimate. ``stream: true`` streams whatever the budget."""
+
+    max_memory: str | int | None = None
+    stream: bool | Literal["auto"] = "auto"
+    # where calibration runs: auto (a CUDA GPU when there is one), cpu, cuda, cuda:N
+    device: str = "auto"
+
+    @pydantic.field_validator("max_memory")
+    @classmethod
+    def _size(cls, v):
+        from krimp.budget import parse_bytes
+
+        if v is not None and parse_bytes(v) <= 0:
+            raise ValueError("must be more than 0")
+        return v
+
+    @pydantic.field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"'{v}' is not a device: auto, cpu, cuda or cuda:N")
+        return v
+
+
 class Recipe(_Section):
     model: str | None = None
     task: str | None = None  # embedding | classification | causal-lm | image-classification
@@ -140,6 +170,7 @@ class Recipe(_Section):
     eval: EvalSpec = EvalSpec()
     goal: Goal = Goal()
     export: ExportSpec = ExportSpec()
+    resources: ResourcesSpec = ResourcesSpec()
     stages: list[Any] = pydantic.Field(default_factory=list)
 
     @pydantic.field_validator("task")
@@ -185,7 +216,7 @@ class Recipe(_Section):
         return cls.from_dict(read_recipe(p), where=p.name)
 
 
-_SECTIONS = ("data", "eval", "goal", "export")
+_SECTIONS = ("data", "eval", "goal", "export", "resources")
 
 
 def read_recipe(name: str | Path, what: str = "recipe") -> dict[str, Any]:

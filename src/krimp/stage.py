@@ -52,6 +52,7 @@ class StageContext:
     calib_labels: list[int] | None = None
     seq_len: int = 128
     ckpt_dir: Path | None = None  # where a training stage keeps checkpoints that a rerun resumes
+    device: str = "cpu"  # where layer-wise calibration works on each block (resources.device, resolved)
     needs: Needs = field(default_factory=Needs)  # filled by the method: what its output needs from the exporters
 
     def declare(self, onnx: OnnxForm | None = None, packed: bool = False, onnx_only: str = "") -> None:

@@ -16,8 +16,9 @@ the activations of all windows live in one buffer, and each batch's outputs are 
 own inputs once nothing needs them (the last pass of a block), so no second buffer is needed. A
 method that still reads the inputs after its statistics pass, under ``propagate="float"``, gets a
 second buffer for the outputs.
-Blocks are visited in order and touched only through ``process``; a later version can load each
-block from disk just before it is needed, for models larger than memory.
+Blocks are visited in order and touched only through ``process``; a model opened lazily
+(:mod:`krimp.models.lazy`) has each block read from its file for its turn and released after, so
+the float weights of one block are in memory at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import torch
 from torch import nn
 
 from krimp.errors import KrimpError
+from krimp.memory import trim_heap
 from krimp.models.arch import block_linears, family_of, find_blocks
+from krimp.models.lazy import in_turn
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class InputStats:
         self.rows += x.shape[0]
         if "hessian" in want:
             if self.hessian is None:
-                self.hessian = torch.zeros(x.shape[1], x.shape[1])
+                self.hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             self.hessian.addmm_(x.T, x)  # in place: no (in, in) temporary per batch
             if x0 is not None:
                 self.hessian.addmm_(x0.T, x0, alpha=first_weight - 1)
@@ -107,6 +110,15 @@ class InputStats:
         return rows[idx.sort().values]
 
 
+def _on(v, device: torch.device):
+    """``v`` (a tensor, or a tuple of them such as rotary cos/sin) on ``device``."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_on(x, device) for x in v)
+    return v
+
+
 def _same_or(prev, v):
     """``prev`` when it is a tensor equal to ``v`` (so one copy is kept), else ``v``."""
     if (
@@ -120,17 +132,6 @@ def _same_or(prev, v):
     if isinstance(v, tuple) and isinstance(prev, tuple) and len(v) == len(prev):
         return tuple(_same_or(p, x) for p, x in zip(prev, v, strict=True))
     return v.detach() if isinstance(v, torch.Tensor) else v
-
-
-def _trim_heap() -> None:
-    """Give freed heap pages back to the system (glibc keeps them otherwise, and a long calibration's
-    resident memory creeps up block after block)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class BlockRun:
@@ -238,10 +239,12 @@ class LayerwiseCalibrator:
         step: Callable[[str], None] | None = None,
         label: str = "calibrating",
         propagate: str = "compressed",
+        device: str = "cpu",
     ):
         if propagate not in ("compressed", "float"):
             raise ValueError(f"propagate must be 'compressed' or 'float', got {propagate!r}")
         self.model, self.windows, self.batch = model, windows, batch
+        self.device = torch.device(device)  # where each block, its inputs and statistics are worked on
         self.propagate = propagate
         self.step = step or (lambda s: log.info("%s", s))
         self.label = label
@@ -261,13 +264,13 @@ class LayerwiseCalibrator:
             kw = dict(kw)
             x = (args[0] if args else kw.pop("hidden_states")).detach()
             if not buf:
-                buf.append(torch.empty((n, *x.shape[1:]), dtype=x.dtype))
+                buf.append(torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=self.device))
             r = sum(len(t) for t in inputs)
-            inputs.append(buf[0][r : r + len(x)].copy_(x) if x.shape[1:] == buf[0].shape[1:] else x)
+            inputs.append(buf[0][r : r + len(x)].copy_(x) if x.shape[1:] == buf[0].shape[1:] else x.to(self.device))
             kw.pop("past_key_values", None), kw.pop("past_key_value", None)
             kw["use_cache"] = False
             prev = kwargs[-1] if kwargs else {}
-            kwargs.append({k: _same_or(prev.get(k), v) for k, v in kw.items()})
+            kwargs.append({k: _same_or(prev.get(k), _on(v, self.device)) for k, v in kw.items()})
             raise _Stop
 
         h = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -306,16 +309,24 @@ class LayerwiseCalibrator:
             keep = self.propagate == "float"  # float: the statistics pass's outputs feed on
             notes = []
             n = len(self.blocks)
-            for i, block in enumerate(self.blocks):
+            away = self.device.type != "cpu"
+            for i, block in in_turn(self.model, self.blocks):
                 self.step(f"{self.label}: block {i + 1}/{n}")
+                if away:
+                    block.to(self.device)
                 run = BlockRun(i, block, inputs, kwargs, keep, get_spare)
                 notes.append({"block": i, **(process(run) or {})})
                 # float: the statistics pass's outputs, unless the method gathered none
                 inputs = run.outputs if keep and run.outputs is not None else run.forward(into="inputs")
                 del run
+                if away:  # the block and its codes back where the model lives
+                    block.to("cpu")
+                    for m in block.modules():
+                        if getattr(m, "krimp_wq", None) is not None:
+                            m.krimp_wq = m.krimp_wq.to("cpu")
                 if spare and inputs and inputs[0].data_ptr() == spare[0].data_ptr():
                     held, spare[0] = spare[0], held  # the outputs were written to the spare buffer
-                _trim_heap()
+                trim_heap()
         finally:
             if fuse:
                 cfg._attn_implementation = impl

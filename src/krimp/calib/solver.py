@@ -46,13 +46,18 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, max_tries: int = 6) -> 
     """
     notes = []
     mean_diag = float(torch.diag(H).mean().clamp_min(1e-12))
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
     d = damp
     for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        # one (in, in) matrix alive beside H at each step: a 5632-wide FFN's Hessian is 127 MB a copy
+        A = H.clone()
+        A.diagonal().add_(d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0 and torch.isfinite(U).all():
                 return U, d, notes
         notes.append(f"Hessian not positive definite with damping {d:g}; raised to {d * 10:g}")
@@ -83,8 +88,9 @@ def column_sweep(
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U, used, notes = inverse_hessian_factor(H, damp)
+    del H  # the sweep reads only U
     U = U.float()
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
 
     for j0 in range(0, cols, block_size):
         j1 = min(j0 + block_size, cols)

@@ -43,6 +43,12 @@ def compress_cmd(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="run the model folder's own Python code (only for a model you trust)"
     ),
+    max_memory: str = typer.Option(
+        None,
+        "--max-memory",
+        help="memory budget (8GB): in memory if it fits, else streamed block by block, else refused",
+    ),
+    device: str = typer.Option(None, "--device", help="where calibration runs: auto, cpu, cuda, cuda:N"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
 ) -> None:
     """Compress a model by a recipe or by --method; exit 3 if the goal is missed, 2 on bad input."""
@@ -64,6 +70,8 @@ def compress_cmd(
             "data.eval_samples": samples,
             "data.seq_len": seq_len,
             "export.formats": _formats(export),
+            "resources.max_memory": max_memory,
+            "resources.device": device,
         }
         settings = {k: v for k, v in settings.items() if v is not None}
         settings.update(_pairs(sets or [], "--set"))

@@ -16,7 +16,7 @@ def collect(engine, task, items, batch: int, seq_len: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,))
 
 
-CHUNK = 2**22  # logits handled at a time in float64 statistics: 32 MB
+CHUNK = 2**20  # logits handled at a time in float64 statistics: 8 MB an array (a few are alive at once)
 
 
 def lm_stats(ref_logits, got_logits, feed):

@@ -21,7 +21,10 @@ def energy_source() -> str:
         return "model"
 
 
-def estimate(bench: dict, spec) -> dict:
+def estimate(bench: dict | None, spec) -> dict:
+    """Energy and cost per inference from a timing's CPU seconds (None for a run that was not timed)."""
+    if bench is None:
+        return {"energy_j_per_inference": None, "cost_usd_per_million": None}
     cpu = bench["cpu_s_per_inference"]
     return {
         "energy_j_per_inference": cpu * spec.watts_per_core,

@@ -183,6 +183,27 @@ class TorchEngine:
         return self.module(*args).float().numpy()
 
 
+class StreamedEngine(TorchEngine):
+    """A lazily opened decoder (:mod:`krimp.models.lazy`) run block by block: each block is read just
+    before it runs and released after. ``variant``: ``float`` (the file's model: the baseline) or
+    ``current`` (as the stages left it)."""
+
+    runtime = "pytorch (streamed)"
+
+    def __init__(self, module, task, threads: int = 2, variant: str = "current"):
+        import torch
+
+        from krimp.models.lazy import lazy_of
+
+        super().__init__(module, task, threads)
+        self.lazy, self.variant = lazy_of(module), variant
+        self.dtype = torch.float32  # the blocks' type (an embedding may be kept in its stored half type)
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        with self.lazy.streaming(self.variant):
+            return super().run(feed)
+
+
 def batches(task, items: list, batch: int, seq_len: int):
     """Feeds of ``batch`` items each (the last may be smaller)."""
     for i in range(0, len(items), batch):

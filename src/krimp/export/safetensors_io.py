@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -42,6 +43,38 @@ def save_safetensors(module: torch.nn.Module, path: Path) -> Path:
     return path
 
 
+def write_one_by_one(path: Path, tensors: dict[str, torch.Tensor | tuple], metadata: dict[str, str]) -> None:
+    """A safetensors file written one tensor at a time: ``tensors`` maps a name to a tensor or to
+    ``(dtype, shape, make)``, where ``make()`` gives the tensor when its turn to be written comes. The
+    header (names, dtypes, shapes, offsets) goes first, as the format lays it out; then each tensor's
+    bytes, so only one made tensor is in memory at a time, not the file's whole content as
+    ``safetensors.torch.save_file`` needs."""
+    import json
+    import struct
+
+    from krimp.models.lazy import SAFETENSORS_DTYPES
+
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    specs, off = {}, 0
+    for name, t in tensors.items():
+        dtype, shape = (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else t[:2]
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        specs[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    head = json.dumps({"__metadata__": metadata, **specs}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for name, t in tensors.items():
+            v = (t if isinstance(t, torch.Tensor) else t[2]()).detach().contiguous()
+            if specs[name]["dtype"] != names[v.dtype] or list(v.shape) != specs[name]["shape"]:
+                raise RuntimeError(f"{name}: made {v.dtype} {tuple(v.shape)}, announced {specs[name]}")
+            f.write(memoryview(v.reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 # ---- packed weight-only artifacts -------------------------------------------------------------
 PACKED_FORMAT = "krimp-packed-v1"
 
@@ -58,6 +91,7 @@ def sparse_weights(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
             isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
             and getattr(m, "krimp_wq", None) is None
             and w is not None
+            and not w.is_meta  # a streamed model's tensor still in its file: written as it is there
             and w.numel() >= 1024
             and float((w == 0).float().mean()) >= SPARSE_MIN
         ):
@@ -92,15 +126,23 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
     (``krimp eval FOLDER``)."""
     import json
 
-    from safetensors.torch import save_file
-
+    from krimp.models.lazy import lazy_of
     from krimp.quant.primitives import pack
     from krimp.quant.wq import quantized_layers
 
-    layers, state, seen = {}, {}, set()
+    # name -> a tensor, or (dtype, shape, make) for one made only when it is written: a layer's packed
+    # codes exist one layer at a time, and a lazily opened model's file tensors are read one at a time
+    layers: dict[str, dict] = {}
+    state: dict[str, torch.Tensor | tuple] = {}
+    seen: set[int] = set()
     for name, qw in quantized_layers(module).items():
         lin = module.get_submodule(name)
-        state[f"{name}.qweight"] = pack(qw.codes.to(torch.int16), qw.spec.bits, symmetric=False)
+        n_codes = qw.shape[0] * qw.shape[1]
+        state[f"{name}.qweight"] = (
+            torch.uint8,
+            (-(-n_codes * qw.spec.bits // 8),),
+            lambda qw=qw: pack(qw.codes.to(torch.int16), qw.spec.bits, symmetric=False),
+        )
         state[f"{name}.scales"] = qw.scales.half().contiguous()
         state[f"{name}.zeros"] = qw.zeros.to(torch.uint8).contiguous()
         layers[name] = {
@@ -109,7 +151,8 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
             "symmetric": qw.spec.symmetric,
             "shape": list(qw.shape),
         }
-        seen.add(lin.weight.data_ptr())
+        if not lin.weight.is_meta:  # a tied embedding shares it: stored once, as the head's codes
+            seen.add(lin.weight.data_ptr())
     sparse = {}
     for name, m in sparse_weights(module).items():
         w = m.weight.detach()
@@ -118,11 +161,20 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
         state[f"{name}.values"] = w.flatten()[keep].contiguous()
         sparse[name] = list(w.shape)
         seen.add(w.data_ptr())
-    for k, v in module.state_dict().items():
-        if v.data_ptr() in seen or k in state:
+    lazy = lazy_of(module)
+    coded = {f"{name}.weight" for name in layers}
+    for k, v in module.state_dict(keep_vars=True).items():
+        if k in coded or k in state or (not v.is_meta and v.data_ptr() in seen):
             continue
-        seen.add(v.data_ptr())
-        state[k] = v.detach().contiguous()
+        if v.is_meta:  # a lazily opened model's tensor still in its file (krimp.models.lazy)
+            if lazy is None:
+                raise KrimpError(f"{k} has no values (a meta tensor); load the model's weights first")
+            state[k] = (torch.float32, tuple(v.shape), lambda v=v: lazy.tensor(v))
+        else:
+            seen.add(v.data_ptr())
+            # a lazy model's embedding kept in its stored half type: written as float32, as the in-memory path
+            half = lazy is not None and v.dtype in (torch.bfloat16, torch.float16)
+            state[k] = (torch.float32, tuple(v.shape), lambda v=v: v.float()) if half else v.detach()
     meta = {
         "format": PACKED_FORMAT,
         "layers": json.dumps(layers),
@@ -132,7 +184,7 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.safetensors"
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
+    write_one_by_one(tmp, state, meta)
     follow_umask(tmp)
     os.replace(tmp, path)
     if hasattr(getattr(module, "config", None), "save_pretrained"):  # reloadable as a model folder

@@ -275,3 +275,35 @@ def load_openvino(p: Path, task: str | None) -> ModelHandle:
 def _vocab_sized(m) -> bool:
     dims = m.graph.output[0].type.tensor_type.shape.dim
     return dims[-1].dim_value > 1000
+
+
+def load_lazy(folder: Path, task: str | None = None, trust: bool = False):
+    """A :class:`~krimp.models.handle.ModelHandle` of the decoder in ``folder`` whose blocks stay in
+    their safetensors files until their turn (:mod:`krimp.models.lazy`); kind ``hf-lazy``."""
+    from accelerate import init_empty_weights
+
+    from krimp.models.lazy import LazyDecoder, safetensors_files
+
+    tf = _quiet_transformers()
+    files = safetensors_files(folder)
+    if not files:
+        raise KrimpError(f"{folder}: streaming reads safetensors weights, and this folder has none")
+    try:
+        config = tf.AutoConfig.from_pretrained(folder, trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise KrimpError(f"{folder}: cannot read config.json ({str(e).splitlines()[0]})") from None
+    task = task or detect_task(config, folder)
+    if task != "causal-lm":
+        raise KrimpError(f"{folder}: streaming is for decoder language models (causal-lm); this is a {task} model")
+    with init_empty_weights(include_buffers=False):
+        module = tf.AutoModelForCausalLM.from_config(
+            config, trust_remote_code=trust, attn_implementation="eager", dtype=torch.float32
+        )
+    if hasattr(module, "tie_weights"):  # a tied head is the embedding's tensor, read once
+        module.tie_weights()
+    lazy = LazyDecoder(module.eval(), files)
+    lazy.load_outside()
+    tok = tf.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    handle = hf_handle(module, tok, task, str(folder), "hf-lazy")
+    handle.info["stored_bytes"] = sum(f.stat().st_size for f in set(files.values()))
+    return handle

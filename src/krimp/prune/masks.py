@@ -56,7 +56,7 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep mask removing the ``sparsity`` share of lowest scores of the whole tensor."""
     k = n_pruned(score.numel(), sparsity)
-    keep = torch.ones(score.numel(), dtype=torch.bool)
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     if k:
         keep[torch.topk(score.flatten(), k, largest=False).indices] = False
     return keep.view(score.shape)

@@ -177,7 +177,7 @@ class _Layerwise:
         t0 = time.perf_counter()
         find_blocks(module)  # layer-wise methods need decoder blocks: a clear error otherwise
         layers = prunable(module, cfg)
-        cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, cfg.method)
+        cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, cfg.method, device=ctx.device)
         notes: list[str] = []
 
         def process(run):

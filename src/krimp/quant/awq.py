@@ -70,12 +70,12 @@ def search_clip(
     the output error on ``x`` (n, in). Returns ratios shaped like the scales (out, n_groups)."""
     g = spec.group_len(w.shape[1])
     xg = grouped(x, g)  # (n, G, g)
-    best_r = torch.ones(w.shape[0], xg.shape[1])
+    best_r = torch.ones(w.shape[0], xg.shape[1], device=w.device)
     for r0 in range(0, w.shape[0], chunk):
         wc = w[r0 : r0 + chunk]
         wg = grouped(wc, g)
         ref = torch.einsum("ngk,ogk->nog", xg, wg)
-        best_err = torch.full(best_r[r0 : r0 + chunk].shape, float("inf"))
+        best_err = torch.full(best_r[r0 : r0 + chunk].shape, float("inf"), device=w.device)
         for i in range(int(max_shrink * grid) + 1):
             ratio = 1 - i / grid
             q = grouped(fake_quant(wc, spec, ratio), g)

@@ -39,7 +39,7 @@ def best_range(
     """
     one = WQSpec(spec.bits, None, spec.symmetric)
     best_s, best_z = qparams(w, one)
-    best = torch.full((w.shape[0],), float("inf"))
+    best = torch.full((w.shape[0],), float("inf"), device=w.device)
     half = 2 ** (spec.bits - 1)
     for i in range(grid + 1):
         r = 1 - max_shrink * i / grid
@@ -74,8 +74,8 @@ def gptq_solve(
     """
     rows, cols = W.shape
     g = spec.group_len(cols)
-    scales = torch.zeros(rows, n_groups(cols, g))
-    zeros = torch.zeros(rows, n_groups(cols, g))
+    scales = torch.zeros(rows, n_groups(cols, g), device=W.device)
+    zeros = torch.zeros(rows, n_groups(cols, g), device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     hd = torch.diag(H).float().clamp_min(0)
     if act_order:  # static groups from the original weight

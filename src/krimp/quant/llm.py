@@ -126,10 +126,15 @@ class SmoothQuantConfig(BaseConfig):
 
 def quantize_head(module: nn.Module, bits: int | None, group: int = 32) -> dict:
     """Round the output head (and so the tied embedding) to ``bits`` in symmetric groups of ``group``."""
+    from krimp.models.lazy import lazy_of
+
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
     if bits is None or head is None or not isinstance(head, nn.Linear):
         return {}
-    set_quantized(head, rtn(head.weight.detach(), WQSpec(bits, group, True)))
+    w = head.weight.detach()
+    if w.is_meta:  # a streamed model's head of its own, still in its file (krimp.models.lazy)
+        w = lazy_of(module).tensor(head.weight)
+    set_quantized(head, rtn(w, WQSpec(bits, group, True)))
     tied = head.weight is module.get_input_embeddings().weight
     return {"head": f"{bits}-bit, groups of {group}" + (" (tied to the token embedding)" if tied else "")}
 
@@ -179,11 +184,12 @@ class RTN:
 
     def apply_torch(self, module, cfg: RTNConfig, ctx):
         from krimp.models.arch import find_blocks
+        from krimp.models.lazy import in_turn
 
         t0 = time.perf_counter()
         path, blocks = find_blocks(module)
         notes = []
-        for i, block in enumerate(blocks):
+        for i, block in in_turn(module, blocks):
             lins = {_block_name(path, i, n): m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
             notes += _ragged(cfg, lins)
             for name, lin in lins.items():
@@ -210,6 +216,7 @@ class GPTQ:
             ctx.step,
             "gptq",
             "float" if cfg.propagate == "float" else "compressed",
+            ctx.device,
         )
         notes: list[str] = []
 
@@ -279,7 +286,7 @@ class AWQ:
         from krimp.quant.awq import search_clip, search_scale
 
         t0 = time.perf_counter()
-        cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "awq")
+        cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "awq", device=ctx.device)
         notes: list[str] = []
 
         def process(run):
@@ -414,7 +421,7 @@ class SmoothQuant:
             ctx.declare(onnx_only="a smoothed encoder's input scales exist only in its ONNX graph")
             return module, {**info, "seconds": round(time.perf_counter() - t0, 2)}
         # smoothing keeps each block's function: the statistics pass's outputs feed the next block
-        cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "smoothquant", "float")
+        cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "smoothquant", "float", ctx.device)
 
         def process(run):
             probe = _FoldProbe(run, cal)

@@ -125,6 +125,17 @@ class QuantizedWeight:
     def __repr__(self) -> str:
         return f"QuantizedWeight(shape={self.shape}, spec={self.spec})"
 
+    def to(self, device) -> QuantizedWeight:
+        """The same codes on ``device`` (calibration on a GPU hands its codes back to the CPU)."""
+        return QuantizedWeight(
+            None,
+            self.scales.to(device),
+            self.zeros.to(device),
+            self.spec,
+            _packed=self._data.to(device),
+            _cols=self._cols,
+        )
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self._data.shape[0], self._cols)
@@ -197,9 +208,12 @@ def rtn(w: torch.Tensor, spec: WQSpec, clip: torch.Tensor | float = 1.0, chunk_r
 
 def set_quantized(lin: torch.nn.Linear, qw: QuantizedWeight) -> None:
     """Give ``lin`` the dequantized weight of ``qw`` and keep the codes on it as ``lin.krimp_wq``
-    (what the exporters write)."""
+    (what the exporters write). A weight still in its file (``meta``: a streamed model's head) gets
+    only the codes."""
     with torch.no_grad():
-        for r in range(0, qw.shape[0], 4096):  # in place, a slice at a time: no second full copy
+        for r in range(
+            0, qw.shape[0] if not lin.weight.is_meta else 0, 4096
+        ):  # in place, a slice at a time: no second full copy
             lin.weight[r : r + 4096] = qw.rows(r, r + 4096).dequantize().to(lin.weight.dtype)
     lin.krimp_wq = qw
 

@@ -11,19 +11,32 @@ from krimp.eval import energy
 from krimp.eval.goal import drop_ci, goal_outcome, quality_drop, verdicts
 from krimp.memory import peak_rss_mb
 
+_NOT_TIMED = {
+    "latency_ms_p50": None,
+    "latency_ms_p95": None,
+    "throughput_per_s": None,
+    "peak_rss_mb": None,
+    "noise": None,
+    "cpu_s_per_inference": None,
+}
+
+
+def _r(v, n: int):
+    return None if v is None else round(v, n)
+
 
 def _side(s: dict, quality: dict, fidelity: dict) -> dict:
-    b = s["bench"]
+    b = s["bench"] or _NOT_TIMED  # a streamed run is not timed
     precision = {"inference_precision": s["inference_precision"]} if "inference_precision" in s else {}
     return {
         "runtime": s["runtime"],
         **precision,  # OpenVINO's: f32, or bf16 where the recipe asked for it
         "size_bytes": int(s["size_bytes"]),
         "bits_per_weight": round(float(s["bits_per_weight"]), 3),
-        "latency_ms_p50": round(b["latency_ms_p50"], 3),
-        "latency_ms_p95": round(b["latency_ms_p95"], 3),
-        "throughput_per_s": round(b["throughput_per_s"], 2),
-        "peak_rss_mb": round(b["peak_rss_mb"], 1),
+        "latency_ms_p50": _r(b["latency_ms_p50"], 3),
+        "latency_ms_p95": _r(b["latency_ms_p95"], 3),
+        "throughput_per_s": _r(b["throughput_per_s"], 2),
+        "peak_rss_mb": _r(b["peak_rss_mb"], 1),
         "latency_noise": b.get("noise"),
         "cpu_s_per_inference": b["cpu_s_per_inference"],
         "quality": quality,
@@ -71,6 +84,9 @@ def build_report(recipe, handle, data, run, artifacts, measured, wall_s: float) 
     within, misses, noise = goal_outcome(goals)
     drop = quality_drop(q)
     ev = recipe.eval
+    memory = {**(measured.get("memory_plan") or {"path": "in-memory"}), "peak_rss_bytes": int(peak_rss_mb() * 2**20)}
+    budget = memory.get("budget_bytes")
+    memory["within_budget"] = memory["peak_rss_bytes"] <= budget if budget else None
     return {
         "krimp_version": krimp.__version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -91,17 +107,18 @@ def build_report(recipe, handle, data, run, artifacts, measured, wall_s: float) 
             "feed_shapes": measured["bench_feed"],
             "timing_budget_s": ev.timing_budget_s,
             "timing_s": measured.get("timing_s"),
-            "note": "alternating rounds of both models until the medians settle (krimp.eval.timing); "
+            "note": measured.get("timing_note")
+            or "alternating rounds of both models until the medians settle (krimp.eval.timing); "
             "ONNX models each in a process of their own",
         },
         "baseline": base,
         "compressed": comp,
         "ratios": {
             "size": round(size_ratio, 4),
-            "speedup_p50": round(sp["value"], 3),
-            "speedup_ci95": [round(x, 3) for x in sp["ci95"]],
+            "speedup_p50": round(sp["value"], 3) if sp else None,
+            "speedup_ci95": [round(x, 3) for x in sp["ci95"]] if sp else None,
             "timing_stable": not unstable,
-            "speedup_p95": round(base["latency_ms_p95"] / comp["latency_ms_p95"], 3),
+            "speedup_p95": round(base["latency_ms_p95"] / comp["latency_ms_p95"], 3) if sp else None,
         },
         "quality_drop": {"metric": drop[0], "value": drop[1], "ci95": drop_ci(q)} if drop else None,
         "accuracy_delta": q.get("accuracy_delta"),
@@ -132,4 +149,7 @@ def build_report(recipe, handle, data, run, artifacts, measured, wall_s: float) 
         # krimp's own high-water mark (load, stages, exports, quality); each side's timing worker reports
         # its own in bench.peak_rss_mb
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "calibration_device": measured.get("device", "cpu"),  # resources.device, resolved
+        # the memory plan (--max-memory): in memory or streamed, the budget and the estimates it was chosen by
+        "memory": memory,
     }

@@ -40,19 +40,22 @@ def plot(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    timed = report["baseline"]["latency_ms_p50"] is not None  # a streamed run is not timed: size only
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(9 if timed else 4.8, 3.6), squeeze=False)
+    axes = list(axes[0])
     ys: list[float] = []
     metric = "quality"
     for side, color in (("baseline", "#777777"), ("compressed", "#d9480f")):
         s = report[side]
         metric, val, ci = quality_value(s, report)
         lat = s["latency_ms_p50"]
-        for ax, x in zip(axes, (s["size_bytes"] / 2**20, lat), strict=True):
+        for ax, x in zip(axes, (s["size_bytes"] / 2**20, lat)[: len(axes)], strict=True):
             ax.scatter([x], [val], s=70, color=color, zorder=3)
             ax.annotate(side, (x, val), textcoords="offset points", xytext=(6, 6), fontsize=8)
             if ci:
                 ax.errorbar([x], [val], yerr=[[val - ci[0]], [ci[1] - val]], color=color, capsize=4)
-        axes[1].errorbar([lat], [val], xerr=[[0], [s["latency_ms_p95"] - lat]], color=color, capsize=3, alpha=0.5)
+        if timed:
+            axes[1].errorbar([lat], [val], xerr=[[0], [s["latency_ms_p95"] - lat]], color=color, capsize=3, alpha=0.5)
         ys += [val, *(ci or [])]
     limit = quality_limit(report, metric)
     goal = report.get("goal") or {}
@@ -63,7 +66,7 @@ def plot(report: dict, path: Path) -> Path:
             ys.append(limit)
     if goal.get("max_size_ratio"):
         axes[0].axvline(base["size_bytes"] / 2**20 * goal["max_size_ratio"], color="#c92a2a", ls="--", lw=1)
-    if goal.get("min_speedup"):
+    if goal.get("min_speedup") and timed:
         axes[1].axvline(base["latency_ms_p50"] / goal["min_speedup"], color="#c92a2a", ls="--", lw=1)
     import math
 
@@ -72,9 +75,10 @@ def plot(report: dict, path: Path) -> Path:
     pad = max((hi - lo) * 0.15, abs(hi) * 1e-4, 1e-6)
     unit = " (95% CI)"
     axes[0].set_xlabel("size on disk (MiB)")
-    axes[1].set_xlabel(f"latency p50 to p95 (ms, batch {report['bench_settings']['batch']})")
-    lat_max = max(base["latency_ms_p95"], report["compressed"]["latency_ms_p95"])
-    for ax, xmax in zip(axes, (base["size_bytes"] / 2**20, lat_max), strict=True):
+    if timed:
+        axes[1].set_xlabel(f"latency p50 to p95 (ms, batch {report['bench_settings']['batch']})")
+    lat_max = max(base["latency_ms_p95"], report["compressed"]["latency_ms_p95"]) if timed else None
+    for ax, xmax in zip(axes, (base["size_bytes"] / 2**20, lat_max)[: len(axes)], strict=True):
         ax.set_ylabel(metric + unit)
         ax.set_ylim(lo - pad, hi + pad)
         ax.grid(alpha=0.3)

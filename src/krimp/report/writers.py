@@ -50,17 +50,28 @@ def summary_rows(r: dict) -> list[tuple[str, str, str]]:
             f"{c['size_bytes'] / 1e6:.2f} ({r['ratios']['size']:.2f}x)",
         ),
         ("bits per weight", f"{b['bits_per_weight']:.2f}", f"{c['bits_per_weight']:.2f}"),
-        ("latency p50 (ms)", f"{b['latency_ms_p50']:.2f}", f"{c['latency_ms_p50']:.2f} ({_speedup(r)})"),
-        ("latency p95 (ms)", f"{b['latency_ms_p95']:.2f}", f"{c['latency_ms_p95']:.2f}"),
-        ("timing noise", _noise(b), _noise(c)),
-        ("throughput (/s)", f"{b['throughput_per_s']:.1f}", f"{c['throughput_per_s']:.1f}"),
-        ("peak RSS (MB)", f"{b['peak_rss_mb']:.0f}", f"{c['peak_rss_mb']:.0f}"),
     ]
+    if b["latency_ms_p50"] is None:  # a streamed run: not timed
+        rows.append(("latency", "not timed", r["bench_settings"]["note"]))
+    else:
+        rows += [
+            ("latency p50 (ms)", f"{b['latency_ms_p50']:.2f}", f"{c['latency_ms_p50']:.2f} ({_speedup(r)})"),
+            ("latency p95 (ms)", f"{b['latency_ms_p95']:.2f}", f"{c['latency_ms_p95']:.2f}"),
+            ("timing noise", _noise(b), _noise(c)),
+            ("throughput (/s)", f"{b['throughput_per_s']:.1f}", f"{c['throughput_per_s']:.1f}"),
+            ("peak RSS (MB)", f"{b['peak_rss_mb']:.0f}", f"{c['peak_rss_mb']:.0f}"),
+        ]
+    mem = r.get("memory") or {}
+    if mem.get("budget_bytes") or mem.get("path") == "streamed":
+        budget = f"budget {mem['budget_bytes'] / 1e9:.2f} GB" if mem.get("budget_bytes") else "no budget"
+        rows.append(("krimp peak RSS (GB)", budget, f"{mem['peak_rss_bytes'] / 1e9:.2f} ({mem['path']})"))
     for k in sorted(set(b["quality"]) | set(c["quality"])):
         rows.append((f"{k} (95% CI)", _fmt_ci(b["quality"].get(k)), _fmt_ci(c["quality"].get(k))))
     for k, v in c["fidelity"].items():
         if isinstance(v, dict):
             rows.append((f"fidelity: {k} (95% CI)", "1 (reference)" if k != "kl" else "0 (reference)", _fmt_ci(v)))
+    if b["energy_j_per_inference"] is None:
+        return rows
     rows += [
         (
             "energy / inference (J, estimate)",

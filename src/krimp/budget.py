@@ -1,0 +1,209 @@
+"""A memory budget (``--max-memory``, ``resources.max_memory``): what a run will hold, estimated from
+the model folder's config and safetensors headers before anything is loaded, and the way it goes:
+in memory, streamed block by block (:mod:`krimp.models.lazy`), or refused with the estimate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from krimp.models.lazy import SafetensorsReader
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+#: what the process holds before any model: Python, torch, transformers, ONNX Runtime, data, tokenizer
+BASE_BYTES = 700 * 10**6
+#: the methods that can run on a model streamed block by block (krimp.models.lazy)
+STREAMABLE = ("rtn", "gptq", "awq")
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``8GB``, ``3.5 GiB``, ``512MB`` or a number of bytes -> bytes."""
+    import re
+
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"'{text}' is not a size: write it as 8GB, 3.5GiB or 512MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+@dataclass
+class Shape:
+    """What the estimates need to know of a decoder, read from its files without loading it."""
+
+    params: int  # all parameters
+    outside: int  # parameters outside the decoder blocks (embeddings, head, final norm)
+    block: int  # parameters of the largest block
+    blocks: int
+    hidden: int
+    ffn: int
+    vocab: int
+    stored_bytes: int  # the weight files' size
+    heads: int = 1
+    half_embedding: int = 0  # parameters of a token embedding of its own stored in bf16/fp16 (held so)
+    own_head: int = 0  # parameters of a head of its own (not tied to the embedding; read when needed)
+
+
+_EMBEDDING = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
+_HEAD = ("lm_head.weight", "embed_out.weight")
+
+
+def shape_of_folder(folder) -> Shape | None:
+    """A Hugging Face folder's :class:`Shape` from config.json and the safetensors headers; None when
+    it has no safetensors weights."""
+    import json
+    import re
+    from pathlib import Path
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    cfg_file = folder / "config.json"
+    if not files or not cfg_file.is_file():
+        return None
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    cfg = cfg.get("text_config", cfg)
+    per_block: dict[int, int] = {}
+    outside = embedding = head = 0
+    half = False
+    for f in files:
+        for k, info in SafetensorsReader(f).header.items():  # names, dtypes, shapes: no data read
+            if k == "__metadata__":
+                continue
+            n = math.prod(info["shape"])
+            m = re.search(r"\.(\d+)\.", k)
+            if m:
+                per_block[int(m.group(1))] = per_block.get(int(m.group(1)), 0) + n
+                continue
+            outside += n
+            if k.endswith(_EMBEDDING):
+                embedding, half = n, info["dtype"] in ("BF16", "F16")
+            elif k.endswith(_HEAD):
+                head = n
+    hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+    return Shape(
+        params=outside + sum(per_block.values()),
+        outside=outside,
+        block=max(per_block.values(), default=0),
+        blocks=len(per_block),
+        hidden=hidden,
+        ffn=int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden),
+        vocab=int(cfg.get("vocab_size") or 0),
+        heads=int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1),
+        stored_bytes=sum(f.stat().st_size for f in files),
+        half_embedding=embedding if half and head else 0,
+        own_head=head,
+    )
+
+
+def estimates(shape: Shape, recipe, calib_batch: int = 8) -> dict[str, int]:
+    """Peak resident bytes of a run, in memory and streamed (rough, from the parts below; measured
+    against in bench/results/scaling.md).
+
+    Both: :data:`BASE_BYTES`, the tokenizer (about 600 bytes a token), the calibration activations
+    (two buffers of windows x seq x hidden float32), one block's Hessians (three inputs of
+    ``hidden`` and one of ``ffn``) and one block's forward pass on ``calib_batch`` windows (four
+    FFN-wide activations and the attention scores). In memory: the model in float32 twice (the original and the copy
+    the stages change), plus two more copies while the torch exporter writes an ONNX graph.
+
+    Streamed, what is held: the tensors outside the blocks (float32; an embedding of its own as
+    stored, a head of its own not at all) and the codes of every block and of the head (with their
+    float32 scales and zero points). On top, the largest of three moments: calibrating a block (four
+    float32 copies of it: its weights, the solver's, a rounded one, a dequantized one; activations;
+    Hessians), rounding a head of its own (its float32 weight and two copies of its codes), and
+    evaluating (two batches of logits, four copies of a block, a head of its own in float32).
+    """
+    data, ev = recipe.data, recipe.eval
+    stages = recipe.stages
+    bits = min([getattr(s, "bits", 16) or 16 for s in stages] or [16])
+    group = min([getattr(s, "group_size", None) or 128 for s in stages] or [128])
+    head_bits = min([getattr(s, "head_bits", None) or 16 for s in stages] or [16])
+    head_group = min([getattr(s, "head_group_size", None) or 32 for s in stages] or [32])
+    acts = 2 * data.calib_samples * data.seq_len * shape.hidden * 4
+    hess = 4 * (3 * shape.hidden**2 + shape.ffn**2) if any(s.method != "rtn" for s in stages) else 0
+    forward = calib_batch * data.seq_len * (4 * shape.ffn + shape.heads * data.seq_len) * 4
+    acts += forward
+    rows = max(1, min(ev.batch, (1 << 25) // max(1, data.seq_len * max(shape.vocab, 1))))
+    logits = 2 * rows * data.seq_len * shape.vocab * 4
+    common = BASE_BYTES + 600 * shape.vocab + acts + hess
+    exports = 8 * shape.params if {"onnx", "openvino", "genai"} & set(recipe.export.formats) else 0
+    in_memory = common + logits + 8 * shape.params + exports
+    head_n = shape.vocab * shape.hidden
+    codes = (shape.params - shape.outside) * (bits / 8 + 8 / group)
+    head_codes = head_n * (head_bits / 8 + 8 / head_group) if head_bits <= 8 else 0
+    outside = 4 * (shape.outside - shape.own_head - shape.half_embedding) + 2 * shape.half_embedding
+    held = BASE_BYTES + 600 * shape.vocab + outside + codes + head_codes
+    calibrating = 4 * 4 * shape.block + acts + hess
+    rounding_head = 4 * shape.own_head + 2 * head_codes
+    evaluating = logits + 4 * 4 * shape.block + 4 * shape.own_head
+    streamed = held + max(calibrating, rounding_head, evaluating)
+    return {"in_memory": int(in_memory), "streamed": int(streamed)}
+
+
+def why_not_streamed(recipe, shape: Shape | None) -> str | None:
+    """Why this run cannot stream (None when it can): what the user would change."""
+    if shape is None:
+        return "streaming reads a Hugging Face folder with safetensors weights"
+    others = [s.method for s in recipe.stages if s.method not in STREAMABLE]
+    if others or len(recipe.stages) != 1:
+        return f"streaming runs one stage of {', '.join(STREAMABLE)}" + (f", not {', '.join(others)}" if others else "")
+    formats = [f for f in recipe.export.formats if f != "safetensors"]
+    if formats:
+        return f"streaming writes safetensors (export.formats: [safetensors]), not {', '.join(formats)}"
+    if recipe.goal.min_speedup is not None:
+        return "a streamed model reads its blocks from disk, so its speed is not measured: drop goal.min_speedup"
+    return None
+
+
+def plan(recipe, source) -> dict:
+    """Which way this run goes under ``recipe.resources`` (``streamed`` or ``in-memory``) and the
+    estimates it was chosen by; raises KrimpError, before anything is loaded, for a run that does
+    not fit or cannot stream when asked to."""
+    from pathlib import Path
+
+    from krimp.errors import KrimpError
+
+    res = recipe.resources
+    budget = parse_bytes(res.max_memory) if res.max_memory is not None else None
+    if budget is None and res.stream is not True:
+        return {"path": "in-memory"}
+    folder = Path(source) if isinstance(source, str | Path) and Path(source).is_dir() else None
+    shape = shape_of_folder(folder) if folder is not None else None
+    blocker = why_not_streamed(recipe, shape)
+    if res.stream is True and blocker:
+        raise KrimpError(f"resources.stream: {blocker}")
+    if shape is None:  # no estimate without reading the model: the budget is reported against the peak
+        return {"path": "in-memory", "budget_bytes": budget}
+    est = estimates(shape, recipe)
+    out = {"budget_bytes": budget, "estimate_bytes": est}
+    if res.stream is True or (budget is not None and est["in_memory"] > budget and res.stream != False):  # noqa: E712
+        # the largest calibration batch that fits: a block's forward pass on 8 windows of 512 tokens
+        # of a 1.1B model is over 600 MB
+        for batch in (8, 4, 2, 1):
+            est = estimates(shape, recipe, batch)
+            if budget is None or est["streamed"] <= budget:
+                break
+        out = {"budget_bytes": budget, "estimate_bytes": est, "calib_batch": batch}
+        if budget is not None and est["streamed"] > budget:
+            raise KrimpError(
+                f"this run needs about {gb(est['streamed'])} even streamed block by block "
+                f"(in memory {gb(est['in_memory'])}); --max-memory is {gb(budget)}: raise it, or use fewer "
+                "calibration samples (data.calib_samples) or shorter windows (data.seq_len)"
+            )
+        if blocker:
+            raise KrimpError(
+                f"this run needs about {gb(est['in_memory'])} in memory and --max-memory is {gb(budget)}; "
+                f"streaming would take about {gb(est['streamed'])}, but {blocker}"
+            )
+        return {"path": "streamed", **out}
+    if budget is not None and est["in_memory"] > budget:
+        raise KrimpError(
+            f"this run needs about {gb(est['in_memory'])} in memory and --max-memory is {gb(budget)}; "
+            "raise it, or allow streaming (resources.stream: auto)"
+        )
+    return {"path": "in-memory", **out}
