@@ -4,10 +4,13 @@ in memory, streamed block by block (:mod:`krimp.models.lazy`), or refused with t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
-from krimp.models.lazy import SafetensorsReader
+from krimp.models.lazy import SafetensorsReader, safetensors_files
+
+log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -30,7 +33,8 @@ def parse_bytes(text: str | int | float) -> int:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    """A size for a message: GB, or MB below a tenth of one."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
 @dataclass
@@ -62,18 +66,19 @@ def shape_of_folder(folder) -> Shape | None:
     from pathlib import Path
 
     folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
     cfg_file = folder / "config.json"
-    if not files or not cfg_file.is_file():
+    files = sorted(set(safetensors_files(folder).values())) if cfg_file.is_file() else []
+    if not files:
         return None
     cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     cfg = cfg.get("text_config", cfg)
     per_block: dict[int, int] = {}
     outside = embedding = head = 0
     half = False
+    names = set(safetensors_files(folder))
     for f in files:
         for k, info in SafetensorsReader(f).header.items():  # names, dtypes, shapes: no data read
-            if k == "__metadata__":
+            if k not in names:  # metadata, or a tensor the index does not use
                 continue
             n = math.prod(info["shape"])
             m = re.search(r"\.(\d+)\.", k)
@@ -86,6 +91,7 @@ def shape_of_folder(folder) -> Shape | None:
             elif k.endswith(_HEAD):
                 head = n
     hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+    tied = bool(cfg.get("tie_word_embeddings", not head))  # one table for both (a copy in the file or not)
     return Shape(
         params=outside + sum(per_block.values()),
         outside=outside,
@@ -96,8 +102,8 @@ def shape_of_folder(folder) -> Shape | None:
         vocab=int(cfg.get("vocab_size") or 0),
         heads=int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1),
         stored_bytes=sum(f.stat().st_size for f in files),
-        half_embedding=embedding if half and head else 0,
-        own_head=head,
+        half_embedding=embedding if half and not tied else 0,
+        own_head=0 if tied else head,
     )
 
 
@@ -134,11 +140,17 @@ def estimates(shape: Shape, recipe, calib_batch: int = 8) -> dict[str, int]:
     exports = 8 * shape.params if {"onnx", "openvino", "genai"} & set(recipe.export.formats) else 0
     in_memory = common + logits + 8 * shape.params + exports
     head_n = shape.vocab * shape.hidden
-    codes = (shape.params - shape.outside) * (bits / 8 + 8 / group)
-    head_codes = head_n * (head_bits / 8 + 8 / head_group) if head_bits <= 8 else 0
+
+    def code_bytes(b: int) -> float:  # in memory: two codes a byte up to 4 bits, one above (QuantizedWeight)
+        return 0.5 if b <= 4 else 1.0
+
+    codes = (shape.params - shape.outside) * (code_bytes(bits) + 8 / group)
+    head_codes = head_n * (code_bytes(head_bits) + 8 / head_group) if head_bits <= 8 else 0
     outside = 4 * (shape.outside - shape.own_head - shape.half_embedding) + 2 * shape.half_embedding
     held = BASE_BYTES + 600 * shape.vocab + outside + codes + head_codes
-    calibrating = 4 * 4 * shape.block + acts + hess
+    # GPTQ's solve factors the widest Hessian with up to three more copies of it, while no forward runs
+    solve = 3 * 4 * shape.ffn**2 if hess else 0
+    calibrating = 4 * 4 * shape.block + acts - forward + hess + max(forward, solve)
     rounding_head = 4 * shape.own_head + 2 * head_codes
     evaluating = logits + 4 * 4 * shape.block + 4 * shape.own_head
     streamed = held + max(calibrating, rounding_head, evaluating)
@@ -153,8 +165,9 @@ def why_not_streamed(recipe, shape: Shape | None) -> str | None:
     if others or len(recipe.stages) != 1:
         return f"streaming runs one stage of {', '.join(STREAMABLE)}" + (f", not {', '.join(others)}" if others else "")
     formats = [f for f in recipe.export.formats if f != "safetensors"]
-    if formats:
-        return f"streaming writes safetensors (export.formats: [safetensors]), not {', '.join(formats)}"
+    if formats or "safetensors" not in recipe.export.formats:
+        others = f", not {', '.join(formats)}" if formats else ""
+        return f"streaming writes safetensors (export.formats: [safetensors]){others}"
     if recipe.goal.min_speedup is not None:
         return "a streamed model reads its blocks from disk, so its speed is not measured: drop goal.min_speedup"
     return None
@@ -178,6 +191,11 @@ def plan(recipe, source) -> dict:
     if res.stream is True and blocker:
         raise KrimpError(f"resources.stream: {blocker}")
     if shape is None:  # no estimate without reading the model: the budget is reported against the peak
+        log.warning(
+            "--max-memory: %s is not a Hugging Face folder with safetensors weights, so the run cannot be "
+            "estimated or streamed; it runs in memory and the report says whether it stayed within the budget",
+            source if isinstance(source, str | Path) else type(source).__name__,
+        )
         return {"path": "in-memory", "budget_bytes": budget}
     est = estimates(shape, recipe)
     out = {"budget_bytes": budget, "estimate_bytes": est}

@@ -375,7 +375,14 @@ def run_streamed(
         raise KrimpError("no calibration data")
     # one short window through the float model: a model that cannot take the data fails here, in seconds
     check = {k: v[:1, :32] for k, v in feeds[0].items()}
-    out = StreamedEngine(handle.module, handle.task, ev.threads, "float").run(check)
+    try:
+        out = StreamedEngine(handle.module, handle.task, ev.threads, "float").run(check)
+    except KrimpError:
+        raise
+    except Exception as e:  # a model that cannot take the data: one line, as in memory
+        raise KrimpError(
+            f"the model failed on a calibration window ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     if not np.isfinite(out).all():
         raise KrimpError("the original model produces NaN/Inf on the calibration data")
     notes: list[dict] = []

@@ -48,6 +48,9 @@ def test_streamed_method_writes_the_in_memory_file(folders, name, cfg, tmp_path)
     files = {}
     for how, loader in (("memory", lambda: load_hf(d, "causal-lm", False)), ("streamed", lambda: load_lazy(d))):
         h = loader()
+        if how == "streamed":  # as a streamed run does: one window through the float model first (its hooks
+            # run in inference mode; what they load must stay changeable, AWQ scales the norms in place)
+            StreamedEngine(h.module, h.task, variant="float").run(_feeds(h.task, items)[0])
         mod, _ = method_for(cfg).apply_torch(h.module, cfg, StageContext(h.task, _feeds(h.task, items), 2))
         if how == "streamed":
             lazy = lazy_of(mod)
@@ -128,6 +131,8 @@ def test_max_memory_chooses_streaming_or_refuses_before_loading(folders, tmp_pat
     onnx = {**recipe, "export": {"formats": ["onnx"]}, "resources": {"max_memory": between}}
     with pytest.raises(KrimpError, match=r"streaming writes safetensors.*not onnx"):
         krimp.compress(str(d), onnx, tmp_path / "d", data=items)
+    with pytest.raises(KrimpError, match=r"resources.stream: streaming writes safetensors \(export"):
+        krimp.compress(str(d), {**recipe, "export": {"formats": []}, "resources": {"stream": True}}, tmp_path / "f")
     with pytest.raises(KrimpError, match="resources.stream: streaming runs one stage"):
         krimp.compress(
             str(d), {**recipe, "stages": [{"method": "magnitude"}], "resources": {"stream": True}}, tmp_path / "e"

@@ -52,6 +52,12 @@ def test_bad_spaces_are_refused_on_load(tmp_path, search, message):
         load_space(_write(tmp_path, search))
 
 
+def test_streaming_is_refused_in_a_search(tmp_path):
+    search = {"candidates": {"q": [{"method": "int8-dynamic"}]}}
+    with pytest.raises(KrimpError, match="a streamed run is not timed"):
+        load_space(_write(tmp_path, search, resources={"max_memory": "8GB"}))
+
+
 def test_space_turns_parameters_into_recipes(tmp_path):
     space = load_space(
         _write(

@@ -23,6 +23,7 @@ the float weights of one block are in memory at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,6 +109,14 @@ class InputStats:
         rows = torch.cat(self.sample)
         idx = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n]
         return rows[idx.sort().values]
+
+
+def _to_cpu(block: nn.Module) -> None:
+    """A block worked on elsewhere, and its codes, back on the CPU."""
+    block.to("cpu")
+    for m in block.modules():
+        if getattr(m, "krimp_wq", None) is not None:
+            m.krimp_wq = m.krimp_wq.to("cpu")
 
 
 def _on(v, device: torch.device):
@@ -310,23 +319,23 @@ class LayerwiseCalibrator:
             notes = []
             n = len(self.blocks)
             away = self.device.type != "cpu"
-            for i, block in in_turn(self.model, self.blocks):
-                self.step(f"{self.label}: block {i + 1}/{n}")
-                if away:
-                    block.to(self.device)
-                run = BlockRun(i, block, inputs, kwargs, keep, get_spare)
-                notes.append({"block": i, **(process(run) or {})})
-                # float: the statistics pass's outputs, unless the method gathered none
-                inputs = run.outputs if keep and run.outputs is not None else run.forward(into="inputs")
-                del run
-                if away:  # the block and its codes back where the model lives
-                    block.to("cpu")
-                    for m in block.modules():
-                        if getattr(m, "krimp_wq", None) is not None:
-                            m.krimp_wq = m.krimp_wq.to("cpu")
-                if spare and inputs and inputs[0].data_ptr() == spare[0].data_ptr():
-                    held, spare[0] = spare[0], held  # the outputs were written to the spare buffer
-                trim_heap()
+            with contextlib.closing(in_turn(self.model, self.blocks)) as turns:  # released on an error too
+                for i, block in turns:
+                    self.step(f"{self.label}: block {i + 1}/{n}")
+                    try:
+                        if away:
+                            block.to(self.device)
+                        run = BlockRun(i, block, inputs, kwargs, keep, get_spare)
+                        notes.append({"block": i, **(process(run) or {})})
+                        # float: the statistics pass's outputs, unless the method gathered none
+                        inputs = run.outputs if keep and run.outputs is not None else run.forward(into="inputs")
+                        del run
+                    finally:
+                        if away:  # the block and its codes back where the model lives, whatever happened
+                            _to_cpu(block)
+                    if spare and inputs and inputs[0].data_ptr() == spare[0].data_ptr():
+                        held, spare[0] = spare[0], held  # the outputs were written to the spare buffer
+                    trim_heap()
         finally:
             if fuse:
                 cfg._attn_implementation = impl

@@ -43,8 +43,6 @@ def lazy_of(module: nn.Module | None) -> LazyDecoder | None:
 
 def safetensors_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (one file, or the shards of an index)."""
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
@@ -52,8 +50,7 @@ def safetensors_files(folder: Path) -> dict[str, Path]:
     files = sorted(folder.glob("*.safetensors"))
     out: dict[str, Path] = {}
     for f in files:
-        with safe_open(str(f), "pt") as h:
-            out.update({k: f for k in h.keys()})  # noqa: SIM118 (safe_open is no dict)
+        out.update({k: f for k in SafetensorsReader(f).header if k != "__metadata__"})
     return out
 
 
@@ -69,6 +66,11 @@ SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -109,6 +111,7 @@ class SafetensorsReader:
         return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
 
 
+@torch.inference_mode(False)
 def dequantized(qw, rows: int = 4096) -> torch.Tensor:
     """``qw.dequantize()`` a slice of rows at a time into one tensor: the same values as
     :func:`krimp.quant.wq.set_quantized` writes, without a second full-size temporary."""
@@ -118,11 +121,13 @@ def dequantized(qw, rows: int = 4096) -> torch.Tensor:
     return out
 
 
+@torch.inference_mode(False)
 def _set(p: torch.Tensor, value: torch.Tensor | None) -> None:
     """:func:`_put`, or back to ``meta`` for ``None``."""
     _put(p, torch.empty(p.shape, dtype=p.dtype, device="meta") if value is None else value)
 
 
+@torch.inference_mode(False)
 def _put(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Give tensor ``p`` (a parameter or buffer, kept as the same object) ``value``; returns the tensor
     object now holding what ``p`` held."""
@@ -139,6 +144,7 @@ class LazyDecoder:
         self.path, self.blocks = find_blocks(module)
         self._handles: dict[Path, object] = {}
         self._stash: dict[int, torch.Tensor] = {}  # id(tensor) -> what it held before a float load
+        self._loaded: set[int] = set()  # blocks loaded and not yet released
         # each tensor (by identity: tied ones once) and the name it has in the files
         self._key: dict[int, str] = {}
         prefixes = ("", "model.")  # a checkpoint saved from the base model lacks the head's "model." prefix
@@ -150,6 +156,9 @@ class LazyDecoder:
         _LAZY[module] = self
 
     # -- reading ------------------------------------------------------------------------------------
+    # tensors are made outside inference mode even when a hook runs inside it (krimp's engines run
+    # there): a loaded norm that stays in memory may be changed in place by a method afterwards
+    @torch.inference_mode(False)
     def tensor(self, t: torch.Tensor, keep_dtype: bool = False) -> torch.Tensor:
         """The value the files hold for model tensor ``t``: float32, or as stored with ``keep_dtype``."""
         key = self._key.get(id(t))
@@ -192,7 +201,8 @@ class LazyDecoder:
             if not t.is_meta or (owner is head and not self._shared(t)):
                 continue
             v = self.tensor(t, keep_dtype=True)
-            if isinstance(owner, nn.Embedding) and v.dtype in (torch.bfloat16, torch.float16) and not self._shared(t):
+            # a plain nn.Embedding only: a subclass may compute on the table (Gemma 3 scales it) in its type
+            if type(owner) is nn.Embedding and v.dtype in (torch.bfloat16, torch.float16) and not self._shared(t):
                 owner.register_forward_hook(lambda _m, _i, out: out.float())
                 _put(t, v)
             else:
@@ -214,6 +224,7 @@ class LazyDecoder:
         the file where it is not in memory); ``float``, every tensor as the file has it (what is in
         memory comes back at :meth:`release`)."""
         block = self.blocks[i]
+        self._loaded.add(i)
         for owner, leaf, t in self._tensors(block):
             if id(t) not in self._key and not t.is_meta:  # a buffer the model makes itself
                 continue
@@ -230,6 +241,7 @@ class LazyDecoder:
     def release(self, i: int) -> None:
         """Give block ``i``'s memory back: what was stashed by a float load returns; a weight with codes
         and any tensor equal to the file's go to ``meta``."""
+        self._loaded.discard(i)
         for owner, leaf, t in self._tensors(self.blocks[i]):
             if id(t) in self._stash:
                 torch.utils.swap_tensors(t, self._stash.pop(id(t)))
@@ -250,22 +262,22 @@ class LazyDecoder:
             hooks.append(mod.register_forward_hook(lambda *_: after()))
 
         hooks: list = []
-        for i, b in enumerate(self.blocks):
-            around(b, lambda i=i: self.load(i, variant) and None, lambda i=i: self.release(i))
         swapped = []
-        for owner, leaf, t in self._outside():
-            qw = self._codes(owner, leaf)
-            if t.is_meta:  # a head kept in the file, or released to its codes: its weight for the time it runs
-                use_file = variant == "float" or qw is None
-                value = (lambda t=t: self.tensor(t)) if use_file else (lambda qw=qw: dequantized(qw))
-                around(owner, lambda t=t, v=value: _set(t, v()), lambda t=t: _set(t, None))
-            elif (
-                qw is not None and variant == "float"
-            ):  # a tied head (and embedding) holds its codes' values: the file's inside,
-                _set(t, None)  # not both at once (Gemma's 262k x 640 table is 671 MB a copy)
-                _set(t, self.tensor(t))
-                swapped.append((t, qw))
         try:
+            for i, b in enumerate(self.blocks):
+                around(b, lambda i=i: self.load(i, variant) and None, lambda i=i: self.release(i))
+            for owner, leaf, t in self._outside():
+                qw = self._codes(owner, leaf)
+                if t.is_meta:  # a head kept in the file, or released to its codes: its weight while it runs
+                    use_file = variant == "float" or qw is None
+                    value = (lambda t=t: self.tensor(t)) if use_file else (lambda qw=qw: dequantized(qw))
+                    around(owner, lambda t=t, v=value: _set(t, v()), lambda t=t: _set(t, None))
+                elif qw is not None and variant == "float":
+                    # a tied head (and embedding) holds its codes' values: the file's inside, not both at
+                    # once (Gemma's 262k x 640 table is 671 MB a copy)
+                    swapped.append((t, qw))
+                    _set(t, None)
+                    _set(t, self.tensor(t))
             yield self.module
         finally:
             for h in hooks:
@@ -273,7 +285,7 @@ class LazyDecoder:
             for t, qw in swapped:  # the codes' values again
                 _set(t, None)
                 _set(t, dequantized(qw).to(t.dtype))
-            for i in range(len(self.blocks)):  # an exception inside a block leaves it loaded
+            for i in sorted(self._loaded):  # an exception inside a block leaves it loaded
                 self.release(i)
 
 

@@ -212,7 +212,9 @@ def to_markdown(r: dict) -> str:
         f"({r['data'].get('split')}).",
         "",
         f"Latency: batch {s['batch']}, {s['threads']} threads, {s['warmup']} warm-up + {s['repeats']} timed runs; "
-        f"inputs {s['feed_shapes']}.",
+        f"inputs {s['feed_shapes']}."
+        if s.get("feed_shapes")
+        else f"Latency: {s['note']}.",
         "",
         "| metric | baseline | compressed |",
         "|---|---|---|",

@@ -165,5 +165,10 @@ def load_space(path: str | Path) -> Space:
         from krimp.config import format_validation_error
 
         raise KrimpError(format_validation_error(e, f"{p.name}.search", SearchSpec.model_fields)) from None
-    Recipe.from_dict({**d, "stages": []}, where=p.name)  # the base alone must be valid
+    base = Recipe.from_dict({**d, "stages": []}, where=p.name)  # the base alone must be valid
+    if base.resources.max_memory is not None or base.resources.stream is True:
+        raise KrimpError(
+            f"{p.name}: krimp search times every trial, and a streamed run is not timed: drop "
+            "resources.max_memory and resources.stream from a search recipe"
+        )
     return Space(d, spec, f"{p.name}.search")
