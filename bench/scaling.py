@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_line
+from _common import RESULTS, write
 
 WORK = Path("/tmp/krimp-bench-scaling")
 KRIMP = [sys.executable, "-m", "krimp.cli.main"]
@@ -244,34 +244,23 @@ def main() -> None:
         f"peak / budget {args.max_memory}",
         "peak / bf16 files",
     ]
-    lines = [
-        "### GPTQ w4 g128, streamed block by block",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *["| " + " | ".join(r) + " |" for r in rows],
-        "",
-        f"- calibration: {args.calib} windows of {args.seq_len} tokens of builtin:python-docs; held-out: "
+    notes = [
+        f"calibration: {args.calib} windows of {args.seq_len} tokens of builtin:python-docs; held-out: "
         f"{args.eval} windows; budget --max-memory {args.max_memory}, streaming forced on",
-        "- tiny-*: random weights (seed 0), bf16 safetensors, SmolLM2's tokenizer: cost, not quality",
-        "- peak RSS: krimp's process (VmHWM), from report.json's memory.peak_rss_bytes; estimate: "
+        "tiny-*: random weights (seed 0), bf16 safetensors, SmolLM2's tokenizer: cost, not quality",
+        "peak RSS: krimp's process (VmHWM), from report.json's memory.peak_rss_bytes; estimate: "
         "krimp.budget.estimates at the calibration batch the plan chose (the largest of 8, 4, 2, 1 that fits)",
-        "- times are from a shared 2-core VM; one run each",
+        "times are from a shared 2-core VM; one run each",
     ]
     if "smollm2" in raw["models"] and "in_memory" in raw["models"]["smollm2"]:
         im = raw["models"]["smollm2"]["in_memory"]
         same = im["identical"]
-        lines.append(
-            f"- SmolLM2 in memory (resources.stream=false): peak {im['peak_rss_bytes'] / 1e9:.2f} GB, "
+        notes.append(
+            f"SmolLM2 in memory (resources.stream=false): peak {im['peak_rss_bytes'] / 1e9:.2f} GB, "
             f"{im['wall_s']:.0f} s; streamed and in-memory model.safetensors: {same['tensors']} tensors, "
             f"names equal: {same['same_names']}, tensors that differ: {len(same['differ'])}"
         )
-    lines += [f"- machine: {machine_line()}", "- command: `python bench/scaling.py`"]
-    text = "\n".join(lines) + "\n"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scaling.md").write_text(text)
-    (RESULTS / "scaling.json").write_text(json.dumps(raw, indent=2, default=str))
-    print(text)
+    write("scaling", "GPTQ w4 g128, streamed block by block", header, rows, notes, raw)
 
 
 if __name__ == "__main__":

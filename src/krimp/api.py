@@ -21,7 +21,7 @@ from krimp.eval.measure import measure_pair, measure_streamed
 from krimp.export.formats import check_exports, write_artifacts
 from krimp.memory import release
 from krimp.models import ModelHandle, load_model
-from krimp.pipeline import run_stages, run_streamed
+from krimp.pipeline import run_stages
 from krimp.progress import PhaseLog
 from krimp.recipe import Recipe
 from krimp.report.build import build_report
@@ -125,10 +125,7 @@ def compress(
     try:
         run_log.append(work / "run.log")
         run_log[0].write_text("".join(line + "\n" for line in lines))
-        if streamed:
-            run = run_streamed(handle, r, data, step, device, mem.get("calib_batch", 8))
-        else:
-            run = run_stages(handle, r, data, work, step, ckpt, device)
+        run = run_stages(handle, r, data, work, step, ckpt, device, mem.get("calib_batch", 8))
         if run.helper:  # a torchrun helper process: rank 0 writes the run
             shutil.rmtree(work, ignore_errors=True)
             return {"out": None, "helper": True}

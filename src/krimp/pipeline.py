@@ -24,11 +24,12 @@ from krimp.eval.bench import faster_of
 from krimp.eval.compare import collect, compare, compare_features, lm_feeds, lm_stats
 from krimp.eval.goal import calib_ok
 from krimp.eval.measure import bench_feed
-from krimp.eval.runtime import TorchEngine, batches, engine_for
+from krimp.eval.runtime import StreamedEngine, TorchEngine, batches, engine_for
 from krimp.export.onnx import export_onnx, lower, optimize_transformer, verify_onnx
 from krimp.memory import release
 from krimp.methods import method_for
 from krimp.models import ModelHandle
+from krimp.models.lazy import lazy_of
 from krimp.recipe import Recipe
 from krimp.stage import Needs, StageContext
 from krimp.train.trainer import is_main
@@ -143,16 +144,27 @@ def _apply_torch_stages(
     step,
     ckpt_root: Path | None = None,
     device: str = "cpu",
+    calib_batch: int = 8,
 ) -> tuple[nn.Module, Needs]:
     """Check the original model on calibration data, then apply torch stages to a deep copy; after
     each stage, measure its fidelity to the original on a few evaluation items (the report shows
-    quality and size as the recipe goes). Returns the model and what its stages need from the exporters."""
+    quality and size as the recipe goes). Returns the model and what its stages need from the exporters.
+
+    A lazily opened decoder (:mod:`krimp.models.lazy`, chosen by :func:`krimp.budget.plan`) is not
+    copied: its original stays in its file, each block is read for its turn, and what the stages
+    leave is codes. ``calib_batch``: the windows a block's forward pass takes at a time."""
     module, threads, needs = handle.module, recipe.eval.threads, handle.needs
-    engine = TorchEngine(module, handle.task, threads)
+    lazy = lazy_of(module)
+    engine = (
+        StreamedEngine(module, handle.task, threads, "float") if lazy else TorchEngine(module, handle.task, threads)
+    )
     # a few batches show a model that cannot take the data or overflows; for a language model one or two
-    # full-length windows (a batch's logits of a large vocabulary are gigabytes, and minutes to compute)
+    # full-length windows (a batch's logits of a large vocabulary are gigabytes, and minutes to compute);
+    # for a streamed model one short window (each check reads the whole model from its file)
     rows = handle.task.rows(2, recipe.data.seq_len)
     checks = [{k: v[:rows] for k, v in feeds[0].items()}] if handle.task.name == "causal-lm" and feeds else feeds[:4]
+    if lazy is not None:
+        checks = [{k: v[:1, :32] for k, v in f.items()} for f in checks[:1]]
     for f in checks:
         try:
             out = engine.run(f)
@@ -163,7 +175,7 @@ def _apply_torch_stages(
             ) from None
         if not np.isfinite(out).all():
             raise KrimpError("the original model produces NaN/Inf on the calibration data")
-    if stages:
+    if stages and lazy is None:
         module = copy.deepcopy(module)
     for i, cfg in enumerate(stages):
         step(f"stage {i + 1}: {cfg.method}")
@@ -178,8 +190,11 @@ def _apply_torch_stages(
             seq_len=recipe.data.seq_len,
             ckpt_dir=ckpt_root / f"stage{i}-{cfg.method}" if ckpt_root else None,
             device=device,
+            batch=calib_batch,
         )
         module, info = method_for(cfg).apply_torch(module, cfg, ctx)
+        if lazy is not None:
+            lazy.release_outside()
         release()
         needs = needs.merge(ctx.needs)
         note = {"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info}
@@ -275,9 +290,11 @@ def run_stages(
     step: Callable[[str], None],
     ckpt_root: Path | None = None,
     device: str = "cpu",
+    calib_batch: int = 8,
 ) -> RunResult:
     """Apply the recipe: torch stages, the ONNX export in the form they need, then ONNX stages.
-    ``device``: where layer-wise calibration works (:mod:`krimp.device`)."""
+    ``device``: where layer-wise calibration works (:mod:`krimp.device`); ``calib_batch``: windows per
+    block forward pass (:func:`krimp.budget.plan` lowers it to stay under a memory budget)."""
     ev, rtol, opset = recipe.eval, recipe.export.rtol, recipe.export.opset
     feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
     torch_stages = [s for s in recipe.stages if s.domain == "torch"]
@@ -290,8 +307,10 @@ def run_stages(
     run = RunResult(notes, handle.module, None, handle.needs)
     if handle.module is not None:
         run.module, run.needs = _apply_torch_stages(
-            handle, torch_stages, feeds, recipe, data, notes, step, ckpt_root, device
+            handle, torch_stages, feeds, recipe, data, notes, step, ckpt_root, device, calib_batch
         )
+        if lazy_of(handle.module) is not None:  # streamed: the loaded model now holds the stages' codes
+            run.baseline_module = None
     if not is_main():  # data-parallel helpers (torchrun) stop after training; rank 0 writes
         run.helper = True
         return run
@@ -349,62 +368,4 @@ def run_stages(
     run.compressed_onnx = _apply_onnx_stages(
         cur, onnx_stages, len(torch_stages), recipe, handle, data, feeds, base, work, notes, step
     )
-    return run
-
-
-def run_streamed(
-    handle: ModelHandle,
-    recipe: Recipe,
-    data: Dataset,
-    step: Callable[[str], None],
-    device: str = "cpu",
-    calib_batch: int = 8,
-) -> RunResult:
-    """The recipe's stages on a lazily opened decoder (:mod:`krimp.models.lazy`): each block is read
-    from the file for its turn, compressed and released, so the float model is never in memory at
-    once. No copy is made: the original stays in its file, the stages' result is codes in memory.
-    The memory plan (:func:`krimp.budget.plan`) let only layer-wise weight-only stages and
-    safetensors export come here, and chose ``calib_batch``: the windows a block's forward pass takes
-    at a time."""
-    from krimp.eval.runtime import StreamedEngine
-    from krimp.models.lazy import lazy_of
-
-    ev = recipe.eval
-    feeds = list(batches(handle.task, data.calib, ev.batch, recipe.data.seq_len))
-    if not feeds:
-        raise KrimpError("no calibration data")
-    # one short window through the float model: a model that cannot take the data fails here, in seconds
-    check = {k: v[:1, :32] for k, v in feeds[0].items()}
-    try:
-        out = StreamedEngine(handle.module, handle.task, ev.threads, "float").run(check)
-    except KrimpError:
-        raise
-    except Exception as e:  # a model that cannot take the data: one line, as in memory
-        raise KrimpError(
-            f"the model failed on a calibration window ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from None
-    if not np.isfinite(out).all():
-        raise KrimpError("the original model produces NaN/Inf on the calibration data")
-    notes: list[dict] = []
-    needs = handle.needs
-    for i, cfg in enumerate(recipe.stages):
-        step(f"stage {i + 1}: {cfg.method}")
-        t0 = time.perf_counter()
-        ctx = StageContext(
-            handle.task,
-            feeds,
-            ev.threads,
-            step=step,
-            calib_items=data.calib,
-            seq_len=recipe.data.seq_len,
-            device=device,
-            batch=calib_batch,
-        )
-        _, info = method_for(cfg).apply_torch(handle.module, cfg, ctx)
-        lazy_of(handle.module).release_outside()
-        release()
-        needs = needs.merge(ctx.needs)
-        notes.append({"method": cfg.method, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0, **info})
-    run = RunResult(notes, None, handle.module, needs)
-    run.verify_feeds = _verify_feeds(feeds, handle.task)
     return run

@@ -81,7 +81,7 @@ def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
 
 
 def measure_streamed(run, handle, recipe, data, work: Path) -> dict[str, Any]:
-    """Size and quality of a streamed run (:func:`krimp.pipeline.run_streamed`): both sides run block by
+    """Size and quality of a streamed run (:func:`krimp.pipeline.run_stages` on a lazily opened model): both sides run block by
     block from the file, the baseline as stored and the compressed one from its codes. Not timed: a
     streamed forward pass measures the disk, not the model."""
     from krimp.eval.runtime import StreamedEngine

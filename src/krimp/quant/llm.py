@@ -19,6 +19,7 @@ codes as ``module.krimp_wq`` (a :class:`~krimp.quant.wq.QuantizedWeight`): what 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Literal
@@ -189,13 +190,14 @@ class RTN:
         t0 = time.perf_counter()
         path, blocks = find_blocks(module)
         notes = []
-        for i, block in in_turn(module, blocks):
-            lins = {_block_name(path, i, n): m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-            notes += _ragged(cfg, lins)
-            for name, lin in lins.items():
-                spec = cfg.spec_for(name)
-                if spec:
-                    set_quantized(lin, rtn(lin.weight.detach().float(), spec))
+        with contextlib.closing(in_turn(module, blocks)) as turns:  # a block is released on an error too
+            for i, block in turns:
+                lins = {_block_name(path, i, n): m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+                notes += _ragged(cfg, lins)
+                for name, lin in lins.items():
+                    spec = cfg.spec_for(name)
+                    if spec:
+                        set_quantized(lin, rtn(lin.weight.detach().float(), spec))
         ctx.declare(onnx="nbits", packed=True)
         return module, _summary(cfg, module, t0, notes, quantize_head(module, cfg.head_bits, cfg.head_group_size))
 

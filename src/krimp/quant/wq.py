@@ -149,6 +149,14 @@ class QuantizedWeight:
         u = grouped(self.codes.float(), self.group)
         return ((u - self.zeros[..., None]) * self.scales[..., None]).reshape(out, -1)[:, :cols]
 
+    def dequantize_into(self, out: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+        """:meth:`dequantize` written into ``out`` (out, in) a slice of rows at a time: no second
+        full-size temporary (a 262k-row embedding's would be hundreds of MB)."""
+        with torch.no_grad():
+            for r in range(0, self.shape[0], rows):
+                out[r : r + rows] = self.rows(r, r + rows).dequantize().to(out.dtype)
+        return out
+
     def bits_per_weight(self, scale_bits: int = 16) -> float:
         """Code bits plus a float16 scale (and a zero point of ``bits`` bits when asymmetric) per group."""
         per_group = scale_bits + (0 if self.spec.symmetric else self.spec.bits)
@@ -210,11 +218,8 @@ def set_quantized(lin: torch.nn.Linear, qw: QuantizedWeight) -> None:
     """Give ``lin`` the dequantized weight of ``qw`` and keep the codes on it as ``lin.krimp_wq``
     (what the exporters write). A weight still in its file (``meta``: a streamed model's head) gets
     only the codes."""
-    with torch.no_grad():
-        for r in range(
-            0, qw.shape[0] if not lin.weight.is_meta else 0, 4096
-        ):  # in place, a slice at a time: no second full copy
-            lin.weight[r : r + 4096] = qw.rows(r, r + 4096).dequantize().to(lin.weight.dtype)
+    if not lin.weight.is_meta:
+        qw.dequantize_into(lin.weight)  # in place: no second full copy
     lin.krimp_wq = qw
 
 
