@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from krimp.models.lazy import SafetensorsReader, safetensors_files
 
@@ -18,6 +19,8 @@ _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 BASE_BYTES = 700 * 10**6
 #: the methods that can run on a model streamed block by block (krimp.models.lazy)
 STREAMABLE = ("rtn", "gptq", "awq")
+#: the formats a streamed run writes, one tensor at a time
+STREAM_FORMATS = ("safetensors", "gguf")
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -63,8 +66,6 @@ def shape_of_folder(folder) -> Shape | None:
     it has no safetensors weights."""
     import json
     import re
-    from pathlib import Path
-
     folder = Path(folder)
     cfg_file = folder / "config.json"
     files = sorted(set(safetensors_files(folder).values())) if cfg_file.is_file() else []
@@ -105,6 +106,60 @@ def shape_of_folder(folder) -> Shape | None:
         half_embedding=embedding if half and not tied else 0,
         own_head=0 if tied else head,
     )
+
+
+def shape_of_gguf(path) -> Shape:
+    """A GGUF file's :class:`Shape` from its header and tensor table (no tensor data read)."""
+    from krimp.models.readers import gguf_reader
+
+    reader = gguf_reader(path)  # kept: loading the model next reads the same parse
+    arch = reader.fields["general.architecture"].contents()
+
+    def field(key: str, default: int = 0) -> int:
+        f = reader.fields.get(f"{arch}.{key}")
+        return int(f.contents()) if f is not None else default
+
+    per_block: dict[int, int] = {}
+    outside = vocab = head = 0
+    for t in reader.tensors:
+        n = int(t.n_elements)
+        if t.name.startswith("blk."):
+            i = int(t.name.split(".")[1])
+            per_block[i] = per_block.get(i, 0) + n
+            continue
+        outside += n
+        if t.name == "token_embd.weight":
+            vocab = int(t.shape[-1])
+        elif t.name == "output.weight":
+            head = n
+    hidden = field("embedding_length")
+    return Shape(
+        params=outside + sum(per_block.values()),
+        outside=outside,
+        block=max(per_block.values(), default=0),
+        blocks=len(per_block),
+        hidden=hidden,
+        ffn=field("feed_forward_length", 4 * hidden),
+        vocab=vocab,
+        heads=field("attention.head_count", 1),
+        stored_bytes=Path(path).stat().st_size,
+        own_head=head,
+    )
+
+
+def shape_of(source) -> Shape | None:
+    """The :class:`Shape` of a Hugging Face folder with safetensors weights or of a GGUF file; None
+    for anything else (an object, an ONNX file, a folder of .bin weights)."""
+    if not isinstance(source, str | Path):
+        return None
+    p = Path(source)
+    if p.is_dir():
+        return shape_of_folder(p)
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return shape_of_gguf(p)
+    return None
 
 
 def estimates(shape: Shape, recipe, calib_batch: int = 8) -> dict[str, int]:
@@ -160,14 +215,14 @@ def estimates(shape: Shape, recipe, calib_batch: int = 8) -> dict[str, int]:
 def why_not_streamed(recipe, shape: Shape | None) -> str | None:
     """Why this run cannot stream (None when it can): what the user would change."""
     if shape is None:
-        return "streaming reads a Hugging Face folder with safetensors weights"
+        return "streaming reads a Hugging Face folder with safetensors weights, or a GGUF file"
     others = [s.method for s in recipe.stages if s.method not in STREAMABLE]
     if others or len(recipe.stages) != 1:
         return f"streaming runs one stage of {', '.join(STREAMABLE)}" + (f", not {', '.join(others)}" if others else "")
-    formats = [f for f in recipe.export.formats if f != "safetensors"]
-    if formats or "safetensors" not in recipe.export.formats:
+    formats = [f for f in recipe.export.formats if f not in STREAM_FORMATS]
+    if formats or not recipe.export.formats:
         others = f", not {', '.join(formats)}" if formats else ""
-        return f"streaming writes safetensors (export.formats: [safetensors]){others}"
+        return f"streaming writes {' and '.join(STREAM_FORMATS)} (export.formats){others}"
     if recipe.goal.min_speedup is not None:
         return "a streamed model reads its blocks from disk, so its speed is not measured: drop goal.min_speedup"
     return None
@@ -177,22 +232,19 @@ def plan(recipe, source) -> dict:
     """Which way this run goes under ``recipe.resources`` (``streamed`` or ``in-memory``) and the
     estimates it was chosen by; raises KrimpError, before anything is loaded, for a run that does
     not fit or cannot stream when asked to."""
-    from pathlib import Path
-
     from krimp.errors import KrimpError
 
     res = recipe.resources
     budget = parse_bytes(res.max_memory) if res.max_memory is not None else None
     if budget is None and res.stream is not True:
         return {"path": "in-memory"}
-    folder = Path(source) if isinstance(source, str | Path) and Path(source).is_dir() else None
-    shape = shape_of_folder(folder) if folder is not None else None
+    shape = shape_of(source)
     blocker = why_not_streamed(recipe, shape)
     if res.stream is True and blocker:
         raise KrimpError(f"resources.stream: {blocker}")
     if shape is None:  # no estimate without reading the model: the budget is reported against the peak
         log.warning(
-            "--max-memory: %s is not a Hugging Face folder with safetensors weights, so the run cannot be "
+            "--max-memory: %s is not a Hugging Face folder with safetensors weights or a GGUF file, so the run cannot be "
             "estimated or streamed; it runs in memory and the report says whether it stayed within the budget",
             source if isinstance(source, str | Path) else type(source).__name__,
         )

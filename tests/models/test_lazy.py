@@ -112,6 +112,44 @@ def test_compress_streamed_run_report(folders, tmp_path):
     assert len(quantized_layers(load_model(str(tmp_path / "s")).module)) == 2 * 7 + 1  # 7 linears a block, the head
 
 
+def _gguf_tensors(path):
+    import gguf
+
+    return {t.name: (int(t.tensor_type), bytes(t.data)) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+def test_streamed_gguf_export_is_the_in_memory_file(folders, source, tmp_path):
+    """From a Hugging Face folder or from a GGUF file (read block by block by GGUFTensors), a streamed
+    run writes the GGUF and safetensors files the in-memory run writes, and its GGUF passes the same
+    read-back check."""
+    d, items = folders["llama"]  # its own head, and llama.cpp's interleaved rotary rows
+    if source == "gguf":  # the float model as GGUF, its metadata and tokenizer carried over from there
+        from krimp.export.gguf import export_gguf
+
+        h = load_hf(d, "causal-lm", False)
+        export_gguf(h.module, None, tmp_path / "float.gguf", float_type="f32", tokenizer=h.task.tokenizer)
+        src = tmp_path / "float.gguf"
+    else:
+        src = d
+    recipe = {
+        **QUICK_RUN,
+        "export": {"formats": ["safetensors", "gguf"]},
+        "stages": [{"method": "rtn", "bits": 4, "group_size": 32, "head_bits": 8}],
+    }
+    r = {}
+    for how, stream in (("s", True), ("m", False)):
+        r[how] = krimp.compress(str(src), {**recipe, "resources": {"stream": stream}}, tmp_path / how, data=items)
+    assert r["s"]["memory"]["path"] == "streamed" and r["m"]["memory"]["path"] == "in-memory"
+    a, b = _gguf_tensors(tmp_path / "s" / "model.gguf"), _gguf_tensors(tmp_path / "m" / "model.gguf")
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+    assert {t for t, _ in a.values()} == {0, 1, 2, 8}  # F32 norms, F16 embedding, Q4_0 blocks, Q8_0 head
+    check = r["s"]["exports"]["gguf"]["check"]
+    assert check["transformers_max_rel_error"] < 1e-4 and check["tokenizer_same_ids"]
+    sa, sb = load_file(tmp_path / "s" / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 @pytest.mark.slow
 def test_max_memory_chooses_streaming_or_refuses_before_loading(folders, tmp_path):
     from krimp.budget import estimates, shape_of_folder
@@ -131,7 +169,7 @@ def test_max_memory_chooses_streaming_or_refuses_before_loading(folders, tmp_pat
     onnx = {**recipe, "export": {"formats": ["onnx"]}, "resources": {"max_memory": between}}
     with pytest.raises(KrimpError, match=r"streaming writes safetensors.*not onnx"):
         krimp.compress(str(d), onnx, tmp_path / "d", data=items)
-    with pytest.raises(KrimpError, match=r"resources.stream: streaming writes safetensors \(export"):
+    with pytest.raises(KrimpError, match=r"resources.stream: streaming writes safetensors.* \(export.formats\)$"):
         krimp.compress(str(d), {**recipe, "export": {"formats": []}, "resources": {"stream": True}}, tmp_path / "f")
     with pytest.raises(KrimpError, match="resources.stream: streaming runs one stage"):
         krimp.compress(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +31,7 @@ from torch import nn
 from krimp.errors import KrimpError
 from krimp.export.registry import ExportJob, exporter, next_tokens, sample_text
 from krimp.models.arch import GGUF_ARCHS, GGUF_ROPE_INTERLEAVED, family_of
+from krimp.models.lazy import dequantized, lazy_of, streamed
 from krimp.quant.wq import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -219,27 +221,57 @@ def _block_scales(x: torch.Tensor, group: int, cols: int) -> np.ndarray:
     return x[:, idx].reshape(-1).numpy()
 
 
-def encode_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, str]:
-    """Bytes (rows, row_bytes) and the GGML type name for ``qw``; ValueError if no exact format."""
-    rows, cols = qw.shape
-    g, bits, sym = qw.group, qw.spec.bits, qw.spec.symmetric
+def block_format(qw: QuantizedWeight) -> tuple[str, int]:
+    """The GGML type name for ``qw`` and its bytes a row; ValueError if no format holds it exactly."""
+    cols, g, bits, sym = qw.shape[1], qw.group, qw.spec.bits, qw.spec.symmetric
     if cols % 32 or g % 32:
         raise ValueError(f"group {g} / width {cols} are not multiples of 32")
+    if bits == 8 and sym:
+        return "Q8_0", cols // 32 * 34
+    if bits in (3, 4):
+        return ("Q4_0", cols // 32 * 18) if sym else ("Q4_1", cols // 32 * 20)
+    raise ValueError(f"{bits}-bit {'symmetric' if sym else 'asymmetric'} has no exact GGUF block format")
+
+
+def encode_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, str]:
+    """Bytes (rows, row_bytes) and the GGML type name for ``qw``; ValueError if no exact format."""
+    tname, _ = block_format(qw)
+    rows, cols = qw.shape
+    g = qw.group
     u = qw.codes.numpy().astype(np.int32).reshape(-1, 32)
     d = _block_scales(qw.scales, g, cols).astype(np.float16)
     z = _block_scales(qw.zeros, g, cols)
-    if bits == 8 and sym:
+    if tname == "Q8_0":
         q = (u - z[:, None]).astype(np.int8)
         out = np.concatenate([d.view(np.uint8).reshape(-1, 2), q.view(np.uint8)], 1)
-        return out.reshape(rows, -1), "Q8_0"
-    if bits in (3, 4) and sym:
+    elif tname == "Q4_0":
         q = u - z[:, None] + 8
-        return np.concatenate([d.view(np.uint8).reshape(-1, 2), _nibbles(q)], 1).reshape(rows, -1), "Q4_0"
-    if bits in (3, 4):
+        out = np.concatenate([d.view(np.uint8).reshape(-1, 2), _nibbles(q)], 1)
+    else:
         m = (-z * _block_scales(qw.scales, g, cols)).astype(np.float16)
         out = np.concatenate([d.view(np.uint8).reshape(-1, 2), m.view(np.uint8).reshape(-1, 2), _nibbles(u)], 1)
-        return out.reshape(rows, -1), "Q4_1"
-    raise ValueError(f"{bits}-bit {'symmetric' if sym else 'asymmetric'} has no exact GGUF block format")
+    return out.reshape(rows, -1), tname
+
+
+class _Later:
+    """A tensor gguf-py writes when its turn comes (it asks only ``shape``, ``dtype`` and ``nbytes``
+    before): ``parts()`` makes its bytes then, a slice of rows at a time, so one tensor's slice is in
+    memory at a time, not the file."""
+
+    ROWS = 1 << 22  # elements of a slice
+
+    def __init__(self, shape: tuple[int, ...], dtype, parts):
+        self.shape, self.dtype, self.parts = shape, np.dtype(dtype), parts
+        self.nbytes = math.prod(shape) * self.dtype.itemsize
+
+    def tofile(self, f) -> None:
+        for part in self.parts():
+            part.tofile(f)
+
+
+def _row_slices(rows: int, cols: int):
+    step = max(1, _Later.ROWS // max(cols, 1))
+    return ((r, min(r + step, rows)) for r in range(0, rows, step))
 
 
 # ---- writer ----------------------------------------------------------------------------------
@@ -288,37 +320,53 @@ def export_gguf(
     types: dict[str, int] = {}
     floats: list[str] = []
     head = module.get_output_embeddings()
+    lazy = lazy_of(module)
     for name, param in module.named_parameters():
         t = names[name]
         lin = _linear_of(module, name)
         qw = getattr(lin, "krimp_wq", None) if name.endswith(".weight") else None
         if qw is None and head is not None and head.weight is param and lin is not head:
             qw = getattr(head, "krimp_wq", None)  # a tied embedding takes the head's codes
-        weight = param.detach().float()
         perm = None
         if arch in GGUF_ROPE_INTERLEAVED and (".attn_q." in t or ".attn_k." in t):
-            perm = rope_permutation(weight.shape[0], n_head if ".attn_q." in t else n_kv)
+            perm = rope_permutation(param.shape[0], n_head if ".attn_q." in t else n_kv)
         if qw is not None:
             try:
-                if perm is not None:
-                    qw = QuantizedWeight(qw.codes[perm], qw.scales[perm], qw.zeros[perm], qw.spec)
-                data, tname = encode_blocks(qw)
-                w.add_tensor(t, data, raw_dtype=gguf.GGMLQuantizationType[tname])  # shape from bytes
+                pq = qw if perm is None else QuantizedWeight(qw.codes[perm], qw.scales[perm], qw.zeros[perm], qw.spec)
+                tname, row_bytes = block_format(pq)
+
+                def blocks(pq=pq):
+                    for a, b in _row_slices(*pq.shape):
+                        yield encode_blocks(pq.rows(a, b))[0]
+
+                later = _Later((pq.shape[0], row_bytes), np.uint8, blocks)
+                w.add_tensor(t, later, raw_dtype=gguf.GGMLQuantizationType[tname])  # shape from bytes
                 types[tname] = types.get(tname, 0) + 1
                 continue
             except ValueError as e:
                 floats.append(f"{t}: {e}; written as {float_type.upper()}")
-        if perm is not None:
-            weight = weight[perm]
-        if weight.ndim == 1 and norm_offset and "norm" in t:
-            weight = weight + norm_offset  # llama.cpp's Gemma norms multiply by the stored weight
-        arr = weight.numpy()
-        if arr.ndim == 1 or float_type == "f32":
-            w.add_tensor(t, arr.astype(np.float32))
-            types["F32"] = types.get("F32", 0) + 1
-        else:
-            w.add_tensor(t, arr.astype(np.float16))
-            types["F16"] = types.get("F16", 0) + 1
+        dtype = np.float32 if param.ndim == 1 or float_type == "f32" else np.float16
+
+        def values(param=param, qw=qw, perm=perm, t=t, dtype=dtype):
+            # a streamed model's weight is not in memory: its codes' values, or the file's
+            if not param.is_meta:
+                weight = param.detach().float()
+            else:
+                weight = dequantized(qw) if qw is not None else lazy.tensor(param)
+            if perm is not None:
+                weight = weight[perm]
+            if weight.ndim == 1 and norm_offset and "norm" in t:
+                weight = weight + norm_offset  # llama.cpp's Gemma norms multiply by the stored weight
+            arr = weight.numpy()
+            if arr.ndim < 2:
+                yield arr.astype(dtype)
+                return
+            for a, b in _row_slices(arr.shape[0], math.prod(arr.shape[1:])):
+                yield arr[a:b].astype(dtype)
+
+        w.add_tensor(t, _Later(tuple(param.shape), dtype, values))
+        key = "F32" if dtype is np.float32 else "F16"
+        types[key] = types.get(key, 0) + 1
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -335,18 +383,22 @@ def export_gguf(
 def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 1e-3, tokenizer=None) -> dict:
     """Load the written file back and compare next-token logits with ``module`` on ``ids`` (b, t).
 
-    Through transformers (which dequantizes the blocks) the logits must agree within ``rtol`` of
+    Through transformers (which dequantizes the blocks; for a streamed ``module``, krimp's own
+    block-by-block reader of GGUF, :class:`krimp.models.lazy.GGUFTensors`) the logits must agree within ``rtol`` of
     their largest magnitude: the file holds krimp's weights exactly. Through llama.cpp, when
     installed, top-1 agreement must be >= 0.9 (llama.cpp also rounds activations to 8 bits).
     With ``tokenizer``, the text of ``ids`` is tokenized by it and by the file's tokenizer (in
     transformers and in llama.cpp): whether the ids agree is recorded, and a disagreement is warned.
     """
-    from krimp.models.readers import load_gguf
+    from krimp.models.readers import load_gguf, load_lazy
 
-    back = load_gguf(path, False)
+    # a streamed model's file is read back the way its input was: block by block
+    back = load_gguf(path, False) if lazy_of(module) is None else load_lazy(path)
     with torch.inference_mode():
-        ref = module(input_ids=ids, use_cache=False).logits.float()
-        got = back.module(input_ids=ids, use_cache=False).logits.float()
+        with streamed(module):
+            ref = module(input_ids=ids, use_cache=False).logits.float()
+        with streamed(back.module, "float"):
+            got = back.module(input_ids=ids, use_cache=False).logits.float()
     err = float((got - ref).abs().max() / ref.abs().max())
     if not err <= rtol:
         raise KrimpError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import weakref
 from pathlib import Path
 
@@ -90,25 +91,91 @@ class SafetensorsReader:
         self.start = 8 + n
 
     def read(self, key: str) -> torch.Tensor:
-        import os
-
         info = self.header[key]
         a, b = info["data_offsets"]
-        buf = bytearray(b - a)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            view, done = memoryview(buf), 0
-            while done < len(buf):
-                got = os.preadv(fd, [view[done:]], self.start + a + done)
-                if got <= 0:
-                    raise KrimpError(f"{self.path.name}: {key} is cut short (truncated file?)")
-                done += got
-        finally:
-            os.close(fd)
+        buf = pread(self.path, self.start + a, b - a, key)
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         if not buf:
             return torch.empty(info["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
+def pread(path: Path, offset: int, n: int, what: str) -> bytearray:
+    """``n`` bytes of ``path`` from ``offset``, read into memory of their own (not mapped)."""
+    import os
+
+    buf = bytearray(n)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view, done = memoryview(buf), 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise KrimpError(f"{Path(path).name}: {what} is cut short (truncated file?)")
+            done += got
+    finally:
+        os.close(fd)
+    return buf
+
+
+def safetensors_sources(folder: Path) -> dict[str, SafetensorsReader]:
+    """Tensor name -> the reader of the safetensors file holding it."""
+    files = safetensors_files(folder)
+    readers = {f: SafetensorsReader(f) for f in set(files.values())}
+    return {k: readers[f] for k, f in files.items()}
+
+
+class GGUFTensors:
+    """The tensors of a GGUF file under the names of ``module``'s parameters, one at a time: read with
+    ``pread``, dequantized by gguf-py to float32, and put back the way transformers holds them. That
+    is the inverse of :func:`krimp.export.gguf.export_gguf`: Llama's q/k rows from llama.cpp's
+    interleaved rotary order to halves, and Gemma's norms from 1 + weight to weight."""
+
+    CHUNK = 1 << 24  # bytes of the file read and dequantized at a time
+
+    def __init__(self, path: Path, module: nn.Module):
+        from krimp.export.gguf import gguf_arch, tensor_names
+        from krimp.models.arch import GGUF_ROPE_INTERLEAVED, family_of
+        from krimp.models.readers import gguf_reader
+
+        self.path = Path(path)
+        arch = gguf_arch(module)
+        reader = gguf_reader(self.path)
+        table = {t.name: (int(t.data_offset), int(t.n_bytes), t.tensor_type, tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors}
+        names = tensor_names(module, arch)
+        missing = [g for g in names.values() if g not in table]
+        if missing:
+            raise KrimpError(f"{self.path.name}: no tensor {', '.join(missing[:3])}, which a {arch} model has")
+        self.header = {hf: (g, *table[g]) for hf, g in names.items()}
+        self.rope = arch in GGUF_ROPE_INTERLEAVED
+        config = module.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        fam = family_of(module)
+        self.norm_offset = fam.norm_offset if fam is not None else 0.0
+
+    def read(self, key: str) -> torch.Tensor:
+        import gguf
+        import numpy as np
+
+        from krimp.export.gguf import rope_permutation
+
+        name, offset, n, qtype, shape = self.header[key]
+        rows = math.prod(shape[:-1])
+        row_bytes = n // max(rows, 1)
+        w = torch.empty(shape, dtype=torch.float32)
+        flat = w.view(rows, -1) if rows else w
+        step = max(1, self.CHUNK // max(row_bytes, 1))  # gguf-py's dequantization makes several temporaries
+        for r in range(0, rows, step):
+            k = min(step, rows - r)
+            raw = np.frombuffer(pread(self.path, offset + r * row_bytes, k * row_bytes, name), np.uint8)
+            flat[r : r + k] = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw, qtype), np.float32).reshape(k, -1))
+        if self.rope and (".attn_q." in name or ".attn_k." in name):
+            perm = rope_permutation(w.shape[0], self.heads if ".attn_q." in name else self.kv_heads)
+            w = w[torch.argsort(perm)]
+        if w.ndim == 1 and self.norm_offset and "norm" in name:
+            w = w - self.norm_offset
+        return w
 
 
 @torch.inference_mode(False)
@@ -137,12 +204,12 @@ def _put(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 class LazyDecoder:
-    """The blocks of ``module`` read on demand from ``files`` (tensor name -> safetensors file)."""
+    """The blocks of ``module`` read on demand from ``sources`` (tensor name -> the reader of the file
+    holding it: :class:`SafetensorsReader` or :class:`GGUFTensors`)."""
 
-    def __init__(self, module: nn.Module, files: dict[str, Path]):
-        self.module, self.files = module, files
+    def __init__(self, module: nn.Module, sources: dict):
+        self.module, self.sources = module, sources
         self.path, self.blocks = find_blocks(module)
-        self._handles: dict[Path, object] = {}
         self._stash: dict[int, torch.Tensor] = {}  # id(tensor) -> what it held before a float load
         self._loaded: set[int] = set()  # blocks loaded and not yet released
         # each tensor (by identity: tied ones once) and the name it has in the files
@@ -150,7 +217,7 @@ class LazyDecoder:
         prefixes = ("", "model.")  # a checkpoint saved from the base model lacks the head's "model." prefix
         for name, t in module.state_dict(keep_vars=True).items():
             for cand in (name, *[name[len(p) :] for p in prefixes if p and name.startswith(p)]):
-                if cand in files:
+                if cand in sources:
                     self._key.setdefault(id(t), cand)
                     break
         _LAZY[module] = self
@@ -164,12 +231,10 @@ class LazyDecoder:
         key = self._key.get(id(t))
         if key is None:
             raise KrimpError(f"{type(self.module).__name__}: a tensor of shape {tuple(t.shape)} is not in the files")
-        f = self.files[key]
-        if f not in self._handles:
-            self._handles[f] = SafetensorsReader(f)
-        v = self._handles[f].read(key)
+        src = self.sources[key]
+        v = src.read(key)
         if tuple(v.shape) != tuple(t.shape):
-            raise KrimpError(f"{f.name}: {key} has shape {tuple(v.shape)}, the model expects {tuple(t.shape)}")
+            raise KrimpError(f"{src.path.name}: {key} has shape {tuple(v.shape)}, the model expects {tuple(t.shape)}")
         return v.float() if v.is_floating_point() and not keep_dtype else v
 
     def _tensors(self, mod: nn.Module):
@@ -287,6 +352,13 @@ class LazyDecoder:
                 _set(t, dequantized(qw).to(t.dtype))
             for i in sorted(self._loaded):  # an exception inside a block leaves it loaded
                 self.release(i)
+
+
+def streamed(module: nn.Module, variant: str = "current"):
+    """A context inside which ``module``'s forward runs: :meth:`LazyDecoder.streaming` for a lazily
+    opened model, nothing to do for one in memory."""
+    lazy = lazy_of(module)
+    return lazy.streaming(variant) if lazy is not None else contextlib.nullcontext(module)
 
 
 def in_turn(module: nn.Module, blocks):

@@ -6,6 +6,7 @@ when the user asks for it (``trust``: the recipe's ``trust_remote_code``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -168,26 +169,34 @@ def _fast_reader_class():
     return FastReader
 
 
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """Inside, transformers' reads of a GGUF file (config, weights, tokenizer) share one parse; the
+    parse (~800k parts for a 262k-token vocabulary) is dropped after: GGUF export parses again."""
+    import gguf
+
+    real = _fast_reader_class().__mro__[1]  # gguf-py's own class
+    gguf.GGUFReader = lambda path, *a, **k: gguf_reader(path)  # transformers imports it per call
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+        _READERS.clear()
+
+
 def load_gguf(p: Path, trust: bool) -> ModelHandle:
     """A GGUF causal LM through transformers' GGUF reader, dequantized to float32. transformers parses
     the file for the config, the weights and the tokenizer: here all three share one parse."""
-    import gguf
-
     tf = _quiet_transformers()
     try:
         with open(p, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise KrimpError(f"{p}: not a GGUF file (bad magic bytes)")
-        real = _fast_reader_class().__mro__[1]  # gguf-py's own class
-        gguf.GGUFReader = lambda path, *a, **k: gguf_reader(path)  # transformers imports it per call
-        try:
+        with _one_gguf_parse():
             module = tf.AutoModelForCausalLM.from_pretrained(
                 p.parent, gguf_file=p.name, dtype=torch.float32, attn_implementation="eager"
             )
             tok = tf.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        finally:
-            gguf.GGUFReader = real
-            _READERS.clear()  # its ~800k parsed parts are not kept for the run; GGUF export parses again
     except KrimpError:
         raise
     except Exception as e:
@@ -277,33 +286,46 @@ def _vocab_sized(m) -> bool:
     return dims[-1].dim_value > 1000
 
 
-def load_lazy(folder: Path, task: str | None = None, trust: bool = False):
-    """A :class:`~krimp.models.handle.ModelHandle` of the decoder in ``folder`` whose blocks stay in
-    their safetensors files until their turn (:mod:`krimp.models.lazy`); kind ``hf-lazy``."""
+def load_lazy(path: Path, task: str | None = None, trust: bool = False, tokenizer: bool = True):
+    """A :class:`~krimp.models.handle.ModelHandle` of the decoder in ``path`` (a Hugging Face folder
+    with safetensors weights, or a GGUF file) whose blocks stay in their file until their turn
+    (:mod:`krimp.models.lazy`); kind ``hf-lazy``. ``tokenizer=False`` skips reading the tokenizer."""
     from accelerate import init_empty_weights
 
-    from krimp.models.lazy import LazyDecoder, safetensors_files
+    from krimp.models.lazy import GGUFTensors, LazyDecoder, safetensors_sources
 
     tf = _quiet_transformers()
-    files = safetensors_files(folder)
-    if not files:
-        raise KrimpError(f"{folder}: streaming reads safetensors weights, and this folder has none")
-    try:
-        config = tf.AutoConfig.from_pretrained(folder, trust_remote_code=trust)
-    except (OSError, ValueError) as e:
-        raise KrimpError(f"{folder}: cannot read config.json ({str(e).splitlines()[0]})") from None
-    task = task or detect_task(config, folder)
-    if task != "causal-lm":
-        raise KrimpError(f"{folder}: streaming is for decoder language models (causal-lm); this is a {task} model")
-    with init_empty_weights(include_buffers=False):
-        module = tf.AutoModelForCausalLM.from_config(
-            config, trust_remote_code=trust, attn_implementation="eager", dtype=torch.float32
-        )
-    if hasattr(module, "tie_weights"):  # a tied head is the embedding's tensor, read once
-        module.tie_weights()
-    lazy = LazyDecoder(module.eval(), files)
+    path = Path(path)
+    gguf_file = path.is_file()
+    if not gguf_file and not safetensors_sources(path):
+        raise KrimpError(f"{path}: streaming reads safetensors weights or a GGUF file, and this folder has neither")
+    where = {"gguf_file": path.name} if gguf_file else {}
+    folder = path.parent if gguf_file else path
+    with _one_gguf_parse():  # a GGUF's config, tokenizer and tensor table from one parse
+        try:
+            config = tf.AutoConfig.from_pretrained(folder, trust_remote_code=trust, **where)
+            tok = tf.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust, **where) if tokenizer else None
+        except (OSError, ValueError) as e:
+            raise KrimpError(f"{path}: cannot read its config ({str(e).splitlines()[0]})") from None
+        task = task or ("causal-lm" if gguf_file else detect_task(config, folder))
+        if task != "causal-lm":
+            raise KrimpError(f"{path}: streaming is for decoder language models (causal-lm); this is a {task} model")
+        with init_empty_weights(include_buffers=False):
+            module = tf.AutoModelForCausalLM.from_config(
+                config, trust_remote_code=trust, attn_implementation="eager", dtype=torch.float32
+            )
+        if hasattr(module, "tie_weights"):  # a tied head is the embedding's tensor, read once
+            module.tie_weights()
+        module.eval()
+        if gguf_file:
+            gt = GGUFTensors(path, module)
+            sources = dict.fromkeys(gt.header, gt)
+        else:
+            sources = safetensors_sources(path)
+    lazy = LazyDecoder(module, sources)
     lazy.load_outside()
-    tok = tf.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
-    handle = hf_handle(module, tok, task, str(folder), "hf-lazy")
-    handle.info["stored_bytes"] = sum(f.stat().st_size for f in set(files.values()))
+    handle = hf_handle(module, tok, task, str(path), "hf-lazy")
+    handle.info["stored_bytes"] = sum(s.path.stat().st_size for s in set(sources.values()))
+    if gguf_file:
+        handle.info["gguf_path"] = str(path)  # GGUF export carries its metadata and tokenizer over
     return handle
