@@ -20,7 +20,7 @@ BASE_BYTES = 700 * 10**6
 #: the methods that can run on a model streamed block by block (krimp.models.lazy)
 STREAMABLE = ("rtn", "gptq", "awq")
 #: the formats a streamed run writes, one tensor at a time
-STREAM_FORMATS = ("safetensors", "gguf")
+STREAM_FORMATS = ("safetensors", "gguf", "onnx")
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -173,11 +173,12 @@ def estimates(shape: Shape, recipe, calib_batch: int = 8) -> dict[str, int]:
     the stages change), plus two more copies while the torch exporter writes an ONNX graph.
 
     Streamed, what is held: the tensors outside the blocks (float32; an embedding of its own as
-    stored, a head of its own not at all) and the codes of every block and of the head (with their
-    float32 scales and zero points). On top, the largest of three moments: calibrating a block (four
-    float32 copies of it: its weights, the solver's, a rounded one, a dequantized one; activations;
-    Hessians), rounding a head of its own (its float32 weight and two copies of its codes), and
-    evaluating (two batches of logits, four copies of a block, a head of its own in float32).
+    stored, a head of its own not at all, an embedding tied to a head with codes as those codes) and
+    the codes of every block and of the head (with their float32 scales and zero points). On top, the
+    largest of four moments: calibrating a block (four float32 copies of it: its weights, the solver's,
+    a rounded one, a dequantized one; activations; Hessians), rounding the head (its float32 weight and
+    two copies of its codes), evaluating (two batches of logits, four copies of a block, the head's
+    table in float32 while it runs), and checking the exports (see below).
     """
     data, ev = recipe.data, recipe.eval
     stages = recipe.stages
@@ -201,14 +202,27 @@ def estimates(shape: Shape, recipe, calib_batch: int = 8) -> dict[str, int]:
 
     codes = (shape.params - shape.outside) * (code_bytes(bits) + 8 / group)
     head_codes = head_n * (code_bytes(head_bits) + 8 / head_group) if head_bits <= 8 else 0
-    outside = 4 * (shape.outside - shape.own_head - shape.half_embedding) + 2 * shape.half_embedding
+    # a head with codes is held as its codes, an embedding tied to it too; each is rebuilt while it runs
+    table = shape.own_head or (head_n if head_codes else 0)
+    tied = head_n if head_codes and not shape.own_head else 0
+    outside = 4 * (shape.outside - shape.own_head - shape.half_embedding - tied) + 2 * shape.half_embedding
     held = BASE_BYTES + 600 * shape.vocab + outside + codes + head_codes
     # GPTQ's solve factors the widest Hessian with up to three more copies of it, while no forward runs
     solve = 3 * 4 * shape.ffn**2 if hess else 0
-    calibrating = 4 * 4 * shape.block + acts - forward + hess + max(forward, solve)
-    rounding_head = 4 * shape.own_head + 2 * head_codes
-    evaluating = logits + 4 * 4 * shape.block + 4 * shape.own_head
-    streamed = held + max(calibrating, rounding_head, evaluating)
+    # until the stage ends, a tied table is in float32 too
+    calibrating = 4 * tied + 4 * 4 * shape.block + acts - forward + hess + max(forward, solve)
+    rounding_head = 4 * (shape.own_head or head_n) + 2 * head_codes
+    evaluating = logits + 4 * 4 * shape.block + 4 * table
+    # the exports' checks: krimp's logits and the runtime's on two windows of 128 tokens; ONNX Runtime
+    # holding the compressed model (a tied table in float16 beside the head's codes); the GGUF read back
+    # block by block (its embedding in float32) and its tokenizer
+    check_logits = 2 * 2 * 128 * shape.vocab * 4
+    checking = 0
+    if "onnx" in recipe.export.formats:
+        checking = codes + head_codes + 2 * tied + check_logits + 4 * 4 * shape.block
+    if "gguf" in recipe.export.formats:
+        checking = max(checking, 4 * (shape.outside - shape.own_head) + check_logits + 1200 * shape.vocab)
+    streamed = held + max(calibrating, rounding_head, evaluating, checking)
     return {"in_memory": int(in_memory), "streamed": int(streamed)}
 
 
@@ -222,7 +236,7 @@ def why_not_streamed(recipe, shape: Shape | None) -> str | None:
     formats = [f for f in recipe.export.formats if f not in STREAM_FORMATS]
     if formats or not recipe.export.formats:
         others = f", not {', '.join(formats)}" if formats else ""
-        return f"streaming writes {' and '.join(STREAM_FORMATS)} (export.formats){others}"
+        return f"streaming writes {', '.join(STREAM_FORMATS)} (export.formats){others}"
     if recipe.goal.min_speedup is not None:
         return "a streamed model reads its blocks from disk, so its speed is not measured: drop goal.min_speedup"
     return None

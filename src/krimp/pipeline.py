@@ -25,7 +25,8 @@ from krimp.eval.compare import collect, compare, compare_features, lm_feeds, lm_
 from krimp.eval.goal import calib_ok
 from krimp.eval.measure import bench_feed
 from krimp.eval.runtime import StreamedEngine, TorchEngine, batches, engine_for
-from krimp.export.onnx import export_onnx, lower, optimize_transformer, verify_onnx
+from krimp.export.onnx import export_onnx, lower, optimize_transformer, task_props, verify_onnx
+from krimp.export.onnx_streamed import export_onnx_streamed
 from krimp.memory import release
 from krimp.methods import method_for
 from krimp.models import ModelHandle
@@ -317,6 +318,19 @@ def run_stages(
     run.verify_feeds = _verify_feeds(feeds, handle.task) if feeds else []
     if handle.task.name == "causal-lm" and feeds:
         run.verify_ids = run.verify_feeds[0]["input_ids"]
+    if lazy_of(handle.module) is not None:  # streamed: ONNX written one tensor at a time, and no float ONNX
+        if "onnx" in recipe.export.formats:
+            step("export: compressed ONNX, one tensor at a time")
+            run.compressed_onnx = work / "model.onnx"
+            example = {k: v[:2, :16] for k, v in feeds[0].items()}  # the trace's logits: 2 x 16 x vocab
+            props = task_props(handle.task, handle.source)
+            run.exports[run.needs.onnx] = export_onnx_streamed(
+                run.module, handle.task, example, run.compressed_onnx, opset, props
+            )
+            release()
+            engine = StreamedEngine(run.module, handle.task, ev.threads, "current")
+            run.export_error_compressed = verify_onnx(run.compressed_onnx, engine, run.verify_feeds, rtol * 10)
+        return run
     if not {"onnx", "openvino"} & set(recipe.export.formats) and not onnx_stages:
         return run  # measured as torch modules
     base = work / "baseline.onnx"

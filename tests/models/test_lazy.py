@@ -118,12 +118,12 @@ def _gguf_tensors(path):
     return {t.name: (int(t.tensor_type), bytes(t.data)) for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("source", ["folder", "gguf"])
-def test_streamed_gguf_export_is_the_in_memory_file(folders, source, tmp_path):
+@pytest.mark.parametrize(("name", "source"), [("llama", "folder"), ("llama", "gguf"), ("qwen3", "folder")])
+def test_streamed_exports_are_the_in_memory_files(folders, name, source, tmp_path):
     """From a Hugging Face folder or from a GGUF file (read block by block by GGUFTensors), a streamed
     run writes the GGUF and safetensors files the in-memory run writes, and its GGUF passes the same
     read-back check."""
-    d, items = folders["llama"]  # its own head, and llama.cpp's interleaved rotary rows
+    d, items = folders[name]  # Llama: its own head, llama.cpp's interleaved rotary rows; Qwen3: a tied head
     if source == "gguf":  # the float model as GGUF, its metadata and tokenizer carried over from there
         from krimp.export.gguf import export_gguf
 
@@ -134,7 +134,7 @@ def test_streamed_gguf_export_is_the_in_memory_file(folders, source, tmp_path):
         src = d
     recipe = {
         **QUICK_RUN,
-        "export": {"formats": ["safetensors", "gguf"]},
+        "export": {"formats": ["safetensors", "gguf", "onnx"]},
         "stages": [{"method": "rtn", "bits": 4, "group_size": 32, "head_bits": 8}],
     }
     r = {}
@@ -143,11 +143,29 @@ def test_streamed_gguf_export_is_the_in_memory_file(folders, source, tmp_path):
     assert r["s"]["memory"]["path"] == "streamed" and r["m"]["memory"]["path"] == "in-memory"
     a, b = _gguf_tensors(tmp_path / "s" / "model.gguf"), _gguf_tensors(tmp_path / "m" / "model.gguf")
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
-    assert {t for t, _ in a.values()} == {0, 1, 2, 8}  # F32 norms, F16 embedding, Q4_0 blocks, Q8_0 head
+    # F32 norms, Q4_0 blocks, a Q8_0 head; Llama's embedding of its own in F16
+    assert {t for t, _ in a.values()} == ({0, 1, 2, 8} if name == "llama" else {0, 2, 8})
     check = r["s"]["exports"]["gguf"]["check"]
     assert check["transformers_max_rel_error"] < 1e-4 and check["tokenizer_same_ids"]
     sa, sb = load_file(tmp_path / "s" / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # ONNX: the graph traced without its weights, each written in turn as external data: the in-memory
+    # run's model (MatMulNBits from the same codes), with no float baseline file beside it
+    from krimp.eval.runtime import OrtEngine
+
+    assert {a["role"] for a in r["s"]["artifacts"] if a["format"] == "onnx"} == {"compressed"}
+    nb, nb_m = r["s"]["exports"]["nbits"], r["m"]["exports"]["nbits"]
+    assert nb["matmul_nbits"] == 2 * 7 + 1 == nb_m["matmul_nbits"]
+    assert nb["embedding_fp16"] == (name == "qwen3") == nb_m["embedding_fp16"]  # a tied table from its codes
+    import onnx
+
+    inits = onnx.load(tmp_path / "s" / "model.onnx", load_external_data=False).graph.initializer
+    assert inits and all(t.data_location == onnx.TensorProto.EXTERNAL for t in inits)  # every weight in the .data
+    length = sum(int(dict((e.key, e.value) for e in t.external_data)["length"]) for t in inits)
+    assert length == (tmp_path / "s" / "model.onnx.data").stat().st_size
+    feed = _feeds(load_hf(d, "causal-lm", False).task, items)[0]
+    got, want = (OrtEngine(tmp_path / how / "model.onnx", 2).run(feed) for how in ("s", "m"))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @pytest.mark.slow
@@ -166,9 +184,9 @@ def test_max_memory_chooses_streaming_or_refuses_before_loading(folders, tmp_pat
     with pytest.raises(KrimpError, match="even streamed block by block"):
         krimp.compress(str(d), {**recipe, "resources": {"max_memory": "1MB"}}, tmp_path / "c", data=items)
     assert not (tmp_path / "c").exists()
-    onnx = {**recipe, "export": {"formats": ["onnx"]}, "resources": {"max_memory": between}}
-    with pytest.raises(KrimpError, match=r"streaming writes safetensors.*not onnx"):
-        krimp.compress(str(d), onnx, tmp_path / "d", data=items)
+    ov = {**recipe, "export": {"formats": ["openvino"]}, "resources": {"max_memory": between}}
+    with pytest.raises(KrimpError, match=r"streaming writes safetensors.*not openvino"):
+        krimp.compress(str(d), ov, tmp_path / "d", data=items)
     with pytest.raises(KrimpError, match=r"resources.stream: streaming writes safetensors.* \(export.formats\)$"):
         krimp.compress(str(d), {**recipe, "export": {"formats": []}, "resources": {"stream": True}}, tmp_path / "f")
     with pytest.raises(KrimpError, match="resources.stream: streaming runs one stage"):

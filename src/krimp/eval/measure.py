@@ -89,7 +89,10 @@ def measure_streamed(run, handle, recipe, data, work: Path) -> dict[str, Any]:
     ev, task = recipe.eval, handle.task
     n_w = sum(p.numel() for p in run.module.parameters() if p.ndim >= 2)
     params = sum(p.numel() for p in run.module.parameters())
-    comp = (work / "model.safetensors").stat().st_size
+    # the compressed model's bytes: its safetensors, else its ONNX graph and weights, else its GGUF
+    files = {"safetensors": ["model.safetensors"], "onnx": ["model.onnx", "model.onnx.data"], "gguf": ["model.gguf"]}
+    have = next(fs for fs in files.values() if (work / fs[0]).exists())
+    comp = sum((work / f).stat().st_size for f in have if (work / f).exists())
     side = {
         # the float32 model's size, as the in-memory path's float32 safetensors (counted, not written)
         "baseline": {"size_bytes": 4 * params, "bits_per_weight": 32.0, "runtime": StreamedEngine.runtime},

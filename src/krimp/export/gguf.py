@@ -31,7 +31,7 @@ from torch import nn
 from krimp.errors import KrimpError
 from krimp.export.registry import ExportJob, exporter, next_tokens, sample_text
 from krimp.models.arch import GGUF_ARCHS, GGUF_ROPE_INTERLEAVED, family_of
-from krimp.models.lazy import dequantized, lazy_of, streamed
+from krimp.models.lazy import lazy_of, streamed
 from krimp.quant.wq import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -303,13 +303,20 @@ def export_gguf(
     w = gguf.GGUFWriter(str(tmp), arch)
     result: dict = {"architecture": arch}
     if source_gguf:
-        reader = source_reader(source_gguf, arch)
-        for key, field in reader.fields.items():
-            if key.startswith(SKIP_KEYS) or key == "general.architecture":
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        from krimp.models.readers import forget_gguf_parse
+
+        reader = None
+        try:
+            reader = source_reader(source_gguf, arch)
+            for key, field in reader.fields.items():
+                if key.startswith(SKIP_KEYS) or key == "general.architecture":
+                    continue
+                vtype = field.types[0]
+                sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+                w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        finally:
+            reader = None
+            forget_gguf_parse()  # the values are copied; the parse is not kept for the run
         result["metadata"] = f"from {Path(source_gguf).name}"
     else:
         w.add_name(getattr(config, "_name_or_path", "") or arch)
@@ -348,11 +355,7 @@ def export_gguf(
         dtype = np.float32 if param.ndim == 1 or float_type == "f32" else np.float16
 
         def values(param=param, qw=qw, perm=perm, t=t, dtype=dtype):
-            # a streamed model's weight is not in memory: its codes' values, or the file's
-            if not param.is_meta:
-                weight = param.detach().float()
-            else:
-                weight = dequantized(qw) if qw is not None else lazy.tensor(param)
+            weight = lazy.current(param, qw) if lazy is not None else param.detach().float()
             if perm is not None:
                 weight = weight[perm]
             if weight.ndim == 1 and norm_offset and "norm" in t:
@@ -390,16 +393,22 @@ def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 
     With ``tokenizer``, the text of ``ids`` is tokenized by it and by the file's tokenizer (in
     transformers and in llama.cpp): whether the ids agree is recorded, and a disagreement is warned.
     """
-    from krimp.models.readers import load_gguf, load_lazy
+    from krimp.memory import release
+    from krimp.models.readers import gguf_tokenizer, load_gguf, load_lazy
 
-    # a streamed model's file is read back the way its input was: block by block
-    back = load_gguf(path, False) if lazy_of(module) is None else load_lazy(path)
+    # a streamed model's file is read back the way its input was: block by block, and its tokenizer
+    # after (a 262k-token vocabulary's is 0.6 GB while it is built)
+    is_lazy = lazy_of(module) is not None
+    back = load_lazy(path, tokenizer=False) if is_lazy else load_gguf(path, False)
     with torch.inference_mode():
         with streamed(module):
             ref = module(input_ids=ids, use_cache=False).logits.float()
         with streamed(back.module, "float"):
             got = back.module(input_ids=ids, use_cache=False).logits.float()
     err = float((got - ref).abs().max() / ref.abs().max())
+    back_tok = None if is_lazy else back.task.tokenizer
+    del back, got
+    release()
     if not err <= rtol:
         raise KrimpError(
             f"GGUF check failed: {path.name} reloaded differs from krimp's model by {err:.2e} "
@@ -408,7 +417,9 @@ def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 
     res: dict = {"transformers_max_rel_error": err}
     text, want = sample_text(tokenizer, ids) if tokenizer is not None else (None, None)
     if want is not None:
-        res["tokenizer_same_ids"] = back.task.tokenizer(text, add_special_tokens=False)["input_ids"] == want
+        back_tok = back_tok or gguf_tokenizer(path)
+        res["tokenizer_same_ids"] = back_tok(text, add_special_tokens=False)["input_ids"] == want
+    back_tok = None
     try:
         import llama_cpp  # noqa: F401
     except ImportError:

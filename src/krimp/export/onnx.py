@@ -62,6 +62,19 @@ def export_onnx(
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise KrimpError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    props = task_props(task, origin)
+    # a serialized protobuf message appended to another merges into it: repeated fields add up
+    extra = onnx.ModelProto()
+    onnx.helper.set_model_props(extra, props)
+    with open(tmp, "ab") as f:
+        f.write(extra.SerializeToString())
+    os.replace(tmp, path)
+    return path
+
+
+def task_props(task, origin: str | None) -> dict[str, str]:
+    """The metadata krimp writes into every ONNX file: the task (how its inputs are made) and where the
+    model came from."""
     meta = {
         "name": task.name,
         "mean": task.mean,
@@ -74,23 +87,18 @@ def export_onnx(
     props = {"krimp.task": json.dumps(meta)}
     if origin:
         props["krimp.origin"] = origin  # e.g. builtin:digits-cnn, so its builtin data can follow it
-    # a serialized protobuf message appended to another merges into it: repeated fields add up
-    extra = onnx.ModelProto()
-    onnx.helper.set_model_props(extra, props)
-    with open(tmp, "ab") as f:
-        f.write(extra.SerializeToString())
-    os.replace(tmp, path)
-    return path
+    return props
 
 
 def verify_onnx(path: Path, engine_ref, feeds: list[dict[str, np.ndarray]], rtol: float, threads: int = 2) -> float:
     """Max relative error of the ONNX file against ``engine_ref``; raises past ``rtol``."""
     from krimp.eval.runtime import OrtEngine
 
+    refs = [engine_ref.run(f) for f in feeds]  # before ONNX Runtime holds the model: not both at once
     ort_engine = OrtEngine(path, threads)
     worst = 0.0
-    for f in feeds:
-        a, b = engine_ref.run(f), ort_engine.run(f)
+    for f, a in zip(feeds, refs, strict=True):
+        b = ort_engine.run(f)
         if a.shape != b.shape:
             raise KrimpError(f"exported {path.name} gives shape {b.shape}, model gives {a.shape}")
         err = float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
@@ -150,13 +158,17 @@ def write_onnx(job: ExportJob) -> list[dict]:
     run, final = job.run, job.work / "model.onnx"
     if run.compressed_onnx == run.baseline_onnx:  # a recipe with no stages: export only
         shutil.copyfile(run.compressed_onnx, final)
-    else:
+    elif run.compressed_onnx != final:
         os.replace(run.compressed_onnx, final)
     run.compressed_onnx = final
     tok = job.handle.task.tokenizer
     if tok is not None and hasattr(tok, "save_pretrained"):  # `krimp eval model.onnx` reads text with it
         job.keep += [Path(f).name for f in tok.save_pretrained(job.work)]
-    return [
-        {"format": "onnx", "role": "compressed", "path": "model.onnx"},
-        {"format": "onnx", "role": "baseline", "path": "baseline.onnx"},
-    ]
+    compressed = {"format": "onnx", "role": "compressed", "path": "model.onnx"}
+    data = job.work / "model.onnx.data"
+    if data.exists():  # a streamed run's weights, beside the graph (krimp.export.onnx_streamed)
+        job.keep.append(data.name)
+        compressed["bytes"] = final.stat().st_size + data.stat().st_size
+    if run.baseline_onnx is None:  # streamed: the input file is the baseline; no float ONNX is made
+        return [compressed]
+    return [compressed, {"format": "onnx", "role": "baseline", "path": "baseline.onnx"}]

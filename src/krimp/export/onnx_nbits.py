@@ -26,7 +26,7 @@ from krimp.quant.wq import QuantizedWeight, grouped, quantized_layers
 log = logging.getLogger(__name__)
 
 
-def _block_size(qw: QuantizedWeight) -> int | None:
+def block_size(qw: QuantizedWeight) -> int | None:
     g, k = qw.group, qw.shape[1]
     if qw.spec.group_size is None or g == k:  # per channel: repeat the scale over blocks
         return 128 if k >= 128 else None
@@ -34,11 +34,24 @@ def _block_size(qw: QuantizedWeight) -> int | None:
 
 
 def nbits_arrays(qw: QuantizedWeight, bs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(B packed (N, n_blocks, blob), scales (N * n_blocks,), zero points packed, bits) for ``qw``."""
+    """(B packed (N, n_blocks, blob), scales (N * n_blocks,), zero points packed, bits) for ``qw``,
+    made a slice of rows at a time (the codes widened to int32 for a 262k-row head are 671 MB)."""
     n, k = qw.shape
     bits = 8 if qw.spec.bits > 4 else 4
-    per_group = qw.group != k and qw.spec.group_size is not None
     nb = -(-k // bs)
+    b = np.empty((n, nb, bs if bits == 8 else bs // 2), np.uint8)
+    s = np.empty((n, nb), np.float32)
+    zp = np.empty((n, nb if bits == 8 else -(-nb // 2)), np.uint8)
+    step = max(1, (1 << 22) // (nb * bs))
+    for a in range(0, n, step):
+        z = min(a + step, n)
+        b[a:z], s[a:z], zp[a:z] = _nbits_rows(qw.rows(a, z), bs, bits, nb)
+    return b, s.reshape(-1), zp.reshape(-1), bits
+
+
+def _nbits_rows(qw: QuantizedWeight, bs: int, bits: int, nb: int):
+    n, k = qw.shape
+    per_group = qw.group != k and qw.spec.group_size is not None
     if per_group:
         s, z = qw.scales, qw.zeros
     else:
@@ -49,14 +62,33 @@ def nbits_arrays(qw: QuantizedWeight, bs: int) -> tuple[np.ndarray, np.ndarray, 
     codes = np.where(pad_mask.reshape(nb, bs)[None], z.numpy()[..., None].astype(np.int32), codes)
     zp = z.numpy().astype(np.int32)
     if bits == 8:
-        b = codes.astype(np.uint8)
-        zpp = zp.astype(np.uint8).reshape(-1)
-    else:
-        b = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-        if nb % 2:
-            zp = np.concatenate([zp, np.zeros((n, 1), np.int32)], 1)
-        zpp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
-    return b, s.numpy().astype(np.float32).reshape(-1), zpp, bits
+        return codes.astype(np.uint8), s.numpy(), zp.astype(np.uint8)
+    b = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    if nb % 2:
+        zp = np.concatenate([zp, np.zeros((n, 1), np.int32)], 1)
+    return b, s.numpy(), (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+
+
+def matmul_nbits(qw: QuantizedWeight, bs: int, a: str, out: list[str], name: str, base: str, accuracy_level: int = 0):
+    """The ``MatMulNBits`` node computing ``a @ dequant(qw)^T`` into ``out``, and its three
+    initializers' arrays by name (``base`` + ``_Q``, ``_scales``, ``_zp``)."""
+    from onnx import helper
+
+    b, s, zp, bits = nbits_arrays(qw, bs)
+    arrays = {base + "_Q": b, base + "_scales": s, base + "_zp": zp}
+    node = helper.make_node(
+        "MatMulNBits",
+        [a, *arrays],
+        out,
+        name=name,
+        domain="com.microsoft",
+        K=qw.shape[1],
+        N=qw.shape[0],
+        bits=bits,
+        block_size=bs,
+        accuracy_level=accuracy_level,
+    )
+    return node, arrays
 
 
 def to_matmul_nbits(src: Path, dst: Path, module: torch.nn.Module, accuracy_level: int = 0) -> dict:
@@ -75,34 +107,14 @@ def to_matmul_nbits(src: Path, dst: Path, module: torch.nn.Module, accuracy_leve
         if node.op_type != "MatMul" or qw is None or node.input[1] not in inits:
             new_nodes.append(node)
             continue
-        bs = _block_size(qw)
+        bs = block_size(qw)
         if bs is None:
             kept.append(f"{path}: group {qw.group} is not a power of two >= 16; kept in float")
             new_nodes.append(node)
             continue
-        b, s, zp, bits = nbits_arrays(qw, bs)
-        base = node.input[1]
-        g.initializer.extend(
-            [
-                numpy_helper.from_array(b, base + "_Q"),
-                numpy_helper.from_array(s, base + "_scales"),
-                numpy_helper.from_array(zp, base + "_zp"),
-            ]
-        )
-        new_nodes.append(
-            helper.make_node(
-                "MatMulNBits",
-                [node.input[0], base + "_Q", base + "_scales", base + "_zp"],
-                list(node.output),
-                name=node.name + "NBits",
-                domain="com.microsoft",
-                K=qw.shape[1],
-                N=qw.shape[0],
-                bits=bits,
-                block_size=bs,
-                accuracy_level=accuracy_level,
-            )
-        )
+        mm, arrays = matmul_nbits(qw, bs, node.input[0], list(node.output), node.name + "NBits", node.input[1])
+        g.initializer.extend(numpy_helper.from_array(a, n) for n, a in arrays.items())
+        new_nodes.append(mm)
         replaced += 1
     del g.node[:]
     g.node.extend(new_nodes)

@@ -134,7 +134,8 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
     # codes exist one layer at a time, and a lazily opened model's file tensors are read one at a time
     layers: dict[str, dict] = {}
     state: dict[str, torch.Tensor | tuple] = {}
-    seen: set[int] = set()
+    seen: set[int] = set()  # tensors written (by identity: a meta tensor has no data to point to)
+    ptrs: set[int] = set()  # and the storage of those in memory, which another tensor may share
     for name, qw in quantized_layers(module).items():
         lin = module.get_submodule(name)
         n_codes = qw.shape[0] * qw.shape[1]
@@ -151,8 +152,7 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
             "symmetric": qw.spec.symmetric,
             "shape": list(qw.shape),
         }
-        if not lin.weight.is_meta:  # a tied embedding shares it: stored once, as the head's codes
-            seen.add(lin.weight.data_ptr())
+        seen.add(id(lin.weight))  # a tied embedding is the same tensor: stored once, as the head's codes
     sparse = {}
     for name, m in sparse_weights(module).items():
         w = m.weight.detach()
@@ -160,18 +160,19 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
         state[f"{name}.bitmask"] = torch.from_numpy(np.packbits(keep.numpy()))
         state[f"{name}.values"] = w.flatten()[keep].contiguous()
         sparse[name] = list(w.shape)
-        seen.add(w.data_ptr())
+        seen.add(id(m.weight))
     lazy = lazy_of(module)
     coded = {f"{name}.weight" for name in layers}
     for k, v in module.state_dict(keep_vars=True).items():
-        if k in coded or k in state or (not v.is_meta and v.data_ptr() in seen):
+        if k in coded or k in state or id(v) in seen or (not v.is_meta and v.data_ptr() in ptrs):
             continue
         if v.is_meta:  # a lazily opened model's tensor still in its file (krimp.models.lazy)
             if lazy is None:
                 raise KrimpError(f"{k} has no values (a meta tensor); load the model's weights first")
             state[k] = (torch.float32, tuple(v.shape), lambda v=v: lazy.tensor(v))
+            seen.add(id(v))
         else:
-            seen.add(v.data_ptr())
+            ptrs.add(v.data_ptr())
             # a lazy model's embedding kept in its stored half type: written as float32, as the in-memory path
             half = lazy is not None and v.dtype in (torch.bfloat16, torch.float16)
             state[k] = (torch.float32, tuple(v.shape), lambda v=v: v.float()) if half else v.detach()

@@ -208,7 +208,7 @@ class LazyDecoder:
     holding it: :class:`SafetensorsReader` or :class:`GGUFTensors`)."""
 
     def __init__(self, module: nn.Module, sources: dict):
-        self.module, self.sources = module, sources
+        self._module, self.sources = weakref.ref(module), sources
         self.path, self.blocks = find_blocks(module)
         self._stash: dict[int, torch.Tensor] = {}  # id(tensor) -> what it held before a float load
         self._loaded: set[int] = set()  # blocks loaded and not yet released
@@ -221,6 +221,12 @@ class LazyDecoder:
                     self._key.setdefault(id(t), cand)
                     break
         _LAZY[module] = self
+
+    @property
+    def module(self) -> nn.Module:
+        # weakly: the registry maps the module to this object, and a strong reference back would keep
+        # both alive for the life of the process (a GGUF read back for its check is 1 GB for Gemma 3)
+        return self._module()
 
     # -- reading ------------------------------------------------------------------------------------
     # tensors are made outside inference mode even when a hook runs inside it (krimp's engines run
@@ -236,6 +242,13 @@ class LazyDecoder:
         if tuple(v.shape) != tuple(t.shape):
             raise KrimpError(f"{src.path.name}: {key} has shape {tuple(v.shape)}, the model expects {tuple(t.shape)}")
         return v.float() if v.is_floating_point() and not keep_dtype else v
+
+    def current(self, t: torch.Tensor, qw=None) -> torch.Tensor:
+        """The float32 value model tensor ``t`` has now: in memory, else its codes ``qw`` dequantized,
+        else the file's (what an exporter writes, one tensor at a time)."""
+        if not t.is_meta:
+            return t.detach().float()
+        return dequantized(qw) if qw is not None else self.tensor(t)
 
     def _tensors(self, mod: nn.Module):
         """(owner module, attribute, tensor) of every parameter and persistent buffer under ``mod``."""
@@ -274,15 +287,20 @@ class LazyDecoder:
                 _put(t, v.float() if v.is_floating_point() else v)
 
     def release_outside(self) -> None:
-        """After the stages: an untied head whose codes were kept (``head_bits``) drops its float
-        weight; :meth:`streaming` rebuilds it from the codes for the time it runs."""
+        """After the stages: a head whose codes were kept (``head_bits``) drops its float weight, and
+        so does the embedding tied to it (Gemma 3's 262k x 640 table is 671 MB in float32); :meth:`streaming`
+        rebuilds it from the codes for the time each of them runs."""
         for owner, leaf, t in self._outside():
-            if not t.is_meta and self._codes(owner, leaf) is not None and not self._shared(t):
+            if not t.is_meta and self._codes(owner, leaf) is not None:
                 _set(t, None)
 
     @staticmethod
     def _codes(owner: nn.Module, leaf: str):
         return getattr(owner, "krimp_wq", None) if leaf == "weight" else None
+
+    def _codes_of(self, t: torch.Tensor):
+        """The codes of model tensor ``t``: its module's, or for an embedding tied to the head, the head's."""
+        return next((qw for o, leaf, x in self._tensors(self.module) if x is t and (qw := self._codes(o, leaf))), None)
 
     def load(self, i: int, variant: str = "current") -> nn.Module:
         """Block ``i`` in float32: ``current``, as the stages left it (codes dequantized, the rest from
@@ -331,8 +349,8 @@ class LazyDecoder:
         try:
             for i, b in enumerate(self.blocks):
                 around(b, lambda i=i: self.load(i, variant) and None, lambda i=i: self.release(i))
-            for owner, leaf, t in self._outside():
-                qw = self._codes(owner, leaf)
+            for owner, _, t in self._outside():
+                qw = self._codes_of(t)
                 if t.is_meta:  # a head kept in the file, or released to its codes: its weight while it runs
                     use_file = variant == "float" or qw is None
                     value = (lambda t=t: self.tensor(t)) if use_file else (lambda qw=qw: dequantized(qw))

@@ -148,6 +148,11 @@ def gguf_reader(path: str | Path):
 _READERS: dict[str, Any] = {}
 
 
+def forget_gguf_parse() -> None:
+    """Drop the kept parse of a GGUF file (~800k parts for a 262k-token vocabulary: hundreds of MB)."""
+    _READERS.clear()
+
+
 @functools.cache
 def _fast_reader_class():
     """gguf-py's reader, slicing the file as a plain array instead of a ``numpy.memmap``: each of the
@@ -181,7 +186,13 @@ def _one_gguf_parse():
         yield
     finally:
         gguf.GGUFReader = real
-        _READERS.clear()
+        forget_gguf_parse()
+
+
+def gguf_tokenizer(p: Path):
+    """The tokenizer of a GGUF file, through transformers."""
+    with _one_gguf_parse():
+        return _quiet_transformers().AutoTokenizer.from_pretrained(Path(p).parent, gguf_file=Path(p).name)
 
 
 def load_gguf(p: Path, trust: bool) -> ModelHandle:
@@ -318,7 +329,7 @@ def load_lazy(path: Path, task: str | None = None, trust: bool = False, tokenize
             module.tie_weights()
         module.eval()
         if gguf_file:
-            gt = GGUFTensors(path, module)
+            gt = GGUFTensors(path, module)  # keeps the tensor table only
             sources = dict.fromkeys(gt.header, gt)
         else:
             sources = safetensors_sources(path)
