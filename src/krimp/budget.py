@@ -66,6 +66,7 @@ def shape_of_folder(folder) -> Shape | None:
     it has no safetensors weights."""
     import json
     import re
+
     folder = Path(folder)
     cfg_file = folder / "config.json"
     files = sorted(set(safetensors_files(folder).values())) if cfg_file.is_file() else []
@@ -110,7 +111,7 @@ def shape_of_folder(folder) -> Shape | None:
 
 def shape_of_gguf(path) -> Shape:
     """A GGUF file's :class:`Shape` from its header and tensor table (no tensor data read)."""
-    from krimp.models.readers import gguf_reader
+    from krimp.models.gguf_file import gguf_reader
 
     reader = gguf_reader(path)  # kept: loading the model next reads the same parse
     arch = reader.fields["general.architecture"].contents()

@@ -11,8 +11,9 @@ from tiny_lms import ARCHS, tiny_lm
 
 import krimp
 from krimp.errors import KrimpError
-from krimp.export.gguf import export_gguf, tensor_names, verify_gguf
+from krimp.export.gguf import export_gguf, verify_gguf
 from krimp.models import load_model
+from krimp.models.gguf_file import tensor_names
 from krimp.quant.llm import RTN, RTNConfig
 from krimp.stage import StageContext
 
@@ -112,3 +113,24 @@ def test_a_hf_folder_goes_to_gguf_in_one_command(bpe, tmp_path):
     assert [a["format"] for a in r["artifacts"] if a["format"] == "gguf"] == ["gguf"]
     back = load_model(tmp_path / "run" / "model.gguf")
     assert type(back.module).__name__ == "Qwen2ForCausalLM" and back.task.tokenizer("Paris")["input_ids"]
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_a_gguf_read_block_by_block_is_what_transformers_reads(name, bpe, tmp_path):
+    """GGUFTensors (streaming from a GGUF file) undoes what the writer does (Llama's rotary rows, Gemma's
+    1 + weight norms) for every architecture: each tensor is transformers' own, exactly; and the budget's
+    shape of the file counts the model's parameters."""
+    from krimp.budget import shape_of
+    from krimp.models.lazy import lazy_of
+    from krimp.models.readers import load_gguf, load_lazy
+
+    m = _model(name)
+    export_gguf(m, None, tmp_path / "m.gguf", float_type="f32", tokenizer=bpe)
+    ref = dict(load_gguf(tmp_path / "m.gguf", False).module.named_parameters())
+    h = load_lazy(tmp_path / "m.gguf")
+    lazy = lazy_of(h.module)
+    params = dict(h.module.named_parameters())
+    assert params.keys() == ref.keys()
+    assert [n for n, p in params.items() if not torch.equal(lazy.current(p), ref[n].detach())] == []
+    assert any(p.is_meta for p in params.values())  # the blocks stayed in the file
+    assert shape_of(tmp_path / "m.gguf").params == sum(p.numel() for p in m.parameters())

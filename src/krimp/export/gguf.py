@@ -30,50 +30,14 @@ from torch import nn
 
 from krimp.errors import KrimpError
 from krimp.export.registry import ExportJob, exporter, next_tokens, sample_text
-from krimp.models.arch import GGUF_ARCHS, GGUF_ROPE_INTERLEAVED, family_of
+from krimp.models.arch import GGUF_ROPE_INTERLEAVED, family_of
+from krimp.models.gguf_file import forget_gguf_parse, gguf_arch, gguf_reader, rope_permutation, tensor_names
 from krimp.models.lazy import lazy_of, streamed
 from krimp.quant.wq import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
 SKIP_KEYS = ("GGUF.", "general.file_type", "general.quantization_version")
-
-
-def gguf_arch(module: nn.Module) -> str:
-    """llama.cpp's architecture name for ``module`` (by its config's model_type), or KrimpError."""
-    kind = getattr(getattr(module, "config", None), "model_type", None)
-    if kind not in GGUF_ARCHS:
-        known = ", ".join(sorted(GGUF_ARCHS))
-        raise KrimpError(
-            f"GGUF export does not write model_type '{kind}' (it writes {known}): export it as onnx or safetensors"
-        )
-    return GGUF_ARCHS[kind]
-
-
-def tensor_names(module: nn.Module, arch: str) -> dict[str, str]:
-    """Each parameter's GGUF tensor name, from gguf-py's map for ``arch`` (tied weights once)."""
-    import gguf
-
-    n_blocks = getattr(module.config, "num_hidden_layers", 0)
-    arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
-    tmap = gguf.get_tensor_name_map(arch_id, n_blocks)
-    names, missing = {}, []
-    for name, _ in module.named_parameters():
-        got = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-        if got is None:
-            missing.append(name)
-        names[name] = got
-    if missing:
-        raise KrimpError(
-            f"GGUF export: llama.cpp's '{arch}' architecture has no tensor for {', '.join(missing[:3])}"
-            f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}: export it as onnx or safetensors"
-        )
-    return names
-
-
-def rope_permutation(rows: int, n_head: int) -> torch.Tensor:
-    """Row order llama.cpp uses for Q/K (interleaved rotary pairs) from Hugging Face's (halves)."""
-    return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
 # ---- metadata of a model that did not come from a GGUF -------------------------------------------
@@ -303,8 +267,6 @@ def export_gguf(
     w = gguf.GGUFWriter(str(tmp), arch)
     result: dict = {"architecture": arch}
     if source_gguf:
-        from krimp.models.readers import forget_gguf_parse
-
         reader = None
         try:
             reader = source_reader(source_gguf, arch)
@@ -387,7 +349,7 @@ def verify_gguf(path: Path, module: nn.Module, ids: torch.Tensor, rtol: float = 
     """Load the written file back and compare next-token logits with ``module`` on ``ids`` (b, t).
 
     Through transformers (which dequantizes the blocks; for a streamed ``module``, krimp's own
-    block-by-block reader of GGUF, :class:`krimp.models.lazy.GGUFTensors`) the logits must agree within ``rtol`` of
+    block-by-block reader of GGUF, :class:`krimp.models.gguf_file.GGUFTensors`) the logits must agree within ``rtol`` of
     their largest magnitude: the file holds krimp's weights exactly. Through llama.cpp, when
     installed, top-1 agreement must be >= 0.9 (llama.cpp also rounds activations to 8 bits).
     With ``tokenizer``, the text of ``ids`` is tokenized by it and by the file's tokenizer (in
@@ -460,8 +422,6 @@ def _source_gguf(handle) -> str | None:
 def source_reader(src: str | Path, arch: str | None = None):
     """The GGUF a model was loaded from, read: GGUF export carries its tokenizer and metadata over.
     ``arch``, when given, must be the file's architecture."""
-    from krimp.models.readers import gguf_reader
-
     if not Path(src).exists():
         raise KrimpError(f"GGUF export: {src}, the GGUF this model was loaded from, is gone")
     reader = gguf_reader(src)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import weakref
 from pathlib import Path
 
@@ -125,59 +124,6 @@ def safetensors_sources(folder: Path) -> dict[str, SafetensorsReader]:
     return {k: readers[f] for k, f in files.items()}
 
 
-class GGUFTensors:
-    """The tensors of a GGUF file under the names of ``module``'s parameters, one at a time: read with
-    ``pread``, dequantized by gguf-py to float32, and put back the way transformers holds them. That
-    is the inverse of :func:`krimp.export.gguf.export_gguf`: Llama's q/k rows from llama.cpp's
-    interleaved rotary order to halves, and Gemma's norms from 1 + weight to weight."""
-
-    CHUNK = 1 << 24  # bytes of the file read and dequantized at a time
-
-    def __init__(self, path: Path, module: nn.Module):
-        from krimp.export.gguf import gguf_arch, tensor_names
-        from krimp.models.arch import GGUF_ROPE_INTERLEAVED, family_of
-        from krimp.models.readers import gguf_reader
-
-        self.path = Path(path)
-        arch = gguf_arch(module)
-        reader = gguf_reader(self.path)
-        table = {t.name: (int(t.data_offset), int(t.n_bytes), t.tensor_type, tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors}
-        names = tensor_names(module, arch)
-        missing = [g for g in names.values() if g not in table]
-        if missing:
-            raise KrimpError(f"{self.path.name}: no tensor {', '.join(missing[:3])}, which a {arch} model has")
-        self.header = {hf: (g, *table[g]) for hf, g in names.items()}
-        self.rope = arch in GGUF_ROPE_INTERLEAVED
-        config = module.config
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        fam = family_of(module)
-        self.norm_offset = fam.norm_offset if fam is not None else 0.0
-
-    def read(self, key: str) -> torch.Tensor:
-        import gguf
-        import numpy as np
-
-        from krimp.export.gguf import rope_permutation
-
-        name, offset, n, qtype, shape = self.header[key]
-        rows = math.prod(shape[:-1])
-        row_bytes = n // max(rows, 1)
-        w = torch.empty(shape, dtype=torch.float32)
-        flat = w.view(rows, -1) if rows else w
-        step = max(1, self.CHUNK // max(row_bytes, 1))  # gguf-py's dequantization makes several temporaries
-        for r in range(0, rows, step):
-            k = min(step, rows - r)
-            raw = np.frombuffer(pread(self.path, offset + r * row_bytes, k * row_bytes, name), np.uint8)
-            flat[r : r + k] = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw, qtype), np.float32).reshape(k, -1))
-        if self.rope and (".attn_q." in name or ".attn_k." in name):
-            perm = rope_permutation(w.shape[0], self.heads if ".attn_q." in name else self.kv_heads)
-            w = w[torch.argsort(perm)]
-        if w.ndim == 1 and self.norm_offset and "norm" in name:
-            w = w - self.norm_offset
-        return w
-
-
 @torch.inference_mode(False)
 def dequantized(qw, rows: int = 4096) -> torch.Tensor:
     """``qw.dequantize()`` a slice of rows at a time into one tensor: the same values as
@@ -205,7 +151,7 @@ def _put(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 class LazyDecoder:
     """The blocks of ``module`` read on demand from ``sources`` (tensor name -> the reader of the file
-    holding it: :class:`SafetensorsReader` or :class:`GGUFTensors`)."""
+    holding it: :class:`SafetensorsReader` or :class:`krimp.models.gguf_file.GGUFTensors`)."""
 
     def __init__(self, module: nn.Module, sources: dict):
         self._module, self.sources = weakref.ref(module), sources

@@ -6,8 +6,6 @@ when the user asks for it (``trust``: the recipe's ``trust_remote_code``).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
 import os
@@ -18,6 +16,7 @@ import torch
 
 from krimp.errors import KrimpError
 from krimp.export.safetensors_io import is_packed, load_packed, packed_needs
+from krimp.models.gguf_file import GGUFTensors, one_parse
 from krimp.models.handle import ModelHandle
 from krimp.models.tasks import make_task
 
@@ -135,63 +134,9 @@ def hf_handle(module, tok, task, source, kind, image: dict[str, Any] | None = No
     )
 
 
-def gguf_reader(path: str | Path):
-    """A parsed GGUF file, parsed once per file and process (the last file read is kept: one at a time)."""
-    p = Path(path).resolve()
-    key = (str(p), p.stat().st_mtime_ns, p.stat().st_size)
-    if _READERS.get("key") != key:
-        _READERS.clear()
-        _READERS.update(key=key, reader=_fast_reader_class()(str(p)))
-    return _READERS["reader"]
-
-
-_READERS: dict[str, Any] = {}
-
-
-def forget_gguf_parse() -> None:
-    """Drop the kept parse of a GGUF file (~800k parts for a 262k-token vocabulary: hundreds of MB)."""
-    _READERS.clear()
-
-
-@functools.cache
-def _fast_reader_class():
-    """gguf-py's reader, slicing the file as a plain array instead of a ``numpy.memmap``: each of the
-    ~800k metadata parts of a 262k-token vocabulary (Gemma 3) was a memmap slice, and building them took
-    24 s a parse; as array views (still of the mapped file) a few."""
-    import gguf
-    import numpy as np
-
-    class FastReader(gguf.GGUFReader):
-        def _get(self, offset, dtype, count=1, override_order=None):
-            plain = self.__dict__.get("_plain")
-            if plain is None:
-                plain = self._plain = self.data.view(np.ndarray)
-            count = int(count)
-            end = offset + np.dtype(dtype).itemsize * count
-            arr = plain[offset:end].view(dtype=dtype)[:count]
-            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
-
-    return FastReader
-
-
-@contextlib.contextmanager
-def _one_gguf_parse():
-    """Inside, transformers' reads of a GGUF file (config, weights, tokenizer) share one parse; the
-    parse (~800k parts for a 262k-token vocabulary) is dropped after: GGUF export parses again."""
-    import gguf
-
-    real = _fast_reader_class().__mro__[1]  # gguf-py's own class
-    gguf.GGUFReader = lambda path, *a, **k: gguf_reader(path)  # transformers imports it per call
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = real
-        forget_gguf_parse()
-
-
 def gguf_tokenizer(p: Path):
     """The tokenizer of a GGUF file, through transformers."""
-    with _one_gguf_parse():
+    with one_parse():
         return _quiet_transformers().AutoTokenizer.from_pretrained(Path(p).parent, gguf_file=Path(p).name)
 
 
@@ -203,7 +148,7 @@ def load_gguf(p: Path, trust: bool) -> ModelHandle:
         with open(p, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise KrimpError(f"{p}: not a GGUF file (bad magic bytes)")
-        with _one_gguf_parse():
+        with one_parse():
             module = tf.AutoModelForCausalLM.from_pretrained(
                 p.parent, gguf_file=p.name, dtype=torch.float32, attn_implementation="eager"
             )
@@ -303,7 +248,7 @@ def load_lazy(path: Path, task: str | None = None, trust: bool = False, tokenize
     (:mod:`krimp.models.lazy`); kind ``hf-lazy``. ``tokenizer=False`` skips reading the tokenizer."""
     from accelerate import init_empty_weights
 
-    from krimp.models.lazy import GGUFTensors, LazyDecoder, safetensors_sources
+    from krimp.models.lazy import LazyDecoder, safetensors_sources
 
     tf = _quiet_transformers()
     path = Path(path)
@@ -312,7 +257,7 @@ def load_lazy(path: Path, task: str | None = None, trust: bool = False, tokenize
         raise KrimpError(f"{path}: streaming reads safetensors weights or a GGUF file, and this folder has neither")
     where = {"gguf_file": path.name} if gguf_file else {}
     folder = path.parent if gguf_file else path
-    with _one_gguf_parse():  # a GGUF's config, tokenizer and tensor table from one parse
+    with one_parse():  # a GGUF's config, tokenizer and tensor table from one parse
         try:
             config = tf.AutoConfig.from_pretrained(folder, trust_remote_code=trust, **where)
             tok = tf.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust, **where) if tokenizer else None
