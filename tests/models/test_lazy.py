@@ -118,7 +118,10 @@ def _gguf_tensors(path):
     return {t.name: (int(t.tensor_type), bytes(t.data)) for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize(("name", "source"), [("llama", "folder"), ("llama", "gguf"), ("qwen3", "folder")])
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [("llama", "folder"), ("llama", "gguf"), pytest.param("qwen3", "folder", marks=pytest.mark.slow)],
+)
 def test_streamed_exports_are_the_in_memory_files(folders, name, source, tmp_path):
     """From a Hugging Face folder or from a GGUF file (read block by block by GGUFTensors), a streamed
     run writes the GGUF and safetensors files the in-memory run writes, and its GGUF passes the same
@@ -166,6 +169,18 @@ def test_streamed_exports_are_the_in_memory_files(folders, name, source, tmp_pat
     feed = _feeds(load_hf(d, "causal-lm", False).task, items)[0]
     got, want = (OrtEngine(tmp_path / how / "model.onnx", 2).run(feed) for how in ("s", "m"))
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_a_streamed_run_may_write_one_format_and_reports_its_size(folders, fmt, tmp_path):
+    d, items = folders["qwen3"]
+    recipe = {**QUICK_RUN, "export": {"formats": [fmt]}, "resources": {"stream": True}}
+    r = krimp.compress(str(d), {**recipe, "stages": [{"method": "rtn", "group_size": 32}]}, tmp_path / "o", data=items)
+    (art,) = r["artifacts"]
+    assert art["format"] == fmt and r["compressed"]["size_bytes"] == art["bytes"] > 0
+    assert sorted(p.name for p in (tmp_path / "o").glob("model.*")) == (
+        ["model.onnx", "model.onnx.data"] if fmt == "onnx" else ["model.gguf"]
+    )
 
 
 @pytest.mark.slow
