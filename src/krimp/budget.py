@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from krimp.models.arch import GGUF_ARCHS
 from krimp.models.lazy import SafetensorsReader, safetensors_files
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Shape:
     heads: int = 1
     half_embedding: int = 0  # parameters of a token embedding of its own stored in bf16/fp16 (held so)
     own_head: int = 0  # parameters of a head of its own (not tied to the embedding; read when needed)
+    gguf_arch: str | None = None  # llama.cpp's name of the architecture, for a GGUF file
 
 
 _EMBEDDING = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
@@ -111,9 +113,15 @@ def shape_of_folder(folder) -> Shape | None:
 
 def shape_of_gguf(path) -> Shape:
     """A GGUF file's :class:`Shape` from its header and tensor table (no tensor data read)."""
-    from krimp.models.gguf_file import gguf_reader
+    from krimp.models.gguf_file import forget_gguf_parse, gguf_reader
 
-    reader = gguf_reader(path)  # kept: loading the model next reads the same parse
+    try:
+        return _gguf_shape(gguf_reader(path), path)
+    finally:
+        forget_gguf_parse()  # its vocabulary's parts are hundreds of MB; loading parses again
+
+
+def _gguf_shape(reader, path) -> Shape:
     arch = reader.fields["general.architecture"].contents()
 
     def field(key: str, default: int = 0) -> int:
@@ -145,6 +153,7 @@ def shape_of_gguf(path) -> Shape:
         heads=field("attention.head_count", 1),
         stored_bytes=Path(path).stat().st_size,
         own_head=head,
+        gguf_arch=arch,
     )
 
 
@@ -212,7 +221,7 @@ def estimates(shape: Shape, recipe, calib_batch: int = 8) -> dict[str, int]:
     solve = 3 * 4 * shape.ffn**2 if hess else 0
     # until the stage ends, a tied table is in float32 too
     calibrating = 4 * tied + 4 * 4 * shape.block + acts - forward + hess + max(forward, solve)
-    rounding_head = 4 * (shape.own_head or head_n) + 2 * head_codes
+    rounding_head = 4 * (shape.own_head or head_n) + 2 * head_codes if head_codes else 0
     evaluating = logits + 4 * 4 * shape.block + 4 * table
     # the exports' checks: krimp's logits and the runtime's on two windows of 128 tokens; ONNX Runtime
     # holding the compressed model (a tied table in float16 beside the head's codes); the GGUF read back
@@ -231,6 +240,9 @@ def why_not_streamed(recipe, shape: Shape | None) -> str | None:
     """Why this run cannot stream (None when it can): what the user would change."""
     if shape is None:
         return "streaming reads a Hugging Face folder with safetensors weights, or a GGUF file"
+    if shape.gguf_arch is not None and shape.gguf_arch not in set(GGUF_ARCHS.values()):
+        known = ", ".join(sorted(set(GGUF_ARCHS.values())))
+        return f"streaming reads GGUF files of the architectures krimp names ({known}), not '{shape.gguf_arch}'"
     others = [s.method for s in recipe.stages if s.method not in STREAMABLE]
     if others or len(recipe.stages) != 1:
         return f"streaming runs one stage of {', '.join(STREAMABLE)}" + (f", not {', '.join(others)}" if others else "")

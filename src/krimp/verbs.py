@@ -121,16 +121,17 @@ def bench(
 
 
 def file_bytes(path: Path) -> int:
-    """Bytes of a model file with its weights file (an OpenVINO .xml's .bin)."""
+    """Bytes of a model file with its weights file (an OpenVINO .xml's .bin; an ONNX file's external
+    data, ``model.onnx.data``, as a streamed run writes it)."""
     path = Path(path)
-    weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
-    return path.stat().st_size + (weights.stat().st_size if weights is not None and weights.exists() else 0)
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(path.name + ".data")
+    return path.stat().st_size + (weights.stat().st_size if weights.exists() else 0)
 
 
 def _size(h: ModelHandle) -> int:
     p = Path(h.source)
     if p.is_file():
-        return p.stat().st_size
+        return file_bytes(p)
     if p.is_dir():
         return sum(f.stat().st_size for f in p.glob("*.safetensors")) or sum(f.stat().st_size for f in p.glob("*.bin"))
     return sum(t.numel() * t.element_size() for t in h.module.state_dict().values())

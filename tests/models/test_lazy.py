@@ -273,3 +273,26 @@ def test_cli_device_without_gpu_exits_2(folders, tmp_path):
     p = subprocess.run([*cmd, "--device", "cuda", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert p.returncode == 2 and "sees no CUDA GPU" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_gguf_is_planned_from_its_header_and_refused_for_an_architecture_krimp_does_not_name(tmp_path):
+    import gguf
+
+    from krimp.budget import plan, shape_of
+
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "stablelm")
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_tensor("token_embd.weight", np.zeros((320, 64), np.float32))
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((128, 64), np.float32))
+    w.add_tensor("blk.1.ffn_up.weight", np.zeros((128, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    s = shape_of(tmp_path / "x.gguf")
+    assert (s.params, s.outside, s.block, s.blocks, s.hidden, s.ffn, s.vocab) == (36864, 20480, 8192, 2, 64, 128, 320)
+    recipe = Recipe.from_dict({"stages": [{"method": "gptq"}], "resources": {"stream": True}})
+    with pytest.raises(KrimpError, match=r"resources.stream: streaming reads GGUF files .*not 'stablelm'"):
+        plan(recipe, tmp_path / "x.gguf")

@@ -219,8 +219,8 @@ def encode_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, str]:
 
 class _Later:
     """A tensor gguf-py writes when its turn comes (it asks only ``shape``, ``dtype`` and ``nbytes``
-    before): ``parts()`` makes its bytes then, a slice of rows at a time, so one tensor's slice is in
-    memory at a time, not the file."""
+    before): ``parts()`` makes its bytes then, a slice of rows at a time. One tensor's values (its codes,
+    or its float32 weight) are in memory at a time, and one slice of its bytes, not the file."""
 
     ROWS = 1 << 22  # elements of a slice
 
@@ -229,8 +229,12 @@ class _Later:
         self.nbytes = math.prod(shape) * self.dtype.itemsize
 
     def tofile(self, f) -> None:
+        written = 0
         for part in self.parts():
             part.tofile(f)
+            written += part.nbytes
+        if written != self.nbytes:  # gguf-py placed every later tensor by the declared size
+            raise KrimpError(f"GGUF export: a tensor of shape {self.shape} wrote {written} bytes, not {self.nbytes}")
 
 
 def _row_slices(rows: int, cols: int):
@@ -339,6 +343,7 @@ def export_gguf(
         w.close()
         os.replace(tmp, out)
     finally:
+        w.close()  # a tensor that failed while it was written leaves the file open otherwise
         tmp.unlink(missing_ok=True)
     for f in floats:
         log.warning("%s", f)
@@ -442,6 +447,7 @@ def check_gguf(handle) -> None:
     src = _source_gguf(handle)
     if src:
         source_reader(src, arch)
+        forget_gguf_parse()  # GGUF export parses it again: not held through the stages
         return
     scratch = gguf.GGUFWriter(None, arch)  # metadata only, in memory
     write_hparams(scratch, handle.module.config, arch)

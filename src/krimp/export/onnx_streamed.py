@@ -6,7 +6,8 @@ and each is traced as a placeholder of its shape (memory never written, so not r
 stored beside the graph as ONNX external data (``<name>.data``), each made and written in turn:
 
 - a linear with codes: ONNX Runtime's ``MatMulNBits`` from the codes (:func:`krimp.export.onnx_nbits.matmul_nbits`);
-- any other linear: its transposed weight, the transpose folded into what is stored;
+- any other linear: its transposed weight, the transpose folded into what is stored (a tied table in
+  float keeps its Transpose in the graph, so that it is stored once);
 - a tied embedding with codes: float16 behind a ``Cast``, as :mod:`krimp.export.onnx_nbits` writes it;
 - the rest as the model holds it, or as the file has it.
 
@@ -143,11 +144,14 @@ def export_onnx_streamed(
     qlins = quantized_layers(module)
     emb_q = _tied_codes(module)
 
-    def value(name: str, qw=None) -> torch.Tensor:
+    # each weight with codes, by identity: a tied embedding is the head's weight and takes its codes
+    codes = {id(module.get_submodule(path).weight): qw for path, qw in qlins.items()}
+
+    def value(name: str) -> torch.Tensor:
+        """A weight's float32 values: its codes' where it has codes (a streamed model's weight is then
+        not in memory, and its file holds the original), else the model's, else the file's."""
         p = weights[name]
-        if qw is None and emb_q is not None and p is module.get_input_embeddings().weight:
-            qw = emb_q
-        return lazy.current(p, qw) if lazy is not None else p.detach().float()
+        return lazy.current(p, codes.get(id(p))) if lazy is not None else p.detach().float()
 
     data = _Data(path.with_name(path.name + ".data"))
     replace: dict[int, list] = {}  # id(node) -> the nodes in its place
@@ -159,7 +163,7 @@ def export_onnx_streamed(
             w_name = tr.input[0] if tr is not None and tr.op_type == "Transpose" else None
             if w_name not in weights or len(consumers[tr.output[0]]) != 1:
                 continue
-            qw = qlins.get(module_path(node.name))
+            qw = codes.get(id(weights[w_name]))  # by the weight itself, not by the node's name
             bs = block_size(qw) if qw is not None else None
             if bs is not None:
                 mm, arrays = matmul_nbits(qw, bs, node.input[0], list(node.output), node.name + "NBits", w_name)
@@ -174,7 +178,7 @@ def export_onnx_streamed(
                     )
                 if len(consumers[w_name]) > 1:  # a tied table: stored once, transposed in the graph
                     continue
-                data.add(g, tr.output[0], value(w_name, qw).t().numpy())
+                data.add(g, tr.output[0], value(w_name).t().numpy())
             replace[id(tr)] = []
             consumers[w_name].remove(tr)
         for name in weights:  # what is left: embeddings, norms, biases, a tied table

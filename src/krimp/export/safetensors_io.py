@@ -153,6 +153,8 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
             "shape": list(qw.shape),
         }
         seen.add(id(lin.weight))  # a tied embedding is the same tensor: stored once, as the head's codes
+        if not lin.weight.is_meta:
+            ptrs.add(lin.weight.data_ptr())
     sparse = {}
     for name, m in sparse_weights(module).items():
         w = m.weight.detach()
@@ -161,6 +163,7 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
         state[f"{name}.values"] = w.flatten()[keep].contiguous()
         sparse[name] = list(w.shape)
         seen.add(id(m.weight))
+        ptrs.add(w.data_ptr())
     lazy = lazy_of(module)
     coded = {f"{name}.weight" for name in layers}
     for k, v in module.state_dict(keep_vars=True).items():

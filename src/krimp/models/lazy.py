@@ -1,11 +1,12 @@
-"""A decoder whose blocks stay in their safetensors files until they are worked on: models larger
-than the machine's memory.
+"""A decoder whose blocks stay in their files (safetensors, or GGUF through
+:class:`krimp.models.gguf_file.GGUFTensors`) until they are worked on: models larger than the
+machine's memory.
 
 :func:`krimp.models.readers.load_lazy` builds the model with empty weights (parameters on PyTorch's ``meta`` device;
 buffers such as rotary tables are real), reads every tensor outside the decoder blocks (embeddings,
-final norm, head) in float32, and leaves each block's weights in the file: memory-mapped, in the
-dtype they are stored in (bf16 stays bf16 on disk) until :meth:`LazyDecoder.load` reads that block
-in float32. :meth:`LazyDecoder.release` gives the memory back: a linear that carries weight codes
+final norm, head) in float32, and leaves each block's weights in the file, in the type they are stored
+in (bf16 stays bf16 on disk, a GGUF's blocks stay quantized) until :meth:`LazyDecoder.load` reads that
+block in float32 (with ``pread``, not a memory map: see :class:`SafetensorsReader`). :meth:`LazyDecoder.release` gives the memory back: a linear that carries weight codes
 (``krimp_wq``) drops its float weight (the codes rebuild it); any other tensor equal to the file's
 goes back to the file; what a method changed and has no codes for (a norm AWQ scaled) stays.
 

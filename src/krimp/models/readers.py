@@ -262,7 +262,7 @@ def load_lazy(path: Path, task: str | None = None, trust: bool = False, tokenize
             config = tf.AutoConfig.from_pretrained(folder, trust_remote_code=trust, **where)
             tok = tf.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust, **where) if tokenizer else None
         except (OSError, ValueError) as e:
-            raise KrimpError(f"{path}: cannot read its config ({str(e).splitlines()[0]})") from None
+            raise KrimpError(f"{path}: cannot read its config or tokenizer ({str(e).splitlines()[0]})") from None
         task = task or ("causal-lm" if gguf_file else detect_task(config, folder))
         if task != "causal-lm":
             raise KrimpError(f"{path}: streaming is for decoder language models (causal-lm); this is a {task} model")
