@@ -29,7 +29,7 @@ import torch
 from krimp.errors import KrimpError
 from krimp.export.onnx_nbits import block_size, matmul_nbits
 from krimp.export.onnx_utils import module_path
-from krimp.models.lazy import _put, lazy_of
+from krimp.models.lazy import lazy_of, put_tensor
 from krimp.quant.wq import quantized_layers
 
 PREFIX = "module."  # the export wrapper's attribute: the graph inputs are named "module.<parameter>"
@@ -59,7 +59,7 @@ def _placeholders(module: torch.nn.Module):
     try:
         for p in dict.fromkeys(module.parameters()):  # a tied tensor once
             value = torch.empty(p.shape, dtype=torch.float32 if p.is_floating_point() else p.dtype)
-            held.append((p, _put(p, value)))
+            held.append((p, put_tensor(p, value)))
         yield
     finally:
         for p, old in held:

@@ -137,12 +137,12 @@ def dequantized(qw, rows: int = 4096) -> torch.Tensor:
 
 @torch.inference_mode(False)
 def _set(p: torch.Tensor, value: torch.Tensor | None) -> None:
-    """:func:`_put`, or back to ``meta`` for ``None``."""
-    _put(p, torch.empty(p.shape, dtype=p.dtype, device="meta") if value is None else value)
+    """:func:`put_tensor`, or back to ``meta`` for ``None``."""
+    put_tensor(p, torch.empty(p.shape, dtype=p.dtype, device="meta") if value is None else value)
 
 
 @torch.inference_mode(False)
-def _put(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def put_tensor(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Give tensor ``p`` (a parameter or buffer, kept as the same object) ``value``; returns the tensor
     object now holding what ``p`` held."""
     new = nn.Parameter(value, requires_grad=False) if isinstance(p, nn.Parameter) else value
@@ -229,9 +229,9 @@ class LazyDecoder:
             # a plain nn.Embedding only: a subclass may compute on the table (Gemma 3 scales it) in its type
             if type(owner) is nn.Embedding and v.dtype in (torch.bfloat16, torch.float16) and not self._shared(t):
                 owner.register_forward_hook(lambda _m, _i, out: out.float())
-                _put(t, v)
+                put_tensor(t, v)
             else:
-                _put(t, v.float() if v.is_floating_point() else v)
+                put_tensor(t, v.float() if v.is_floating_point() else v)
 
     def release_outside(self) -> None:
         """After the stages: a head whose codes were kept (``head_bits``) drops its float weight, and
@@ -260,12 +260,12 @@ class LazyDecoder:
                 continue
             if variant == "float":
                 if not t.is_meta:
-                    self._stash[id(t)] = _put(t, self.tensor(t))
+                    self._stash[id(t)] = put_tensor(t, self.tensor(t))
                 else:
-                    _put(t, self.tensor(t))
+                    put_tensor(t, self.tensor(t))
             elif t.is_meta:
                 qw = self._codes(owner, leaf)
-                _put(t, dequantized(qw).to(t.dtype) if qw is not None else self.tensor(t))
+                put_tensor(t, dequantized(qw).to(t.dtype) if qw is not None else self.tensor(t))
         return block
 
     def release(self, i: int) -> None:
