@@ -75,6 +75,35 @@ def write(name: str, title: str, header: list[str], rows: list[list], notes: lis
     return text
 
 
+KRIMP = [sys.executable, "-m", "krimp.cli.main"]
+
+
+def krimp_w4(model, out: Path, method: str, calib: int, samples: int, seq_len: int, export: str, *extra: str) -> dict:
+    """One ``krimp compress --model MODEL --method METHOD --bits 4 --group-size 128 --calib-samples C
+    --samples E --seq-len S --export FORMATS [extra flags] --out OUT`` in a process of its own, into a
+    fresh OUT, its log beside OUT. Returns ``wall_s``, the ``report`` and the ``command``; stops the
+    benchmark with krimp's own line when krimp refused (exit 2), and with the log's place on any other
+    failure."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [*KRIMP, "compress", "--model", str(model), "--method", method, "--bits", "4", "--group-size", "128"]
+    cmd += ["--calib-samples", str(calib), "--samples", str(samples), "--seq-len", str(seq_len)]
+    cmd += ["--export", export, *extra, "--out", str(out)]
+    log = out.parent / (out.name + ".log")
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+    wall = time.perf_counter() - t
+    if rc == 2:
+        raise SystemExit(f"krimp refused: {log.read_text().strip().splitlines()[-1]}")
+    if rc not in (0, 3):  # 3: the run finished and missed its goal
+        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log}")
+    report = json.loads((out / "report.json").read_text())
+    return {"wall_s": round(wall, 1), "report": report, "command": " ".join(cmd[2:])}
+
+
 def quiet() -> None:
     import logging
     import warnings

@@ -26,63 +26,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write
+from _common import krimp_w4, write
 from scaling import WORK, make_model
-
-KRIMP = [sys.executable, "-m", "krimp.cli.main"]
 
 
 def compress(folder: Path, out: Path, device: str, a) -> dict:
-    import shutil
-
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        *KRIMP,
-        "compress",
-        "--model",
-        str(folder),
-        "--method",
-        "gptq",
-        "--bits",
-        "4",
-        "--group-size",
-        "128",
-        "--calib-samples",
-        str(a.calib),
-        "--samples",
-        "2",
-        "--seq-len",
-        str(a.seq_len),
-        "--export",
-        "safetensors",
-        "--device",
-        device,
-        "--out",
-        str(out),
-    ]
-    t = time.perf_counter()
-    log = out.parent / (out.name + ".log")
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
-    if rc == 2:  # krimp refused in one line: no such device here
-        raise SystemExit(f"krimp refused --device {device}: {log.read_text().strip().splitlines()[-1]}")
-    if rc not in (0, 3):
-        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log}")
-    rep = json.loads((out / "report.json").read_text())
-    stage = rep["stages"][0]
+    r = krimp_w4(folder, out, "gptq", a.calib, 2, a.seq_len, "safetensors", "--device", device)
+    stage = r["report"]["stages"][0]
     return {
-        "wall_s": round(time.perf_counter() - t, 1),
+        "wall_s": r["wall_s"],
         "gptq_s": round(stage["seconds"], 2),
         "block_params": stage["quantized_params"],
-        "calibration_device": rep.get("calibration_device"),
-        "command": " ".join(cmd[2:]),
+        "calibration_device": r["report"].get("calibration_device"),
+        "command": r["command"],
     }
 
 

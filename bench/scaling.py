@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, write
+from _common import RESULTS, krimp_w4, write
 
 WORK = Path("/tmp/krimp-bench-scaling")
-KRIMP = [sys.executable, "-m", "krimp.cli.main"]
 SHAPES = {  # hidden, layers, FFN, heads, KV heads, tied
     "tiny-0.1b": (768, 12, 2048, 12, 4, True),
     "tiny-0.5b": (1536, 16, 4096, 16, 4, True),
@@ -106,44 +103,9 @@ def _gemma() -> Path:
 
 
 def compress(folder: Path, out: Path, args, stream: bool = True) -> dict:
-    import shutil
-
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        *KRIMP,
-        "compress",
-        "--model",
-        str(folder),
-        "--method",
-        "gptq",
-        "--bits",
-        "4",
-        "--group-size",
-        "128",
-        "--calib-samples",
-        str(args.calib),
-        "--samples",
-        str(args.eval),
-        "--seq-len",
-        str(args.seq_len),
-        "--export",
-        "safetensors",
-        "--set",
-        f"resources.stream={'true' if stream else 'false'}",
-        "--out",
-        str(out),
-    ]
-    if stream:
-        cmd += ["--max-memory", args.max_memory]
-    t = time.perf_counter()
-    with open(out.parent / (out.name + ".log"), "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    wall = time.perf_counter() - t
-    if rc not in (0, 3):
-        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {out.with_suffix('.log')}")
-    report = json.loads((out / "report.json").read_text())
-    return {"wall_s": round(wall, 1), "report": report, "command": " ".join(cmd[2:])}
+    budget = ["--max-memory", args.max_memory] if stream else []
+    stream_flag = ["--set", f"resources.stream={'true' if stream else 'false'}"]
+    return krimp_w4(folder, out, "gptq", args.calib, args.eval, args.seq_len, "safetensors", *stream_flag, *budget)
 
 
 def same_tensors(a: Path, b: Path) -> dict:

@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write
+from _common import krimp_w4, write
 
 WORK = Path("/tmp/krimp-bench-streamed-exports")
-KRIMP = [sys.executable, "-m", "krimp.cli.main"]
 FORMATS = "gguf,onnx,safetensors"
 
 
@@ -43,40 +40,8 @@ def gemma_path() -> Path:
 
 
 def compress(method: str, out: Path, a, budget: int | None) -> dict:
-    import shutil
-
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        *KRIMP,
-        "compress",
-        "--model",
-        str(gemma_path()),
-        "--method",
-        method,
-        "--bits",
-        "4",
-        "--group-size",
-        "128",
-        "--calib-samples",
-        str(a.calib),
-        "--samples",
-        str(a.eval),
-        "--seq-len",
-        str(a.seq_len),
-        "--export",
-        FORMATS,
-        "--out",
-        str(out),
-    ]
-    cmd += ["--max-memory", str(budget)] if budget else ["--set", "resources.stream=false"]
-    t = time.perf_counter()
-    with open(out.parent / (out.name + ".log"), "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    if rc not in (0, 3):
-        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {out.parent / (out.name + '.log')}")
-    rep = json.loads((out / "report.json").read_text())
-    return {"wall_s": round(time.perf_counter() - t, 1), "report": rep, "command": " ".join(cmd[2:])}
+    extra = ["--max-memory", str(budget)] if budget else ["--set", "resources.stream=false"]
+    return krimp_w4(gemma_path(), out, method, a.calib, a.eval, a.seq_len, FORMATS, *extra)
 
 
 def same_files(a: Path, b: Path) -> dict:

@@ -40,28 +40,8 @@ def export_onnx(
     initializer."""
     import onnx
 
-    wrapped = task.export_module(module).eval()
-    args = tuple(torch.from_numpy(feed[n]) for n in task.input_names)
-    dyn = {n: ({0: "batch", 1: "seq"} if task.is_text else {0: "batch"}) for n in task.input_names}
-    dyn["output"] = {0: "batch", 1: "seq"} if task.name in ("embedding", "causal-lm") else {0: "batch"}
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapped,
-                args,
-                str(tmp),
-                input_names=task.input_names,
-                output_names=["output"],
-                dynamic_axes=dyn,
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=not share_tied,
-            )
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        raise KrimpError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    trace(module, task, feed, tmp, opset, do_constant_folding=not share_tied)
     props = task_props(task, origin)
     # a serialized protobuf message appended to another merges into it: repeated fields add up
     extra = onnx.ModelProto()
@@ -70,6 +50,33 @@ def export_onnx(
         f.write(extra.SerializeToString())
     os.replace(tmp, path)
     return path
+
+
+def trace(module: torch.nn.Module, task, feed: dict[str, np.ndarray], path: Path, opset: int, **options) -> None:
+    """torch's (TorchScript) exporter on one forward pass of ``module`` over ``feed``, with the task's
+    input names and dynamic axes, into ``path``; ``options`` go to ``torch.onnx.export``. A failure is
+    one KrimpError line, and no file is left."""
+    wrapped = task.export_module(module).eval()
+    args = tuple(torch.from_numpy(feed[n]) for n in task.input_names)
+    dyn = {n: ({0: "batch", 1: "seq"} if task.is_text else {0: "batch"}) for n in task.input_names}
+    dyn["output"] = {0: "batch", 1: "seq"} if task.name in ("embedding", "causal-lm") else {0: "batch"}
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapped,
+                args,
+                str(path),
+                input_names=task.input_names,
+                output_names=["output"],
+                dynamic_axes=dyn,
+                opset_version=opset,
+                dynamo=False,
+                **options,
+            )
+    except Exception as e:
+        path.unlink(missing_ok=True)
+        raise KrimpError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def task_props(task, origin: str | None) -> dict[str, str]:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from krimp.errors import KrimpError
+from krimp.export.onnx import trace
 from krimp.export.onnx_nbits import block_size, matmul_nbits
 from krimp.export.onnx_utils import module_path
 from krimp.models.lazy import lazy_of, put_tensor
@@ -105,29 +105,20 @@ def export_onnx_streamed(
 
     lazy = lazy_of(module)
     params = dict(module.named_parameters(remove_duplicate=False))
-    wrapped = task.export_module(module).eval()
-    args = tuple(torch.from_numpy(feed[n]) for n in task.input_names)
-    dyn = {n: {0: "batch", 1: "seq"} for n in [*task.input_names, "output"]}
     graph_file = path.with_name(path.name + ".graph")
     try:
-        with warnings.catch_warnings(), torch.inference_mode(), _placeholders(module), _shapes_without_values():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapped,
-                args,
-                str(graph_file),
-                input_names=task.input_names,
-                output_names=["output"],
-                dynamic_axes=dyn,
-                opset_version=opset,
-                dynamo=False,
+        with _placeholders(module), _shapes_without_values():
+            trace(
+                module,
+                task,
+                feed,
+                graph_file,
+                opset,
                 do_constant_folding=False,
                 export_params=False,
                 keep_initializers_as_inputs=True,  # no merging of equal weights: it compares every pair by value
             )
         m = onnx.load(str(graph_file))
-    except Exception as e:
-        raise KrimpError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     finally:
         graph_file.unlink(missing_ok=True)
     g = m.graph
@@ -142,10 +133,10 @@ def export_onnx_streamed(
             consumers.setdefault(x, []).append(node)
     producer = {o: node for node in all_nodes for o in node.output}
     qlins = quantized_layers(module)
-    emb_q = _tied_codes(module)
-
     # each weight with codes, by identity: a tied embedding is the head's weight and takes its codes
     codes = {id(module.get_submodule(path).weight): qw for path, qw in qlins.items()}
+    emb = module.get_input_embeddings()
+    emb_q = codes.get(id(emb.weight))  # an embedding with codes: tied to a quantized head
 
     def value(name: str) -> torch.Tensor:
         """A weight's float32 values: its codes' where it has codes (a streamed model's weight is then
@@ -185,7 +176,7 @@ def export_onnx_streamed(
             users = consumers.get(name, [])
             if not users:
                 continue
-            if emb_q is not None and weights[name] is module.get_input_embeddings().weight:
+            if emb_q is not None and weights[name] is emb.weight:
                 gathers = [n for n in users if n.op_type == "Gather"]
                 for gn in gathers:  # looked up in float16 and cast, as onnx_nbits writes a quantized embedding
                     out = gn.output[0]
@@ -217,15 +208,3 @@ def export_onnx_streamed(
     onnx.save(m, str(tmp))
     os.replace(tmp, path)
     return {"matmul_nbits": nbits, "kept_float": kept, "embedding_fp16": emb_half, "external_data": data.path.name}
-
-
-def _tied_codes(module: torch.nn.Module):
-    """The head's codes when the head and the token embedding are one tensor (the embedding is then
-    stored in float16 from them)."""
-    try:
-        head, emb = module.get_output_embeddings(), module.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if head is None or emb is None or head.weight is not emb.weight:
-        return None
-    return getattr(head, "krimp_wq", None)
