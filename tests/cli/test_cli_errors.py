@@ -96,3 +96,16 @@ def test_unexpected_errors_are_one_line_with_exit_1(capsys):
     err = capsys.readouterr().err
     assert "unexpected ValueError: shape mismatch deep inside a runtime" in err and "--debug" in err
     assert "more detail" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [ImportError("initialization failed"), OSError("interrupted system call")])
+def test_an_error_a_kill_caused_is_reported_as_the_kill(capsys, monkeypatch, error):
+    """`kill` landing inside an import turns the KeyboardInterrupt into ImportError("initialization
+    failed"): after a signal, any error ends the run as interrupted, with the signal's exit code."""
+    from krimp.cli import common
+
+    monkeypatch.setitem(common.STATE, "signal", 15)
+    with pytest.raises(SystemExit) as e, common.user_errors():
+        raise error
+    assert e.value.code == 143
+    assert "interrupted" in capsys.readouterr().err

@@ -20,6 +20,11 @@ EXIT_GOAL_MISSED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; a SIGTERM exits 128 + 15 = 143, as shells report it
 
 
+def _interrupted():
+    err_console.print("[yellow]interrupted[/]: nothing partial was left in the output folder")
+    sys.exit(128 + STATE["signal"] if STATE["signal"] else EXIT_INTERRUPTED)
+
+
 @contextmanager
 def user_errors():
     """Turn KrimpError and friends into one clear line and exit code 2 (traceback with --debug)."""
@@ -33,14 +38,17 @@ def user_errors():
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: nothing partial was left in the output folder")
-        sys.exit(128 + STATE["signal"] if STATE["signal"] else EXIT_INTERRUPTED)
+        _interrupted()
     except (MemoryError, OSError) as e:
+        if STATE["signal"]:
+            _interrupted()
         if STATE["debug"]:
             raise
         err_console.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}", highlight=False)
         sys.exit(EXIT_BAD_INPUT)
     except Exception as e:  # a failure krimp did not foresee: one line, the traceback with --debug
+        if STATE["signal"]:  # `kill` landed inside an import or a library, which turned it into another error
+            _interrupted()
         if STATE["debug"]:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]

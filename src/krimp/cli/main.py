@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import typer
 
@@ -55,12 +56,16 @@ _register()
 
 def _terminate(signum, frame) -> None:
     common.STATE["signal"] = signum  # exit 143, as a shell reports a SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second `kill` does not interrupt the clean-up
     raise KeyboardInterrupt  # `kill PID` cleans up like Ctrl-C: no partial output is left behind
 
 
 def run() -> None:
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # one that landed outside a command (typer's start, the exit)
+        sys.exit(128 + (common.STATE["signal"] or signal.SIGINT))
 
 
 if __name__ == "__main__":
