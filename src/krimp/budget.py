@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from krimp.models.arch import GGUF_ARCHS
+from krimp.models.arch import CONV1D_MODEL_TYPES, CONV1D_NOT_STREAMED, GGUF_ARCHS
 from krimp.models.lazy import SafetensorsReader, safetensors_files
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Shape:
     half_embedding: int = 0  # parameters of a token embedding of its own stored in bf16/fp16 (held so)
     own_head: int = 0  # parameters of a head of its own (not tied to the embedding; read when needed)
     gguf_arch: str | None = None  # llama.cpp's name of the architecture, for a GGUF file
+    model_type: str | None = None  # config.json's, for a folder
 
 
 _EMBEDDING = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
@@ -108,6 +109,7 @@ def shape_of_folder(folder) -> Shape | None:
         stored_bytes=sum(f.stat().st_size for f in files),
         half_embedding=embedding if half and not tied else 0,
         own_head=0 if tied else head,
+        model_type=cfg.get("model_type"),
     )
 
 
@@ -243,6 +245,8 @@ def why_not_streamed(recipe, shape: Shape | None) -> str | None:
     if shape.gguf_arch is not None and shape.gguf_arch not in set(GGUF_ARCHS.values()):
         known = ", ".join(sorted(set(GGUF_ARCHS.values())))
         return f"streaming reads GGUF files of the architectures krimp names ({known}), not '{shape.gguf_arch}'"
+    if shape.model_type in CONV1D_MODEL_TYPES or shape.gguf_arch in {GGUF_ARCHS[t] for t in CONV1D_MODEL_TYPES}:
+        return CONV1D_NOT_STREAMED
     others = [s.method for s in recipe.stages if s.method not in STREAMABLE]
     if others or len(recipe.stages) != 1:
         return f"streaming runs one stage of {', '.join(STREAMABLE)}" + (f", not {', '.join(others)}" if others else "")

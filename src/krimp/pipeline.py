@@ -30,6 +30,7 @@ from krimp.export.onnx_streamed import export_onnx_streamed
 from krimp.memory import release
 from krimp.methods import method_for
 from krimp.models import ModelHandle
+from krimp.models.arch import linear_view
 from krimp.models.lazy import lazy_of
 from krimp.recipe import Recipe
 from krimp.stage import Needs, StageContext
@@ -177,7 +178,7 @@ def _apply_torch_stages(
         if not np.isfinite(out).all():
             raise KrimpError("the original model produces NaN/Inf on the calibration data")
     if stages and lazy is None:
-        module = copy.deepcopy(module)
+        module = linear_view(copy.deepcopy(module))  # a GPT-2 object's Conv1D as linears, in the copy only
     for i, cfg in enumerate(stages):
         step(f"stage {i + 1}: {cfg.method}")
         t0 = time.perf_counter()

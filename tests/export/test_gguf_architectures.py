@@ -76,13 +76,29 @@ def test_llama_names_come_from_gguf_py_and_gemma_norms_are_stored_plus_one(bpe, 
     assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
 
 
+def test_gpt2_conv1d_projections_go_to_gguf_as_llama_cpp_stores_them(bpe, tmp_path):
+    """GPT-2's Conv1D weights ([in, out]) are stored [out, in] in GGUF, as llama.cpp's converter writes
+    them: 4-bit blocks along the input, hyper-parameters of learned positions and LayerNorm."""
+    from krimp.models.arch import linear_view
+
+    torch.manual_seed(0)
+    m = linear_view(tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=320)).eval())
+    m, _ = RTN().apply_torch(m, RTNConfig(bits=4, group_size=32), StageContext("causal-lm", [], 2))
+    info = export_gguf(m, None, tmp_path / "m.gguf", float_type="f32", tokenizer=bpe)
+    assert info["tensor_types"]["Q4_0"] >= 2 * 4  # attn_qkv, attn_output, ffn_up, ffn_down in each block
+    ids = torch.tensor([bpe(TEXTS[0])["input_ids"]])
+    assert verify_gguf(tmp_path / "m.gguf", m, ids, tokenizer=bpe)["transformers_max_rel_error"] < 1e-4
+
+
 def test_gguf_export_is_refused_before_the_stages_for_what_it_cannot_write(tmp_path, bpe):
-    gpt2 = tmp_path / "gpt2"
-    tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=320)).save_pretrained(gpt2)
-    bpe.save_pretrained(gpt2)
+    opt = tmp_path / "opt"
+    tf.OPTForCausalLM(
+        tf.OPTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, ffn_dim=128, vocab_size=320)
+    ).save_pretrained(opt)
+    bpe.save_pretrained(opt)
     recipe = {"stages": [{"method": "int8-dynamic"}], "export": {"formats": ["gguf"]}}
-    with pytest.raises(KrimpError, match="does not write model_type 'gpt2'"):
-        krimp.compress(str(gpt2), recipe, tmp_path / "a")
+    with pytest.raises(KrimpError, match="does not write model_type 'opt'"):
+        krimp.compress(str(opt), recipe, tmp_path / "a")
     assert not (tmp_path / "a").exists()
     wordpiece = tmp_path / "wp"
     _model("llama").save_pretrained(wordpiece)

@@ -2,12 +2,12 @@
 from its Hugging Face folder, offered the methods that fit it, and run through a chain of them to
 exported artifacts. Tokenizer: MiniLM's (a random model's vocabulary needs only the right size).
 
-Not here: GPT-2 (its projections are transformers' Conv1D, which the layer-wise methods do not read;
-it is refused in one line, tested below) and transformers' EfficientNet, whose reduced-width configs
+GPT-2 has its own test (its projections are transformers' Conv1D); not here: transformers' EfficientNet, whose reduced-width configs
 fail inside transformers itself (the EfficientNet kind is the builtin EfficientNet-Lite0's)."""
 
 import dataclasses
 
+import onnxruntime as ort
 import pytest
 import torch
 import transformers as tf
@@ -157,11 +157,52 @@ def test_image_models_through_their_methods(build, name, tmp_path):
     assert r["compressed"]["quality"] is not None
 
 
-def test_gpt2_is_a_causal_lm_that_layerwise_methods_refuse_in_one_line(build, tmp_path):
+@pytest.mark.slow
+def test_gpt2_conv1d_projections_take_the_layerwise_methods(build, tmp_path):
+    """GPT-2's projections are transformers' Conv1D (weights stored [in, out]): krimp sees them as
+    linears, so SmoothQuant folds its scales into the LayerNorms (bias too) without changing the
+    function, GPTQ codes them, the packed folder reloads with the same logits, and a float safetensors
+    is back in transformers' own layout."""
     table = {"gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128})}
     folder = build(table, "gpt2")
     fits = set(krimp.inspect(str(folder))["methods"])
-    assert "int8-dynamic" in fits and not fits & {"gptq", "awq", "smoothquant", "structured"}
-    with pytest.raises(KrimpError, match=r"'gptq' works on decoder language models.*GPT2LMHeadModel"):
-        _run(folder, [{"method": "gptq"}], tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    assert {"gptq", "awq", "smoothquant", "sparsegpt", "wanda"} <= fits and "structured" not in fits  # fused q/k/v
+    r = _run(folder, [{"method": "smoothquant", "alpha": 0.5}], tmp_path / "smooth", ("safetensors",))
+    assert r["compressed"]["fidelity"]["kl"]["value"] < 1e-5
+    smoothed = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "smooth")  # transformers' own reader, Conv1D layout
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        ref = tf.GPT2LMHeadModel.from_pretrained(folder)(ids).logits
+        assert torch.allclose(smoothed(ids).logits, ref, atol=1e-3 * ref.abs().max())
+        assert not torch.equal(
+            smoothed.transformer.h[0].ln_1.weight, load_model(folder).module.transformer.h[0].ln_1.weight
+        )
+
+    stages = [{"method": "smoothquant", "alpha": 0.5}, {"method": "gptq", "bits": 4, "group_size": 32}]
+    r = _run(folder, stages, tmp_path / "run", ("onnx", "safetensors"))
+    assert r["stages"][1]["quantized_layers"] == 9  # c_attn, attn.c_proj, c_fc, mlp.c_proj in 2 blocks; the head
+    back = load_model(tmp_path / "run").module
+    c_attn = back.transformer.h[0].attn.c_attn
+    assert c_attn.krimp_wq.shape == (3 * 64, 64)  # coded as [out, in]
+    session = ort.InferenceSession(str(tmp_path / "run" / "model.onnx"))
+    feed = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(session.run(None, feed)[0]), back(ids).logits, atol=1e-3)
+    with pytest.raises(KrimpError, match="Conv1D projections are not written"):
+        _run(folder, [{"method": "gptq"}], tmp_path / "mlx", ("mlx",))
+    assert not (tmp_path / "mlx").exists()
+    streamed = {**SMALL, "stages": [{"method": "gptq"}], "resources": {"stream": True}}
+    with pytest.raises(KrimpError, match="resources.stream: streaming reads its blocks as linears, not GPT-2's"):
+        krimp.compress(str(folder), streamed, tmp_path / "s")
+
+
+@pytest.mark.slow
+def test_a_gpt2_object_is_coded_in_a_copy_and_left_as_it_was(build, minilm, tmp_path):
+    table = {"gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128})}
+    model = tf.GPT2LMHeadModel.from_pretrained(build(table, "gpt2"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = {**SMALL, "export": {"formats": ["onnx"]}, "stages": [{"method": "gptq", "bits": 4, "group_size": 32}]}
+    r = krimp.compress(model, recipe, tmp_path / "run", task="causal-lm", inputs={"tokenizer": minilm.task.tokenizer})
+    assert r["stages"][0]["quantized_layers"] == 9
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # the user's object: not swapped
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

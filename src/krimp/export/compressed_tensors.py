@@ -28,6 +28,7 @@ import torch
 from krimp.errors import KrimpError
 from krimp.export.registry import ExportJob, exporter
 from krimp.export.safetensors_io import follow_umask
+from krimp.models.arch import CONV1D_EXPORT, has_conv1d
 from krimp.quant.primitives import pack_rows
 from krimp.quant.wq import QuantizedWeight, quantized_layers
 
@@ -143,7 +144,13 @@ def verify_compressed_tensors(folder: Path, module: torch.nn.Module, ids: torch.
     return {"transformers_max_rel_error": err}
 
 
-@exporter("compressed-tensors")
+def check_compressed_tensors(handle) -> None:
+    """Refuses, before the stages run, a model transformers' compressed-tensors loader cannot take."""
+    if has_conv1d(handle.module):  # it compresses nn.Linear modules only
+        raise KrimpError(CONV1D_EXPORT.format(fmt="compressed-tensors"))
+
+
+@exporter("compressed-tensors", check=check_compressed_tensors)
 def write_compressed_tensors(job: ExportJob) -> dict:
     """compressed-tensors/ (a pack-quantized checkpoint folder: vLLM, transformers with compressed-tensors),
     checked by loading it in transformers."""

@@ -52,10 +52,19 @@ def _rope(config) -> tuple[float | None, str, float | None]:
 
 
 def write_hparams(w, config, arch: str) -> None:
-    """The hyper-parameters llama.cpp reads for a Llama-layout architecture, from a transformers config."""
+    """The hyper-parameters llama.cpp reads for the architecture, from a transformers config."""
     import gguf
 
     c = config
+    if arch == "gpt2":  # learned positions, LayerNorm, no rotary embedding
+        w.add_context_length(c.n_positions)
+        w.add_embedding_length(c.n_embd)
+        w.add_block_count(c.n_layer)
+        w.add_feed_forward_length(c.n_inner or 4 * c.n_embd)
+        w.add_head_count(c.n_head)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+        w.add_vocab_size(c.vocab_size)
+        return
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     theta, kind, factor = _rope(c)

@@ -37,6 +37,7 @@ from krimp.errors import KrimpError
 from krimp.export.hf_config import legacy_config
 from krimp.export.registry import ExportJob, exporter, next_tokens, sample_text
 from krimp.export.safetensors_io import follow_umask
+from krimp.models.arch import CONV1D_EXPORT, has_conv1d
 from krimp.quant.primitives import pack_rows
 from krimp.quant.wq import QuantizedWeight, quantized_layers
 
@@ -173,6 +174,8 @@ def check_mlx(handle) -> None:
     config = getattr(handle.module, "config", None)
     if config is None or not getattr(config, "model_type", None):
         raise KrimpError("MLX export needs a Hugging Face language model (mlx-lm builds it from config.json)")
+    if has_conv1d(handle.module):
+        raise KrimpError(CONV1D_EXPORT.format(fmt="mlx"))
     try:
         from mlx_lm.utils import _get_classes
     except ImportError:

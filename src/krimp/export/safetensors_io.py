@@ -28,10 +28,12 @@ def follow_umask(path: Path) -> None:
 def save_safetensors(module: torch.nn.Module, path: Path) -> Path:
     from safetensors.torch import save_file
 
+    from krimp.models.arch import hf_state_dict
+
     tmp = path.with_name(path.name + ".tmp")
     state = {}
     seen = {}
-    for k, v in module.state_dict().items():
+    for k, v in hf_state_dict(module).items():  # as transformers reads it back
         key = v.data_ptr()
         if key in seen and v.numel():  # tied weights are stored once
             continue
@@ -230,9 +232,11 @@ def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
 
     from safetensors import safe_open
 
+    from krimp.models.arch import linear_view
     from krimp.quant.primitives import unpack
     from krimp.quant.wq import QuantizedWeight, WQSpec, set_quantized
 
+    linear_view(module)  # GPT-2's Conv1D projections were written as the linears krimp coded
     with safe_open(str(path), "pt") as f:
         layers = json.loads(f.metadata()["layers"])
         sparse = json.loads(f.metadata().get("sparse", "{}"))

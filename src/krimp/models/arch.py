@@ -20,6 +20,7 @@ overlap).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -149,8 +150,15 @@ FAMILIES = (
     # Llama, Mistral, Qwen2/3, SmolLM and other causal LMs of Llama's layout
     Family("llama", ("model.layers",), decoder=True, attention=_LLAMA_ATTN, ffn=_LLAMA_FFN, scale_pairs=_LLAMA_PAIRS),
     Family("opt", ("model.decoder.layers",), decoder=True),
-    # GPT-2 is not here: its projections are transformers' Conv1D (transposed weights), which the
-    # layer-wise methods do not read; ONNX Runtime's INT8 and FP16 take it
+    # GPT-2: q/k/v in one projection (c_attn), LayerNorms with a bias; its projections are transformers'
+    # Conv1D, which krimp sees as linears (:func:`linear_view`)
+    Family(
+        "gpt2",
+        ("transformer.h", "h"),
+        decoder=True,
+        scale_pairs=(ScalePair("ln_1", ("attn.c_attn",)), ScalePair("ln_2", ("mlp.c_fc",))),
+        model_types=("gpt2",),
+    ),
     Family("gpt-neox", ("gpt_neox.layers",), decoder=True),
     # a base model without its head (LlamaModel, ...), or a plain module with a ``layers`` list
     Family("llama-base", ("layers",), decoder=True, attention=_LLAMA_ATTN, ffn=_LLAMA_FFN, scale_pairs=_LLAMA_PAIRS),
@@ -158,7 +166,8 @@ FAMILIES = (
 
 
 #: config.model_type -> llama.cpp's architecture name, for GGUF export (tensor names then come from
-#: gguf-py's own map for that architecture). Gemma 1 is not here: transformers cannot read its GGUF
+#: gguf-py's own map for that architecture; GPT-2's projections go as krimp sees them, [out, in], as
+#: llama.cpp stores them). Gemma 1 is not here: transformers cannot read its GGUF
 #: back, which is how every export is checked. llama.cpp stores two things differently from
 #: transformers: the "llama" architecture interleaves the rotary halves of q/k rows
 #: (:data:`GGUF_ROPE_INTERLEAVED`), and a family with ``norm_offset`` stores its norms as offset + weight.
@@ -171,8 +180,60 @@ GGUF_ARCHS = {
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    "gpt2": "gpt2",
 }
 GGUF_ROPE_INTERLEAVED = ("llama",)
+
+
+class TransposedLinear(nn.Linear):
+    """transformers' ``Conv1D`` (GPT-2's projections: ``x @ W + b`` with ``W`` stored ``[in, out]``) as
+    the ``nn.Linear`` every method of krimp reads (``W`` stored ``[out, in]``): the same function.
+    :func:`hf_state_dict` gives the weights back in transformers' layout."""
+
+
+def linear_view(model: nn.Module) -> nn.Module:
+    """Swap each ``Conv1D`` of ``model`` (in place) for a :class:`TransposedLinear` holding the same
+    weights transposed; returns ``model``. A model loaded from a file gets this on loading, a model
+    object in the stages' copy: the layer-wise methods, SmoothQuant's scales and the packed format then
+    take GPT-2 as they take Llama."""
+    utils = sys.modules.get("transformers.pytorch_utils")  # not imported: no model here holds a Conv1D
+    if utils is None:
+        return model
+    for name, m in list(model.named_modules()):
+        if isinstance(m, utils.Conv1D):
+            lin = TransposedLinear(m.weight.shape[0], m.weight.shape[1], bias=m.bias is not None, device="meta")
+            lin.weight = nn.Parameter(m.weight.detach().t().contiguous(), requires_grad=m.weight.requires_grad)
+            if m.bias is not None:
+                lin.bias = m.bias
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, lin)
+    return model
+
+
+CONV1D_MODEL_TYPES = ("gpt2",)  # the families of the table whose projections are Conv1D
+CONV1D_NOT_STREAMED = (
+    "streaming reads its blocks as linears, not GPT-2's Conv1D projections; run it in memory "
+    "(resources.stream: false, or a larger resources.max_memory)"
+)
+
+CONV1D_EXPORT = (
+    "{fmt} export: GPT-2's Conv1D projections are not written in that layout; leave '{fmt}' out of export.formats"
+)
+
+
+def has_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` holds transformers' ``Conv1D`` projections (as they are, or seen as linears)."""
+    return any(type(m).__name__ in ("Conv1D", "TransposedLinear") for m in module.modules())
+
+
+def hf_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` as transformers stores it: a :class:`TransposedLinear`'s weight back in
+    ``Conv1D``'s ``[in, out]`` layout."""
+    state = module.state_dict()
+    for name, m in module.named_modules():
+        if isinstance(m, TransposedLinear):
+            state[f"{name}.weight"] = m.weight.detach().t()
+    return state
 
 
 def _unique(items) -> tuple:

@@ -110,6 +110,10 @@ def load_tokenizer(folder: Path):
 def hf_handle(module, tok, task, source, kind, image: dict[str, Any] | None = None) -> ModelHandle:
     import inspect
 
+    from krimp.models.arch import linear_view
+
+    linear_view(module)  # GPT-2's Conv1D projections as linears: the methods read them as any other
+
     if task == "image-classification":
         labels = list((getattr(module.config, "id2label", None) or {}).values())
         return ModelHandle(
@@ -248,6 +252,7 @@ def load_lazy(path: Path, task: str | None = None, trust: bool = False, tokenize
     (:mod:`krimp.models.lazy`); kind ``hf-lazy``. ``tokenizer=False`` skips reading the tokenizer."""
     from accelerate import init_empty_weights
 
+    from krimp.models.arch import CONV1D_NOT_STREAMED, has_conv1d
     from krimp.models.lazy import LazyDecoder, safetensors_sources
 
     tf = _quiet_transformers()
@@ -273,6 +278,8 @@ def load_lazy(path: Path, task: str | None = None, trust: bool = False, tokenize
         if hasattr(module, "tie_weights"):  # a tied head is the embedding's tensor, read once
             module.tie_weights()
         module.eval()
+        if has_conv1d(module):
+            raise KrimpError(f"{path}: {CONV1D_NOT_STREAMED}")
         if gguf_file:
             gt = GGUFTensors(path, module)  # keeps the tensor table only
             sources = dict.fromkeys(gt.header, gt)
