@@ -182,13 +182,15 @@ def ppl_ratios(rows: dict, nll: dict, peer: str) -> None:
         }
 
 
-def lm_peer_table(rows: dict, extra: tuple[str, str] | None = None) -> list[str]:
+def lm_peer_table(
+    rows: dict, extra: tuple[str, str] | None = None, speed: tuple[str, str] = ("decode tok/s", "decode_tps")
+) -> list[str]:
     """The markdown table of a language-model peer bench (Wikipedia and documentation perplexity, the
-    ratio to the peer's, KL and top-1 to float, decode speed, time); ``extra``: (header, row key) of
-    one more column."""
+    ratio to the peer's, KL and top-1 to float, speed, time); ``extra``: (header, row key) of one more
+    column; ``speed``: (header, row key) of the speed column."""
     head = "| folder | bytes | wikipedia ppl | docs ppl | ppl / peer's (wikipedia; docs) | KL (wikipedia) | top-1 (wikipedia) |"
     head += f" {extra[0]} |" if extra else ""
-    lines = [head + " decode tok/s | time s |", "|---" * (9 + bool(extra)) + "|"]
+    lines = [head + f" {speed[0]} | time s |", "|---" * (9 + bool(extra)) + "|"]
     for name, r in rows.items():
         w, d = r["scores"]["wikipedia"], r["scores"]["python-docs"]
         rw, rd = r["ppl_ratio_to_peer"]["wikipedia"], r["ppl_ratio_to_peer"]["python-docs"]
@@ -196,6 +198,6 @@ def lm_peer_table(rows: dict, extra: tuple[str, str] | None = None) -> list[str]
         cells = [name, f"{r['bytes'] / 1e6:.2f} MB", ci_text(w["ppl"], 2), ci_text(d["ppl"], 2)]
         cells += [f"{ci_text(rw)}; {ci_text(rd)}", ci_text(w["kl"]), ci_text(w["top1"])]
         cells += [f"{r[extra[1]]:.4f}"] if extra else []
-        cells += [f"{r['decode_tps']:.1f}", secs]
+        cells += [f"{r[speed[1]]:.1f}", secs]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -127,9 +127,12 @@ def test_weight_only_codes_reach_openvino_as_compressed_weights(byte_bpe, tmp_pa
         **QUICK_RUN,
         "eval": {**QUICK_RUN["eval"], "runtime": "openvino"},
         "export": {"formats": ["openvino"]},
-        "stages": [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False, "head_bits": 8}],
+        "stages": [
+            {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False, "head_bits": 8, "head_group_size": None}
+        ],
     }
     r = krimp.compress(str(folder), recipe, tmp_path / "run", data=items)
+    assert r["stages"][0]["head"] == "8-bit, per channel (tied to the token embedding)"
     onnx_art = next(a for a in r["artifacts"] if a["format"] == "onnx" and a["role"] == "compressed")
     ov = next(a for a in r["artifacts"] if a["format"] == "openvino")
     table = GQA["vocab_size"] * GQA["hidden_size"]
@@ -169,3 +172,48 @@ def test_scales_become_float16_only_where_exact():
         o.get_output_element_type(0).get_type_name() for o in model.get_ordered_ops() if o.get_type_name() == "Constant"
     )
     assert kinds.count("f16") == 1 and kinds.count("f32") == 1
+
+
+def test_zero_points_and_per_channel_scales_are_stored_compactly():
+    """OpenVINO's ONNX reader makes some MatMulNBits zero points float32 and tiles a per-channel scale
+    over blocks: stored again as 4-bit integers and once per row, the decompression is the same."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from krimp.export.ov_model import compact_decompressions
+
+    rng = np.random.default_rng(0)
+    codes = ops.constant(rng.integers(0, 16, (4, 3, 8)).astype(np.uint8), dtype=ov.Type.u4)
+    zp = rng.integers(0, 16, (4, 3, 1)).astype(np.float32)
+    scale = np.repeat(rng.random((4, 1, 1)).astype(np.float32), 3, axis=1)  # one per row, tiled over 3 blocks
+    w = ops.multiply(ops.subtract(ops.convert(codes, "f32"), ops.constant(zp)), ops.constant(scale))
+    x = ops.parameter([2, 24], np.float32)
+    model = ov.Model([ops.matmul(x, ops.reshape(w, [4, 24], False), False, True)], [x])
+    feed = rng.random((2, 24)).astype(np.float32)
+    before = ov.Core().compile_model(model, "CPU")(feed)[0]
+    assert compact_decompressions(model) == 2
+    consts = {
+        (o.get_output_element_type(0).get_type_name(), tuple(o.get_output_shape(0)))
+        for o in model.get_ordered_ops()
+        if o.get_type_name() == "Constant"
+    }
+    assert ("u4", (4, 3, 1)) in consts and ("f32", (4, 1, 1)) in consts and ("f32", (4, 3, 1)) not in consts
+    assert np.array_equal(ov.Core().compile_model(model, "CPU")(feed)[0], before)
+
+
+def test_equal_small_constants_are_stored_once():
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from krimp.export.ov_model import share_small_constants
+
+    x = ops.parameter([2, 6], np.float32)
+    outs = [
+        ops.reshape(ops.multiply(x, ops.constant(np.float32(k))), ops.constant(np.array([3, 4])), False) for k in (2, 3)
+    ]
+    model = ov.Model(outs, [x])
+    feed = np.arange(12, dtype=np.float32).reshape(2, 6)
+    before = [r.copy() for r in ov.Core().compile_model(model, "CPU")(feed).values()]
+    assert share_small_constants(model) == 1  # the two shapes [3, 4]; the two factors differ
+    after = list(ov.Core().compile_model(model, "CPU")(feed).values())
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 def block_size(qw: QuantizedWeight) -> int | None:
     g, k = qw.group, qw.shape[1]
-    if qw.spec.group_size is None or g == k:  # per channel: repeat the scale over blocks
-        return 128 if k >= 128 else None
+    if qw.spec.group_size is None or g == k:  # per channel: repeat the scale over blocks that tile the row
+        whole = next((b for b in (128, 64, 32, 16) if k % b == 0), None)  # (OpenVINO's export stores it once)
+        return whole or (128 if k >= 128 else None)
     return g if g >= 16 and (g & (g - 1)) == 0 else None
 
 

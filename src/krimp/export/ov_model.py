@@ -11,13 +11,17 @@ import numpy as np
 def to_openvino(onnx_path: Path | str):
     """The ONNX file as the OpenVINO model krimp measures and saves:
     ``openvino.convert_model``, then the float copy of a tied embedding that the ONNX file keeps for its
-    Gather replaced by the head's compressed codes (one copy, as the model was trained), and float32
-    dequantization scales that float16 holds exactly stored as float16."""
+    Gather replaced by the head's compressed codes (one copy, as the model was trained), float32
+    dequantization scales that float16 holds exactly stored as float16, and zero points and per-channel
+    scales stored in their own type and once per row (:func:`compact_decompressions`), and equal small
+    constants (shapes, axes, slice bounds) stored once (:func:`share_small_constants`)."""
     import openvino as ov
 
     model = ov.convert_model(str(onnx_path))
     share_tied_embedding(model)
     half_scales(model)
+    compact_decompressions(model)
+    share_small_constants(model)
     return model
 
 
@@ -82,4 +86,79 @@ def half_scales(model) -> int:
             continue
         scale.output(0).replace(ops.convert(ops.constant(half), "f32").output(0))
         done += 1
+    return done
+
+
+def compact_decompressions(model) -> int:
+    """Store each weight decompression's zero points and scales as compactly as they are: zero points
+    that OpenVINO's ONNX reader made float32 (MatMulNBits rows of an odd number of blocks) in the codes'
+    integer type again, and a zero point or scale that repeats over a row's blocks (a per-channel grid
+    that MatMulNBits tiles with blocks) once per row, broadcast. The same function; returns how many
+    constants it stored anew."""
+    import openvino.opset13 as ops
+
+    def const_of(output):
+        node = output.get_node()
+        while node.get_type_name() == "Convert":
+            node = node.input_value(0).get_node()
+        return node if node.get_type_name() == "Constant" else None
+
+    done = 0
+    for mul in [o for o in model.get_ordered_ops() if o.get_type_name() == "Multiply"]:
+        for side in (0, 1):
+            chain = mul.input_value(side).get_node()
+            sub = chain if chain.get_type_name() == "Subtract" else None
+            codes = const_of(sub.input_value(0) if sub is not None else mul.input_value(side))
+            if codes is not None and not codes.get_output_element_type(0).is_real():
+                break
+        else:
+            continue  # not a decompression of integer codes
+        kind = codes.get_output_element_type(0)
+        for node, i in [(mul, 1 - side)] + ([(sub, 1)] if sub is not None else []):
+            const = const_of(node.input_value(i))
+            if const is None:
+                continue
+            value = const.get_data()
+            rows = value
+            if value.ndim == 3 and value.shape[1] > 1 and value.shape[2] == 1 and (value == value[:, :1]).all():
+                rows = np.ascontiguousarray(value[:, :1])  # one per row, broadcast over the row's blocks
+                if (rows == rows.flat[0]).all():  # a symmetric grid's zero point: one for all
+                    rows = rows[:1]
+            narrow = (
+                node is sub
+                and const.get_output_element_type(0).is_real()
+                and kind.get_type_name() in ("u4", "u8")
+                and np.array_equal(rows, np.round(rows))
+                and rows.min() >= 0
+                and rows.max() < 2**kind.bitwidth
+            )
+            if rows is value and not narrow:
+                continue
+            new = ops.constant(
+                rows.astype(np.uint8) if narrow else rows, dtype=kind if narrow else const.get_output_element_type(0)
+            )
+            want = node.input_value(i).get_element_type()
+            out = new if new.get_output_element_type(0) == want else ops.convert(new, want)
+            node.input(i).replace_source_output(out.output(0))
+            done += 1
+    if done:
+        model.validate_nodes_and_infer_types()
+    return done
+
+
+def share_small_constants(model, most: int = 16) -> int:
+    """Point every use of a small constant (at most ``most`` values: shapes, axes, slice bounds that the
+    ONNX reader writes once per node) at one constant of the same type, shape and value; returns how
+    many were dropped."""
+    first: dict[tuple, object] = {}
+    done = 0
+    for const in [o for o in model.get_ordered_ops() if o.get_type_name() == "Constant"]:
+        shape = tuple(const.get_output_shape(0))
+        if int(np.prod(shape)) > most:
+            continue
+        key = (const.get_output_element_type(0).get_type_name(), shape, const.get_data().tobytes())
+        keep = first.setdefault(key, const)
+        if keep is not const:
+            const.output(0).replace(keep.output(0))
+            done += 1
     return done

@@ -12,7 +12,8 @@ pattern its own bits or group size, so mixed precision is a recipe::
 
 The output head (tied to the token embedding in small models) is rounded separately to ``head_bits``
 in symmetric groups of ``head_group_size`` (32 by default: llama.cpp's Q8_0 grid at 8 bits; 64 is
-``mlx_lm.convert``'s), or left in float with ``head_bits: null``.
+``mlx_lm.convert``'s; ``null``: one scale per output channel, NNCF's), or left in float with
+``head_bits: null``.
 Each quantized ``nn.Linear`` keeps computing in float with its dequantized weight and carries the
 codes as ``module.krimp_wq`` (a :class:`~krimp.quant.wq.QuantizedWeight`): what the exporters write.
 """
@@ -51,7 +52,8 @@ class _WeightOnly(BaseConfig):
     symmetric: bool = True
     overrides: dict[str, LayerOverride] = pydantic.Field(default_factory=dict)
     head_bits: int | None = pydantic.Field(8, ge=2, le=8)  # output head / tied embedding
-    head_group_size: int = pydantic.Field(32, ge=8)  # the head's groups (32: llama.cpp's Q8_0 / Q4_0 blocks)
+    # the head's groups (32: llama.cpp's Q8_0 / Q4_0 blocks); None: one scale per output channel
+    head_group_size: int | None = pydantic.Field(32, ge=8)
 
     def spec_for(self, name: str) -> WQSpec | None:
         """The grid for layer ``name``, or None when the recipe leaves it in float."""
@@ -125,8 +127,9 @@ class SmoothQuantConfig(BaseConfig):
 # --------------------------------------------------------------------------------------------------
 
 
-def quantize_head(module: nn.Module, bits: int | None, group: int = 32) -> dict:
-    """Round the output head (and so the tied embedding) to ``bits`` in symmetric groups of ``group``."""
+def quantize_head(module: nn.Module, bits: int | None, group: int | None = 32) -> dict:
+    """Round the output head (and so the tied embedding) to ``bits`` in symmetric groups of ``group``
+    (None: one scale per output channel)."""
     from krimp.models.lazy import lazy_of
 
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
@@ -137,7 +140,8 @@ def quantize_head(module: nn.Module, bits: int | None, group: int = 32) -> dict:
         w = lazy_of(module).tensor(head.weight)
     set_quantized(head, rtn(w, WQSpec(bits, group, True)))
     tied = head.weight is module.get_input_embeddings().weight
-    return {"head": f"{bits}-bit, groups of {group}" + (" (tied to the token embedding)" if tied else "")}
+    grid = f"groups of {group}" if group else "per channel"
+    return {"head": f"{bits}-bit, {grid}" + (" (tied to the token embedding)" if tied else "")}
 
 
 def _ragged(cfg, linears: dict[str, nn.Linear]) -> list[str]:
