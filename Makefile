@@ -52,11 +52,12 @@ lint: setup
 bench: setup
 	# llama.cpp itself (llama-cpp-python builds it from source: several minutes on 2 cores, once)
 	$(BIN)/pip install -q -e '.[llama]'
-	# NNCF, OpenVINO's own quantizer: the peer of bench/openvino_peer.py
+	# NNCF, OpenVINO's own quantizer: the peer of bench/openvino_peer.py and bench/openvino_llm.py
 	$(BIN)/pip install -q 'nncf>=3.4,<4'
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/int8_minilm.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/int8_efficientnet.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/openvino_peer.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/openvino_llm.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/llm_wbits.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prune.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/distill.py

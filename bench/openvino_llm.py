@@ -1,7 +1,7 @@
 """INT4 on OpenVINO: krimp's GPTQ recipe against NNCF's ``compress_weights`` on SmolLM2-135M-Instruct,
 both IRs scored in OpenVINO on the same held-out text.
 
-    python bench/openvino_llm.py [--eval 16] [--skip-krimp]
+    python bench/openvino_llm.py [--eval 16] [--reuse]
 
 Needs the ``openvino`` extra (OpenVINO and NNCF).
 
@@ -63,14 +63,21 @@ def float_ir(h, out: Path) -> Path:
     return xml
 
 
-def nncf_int4(fp32: Path, feeds: list[dict] | None, out: Path) -> float:
-    """Seconds for NNCF to compress ``fp32`` (data-aware with AWQ and scale estimation when ``feeds``)."""
+def nncf_int4(fp32: Path, feeds: list[dict] | None, out: Path, reuse: bool) -> float:
+    """Seconds for NNCF to compress ``fp32`` (data-aware with AWQ and scale estimation when ``feeds``);
+    ``reuse``: an earlier run's IR in ``out``, and its time."""
     import nncf
     import openvino as ov
 
+    if reuse and (out / "seconds.json").exists():
+        return json.loads((out / "seconds.json").read_text())
     t = time.perf_counter()
     model = ov.Core().read_model(str(fp32))
-    kw = {"awq": True, "scale_estimation": True, "dataset": nncf.Dataset(feeds), "subset_size": len(feeds)}
+    kw = (
+        {"awq": True, "scale_estimation": True, "dataset": nncf.Dataset(feeds), "subset_size": len(feeds)}
+        if feeds
+        else {}
+    )
     adjust = nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)
     model = nncf.compress_weights(
         model,
@@ -78,11 +85,13 @@ def nncf_int4(fp32: Path, feeds: list[dict] | None, out: Path) -> float:
         group_size=128,
         ratio=1.0,
         advanced_parameters=adjust,
-        **(kw if feeds else {}),
+        **kw,
     )
     out.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(out / "model.xml"))
-    return round(time.perf_counter() - t, 1)
+    seconds = round(time.perf_counter() - t, 1)
+    (out / "seconds.json").write_text(json.dumps(seconds))
+    return seconds
 
 
 def krimp_run(recipe: str | dict, out: Path, log: Path) -> float:
@@ -109,7 +118,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval", type=int, default=16, help="held-out windows of 512 tokens per source")
-    ap.add_argument("--skip-krimp", action="store_true", help=f"reuse the runs in {WORK}")
+    ap.add_argument("--reuse", dest="skip_krimp", action="store_true", help=f"reuse the IRs made before in {WORK}")
     a = ap.parse_args()
     torch.set_num_threads(2)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -118,12 +127,15 @@ def main() -> None:
     raw = read_recipe(RECIPE)
     recipe = Recipe.from_dict(raw)
     calib = load_data(recipe.data, h.task).calib  # the windows krimp's recipe calibrates on
-    feeds = [{k: v.astype(np.int64) for k, v in h.task.encode([w], recipe.data.seq_len).items()} for w in calib]
+    names = h.task.input_names  # the model's inputs (the encoding also carries a score mask)
+    feeds = [
+        {k: v.astype(np.int64) for k, v in h.task.encode([w], recipe.data.seq_len).items() if k in names} for w in calib
+    ]
     fp32 = float_ir(h, WORK / "float")
     xmls, seconds = {}, {}
-    seconds[PEER] = nncf_int4(fp32, feeds, WORK / "nncf-awq-se")
+    seconds[PEER] = nncf_int4(fp32, feeds, WORK / "nncf-awq-se", a.skip_krimp)
     xmls[PEER] = WORK / "nncf-awq-se" / "model.xml"
-    seconds["NNCF INT4_ASYM g128, data-free"] = nncf_int4(fp32, None, WORK / "nncf-free")
+    seconds["NNCF INT4_ASYM g128, data-free"] = nncf_int4(fp32, None, WORK / "nncf-free", a.skip_krimp)
     xmls["NNCF INT4_ASYM g128, data-free"] = WORK / "nncf-free" / "model.xml"
     rtn = {**raw, "stages": [{**raw["stages"][0], "method": "rtn"}]}  # the recipe, round-to-nearest
     for name, r in (("krimp RTN, the recipe's grid", rtn), (f"krimp GPTQ (`{RECIPE}`)", RECIPE)):

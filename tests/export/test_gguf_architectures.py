@@ -2,6 +2,7 @@
 GGUF behind it (metadata from its config, tokenizer from its tokenizer.json), quantized to 4 bits and
 read back by transformers' GGUF reader to the same logits, and by llama.cpp when it is installed."""
 
+import copy
 import importlib.util
 
 import pytest
@@ -82,11 +83,14 @@ def test_gpt2_conv1d_projections_go_to_gguf_as_llama_cpp_stores_them(bpe, tmp_pa
     from krimp.models.arch import linear_view
 
     torch.manual_seed(0)
-    m = linear_view(tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=320)).eval())
+    as_it_came = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=320)).eval()
+    ids = torch.tensor([bpe(TEXTS[0])["input_ids"]])
+    export_gguf(as_it_came, None, tmp_path / "float.gguf", float_type="f32", tokenizer=bpe)  # Conv1D as it is
+    assert verify_gguf(tmp_path / "float.gguf", as_it_came, ids, tokenizer=bpe)["transformers_max_rel_error"] < 1e-5
+    m = linear_view(copy.deepcopy(as_it_came))
     m, _ = RTN().apply_torch(m, RTNConfig(bits=4, group_size=32), StageContext("causal-lm", [], 2))
     info = export_gguf(m, None, tmp_path / "m.gguf", float_type="f32", tokenizer=bpe)
     assert info["tensor_types"]["Q4_0"] >= 2 * 4  # attn_qkv, attn_output, ffn_up, ffn_down in each block
-    ids = torch.tensor([bpe(TEXTS[0])["input_ids"]])
     assert verify_gguf(tmp_path / "m.gguf", m, ids, tokenizer=bpe)["transformers_max_rel_error"] < 1e-4
 
 

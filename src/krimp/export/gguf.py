@@ -328,9 +328,13 @@ def export_gguf(
             except ValueError as e:
                 floats.append(f"{t}: {e}; written as {float_type.upper()}")
         dtype = np.float32 if param.ndim == 1 or float_type == "f32" else np.float16
+        # a Conv1D that no stage made a linear (a model object exported as it came): stored [out, in]
+        flip = type(lin).__name__ == "Conv1D" and name.endswith(".weight")
 
-        def values(param=param, qw=qw, perm=perm, t=t, dtype=dtype):
+        def values(param=param, qw=qw, perm=perm, t=t, dtype=dtype, flip=flip):
             weight = lazy.current(param, qw) if lazy is not None else param.detach().float()
+            if flip:
+                weight = weight.t().contiguous()
             if perm is not None:
                 weight = weight[perm]
             if weight.ndim == 1 and norm_offset and "norm" in t:
@@ -342,7 +346,7 @@ def export_gguf(
             for a, b in _row_slices(arr.shape[0], math.prod(arr.shape[1:])):
                 yield arr[a:b].astype(dtype)
 
-        w.add_tensor(t, _Later(tuple(param.shape), dtype, values))
+        w.add_tensor(t, _Later(tuple(param.shape[::-1] if flip else param.shape), dtype, values))
         key = "F32" if dtype is np.float32 else "F16"
         types[key] = types.get(key, 0) + 1
     try:

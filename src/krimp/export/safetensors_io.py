@@ -227,7 +227,8 @@ def packed_needs(path: Path) -> Needs:
 
 def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
     """Fill ``module`` (built from the folder's config) from a packed file; quantized linears get
-    their dequantized weight and ``krimp_wq`` back."""
+    their dequantized weight and ``krimp_wq`` back. transformers' ``Conv1D`` projections (GPT-2's)
+    become the linears krimp coded (:func:`krimp.models.arch.linear_view`), in place."""
     import json
 
     from safetensors import safe_open
