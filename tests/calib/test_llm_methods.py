@@ -40,6 +40,25 @@ def _kl(h, m, ids):
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_ragged_adjust_gives_each_layer_whole_groups(llama, method):
+    """Groups of 48 on widths 64 and 128: by default each row ends in a shorter group; ``ragged: adjust``
+    gives those layers groups of 32 (the largest power of two <= 48 that divides the width), said in the
+    stage's fallbacks; the head keeps its own grid."""
+    h, ids = llama
+    stage = {"method": method, "bits": 4, "group_size": 48, "head_bits": 8, "head_group_size": None}
+    m, info = _run(h, ids, {**stage, "ragged": "adjust"})
+    lins = {n: mod.krimp_wq for n, mod in m.named_modules() if hasattr(mod, "krimp_wq") and n != "lm_head"}
+    assert len(lins) == 2 * 7 and {qw.spec.group_size for qw in lins.values()} == {32}
+    assert m.lm_head.krimp_wq.spec.group_size is None and info["head"].startswith("8-bit, per channel")
+    assert any("groups of 32 (adjusted from 48)" in f for f in info["fallbacks"])
+    m, info = _run(h, ids, stage)
+    assert {
+        mod.krimp_wq.spec.group_size for n, mod in m.named_modules() if hasattr(mod, "krimp_wq") and n != "lm_head"
+    } == {48}
+    assert any("its last group has" in f for f in info["fallbacks"])
+
+
 @pytest.mark.slow
 def test_methods_quantize_every_block_linear_and_gptq_beats_rtn(llama):
     h, ids = llama

@@ -55,8 +55,14 @@ class _WeightOnly(BaseConfig):
     # the head's groups (32: llama.cpp's Q8_0 / Q4_0 blocks); None: one scale per output channel
     head_group_size: int | None = pydantic.Field(32, ge=8)
 
-    def spec_for(self, name: str) -> WQSpec | None:
-        """The grid for layer ``name``, or None when the recipe leaves it in float."""
+    # a layer whose width is no multiple of its group size: "last-group" keeps the groups and makes each
+    # row's last one shorter (576 = 4 x 128 + 64; GGUF and packed files store it as it is, ONNX
+    # MatMulNBits pads it to a whole block); "adjust" gives that layer the largest group that divides
+    # its width and is a power of two of at least 16 (576: 64), whole blocks everywhere (NNCF's ADJUST)
+    ragged: Literal["last-group", "adjust"] = "last-group"
+
+    def spec_for(self, name: str, width: int | None = None) -> WQSpec | None:
+        """The grid for layer ``name`` (``width`` input columns), or None when the recipe leaves it in float."""
         if not self.wants(name):
             return None
         spec = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
@@ -66,7 +72,16 @@ class _WeightOnly(BaseConfig):
                     return None
                 spec.update({k: v for k, v in o.model_dump().items() if v is not None and k != "skip"})
                 break
+        g = spec["group_size"]
+        if self.ragged == "adjust" and width and g and width % g:
+            spec["group_size"] = whole_group(width, g)
         return WQSpec(**spec)
+
+
+def whole_group(width: int, group: int) -> int:
+    """The largest power of two of at least 16 and at most ``group`` that divides ``width`` (``group``
+    itself when none does)."""
+    return next((b for b in (1 << k for k in range(group.bit_length() - 1, 3, -1)) if width % b == 0), group)
 
 
 class RTNConfig(_WeightOnly):
@@ -147,7 +162,12 @@ def quantize_head(module: nn.Module, bits: int | None, group: int | None = 32) -
 def _ragged(cfg, linears: dict[str, nn.Linear]) -> list[str]:
     out = []
     for name, lin in linears.items():
-        spec = cfg.spec_for(name)
+        spec = cfg.spec_for(name, lin.in_features)
+        asked = cfg.spec_for(name)
+        if spec and spec.group_size != asked.group_size:
+            out.append(
+                f"{name}: width {lin.in_features}: groups of {spec.group_size} (adjusted from {asked.group_size})"
+            )
         if spec and spec.group_size and lin.in_features % spec.group_size:
             out.append(
                 f"{name}: width {lin.in_features} is not a multiple of group {spec.group_size}; "
@@ -165,7 +185,7 @@ def _summary(cfg, module, t0: float, notes: list, extra: dict) -> dict:
         raise KrimpError(f"{cfg.method}: no linear layer matched targets {cfg.targets} / ignore {cfg.ignore}")
     n = sum(m.weight.numel() for m in blocks)
     bpw = sum(m.krimp_wq.bits_per_weight() * m.weight.numel() for m in blocks) / n
-    ragged = sorted({r.split(": ", 1)[1] for r in notes if "not a multiple" in r})
+    ragged = sorted({r.split(": ", 1)[1] for r in notes if "not a multiple" in r or "adjusted" in r})
     out = {
         "quantized_layers": len(qlins),
         "quantized_params": n,
@@ -199,7 +219,7 @@ class RTN:
                 lins = {_block_name(path, i, n): m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
                 notes += _ragged(cfg, lins)
                 for name, lin in lins.items():
-                    spec = cfg.spec_for(name)
+                    spec = cfg.spec_for(name, lin.in_features)
                     if spec:
                         set_quantized(lin, rtn(lin.weight.detach().float(), spec))
         ctx.declare(onnx="nbits", packed=True)
@@ -237,7 +257,9 @@ class GPTQ:
             # GPTQ treats rows independently: one sweep over their stacked rows gives the same result
             groups: dict[tuple, list[tuple[str, str]]] = {}
             for full, local in todo.items():
-                groups.setdefault((id(stats[local]), cfg.spec_for(full)), []).append((full, local))
+                groups.setdefault((id(stats[local]), cfg.spec_for(full, run.linears[local].in_features)), []).append(
+                    (full, local)
+                )
             losses = {}
             for (_, spec), members in groups.items():
                 lins = [run.linears[local] for _, local in members]
@@ -308,7 +330,7 @@ class AWQ:
                 if len(keep) != len(lins):  # a pair only moves scales when all its linears are quantized
                     continue
                 st = stats[names[0]]
-                specs = [cfg.spec_for(full[n]) for n in names]
+                specs = [cfg.spec_for(full[n], run.linears[n].in_features) for n in names]
                 if cfg.loss == "block":
                     s, a = _block_scale_search(run, prev, lins, specs, st.abs_mean, cfg, cal.family.norm_offset)
                 else:
@@ -320,7 +342,8 @@ class AWQ:
                 alphas[label] = a
             probe.check("awq")
             for n in todo:
-                lin, spec = run.linears[n], cfg.spec_for(full[n])
+                lin = run.linears[n]
+                spec = cfg.spec_for(full[n], lin.in_features)
                 w = lin.weight.detach().float()
                 clip = 1.0
                 if cfg.clip and not n.endswith(("q_proj", "k_proj")):  # as the paper: not q/k (attention)
