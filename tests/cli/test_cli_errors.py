@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from krimp.errors import KrimpError
+
 
 def krimp(*args, cwd=None):
     r = subprocess.run([sys.executable, "-m", "krimp.cli.main", *args], capture_output=True, text=True, cwd=cwd)
@@ -98,7 +100,14 @@ def test_unexpected_errors_are_one_line_with_exit_1(capsys):
     assert "more detail" not in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("error", [ImportError("initialization failed"), OSError("interrupted system call")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ImportError("initialization failed"),
+        OSError("interrupted system call"),
+        KrimpError("model.safetensors: cannot load model (ImportError: initialization failed)"),
+    ],
+)
 def test_an_error_a_kill_caused_is_reported_as_the_kill(capsys, monkeypatch, error):
     """`kill` landing inside an import turns the KeyboardInterrupt into ImportError("initialization
     failed"): after a signal, any error ends the run as interrupted, with the signal's exit code."""

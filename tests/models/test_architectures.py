@@ -178,9 +178,15 @@ def test_gpt2_conv1d_projections_take_the_layerwise_methods(build, tmp_path):
             smoothed.transformer.h[0].ln_1.weight, load_model(folder).module.transformer.h[0].ln_1.weight
         )
 
-    stages = [{"method": "smoothquant", "alpha": 0.5}, {"method": "gptq", "bits": 4, "group_size": 32}]
-    r = _run(folder, stages, tmp_path / "run", ("onnx", "safetensors"))
-    assert r["stages"][1]["quantized_layers"] == 9  # c_attn, attn.c_proj, c_fc, mlp.c_proj in 2 blocks; the head
+    loaded = load_model(folder).module  # krimp's view of it saves as transformers' own GPT-2
+    loaded.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.allclose(tf.GPT2LMHeadModel.from_pretrained(tmp_path / "saved")(ids).logits, ref, atol=1e-5)
+
+    # attn.c_proj left in float: the packed file holds it in transformers' layout beside the codes
+    gptq = {"method": "gptq", "bits": 4, "group_size": 32, "ignore": ["*.attn.c_proj"]}
+    r = _run(folder, [{"method": "smoothquant", "alpha": 0.5}, gptq], tmp_path / "run", ("onnx", "safetensors"))
+    assert r["stages"][1]["quantized_layers"] == 7  # c_attn, c_fc, mlp.c_proj in 2 blocks; the head
     back = load_model(tmp_path / "run").module
     c_attn = back.transformer.h[0].attn.c_attn
     assert c_attn.krimp_wq.shape == (3 * 64, 64)  # coded as [out, in]
@@ -188,6 +194,13 @@ def test_gpt2_conv1d_projections_take_the_layerwise_methods(build, tmp_path):
     feed = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(session.run(None, feed)[0]), back(ids).logits, atol=1e-3)
+    r = _run(folder, [{"method": "sparsegpt", "sparsity": 0.5}], tmp_path / "sparse", ("onnx", "safetensors"))
+    sparse = load_model(tmp_path / "sparse").module  # bitmask + values, reloaded into the linears
+    c_fc = sparse.transformer.h[1].mlp.c_fc.weight
+    assert c_fc.shape == (4 * 64, 64) and float((c_fc == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+    session = ort.InferenceSession(str(tmp_path / "sparse" / "model.onnx"))
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(session.run(None, feed)[0]), sparse(ids).logits, atol=1e-3)
     with pytest.raises(KrimpError, match="Conv1D projections are not written"):
         _run(folder, [{"method": "gptq"}], tmp_path / "mlx", ("mlx",))
     assert not (tmp_path / "mlx").exists()

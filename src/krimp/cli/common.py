@@ -33,6 +33,8 @@ def user_errors():
     try:
         yield
     except KrimpError as e:
+        if STATE["signal"]:  # krimp's own wording of what the kill broke (an import, a load)
+            _interrupted()
         if STATE["debug"]:
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)

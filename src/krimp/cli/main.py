@@ -55,13 +55,16 @@ _register()
 
 
 def _terminate(signum, frame) -> None:
-    common.STATE["signal"] = signum  # exit 143, as a shell reports a SIGTERM
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second `kill` does not interrupt the clean-up
+    common.STATE["signal"] = signum  # exit 143 for a SIGTERM, 130 for Ctrl-C, as a shell reports them
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second `kill` does not interrupt the clean-up
     raise KeyboardInterrupt  # `kill PID` cleans up like Ctrl-C: no partial output is left behind
 
 
 def run() -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
+        signal.signal(signal.SIGINT, _terminate)  # (a second Ctrl-C still interrupts the clean-up)
     try:
         app()
     except KeyboardInterrupt:  # one that landed outside a command (typer's start, the exit)

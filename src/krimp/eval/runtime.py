@@ -101,7 +101,9 @@ class OvEngine:
         except ImportError:
             raise KrimpError("eval.runtime openvino needs OpenVINO: pip install 'krimp[openvino]'") from None
         core = ov.Core()
-        if isinstance(path, bytes):  # an ONNX model in memory (the fallback's tries)
+        if isinstance(path, ov.Model):  # a model already read or converted
+            model = path
+        elif isinstance(path, bytes):  # an ONNX model in memory (the fallback's tries)
             model = _convert_onnx_bytes(path)
         elif str(path).endswith(".xml"):
             model = core.read_model(str(path))

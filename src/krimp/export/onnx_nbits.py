@@ -5,7 +5,8 @@ per output column ``n`` and block of ``block_size`` inputs, the codes packed LSB
 codes a byte), one float scale and one zero point per block; the ragged last block is padded. krimp's
 codes, scales and zeros are written as they are, so ONNX Runtime computes with krimp's weights:
 8-bit grids as 8-bit blocks, 2- to 4-bit grids as 4-bit blocks (the codes are a subset). Groups
-must be a power of two >= 16 (per-channel scales repeat over blocks of 128).
+must be a power of two >= 16 (per-channel scales repeat over the largest of 128, 64, 32, 16 blocks that
+tiles the row, else over blocks of 128, the last one padded).
 
 The token embedding (a ``Gather``) is stored in float16 behind a ``Cast`` when it was quantized,
 halving its bytes; its values are krimp's dequantized ones rounded to float16.

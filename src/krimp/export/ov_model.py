@@ -92,9 +92,10 @@ def half_scales(model) -> int:
 def compact_decompressions(model) -> int:
     """Store each weight decompression's zero points and scales as compactly as they are: zero points
     that OpenVINO's ONNX reader made float32 (MatMulNBits rows of an odd number of blocks) in the codes'
-    integer type again, and a zero point or scale that repeats over a row's blocks (a per-channel grid
-    that MatMulNBits tiles with blocks) once per row, broadcast. The same function; returns how many
-    constants it stored anew."""
+    integer type again, and a float or 8-bit zero point or scale that repeats over a row's blocks (a
+    per-channel grid that MatMulNBits tiles with blocks) once per row, broadcast (a 4-bit one, which
+    OpenVINO hands out packed, is left as it is). The same function; returns how many constants it
+    stored anew."""
     import openvino.opset13 as ops
 
     def const_of(output):
@@ -120,7 +121,14 @@ def compact_decompressions(model) -> int:
                 continue
             value = const.get_data()
             rows = value
-            if value.ndim == 3 and value.shape[1] > 1 and value.shape[2] == 1 and (value == value[:, :1]).all():
+            blocks = tuple(codes.get_output_shape(0))[:2]  # the codes' (rows, blocks): a u4 constant's data is packed
+            if (
+                value.ndim == 3
+                and value.shape[:2] == blocks
+                and value.shape[1] > 1
+                and value.shape[2] == 1
+                and (value == value[:, :1]).all()
+            ):
                 rows = np.ascontiguousarray(value[:, :1])  # one per row, broadcast over the row's blocks
                 if (rows == rows.flat[0]).all():  # a symmetric grid's zero point: one for all
                     rows = rows[:1]

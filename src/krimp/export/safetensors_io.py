@@ -28,12 +28,10 @@ def follow_umask(path: Path) -> None:
 def save_safetensors(module: torch.nn.Module, path: Path) -> Path:
     from safetensors.torch import save_file
 
-    from krimp.models.arch import hf_state_dict
-
     tmp = path.with_name(path.name + ".tmp")
     state = {}
     seen = {}
-    for k, v in hf_state_dict(module).items():  # as transformers reads it back
+    for k, v in module.state_dict().items():
         key = v.data_ptr()
         if key in seen and v.numel():  # tied weights are stored once
             continue
@@ -168,6 +166,7 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
         ptrs.add(w.data_ptr())
     lazy = lazy_of(module)
     coded = {f"{name}.weight" for name in layers}
+    values = module.state_dict()  # as the model's loader reads them (GPT-2's Conv1D layout)
     for k, v in module.state_dict(keep_vars=True).items():
         if k in coded or k in state or id(v) in seen or (not v.is_meta and v.data_ptr() in ptrs):
             continue
@@ -180,7 +179,8 @@ def save_packed(module: torch.nn.Module, folder: Path, tokenizer=None) -> Path:
             ptrs.add(v.data_ptr())
             # a lazy model's embedding kept in its stored half type: written as float32, as the in-memory path
             half = lazy is not None and v.dtype in (torch.bfloat16, torch.float16)
-            state[k] = (torch.float32, tuple(v.shape), lambda v=v: v.float()) if half else v.detach()
+            v = values[k]
+            state[k] = (torch.float32, tuple(v.shape), lambda v=v: v.float()) if half else v
     meta = {
         "format": PACKED_FORMAT,
         "layers": json.dumps(layers),
@@ -247,7 +247,8 @@ def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
             for k in f.keys()  # noqa: SIM118 (safe_open is no dict)
             if not k.endswith((".qweight", ".scales", ".zeros", ".bitmask", ".values"))
         }
-        for name, shape in sparse.items():
+        module.load_state_dict(plain, strict=False)
+        for name, shape in sparse.items():  # stored as the layer holds its weight (its own shape)
             n = int(np.prod(shape))
             keep = torch.from_numpy(np.unpackbits(f.get_tensor(f"{name}.bitmask").numpy(), count=n).astype(bool))
             vals = f.get_tensor(f"{name}.values")
@@ -255,8 +256,8 @@ def load_packed(module: torch.nn.Module, path: Path) -> torch.nn.Module:
                 raise KrimpError(f"{path}: {name}: bitmask and values disagree (corrupt file)")
             w = torch.zeros(n, dtype=vals.dtype)
             w[keep] = vals
-            plain[f"{name}.weight"] = w.view(shape)
-        module.load_state_dict(plain, strict=False)
+            with torch.no_grad():
+                module.get_submodule(name).weight.copy_(w.view(shape))
         for name, info in layers.items():
             spec = WQSpec(info["bits"], info["group_size"], info["symmetric"])
             codes = unpack(f.get_tensor(f"{name}.qweight"), spec.bits, False, tuple(info["shape"]))

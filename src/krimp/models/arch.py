@@ -187,8 +187,21 @@ GGUF_ROPE_INTERLEAVED = ("llama",)
 
 class TransposedLinear(nn.Linear):
     """transformers' ``Conv1D`` (GPT-2's projections: ``x @ W + b`` with ``W`` stored ``[in, out]``) as
-    the ``nn.Linear`` every method of krimp reads (``W`` stored ``[out, in]``): the same function.
-    :func:`hf_state_dict` gives the weights back in transformers' layout."""
+    the ``nn.Linear`` every method of krimp reads (``W`` held ``[out, in]``): the same function. Its
+    state dict is in ``Conv1D``'s layout, so ``save_pretrained``, a float safetensors and
+    ``load_state_dict`` read and write what transformers does (``state_dict(keep_vars=True)`` gives the
+    parameters themselves, as they are held)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars:  # keep_vars hands out the parameters themselves (torch's ONNX tracer reads them)
+            destination[prefix + "weight"] = destination[prefix + "weight"].t()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if key in state_dict:
+            state_dict = {**state_dict, key: state_dict[key].t()}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def linear_view(model: nn.Module) -> nn.Module:
@@ -224,16 +237,6 @@ CONV1D_EXPORT = (
 def has_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` holds transformers' ``Conv1D`` projections (as they are, or seen as linears)."""
     return any(type(m).__name__ in ("Conv1D", "TransposedLinear") for m in module.modules())
-
-
-def hf_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` as transformers stores it: a :class:`TransposedLinear`'s weight back in
-    ``Conv1D``'s ``[in, out]`` layout."""
-    state = module.state_dict()
-    for name, m in module.named_modules():
-        if isinstance(m, TransposedLinear):
-            state[f"{name}.weight"] = m.weight.detach().t()
-    return state
 
 
 def _unique(items) -> tuple:

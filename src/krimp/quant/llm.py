@@ -12,7 +12,8 @@ pattern its own bits or group size, so mixed precision is a recipe::
 
 The output head (tied to the token embedding in small models) is rounded separately to ``head_bits``
 in symmetric groups of ``head_group_size`` (32 by default: llama.cpp's Q8_0 grid at 8 bits; 64 is
-``mlx_lm.convert``'s; ``null``: one scale per output channel, NNCF's), or left in float with
+``mlx_lm.convert``'s; ``null``: one scale per output channel, as NNCF's 8-bit backup grid, which is
+asymmetric), or left in float with
 ``head_bits: null``.
 Each quantized ``nn.Linear`` keeps computing in float with its dequantized weight and carries the
 codes as ``module.krimp_wq`` (a :class:`~krimp.quant.wq.QuantizedWeight`): what the exporters write.
