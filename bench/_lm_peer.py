@@ -67,23 +67,34 @@ def make_folders(
     shutil.rmtree(pout, ignore_errors=True)
     seconds = {pname: timed(cmd, work / f"{pout.name}.log")}
     seconds[rname] = krimp_rtn(h, work / "krimp-rtn", group, export)
-    if not skip_krimp:
-        timed(
-            [
-                sys.executable,
-                "-m",
-                "krimp.cli.main",
-                "compress",
-                recipe,
-                "--out",
-                str(work / "krimp-gptq"),
-                "--overwrite",
-            ],
-            work / "krimp.log",
-        )
-    report = json.loads((work / "krimp-gptq" / "report.json").read_text())
-    seconds[gname] = report["stages"][0]["seconds"]
+    seconds[gname] = krimp_compress(recipe, work / "krimp-gptq", work / "krimp.log", reuse=skip_krimp)
     return {pname: pout, rname: work / "krimp-rtn", gname: work / "krimp-gptq" / sub}, seconds
+
+
+def krimp_compress(recipe: str | Path, out: Path, log: Path, reuse: bool = False) -> float:
+    """``krimp compress RECIPE --out OUT`` in its own process (not when ``reuse`` finds its report);
+    the seconds of its first stage (calibration included), from report.json."""
+    if not (reuse and (out / "report.json").exists()):
+        cmd = [sys.executable, "-m", "krimp.cli.main", "compress", str(recipe), "--out", str(out), "--overwrite"]
+        timed(cmd, log)
+    return json.loads((out / "report.json").read_text())["stages"][0]["seconds"]
+
+
+def score_all(folders: dict[str, Path], engine_of, scorer: dict, seconds: dict, bytes_of) -> tuple[dict, dict, dict]:
+    """Each folder opened by ``engine_of`` and scored on every source: (rows with bytes, seconds and
+    scores; the engines; per-window NLL for the paired ratios)."""
+    rows, engines, nll = {}, {}, {}
+    for name, folder in folders.items():
+        engines[name] = engine_of(folder)
+        per_window = {k: s.rows(engines[name]) for k, s in scorer.items()}
+        rows[name] = {
+            "bytes": bytes_of(folder),
+            "seconds": seconds[name],
+            "scores": {k: Scorer.summary(v) for k, v in per_window.items()},
+        }
+        nll[name] = {k: v[:, 1] for k, v in per_window.items()}
+        print(name, rows[name]["bytes"], {k: round(v["ppl"]["value"], 3) for k, v in rows[name]["scores"].items()})
+    return rows, engines, nll
 
 
 def scorers(h, windows: int) -> dict[str, Scorer]:
@@ -113,6 +124,12 @@ def finish(name: str, rows: dict, engines: dict, nll: dict, scorer: dict, peer: 
     prompt = np.asarray(scorer["wikipedia"].feeds[0]["input_ids"][0][:128])
     for k, v in decode_speeds(engines, prompt).items():
         rows[k]["decode_tps"] = v
+    write_results(name, rows, nll, peer, meta, to_markdown)
+
+
+def write_results(name: str, rows: dict, nll: dict, peer: str, meta: dict, to_markdown) -> None:
+    """The paired perplexity ratios into ``rows``; ``results/NAME.{json,md}`` written (``meta``: the
+    runtime's version, the windows and ``t0``, the bench's start)."""
     ppl_ratios(rows, nll, peer)
     t0 = meta.pop("t0")
     res = {"machine": machine_line(), **meta, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}

@@ -33,8 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import lm_peer_table
-from _lm_peer import finish, make_folders, scorers, start
-from llm_wbits import Scorer
+from _lm_peer import finish, make_folders, score_all, scorers, start
 
 WORK = Path("/tmp/krimp-bench-genai")
 PEER = "GenAI builder -p int4 (RTN w4 g32)"
@@ -91,17 +90,7 @@ def main() -> None:
         a.skip_krimp,
     )
     scorer = scorers(h, a.eval)
-    rows, engines, nll = {}, {}, {}
-    for name, folder in folders.items():
-        engines[name] = GenAIEngine(folder)
-        per_window = {k: s.rows(engines[name]) for k, s in scorer.items()}
-        rows[name] = {
-            "bytes": _bytes(folder),
-            "seconds": seconds[name],
-            "scores": {k: Scorer.summary(v) for k, v in per_window.items()},
-        }
-        nll[name] = {k: v[:, 1] for k, v in per_window.items()}
-        print(name, rows[name]["bytes"], {k: round(v["ppl"]["value"], 3) for k, v in rows[name]["scores"].items()})
+    rows, engines, nll = score_all(folders, GenAIEngine, scorer, seconds, _bytes)
     meta = {"onnxruntime_genai": og.__version__, "eval_windows": a.eval, "t0": t_all}
     finish("genai", rows, engines, nll, scorer, PEER, meta, to_markdown)
 

@@ -35,9 +35,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, lm_peer_table, machine_line, ppl_ratios, time_interleaved, timed
-from _lm_peer import scorers
-from llm_wbits import Scorer
+from _common import lm_peer_table, time_interleaved
+from _lm_peer import krimp_compress, score_all, scorers, write_results
 
 WORK = Path("/tmp/krimp-bench-openvino-llm")
 RECIPE = "smollm2-gptq-w4-openvino"
@@ -94,16 +93,6 @@ def nncf_int4(fp32: Path, feeds: list[dict] | None, out: Path, reuse: bool) -> f
     return seconds
 
 
-def krimp_run(recipe: str | dict, out: Path, log: Path) -> float:
-    """``krimp compress`` in its own process; the seconds of its quantization stage (report.json)."""
-    if isinstance(recipe, dict):
-        path = out.parent / f"{out.name}.yaml"
-        path.write_text(json.dumps(recipe))  # YAML reads JSON
-        recipe = str(path)
-    timed([sys.executable, "-m", "krimp.cli.main", "compress", recipe, "--out", str(out), "--overwrite"], log)
-    return json.loads((out / "report.json").read_text())["stages"][0]["seconds"]
-
-
 def main() -> None:
     import argparse
 
@@ -138,43 +127,24 @@ def main() -> None:
     seconds["NNCF INT4_ASYM g128, data-free"] = nncf_int4(fp32, None, WORK / "nncf-free", a.skip_krimp)
     xmls["NNCF INT4_ASYM g128, data-free"] = WORK / "nncf-free" / "model.xml"
     rtn = {**raw, "stages": [{**raw["stages"][0], "method": "rtn"}]}  # the recipe, round-to-nearest
-    for name, r in (("krimp RTN, the recipe's grid", rtn), (f"krimp GPTQ (`{RECIPE}`)", RECIPE)):
+    (WORK / "krimp-rtn.yaml").write_text(json.dumps(rtn))  # YAML reads JSON
+    for name, recipe_file in (
+        ("krimp RTN, the recipe's grid", WORK / "krimp-rtn.yaml"),
+        (f"krimp GPTQ (`{RECIPE}`)", RECIPE),
+    ):
         run = WORK / ("krimp-rtn" if "RTN" in name else "krimp-gptq")
-        if not (a.skip_krimp and (run / "report.json").exists()):
-            krimp_run(r, run, WORK / f"{run.name}.log")
-        seconds[name] = json.loads((run / "report.json").read_text())["stages"][0]["seconds"]
+        seconds[name] = krimp_compress(recipe_file, run, WORK / f"{run.name}.log", reuse=a.skip_krimp)
         xmls[name] = run / "openvino" / "model.xml"
     scorer = scorers(h, a.eval)
-    rows, engines, nll = {}, {}, {}
-    for name, xml in xmls.items():
-        engines[name] = OvEngine(xml, threads=2, precision="f32")
-        per_window = {k: s.rows(engines[name]) for k, s in scorer.items()}
-        rows[name] = {
-            "bytes": _bytes(xml),
-            "seconds": seconds[name],
-            "scores": {k: Scorer.summary(v) for k, v in per_window.items()},
-        }
-        nll[name] = {k: v[:, 1] for k, v in per_window.items()}
-        print(name, rows[name]["bytes"], {k: round(v["ppl"]["value"], 3) for k, v in rows[name]["scores"].items()})
+    rows, engines, nll = score_all(xmls, lambda xml: OvEngine(xml, threads=2, precision="f32"), scorer, seconds, _bytes)
     prompt = {k: v[:, :128] for k, v in scorer["wikipedia"].feeds[0].items()}
     prompt = {k: v[:1] for k, v in prompt.items()}
     speed = time_interleaved({k: (lambda e=e: e.run(prompt)) for k, e in engines.items()}, rounds=9, warmup=2)
     for k, v in speed.items():
         rows[k]["prompt_tps"] = 128 / (v["p50_ms"] / 1e3)
-    ppl_ratios(rows, nll, PEER)
-    res = {
-        "machine": machine_line(),
-        "openvino": ov.__version__,
-        "nncf": nncf.__version__,
-        "eval_windows": a.eval,
-        "calib_windows": len(feeds),
-        "rows": rows,
-        "wall_s": round(time.perf_counter() - t_all, 1),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "openvino_llm.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / "openvino_llm.md").write_text(to_markdown(res))
-    print(to_markdown(res))
+    meta = {"openvino": ov.__version__, "nncf": nncf.__version__, "eval_windows": a.eval}
+    meta |= {"calib_windows": len(feeds), "t0": t_all}
+    write_results("openvino_llm", rows, nll, PEER, meta, to_markdown)
 
 
 def to_markdown(res: dict) -> str:
