@@ -192,6 +192,18 @@ class Recipe(_Section):
 
         return [s if isinstance(s, BaseConfig) else config_from_dict(s, f"stages[{i}]") for i, s in enumerate(v)]
 
+    @pydantic.model_validator(mode="after")
+    def _gguf_types_go_to_gguf(self):
+        typed = [s for s in self.stages if getattr(s, "gguf_type", None)]
+        other = [f for f in self.export.formats if f != "gguf"]
+        if typed and (other or "gguf" not in self.export.formats):  # checked when read, not after the stages
+            where = f"not {', '.join(other)}" if other else "and the recipe exports none"
+            raise ValueError(
+                f"stage {typed[0].method} has gguf_type {typed[0].gguf_type}: llama.cpp's types go to GGUF only, "
+                f"{where}: set export.formats: [gguf]"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude={"stages"})
         d["stages"] = [s.to_dict() for s in self.stages]

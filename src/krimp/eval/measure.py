@@ -47,7 +47,9 @@ def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
         n_w = sum(p.numel() for p in run.baseline_module.parameters() if p.ndim >= 2)
         with tempfile.TemporaryDirectory() as tmp:
             b = save_safetensors(run.baseline_module, Path(tmp) / "base.safetensors").stat().st_size
-            written = work / "model.safetensors"  # the packed artifact, packed here when not exported
+            # the packed artifact, packed here when not exported; codes on llama.cpp's K grids (gguf_type)
+            # have no packed form: their GGUF
+            written = work / ("model.gguf" if _k_grids(run.module) else "model.safetensors")
             c = (written if written.exists() else save_packed(run.module, Path(tmp) / "c")).stat().st_size
         side["baseline"].update(size_bytes=b, bits_per_weight=8 * b / n_w, runtime="pytorch")
         side["compressed"].update(size_bytes=c, bits_per_weight=8 * c / n_w, runtime="pytorch")
@@ -78,6 +80,11 @@ def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
         }
         out["generation"]["prompt"] = PROMPT
     return out
+
+
+def _k_grids(module) -> bool:
+    """Whether a layer holds codes on llama.cpp's K grids (a stage's ``gguf_type``)."""
+    return any((qw := getattr(m, "krimp_wq", None)) is not None and qw.spec.superblock for m in module.modules())
 
 
 def measure_streamed(run, handle, recipe, data, work: Path) -> dict[str, Any]:

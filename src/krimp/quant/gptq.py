@@ -15,7 +15,9 @@ Groups: without activation order, each group's scale is chosen from its columns 
 the sweep reaches the group (already compensated), as in the paper's code. With activation order
 (columns by decreasing Hessian diagonal, the "act-order" trick) groups stay contiguous in the
 original order, so every export format can hold them: their scales are chosen up front from the
-original weight ("static groups").
+original weight ("static groups"). On a llama.cpp K grid (:mod:`krimp.quant.ggml`) the unit is the
+super-block: its groups' scales are fitted together, on its 256 columns as they stand when the sweep
+reaches it (or from the original weight with activation order).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from krimp.calib.solver import column_sweep
-from krimp.quant.wq import QuantizedWeight, WQSpec, n_groups, qparams, quantize, quantize_cols
+from krimp.quant.wq import QuantizedWeight, WQSpec, kparams, n_groups, qparams, quantize, quantize_cols
 
 
 def best_range(
@@ -78,7 +80,13 @@ def gptq_solve(
     zeros = torch.zeros(rows, n_groups(cols, g), device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     hd = torch.diag(H).float().clamp_min(0)
-    if act_order:  # static groups from the original weight
+    sb = spec.superblock  # a K grid: a super-block's group scales are chosen together, when it is reached
+    sup = torch.zeros(rows, cols // sb, 2, device=W.device) if sb else None
+    if sb and cols % sb:
+        raise ValueError(f"a K grid needs rows of a multiple of {sb} weights, not {cols}")
+    if act_order and sb:
+        scales, zeros, sup = kparams(W, spec, hd)
+    elif act_order:  # static groups from the original weight
         if mse:
             for k in range(scales.shape[1]):
                 c0, c1 = k * g, min((k + 1) * g, cols)
@@ -90,7 +98,11 @@ def gptq_solve(
     def on_column(j: int, w: torch.Tensor, current, _state) -> torch.Tensor:
         c = int(perm[j]) if perm is not None else j
         k = c // g
-        if perm is None and c % g == 0:
+        if perm is None and sb and c % sb == 0:
+            per = sb // g
+            s, z, sup[:, c // sb : c // sb + 1] = kparams(current(c, c + sb), spec, hd[c : c + sb])
+            scales[:, k : k + per], zeros[:, k : k + per] = s, z
+        elif perm is None and not sb and c % g == 0:
             cur = current(c, min(c + g, cols))
             s, z = (
                 best_range(cur, hd[c : c + cur.shape[1]], spec)
@@ -103,5 +115,5 @@ def gptq_solve(
         return q if keep is None else q * keep[:, c]
 
     res = column_sweep(W, H, on_column, block_size=block_size, damp=damp, perm=perm)
-    qw = quantize(res.W, scales, zeros, spec)
+    qw = quantize(res.W, scales, zeros, spec, sup)
     return qw, {"loss": res.loss, "damping": res.damping, "notes": res.notes}

@@ -61,6 +61,25 @@ class _WeightOnly(BaseConfig):
     # MatMulNBits pads it to a whole block); "adjust" gives that layer the largest group that divides
     # its width and is a power of two of at least 16 (576: 64), whole blocks everywhere (NNCF's ADJUST)
     ragged: Literal["last-group", "adjust"] = "last-group"
+    # llama.cpp's file type: every tensor on the GGML type llama-quantize gives it in such a file (its K
+    # grids; the 32-block stand-ins where a row is no multiple of 256), the head and an untied token
+    # embedding too (krimp.quant.ggml). It replaces bits / group_size / symmetric / head_* / ragged;
+    # only GGUF export writes it
+    gguf_type: Literal["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K"] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _gguf_type_alone(self):
+        if self.gguf_type:
+            if self.method == "awq":
+                raise ValueError("gguf_type is for rtn and gptq stages (AWQ's clipping search fits plain groups)")
+            clash = sorted(
+                self.model_fields_set & {"bits", "group_size", "symmetric", "head_bits", "head_group_size", "ragged"}
+            )
+            if clash:
+                raise ValueError(f"gguf_type {self.gguf_type} picks each tensor's grid: remove {', '.join(clash)}")
+            if any(not o.skip for o in self.overrides.values()):
+                raise ValueError("with gguf_type, overrides can only skip a layer ({pattern: {skip: true}})")
+        return self
 
     def spec_for(self, name: str, width: int | None = None) -> WQSpec | None:
         """The grid for layer ``name`` (``width`` input columns), or None when the recipe leaves it in float."""
@@ -77,6 +96,49 @@ class _WeightOnly(BaseConfig):
         if self.ragged == "adjust" and width and g and width % g:
             spec["group_size"] = whole_group(width, g)
         return WQSpec(**spec)
+
+
+class Grids:
+    """The grid of each weight a stage quantizes: the recipe's (:meth:`_WeightOnly.spec_for`, the head's
+    ``head_bits`` / ``head_group_size``) or, with ``gguf_type``, llama-quantize's type for the tensor."""
+
+    def __init__(self, cfg: _WeightOnly, module: nn.Module):
+        from krimp.quant.ggml import layer_types
+
+        self.cfg = cfg
+        self.types = layer_types(module, cfg.gguf_type) if cfg.gguf_type else None
+        head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+        self.head_path = next((k for k, m in module.named_modules() if m is head), None) if head is not None else None
+
+    def _typed(self, path: str | None) -> WQSpec | None:
+        from krimp.quant.ggml import GRIDS
+
+        return GRIDS.get(self.types.get(path, "F16")) if path else None
+
+    def spec(self, name: str, width: int | None = None) -> WQSpec | None:
+        if self.types is None:
+            return self.cfg.spec_for(name, width)
+        return self._typed(name) if self.cfg.spec_for(name) else None
+
+    def head(self) -> WQSpec | None:
+        if self.types is None:
+            return WQSpec(self.cfg.head_bits, self.cfg.head_group_size, True) if self.cfg.head_bits else None
+        return self._typed(self.head_path)
+
+    def embedding(self, module: nn.Module) -> WQSpec | None:
+        """An untied token embedding's grid: llama.cpp quantizes it in a ``gguf_type`` file, krimp's own
+        grids leave it in float."""
+        if self.types is None:
+            return None
+        path = next((k for k, m in module.named_modules() if m is module.get_input_embeddings()), None)
+        return self._typed(path) if path != self.head_path else None
+
+    def counts(self) -> dict[str, int]:
+        """Tensors per GGML type (``gguf_type`` only)."""
+        out: dict[str, int] = {}
+        for t in (self.types or {}).values():
+            out[t] = out.get(t, 0) + 1
+        return dict(sorted(out.items()))
 
 
 def whole_group(width: int, group: int) -> int:
@@ -143,28 +205,44 @@ class SmoothQuantConfig(BaseConfig):
 # --------------------------------------------------------------------------------------------------
 
 
-def quantize_head(module: nn.Module, bits: int | None, group: int | None = 32) -> dict:
-    """Round the output head (and so the tied embedding) to ``bits`` in symmetric groups of ``group``
-    (None: one scale per output channel)."""
+def quantize_head(module: nn.Module, grids: Grids) -> dict:
+    """Round the output head (and so the tied embedding) to its grid (the recipe's ``head_bits`` in
+    symmetric groups of ``head_group_size``, None: one scale per output channel; or its GGML type), and
+    an untied token embedding where the grid plan has one for it (``gguf_type``)."""
     from krimp.models.lazy import lazy_of
+    from krimp.quant.ggml import type_of
+
+    def weight(m):
+        w = m.weight.detach()
+        return lazy_of(module).tensor(m.weight) if w.is_meta else w  # a streamed model's, still in its file
 
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    if bits is None or head is None or not isinstance(head, nn.Linear):
-        return {}
-    w = head.weight.detach()
-    if w.is_meta:  # a streamed model's head of its own, still in its file (krimp.models.lazy)
-        w = lazy_of(module).tensor(head.weight)
-    set_quantized(head, rtn(w, WQSpec(bits, group, True)))
-    tied = head.weight is module.get_input_embeddings().weight
-    grid = f"groups of {group}" if group else "per channel"
-    return {"head": f"{bits}-bit, {grid}" + (" (tied to the token embedding)" if tied else "")}
+    spec = grids.head()
+    out = {}
+    if spec is not None and head is not None and isinstance(head, nn.Linear):
+        set_quantized(head, rtn(weight(head), spec))
+        tied = head.weight is module.get_input_embeddings().weight
+        grid = f"groups of {spec.group_size}" if spec.group_size else "per channel"
+        name = grids.types[grids.head_path] if grids.types else f"{spec.bits}-bit, {grid}"
+        out["head"] = name + (" (tied to the token embedding)" if tied else "")
+    emb_spec = grids.embedding(module)
+    if emb_spec is not None:
+        emb = module.get_input_embeddings()
+        set_quantized(emb, rtn(weight(emb), emb_spec))
+        out["token_embedding"] = type_of(emb_spec, emb.weight.shape[1])
+    return out
 
 
-def _ragged(cfg, linears: dict[str, nn.Linear]) -> list[str]:
+def _ragged(grids: Grids, linears: dict[str, nn.Linear]) -> list[str]:
     out = []
     for name, lin in linears.items():
-        spec = cfg.spec_for(name, lin.in_features)
-        asked = cfg.spec_for(name)
+        if grids.types is not None:
+            if lin.in_features % 256 and name in grids.types:
+                t = grids.types[name]
+                out.append(f"{name}: width {lin.in_features} is not a multiple of 256: {t} in place of a K type")
+            continue
+        spec = grids.spec(name, lin.in_features)
+        asked = grids.spec(name)
         if spec and spec.group_size != asked.group_size:
             out.append(
                 f"{name}: width {lin.in_features}: groups of {spec.group_size} (adjusted from {asked.group_size})"
@@ -177,9 +255,9 @@ def _ragged(cfg, linears: dict[str, nn.Linear]) -> list[str]:
     return out
 
 
-def _summary(cfg, module, t0: float, notes: list, extra: dict) -> dict:
+def _summary(cfg, grids: Grids, module, t0: float, notes: list, extra: dict) -> dict:
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    codes = quantized_layers(module)
+    codes = quantized_layers(module, k_grids=True)
     qlins = [m for n in codes if isinstance(m := module.get_submodule(n), nn.Linear)]
     blocks = [m for m in qlins if m is not head]
     if not blocks:
@@ -197,6 +275,9 @@ def _summary(cfg, module, t0: float, notes: list, extra: dict) -> dict:
     }
     if head is not None and getattr(head, "krimp_wq", None) is not None:
         out["head_bits_per_weight"] = round(head.krimp_wq.bits_per_weight(), 3)
+    if grids.types is not None:
+        out["gguf_type"] = cfg.gguf_type
+        out["gguf_tensor_types"] = grids.counts()
     return out
 
 
@@ -213,18 +294,19 @@ class RTN:
         from krimp.models.lazy import in_turn
 
         t0 = time.perf_counter()
+        grids = Grids(cfg, module)
         path, blocks = find_blocks(module)
         notes = []
         with contextlib.closing(in_turn(module, blocks)) as turns:  # a block is released on an error too
             for i, block in turns:
                 lins = {_block_name(path, i, n): m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-                notes += _ragged(cfg, lins)
+                notes += _ragged(grids, lins)
                 for name, lin in lins.items():
-                    spec = cfg.spec_for(name, lin.in_features)
+                    spec = grids.spec(name, lin.in_features)
                     if spec:
                         set_quantized(lin, rtn(lin.weight.detach().float(), spec))
         ctx.declare(onnx="nbits", packed=True)
-        return module, _summary(cfg, module, t0, notes, quantize_head(module, cfg.head_bits, cfg.head_group_size))
+        return module, _summary(cfg, grids, module, t0, notes, quantize_head(module, grids))
 
 
 @register(GPTQConfig)
@@ -246,11 +328,12 @@ class GPTQ:
             ctx.device,
         )
         notes: list[str] = []
+        grids = Grids(cfg, module)
 
         def process(run):
             names = {_block_name(cal.path, run.index, n): n for n in run.linears}
-            todo = {full: local for full, local in names.items() if cfg.spec_for(full)}
-            notes.extend(_ragged(cfg, {f: run.linears[loc] for f, loc in todo.items()}))
+            todo = {full: local for full, local in names.items() if grids.spec(full)}
+            notes.extend(_ragged(grids, {f: run.linears[loc] for f, loc in todo.items()}))
             stats = run.collect(
                 list(todo.values()), {"hessian"}, first_weight=cfg.sink_weight, last_use=True
             )  # float propagation: outputs over the inputs
@@ -258,7 +341,7 @@ class GPTQ:
             # GPTQ treats rows independently: one sweep over their stacked rows gives the same result
             groups: dict[tuple, list[tuple[str, str]]] = {}
             for full, local in todo.items():
-                groups.setdefault((id(stats[local]), cfg.spec_for(full, run.linears[local].in_features)), []).append(
+                groups.setdefault((id(stats[local]), grids.spec(full, run.linears[local].in_features)), []).append(
                     (full, local)
                 )
             losses = {}
@@ -295,9 +378,7 @@ class GPTQ:
             "block_losses": blocks,
         }
         ctx.declare(onnx="nbits", packed=True)
-        return module, _summary(
-            cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits, cfg.head_group_size)}
-        )
+        return module, _summary(cfg, grids, module, t0, notes, {**extra, **quantize_head(module, grids)})
 
 
 def _pair_names(run, pairs) -> list[list[str]]:
@@ -317,11 +398,12 @@ class AWQ:
         t0 = time.perf_counter()
         cal = LayerwiseCalibrator(module, windows_of(ctx), ctx.batch, ctx.step, "awq", device=ctx.device)
         notes: list[str] = []
+        grids = Grids(cfg, module)
 
         def process(run):
             full = {n: _block_name(cal.path, run.index, n) for n in run.linears}
-            todo = [n for n in run.linears if cfg.spec_for(full[n])]
-            notes.extend(_ragged(cfg, {full[n]: run.linears[n] for n in todo}))
+            todo = [n for n in run.linears if grids.spec(full[n])]
+            notes.extend(_ragged(grids, {full[n]: run.linears[n] for n in todo}))
             probe = _FoldProbe(run, cal)
             stats = run.collect(list(run.linears), {"abs_mean", "sample"}, cfg.sample_tokens)
             alphas = {}
@@ -331,7 +413,7 @@ class AWQ:
                 if len(keep) != len(lins):  # a pair only moves scales when all its linears are quantized
                     continue
                 st = stats[names[0]]
-                specs = [cfg.spec_for(full[n], run.linears[n].in_features) for n in names]
+                specs = [grids.spec(full[n], run.linears[n].in_features) for n in names]
                 if cfg.loss == "block":
                     s, a = _block_scale_search(run, prev, lins, specs, st.abs_mean, cfg, cal.family.norm_offset)
                 else:
@@ -344,7 +426,7 @@ class AWQ:
             probe.check("awq")
             for n in todo:
                 lin = run.linears[n]
-                spec = cfg.spec_for(full[n], lin.in_features)
+                spec = grids.spec(full[n], lin.in_features)
                 w = lin.weight.detach().float()
                 clip = 1.0
                 if cfg.clip and not n.endswith(("q_proj", "k_proj")):  # as the paper: not q/k (attention)
@@ -355,9 +437,7 @@ class AWQ:
         blocks = cal.run(process)
         extra = {"calib_windows": len(cal.windows), "block_alphas": blocks}
         ctx.declare(onnx="nbits", packed=True)
-        return module, _summary(
-            cfg, module, t0, notes, {**extra, **quantize_head(module, cfg.head_bits, cfg.head_group_size)}
-        )
+        return module, _summary(cfg, grids, module, t0, notes, {**extra, **quantize_head(module, grids)})
 
 
 class _FoldProbe:

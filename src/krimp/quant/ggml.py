@@ -1,0 +1,138 @@
+"""llama.cpp's block grids as krimp grids: the GGML types, the K grids' two-level scales, and the mix of
+types per tensor that ``llama-quantize`` picks for a file type such as Q4_K_M.
+
+**Types.** Each GGML weight type is a :class:`~krimp.quant.wq.WQSpec` (:data:`GRIDS`). The 32-blocks are
+plain groups with a float16 scale: ``Q8_0``, ``Q4_0``, ``Q5_0`` symmetric (``d * (q - 2^(b-1))``),
+``Q4_1``, ``Q5_1`` asymmetric. The K types cut a row into super-blocks of 256 weights, and each
+super-block into groups (32 weights; 16 for Q6_K) whose scales are themselves quantized:
+
+- ``Q4_K`` / ``Q5_K``: ``w = d * sc_j * q - dmin * m_j``, codes ``q`` of 4 / 5 bits, ``sc_j`` and
+  ``m_j`` 6-bit integers per group of 32, ``d`` and ``dmin`` float16 per super-block (4.5 / 5.5 bits
+  a weight);
+- ``Q6_K``: ``w = d * sc_j * (q - 32)``, 6-bit codes, ``sc_j`` an int8 per group of 16, ``d`` float16
+  (6.5625 bits a weight).
+
+In krimp's form ``w = s * (u - z)`` a K group has ``s = d * sc_j`` (exact in float32: an 11-bit
+mantissa times a 6- or 8-bit integer) and ``z = dmin * m_j / s``, a fractional zero point; the
+super-block's ``(d, dmin)`` ride along as :attr:`QuantizedWeight.superscales`, from which the GGUF
+writer recovers the integers exactly (``sc_j = s / d``, ``m_j = s * z / dmin``, both rounded).
+
+**Choosing a super-block's scales**: :func:`krimp.quant.wq.kparams`, a weighted least-squares fit
+that GPTQ (:func:`krimp.quant.gptq.gptq_solve`) calls when its sweep reaches a super-block.
+
+**The mix** (:func:`tensor_type`). A file type names a base type and the tensors that get more bits:
+Q4_K_M gives Q6_K to the output head (or the tied embedding) and to the value projection and FFN
+down projection of the first and last eighth of the layers and every third between; a row whose
+width is no multiple of 256 takes the 32-block type of about the same bits instead (Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K -> Q8_0). These are the rules of llama.cpp's ``llama-quantize`` for dense models,
+so a krimp file of a type has llama.cpp's bytes; ``bench/gguf_kquants.py`` checks the two mixes
+tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from krimp.quant.wq import WQSpec
+
+SUPER = 256  # weights in a K super-block
+
+#: GGML type name -> its grid
+GRIDS: dict[str, WQSpec] = {
+    "Q8_0": WQSpec(8, 32, True),
+    "Q4_0": WQSpec(4, 32, True),
+    "Q4_1": WQSpec(4, 32, False),
+    "Q5_0": WQSpec(5, 32, True),
+    "Q5_1": WQSpec(5, 32, False),
+    "Q4_K": WQSpec(4, 32, False, SUPER),
+    "Q5_K": WQSpec(5, 32, False, SUPER),
+    "Q6_K": WQSpec(6, 16, True, SUPER),
+}
+
+#: bytes of one block of each type (32 weights; 256 for the K types)
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+
+#: a K type's 32-block stand-in where a row is no multiple of 256 (llama-quantize's)
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+#: the file types krimp writes as llama-quantize mixes them: base type
+FILE_TYPES = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
+
+
+def type_of(spec: WQSpec, cols: int) -> str | None:
+    """The GGML type that holds ``spec`` exactly on a row of ``cols`` weights, or None. 3-bit codes are
+    a subset of 4-bit ones (written at 4 bits); a plain group that is a multiple of 32 repeats its
+    scale over its blocks."""
+    if spec.superblock:
+        name = next((n for n, g in GRIDS.items() if g == spec), None)
+        return name if name and cols % SUPER == 0 else None
+    g = spec.group_len(cols)
+    if cols % 32 or g % 32:
+        return None
+    bits = 4 if spec.bits == 3 else spec.bits
+    name = next(
+        (n for n, s in GRIDS.items() if not s.superblock and (s.bits, s.symmetric) == (bits, spec.symmetric)), None
+    )
+    return name
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's layers that get more bits in the _M mixes: the first and last eighth, every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(file_type: str, role: str, i: int, n: int, cols: int) -> str:
+    """The GGML type of a tensor of a ``file_type`` file: ``role`` is its GGUF name's part (``attn_v``,
+    ``ffn_down``, ``attn_qkv``, ``output``, ``token_embd``, ...), ``i`` its layer of ``n``, ``cols``
+    its row width. ``output`` is also the tied embedding, which llama.cpp stores as the head."""
+    base = FILE_TYPES[file_type]
+    t = base
+    if role == "output":
+        t = "Q6_K"
+    elif role in ("attn_v", "ffn_down"):
+        if file_type in ("Q4_K_M", "Q5_K_M") and _more_bits(i, n):
+            t = "Q6_K"
+        elif file_type == "Q4_K_S" and (i < 4 if role == "attn_v" else i < n // 8):
+            t = "Q5_K"
+    elif role == "attn_qkv":
+        t = {"Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(file_type, base)
+    if cols % SUPER:
+        t = FALLBACK.get(t, t)
+    return t
+
+
+# ---- which tensors get which type ------------------------------------------------------------
+
+
+def layer_types(module, file_type: str) -> dict[str, str]:
+    """Module path -> GGML type (``F16`` where no block fits the row) of each weight llama-quantize
+    quantizes in a ``file_type`` file: the blocks' linears, the output head (the tied embedding's
+    module is the head), an untied token embedding. Roles and layers come from the weights' GGUF names
+    (gguf-py's map for the architecture)."""
+    from krimp.models.gguf_file import gguf_arch, tensor_names
+
+    names = tensor_names(module, gguf_arch(module))
+    head = module.get_output_embeddings()
+    emb = module.get_input_embeddings()
+    n = int(getattr(module.config, "num_hidden_layers", 0) or getattr(module.config, "n_layer", 0))
+    out: dict[str, str] = {}
+    for pname, p in module.named_parameters():
+        if p.ndim != 2 or not pname.endswith(".weight"):
+            continue
+        path = pname.rsplit(".", 1)[0]
+        parts = names[pname].split(".")
+        if parts[0] == "blk":
+            role, i = parts[2], int(parts[1])
+            if not isinstance(module.get_submodule(path), torch.nn.Linear):
+                continue
+        elif parts[0] in ("output", "token_embd"):
+            tied = head is not None and emb is not None and head.weight is emb.weight
+            role, i = ("output" if tied or parts[0] == "output" else "token_embd"), 0
+            if role == "output" and head is not None:
+                path = next(k for k, m in module.named_modules() if m is head)
+        else:
+            continue  # position embeddings and the like stay as they are
+        cols = p.shape[1]
+        t = tensor_type(file_type, role, i, n, cols)
+        out[path] = t if cols % 32 == 0 else "F16"
+    return out
