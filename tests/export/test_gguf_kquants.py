@@ -48,10 +48,12 @@ def test_gptq_q4_k_m_goes_to_gguf_in_llama_quantizes_types_and_reads_back(bpe, t
         assert check["llama_cpp_top1_agreement"] >= 0.9
 
 
-def test_a_hf_folder_goes_to_a_q4_k_m_gguf_in_one_command(byte_bpe, tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hf_folder_goes_to_a_q4_k_m_gguf_in_one_command(stream, byte_bpe, tmp_path):
     folder = tmp_path / "llama"
     items = save_with_texts(tiny_lm("llama", **WIDE), folder, byte_bpe)
     recipe = {**QUICK_RUN, "stages": [{"method": "rtn", "gguf_type": "Q4_K_M"}], "export": {"formats": ["gguf"]}}
+    recipe["resources"] = {"stream": stream}  # streamed: block by block from the folder's safetensors
     r = krimp.compress(str(folder), recipe, tmp_path / "run", data=items)
     assert r["stages"][0]["gguf_tensor_types"] == {"Q4_K": 13, "Q6_K": 3}
     gguf = tmp_path / "run" / "model.gguf"
@@ -59,6 +61,7 @@ def test_a_hf_folder_goes_to_a_q4_k_m_gguf_in_one_command(byte_bpe, tmp_path):
     assert types["blk.1.ffn_down.weight"] == "Q6_K" and types["blk.0.ffn_down.weight"] == "Q4_K"
     # the size reported is the file's: K codes have no packed-safetensors form
     assert r["compressed"]["size_bytes"] == gguf.stat().st_size
+    assert r["memory"]["path"] == ("streamed" if stream else "in-memory")
 
 
 def test_narrow_rows_take_llama_quantizes_32_block_types():
