@@ -91,7 +91,9 @@ def to_markdown(res: dict) -> str:
         "",
         f"Per-tensor types: {res['types_note']}",
         "",
-        f"Wall time {res['wall_s']:.0f} s. `python bench/gguf_kquants.py --llama-bin DIR`.",
+        f"Wall time {res['wall_s']:.0f} s"
+        + (" (the files of an earlier run reused, `--reuse`: the time column is theirs)" if res.get("reused") else "")
+        + ". `python bench/gguf_kquants.py --llama-bin DIR`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -196,11 +198,12 @@ def main() -> None:
         "t0": t0,
         "fixture": f"{fixture.name} ({meta_fix['base']}, {meta_fix['transform']}: logits within "
         f"{meta_fix['max_relative_logit_difference']:.0e}, Q4_1-grid distance {meta_fix['q4_1_grid_distance_steps']['after']} "
-        f"steps, 0.25 = off grid); float: llama-perplexity {float_llama['ppl']:.4f}, perplexity "
+        f"steps, 0.25 = off grid); float: llama-perplexity {float_llama['ppl']:.4f} at {float_llama['prompt_tps']:.0f} tok/s, perplexity "
         + ", ".join(f"{k} {v['ppl_ref']:.3f}" for k, v in rows[PEER]["scores"].items()),
         "calib": f"{a.calib} windows of 512 tokens of {' + '.join(sources)} (calibration halves)",
         "eval": f"{a.eval} + {a.eval} windows of 512 tokens (held-out halves of Wikipedia and the documentation)",
         "types_note": types_note,
+        "reused": a.reuse,
         "type_differences": {k: len(v) for k, v in diffs.items()},
     }
     write_results("gguf_kquants", rows, nll, PEER, meta, to_markdown)

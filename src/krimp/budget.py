@@ -194,10 +194,15 @@ def estimates(shape: Shape, recipe, calib_batch: int = 8) -> dict[str, int]:
     """
     data, ev = recipe.data, recipe.eval
     stages = recipe.stages
-    bits = min([getattr(s, "bits", 16) or 16 for s in stages] or [16])
-    group = min([getattr(s, "group_size", None) or 128 for s in stages] or [128])
-    head_bits = min([getattr(s, "head_bits", None) or 16 for s in stages] or [16])
-    head_group = min([getattr(s, "head_group_size", None) or 32 for s in stages] or [32])
+
+    def least(key: str, default: int, typed: int) -> int:
+        """The smallest ``key`` over the stages; a ``gguf_type`` stage's grids are llama.cpp's mix:
+        codes of 5 to 8 bits (one a byte), groups of 16 to 32."""
+        vals = [typed if getattr(s, "gguf_type", None) else getattr(s, key, default) or default for s in stages]
+        return min(vals or [default])
+
+    bits, group = least("bits", 16, 5), least("group_size", 128, 16)
+    head_bits, head_group = least("head_bits", 16, 8), least("head_group_size", 32, 16)
     acts = 2 * data.calib_samples * data.seq_len * shape.hidden * 4
     hess = 4 * (3 * shape.hidden**2 + shape.ffn**2) if any(s.method != "rtn" for s in stages) else 0
     forward = calib_batch * data.seq_len * (4 * shape.ffn + shape.heads * data.seq_len) * 4

@@ -87,3 +87,7 @@ def test_q4_k_m_mix_is_llama_quantizes():
     assert tensor_type("Q4_K_S", "attn_v", 4, 24, 512) == "Q4_K"
     assert tensor_type("Q5_K_M", "attn_k", 4, 24, 512) == "Q5_K"
     assert tensor_type("Q6_K", "attn_k", 4, 24, 520) == "Q8_0"
+    # a 70B Llama's value projections (8 query heads a value head) get Q5_K where others get Q4_K
+    assert tensor_type("Q4_K_M", "attn_v", 13, 80, 8192, llama_70b=True) == "Q5_K"
+    assert tensor_type("Q4_K_M", "attn_v", 0, 80, 8192, llama_70b=True) == "Q6_K"
+    assert tensor_type("Q4_K_M", "ffn_down", 13, 80, 8192, llama_70b=True) == "Q4_K"

@@ -206,7 +206,8 @@ def block_format(qw: QuantizedWeight) -> tuple[str, int]:
         spec = qw.spec
         grid = "K grid" if spec.superblock else f"{'symmetric' if spec.symmetric else 'asymmetric'} grid"
         raise ValueError(
-            f"{spec.bits}-bit {grid} in groups of {qw.group} on rows of {cols} has no exact GGUF block format"
+            f"{spec.bits}-bit {grid} in groups of {qw.group} on rows of {cols} has no exact GGUF block format: "
+            "quantize to 3-5 bits or 8 symmetric, in groups of a multiple of 32, or with a stage's gguf_type"
         )
     return tname, cols // (SUPER if qw.spec.superblock else 32) * BLOCK_BYTES[tname]
 

@@ -25,8 +25,8 @@ Q4_K_M gives Q6_K to the output head (or the tied embedding) and to the value pr
 down projection of the first and last eighth of the layers and every third between; a row whose
 width is no multiple of 256 takes the 32-block type of about the same bits instead (Q4_K -> Q5_0,
 Q5_K -> Q5_1, Q6_K -> Q8_0). These are the rules of llama.cpp's ``llama-quantize`` for dense models,
-so a krimp file of a type has llama.cpp's bytes; ``bench/gguf_kquants.py`` checks the two mixes
-tensor by tensor.
+so a krimp file of a type has llama.cpp's type for every tensor, and its size;
+``bench/gguf_kquants.py`` checks the two mixes tensor by tensor.
 """
 
 from __future__ import annotations
@@ -81,10 +81,12 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(file_type: str, role: str, i: int, n: int, cols: int) -> str:
+def tensor_type(file_type: str, role: str, i: int, n: int, cols: int, llama_70b: bool = False) -> str:
     """The GGML type of a tensor of a ``file_type`` file: ``role`` is its GGUF name's part (``attn_v``,
     ``ffn_down``, ``attn_qkv``, ``output``, ``token_embd``, ...), ``i`` its layer of ``n``, ``cols``
-    its row width. ``output`` is also the tied embedding, which llama.cpp stores as the head."""
+    its row width. ``output`` is also the tied embedding, which llama.cpp stores as the head.
+    ``llama_70b``: what llama-quantize takes for a 70B Llama (80 layers, grouped-query attention),
+    whose value projections get Q5_K for Q4_K."""
     base = FILE_TYPES[file_type]
     t = base
     if role == "output":
@@ -94,8 +96,11 @@ def tensor_type(file_type: str, role: str, i: int, n: int, cols: int) -> str:
             t = "Q6_K"
         elif file_type == "Q4_K_S" and (i < 4 if role == "attn_v" else i < n // 8):
             t = "Q5_K"
+        if role == "attn_v" and llama_70b and t == "Q4_K":
+            t = "Q5_K"
     elif role == "attn_qkv":
         t = {"Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(file_type, base)
+
     if cols % SUPER:
         t = FALLBACK.get(t, t)
     return t
@@ -105,16 +110,20 @@ def tensor_type(file_type: str, role: str, i: int, n: int, cols: int) -> str:
 
 
 def layer_types(module, file_type: str) -> dict[str, str]:
-    """Module path -> GGML type (``F16`` where no block fits the row) of each weight llama-quantize
+    """Module path -> GGML type (``float`` where no block fits the row) of each weight llama-quantize
     quantizes in a ``file_type`` file: the blocks' linears, the output head (the tied embedding's
     module is the head), an untied token embedding. Roles and layers come from the weights' GGUF names
     (gguf-py's map for the architecture)."""
     from krimp.models.gguf_file import gguf_arch, tensor_names
 
-    names = tensor_names(module, gguf_arch(module))
+    arch = gguf_arch(module)
+    names = tensor_names(module, arch)
     head = module.get_output_embeddings()
     emb = module.get_input_embeddings()
-    n = int(getattr(module.config, "num_hidden_layers", 0) or getattr(module.config, "n_layer", 0))
+    n = 1 + max(int(t.split(".")[1]) for t in names.values() if t.startswith("blk."))
+    cfg = module.config
+    heads = getattr(cfg, "num_attention_heads", 0)
+    llama_70b = arch == "llama" and n == 80 and getattr(cfg, "num_key_value_heads", heads) != heads
     out: dict[str, str] = {}
     for pname, p in module.named_parameters():
         if p.ndim != 2 or not pname.endswith(".weight"):
@@ -133,6 +142,5 @@ def layer_types(module, file_type: str) -> dict[str, str]:
         else:
             continue  # position embeddings and the like stay as they are
         cols = p.shape[1]
-        t = tensor_type(file_type, role, i, n, cols)
-        out[path] = t if cols % 32 == 0 else "F16"
+        out[path] = tensor_type(file_type, role, i, n, cols, llama_70b) if cols % 32 == 0 else "float"
     return out

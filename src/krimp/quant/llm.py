@@ -71,7 +71,9 @@ class _WeightOnly(BaseConfig):
     def _gguf_type_alone(self):
         if self.gguf_type:
             if self.method == "awq":
-                raise ValueError("gguf_type is for rtn and gptq stages (AWQ's clipping search fits plain groups)")
+                raise ValueError(
+                    "gguf_type is for rtn and gptq stages (AWQ's clipping search fits plain groups): use method gptq"
+                )
             clash = sorted(
                 self.model_fields_set & {"bits", "group_size", "symmetric", "head_bits", "head_group_size", "ragged"}
             )
@@ -113,7 +115,7 @@ class Grids:
     def _typed(self, path: str | None) -> WQSpec | None:
         from krimp.quant.ggml import GRIDS
 
-        return GRIDS.get(self.types.get(path, "F16")) if path else None
+        return GRIDS.get(self.types.get(path, "float")) if path else None
 
     def spec(self, name: str, width: int | None = None) -> WQSpec | None:
         if self.types is None:

@@ -276,9 +276,9 @@ def _fit_groups(x: torch.Tensor, h: torch.Tensor, bits: int, symmetric: bool, st
     ``b >= 0`` of ``x ~= a * q - b`` (symmetric: ``x ~= a * (q - 2^(b-1))``, ``a`` signed) with the least
     ``h``-weighted error over candidate steps (module docstring)."""
     qmax = 2**bits - 1
-    best_err = torch.full(x.shape[:-1], float("inf"))
-    best_a = torch.zeros(x.shape[:-1])
-    best_b = torch.zeros(x.shape[:-1])
+    best_err = torch.full(x.shape[:-1], float("inf"), device=x.device)
+    best_a = torch.zeros(x.shape[:-1], device=x.device)
+    best_b = torch.zeros(x.shape[:-1], device=x.device)
     h = h.expand_as(x)
     if symmetric:
         half = 2 ** (bits - 1)
@@ -299,7 +299,7 @@ def _fit_groups(x: torch.Tensor, h: torch.Tensor, bits: int, symmetric: bool, st
         q = torch.clamp(torch.round((x - lo[..., None]) * ((qmax + t) / safe)[..., None]), 0, qmax)
         sq, sqq, sqx = (h * q).sum(-1), (h * q * q).sum(-1), (h * q * x).sum(-1)
         det = sw * sqq - sq * sq
-        ok = det > 1e-30 * sw * sqq
+        ok = det > 1e-6 * sw * sqq  # codes all (nearly) equal: the offset is not determined
         a = torch.where(ok, (sw * sqx - sq * swx) / torch.where(ok, det, 1), sqx / sqq.clamp_min(1e-30))
         b = torch.where(ok, (sq * sqx - sqq * swx) / torch.where(ok, det, 1), 0)
         neg = b < 0  # the grid's offset is stored as m_j >= 0: fit the scale alone
