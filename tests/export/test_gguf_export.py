@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from krimp.export.gguf import encode_blocks
 from krimp.models.gguf_file import rope_permutation
+from krimp.quant.ggml import encode_blocks
 from krimp.quant.wq import WQSpec, rtn
 
 

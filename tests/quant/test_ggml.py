@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from krimp.export.gguf import encode_blocks
-from krimp.quant.ggml import BLOCK_BYTES, GRIDS, SUPER, tensor_type, type_of
+from krimp.quant.ggml import BLOCK_BYTES, GRIDS, SUPER, encode_blocks, tensor_type, type_of
 from krimp.quant.gptq import gptq_solve
 from krimp.quant.wq import kparams, quantize, rtn
 

@@ -41,6 +41,7 @@ def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
         ref_engine, engine = engine_for(base, ev), engine_for(comp, ev)
     else:
         from krimp.export.safetensors_io import save_packed, save_safetensors
+        from krimp.quant.wq import quantized_layers
 
         ref_engine = TorchEngine(run.baseline_module, task, ev.threads)
         engine = TorchEngine(run.module, task, ev.threads)
@@ -49,7 +50,8 @@ def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
             b = save_safetensors(run.baseline_module, Path(tmp) / "base.safetensors").stat().st_size
             # the packed artifact, packed here when not exported; codes on llama.cpp's K grids (gguf_type)
             # have no packed form: their GGUF
-            written = work / ("model.gguf" if _k_grids(run.module) else "model.safetensors")
+            k_grids = any(qw.spec.superblock for qw in quantized_layers(run.module, k_grids=True).values())
+            written = work / ("model.gguf" if k_grids else "model.safetensors")
             c = (written if written.exists() else save_packed(run.module, Path(tmp) / "c")).stat().st_size
         side["baseline"].update(size_bytes=b, bits_per_weight=8 * b / n_w, runtime="pytorch")
         side["compressed"].update(size_bytes=c, bits_per_weight=8 * c / n_w, runtime="pytorch")
@@ -80,11 +82,6 @@ def measure_pair(run, handle, recipe, data, work: Path) -> dict[str, Any]:
         }
         out["generation"]["prompt"] = PROMPT
     return out
-
-
-def _k_grids(module) -> bool:
-    """Whether a layer holds codes on llama.cpp's K grids (a stage's ``gguf_type``)."""
-    return any((qw := getattr(m, "krimp_wq", None)) is not None and qw.spec.superblock for m in module.modules())
 
 
 def measure_streamed(run, handle, recipe, data, work: Path) -> dict[str, Any]:

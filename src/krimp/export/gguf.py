@@ -6,8 +6,8 @@ Block formats (32 weights a block, a float16 scale ``d``): ``Q8_0`` = ``d * q`` 
 group's scale repeats over its blocks): symmetric 8-bit -> Q8_0, symmetric 4- or 3-bit -> Q4_0,
 asymmetric -> Q4_1 (3-bit codes are a subset of 4-bit ones: the file has the size of 4-bit), 5-bit
 -> Q5_0 / Q5_1. The K grids of a stage's ``gguf_type`` (:mod:`krimp.quant.ggml`) are written as
-``Q4_K`` / ``Q5_K`` / ``Q6_K`` super-blocks of 256. Anything else is written as F16 and listed in the
-result.
+``Q4_K`` / ``Q5_K`` / ``Q6_K`` super-blocks of 256 (every type's bytes:
+:func:`krimp.quant.ggml.encode_blocks`). Anything else is written as F16 and listed in the result.
 
 Every architecture in :data:`krimp.models.arch.GGUF_ARCHS` goes through the one writer: tensor names
 come from gguf-py's own map for the architecture, and the two things llama.cpp stores differently
@@ -35,7 +35,7 @@ from krimp.export.registry import ExportJob, exporter, next_tokens, sample_text
 from krimp.models.arch import GGUF_ROPE_INTERLEAVED, family_of
 from krimp.models.gguf_file import forget_gguf_parse, gguf_arch, gguf_reader, rope_permutation, tensor_names
 from krimp.models.lazy import lazy_of, streamed
-from krimp.quant.wq import QuantizedWeight
+from krimp.quant.ggml import block_format, encode_blocks
 
 log = logging.getLogger(__name__)
 
@@ -179,109 +179,6 @@ def write_tokenizer(w, tokenizer, n_vocab: int) -> dict:
         w.add_token_types(types)
         gv.SpecialVocab(Path(d), load_merges=True, n_vocab=n_vocab).add_to_gguf(w, quiet=True)
     return {"model": "gpt2", "pre": pre, "tokens": len(tokens) - pad, "padded": pad}
-
-
-# ---- block encoders: pure numpy on codes and scales ------------------------------------------
-
-
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """(n_blocks, 32) codes 0..15 -> (n_blocks, 16) bytes: low nibble j, high nibble j + 16."""
-    q = q.astype(np.int32)
-    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
-
-
-def _block_scales(x: torch.Tensor, group: int, cols: int) -> np.ndarray:
-    """Per-group values (rows, n_groups) -> one per 32-block (rows * cols / 32,)."""
-    idx = torch.arange(0, cols, 32) // group
-    return x[:, idx].reshape(-1).numpy()
-
-
-def block_format(qw: QuantizedWeight) -> tuple[str, int]:
-    """The GGML type name for ``qw`` and its bytes a row; ValueError if no format holds it exactly."""
-    from krimp.quant.ggml import BLOCK_BYTES, SUPER, type_of
-
-    cols = qw.shape[1]
-    tname = type_of(qw.spec, cols)
-    if tname is None:
-        spec = qw.spec
-        grid = "K grid" if spec.superblock else f"{'symmetric' if spec.symmetric else 'asymmetric'} grid"
-        raise ValueError(
-            f"{spec.bits}-bit {grid} in groups of {qw.group} on rows of {cols} has no exact GGUF block format: "
-            "quantize to 3-5 bits or 8 symmetric, in groups of a multiple of 32, or with a stage's gguf_type"
-        )
-    return tname, cols // (SUPER if qw.spec.superblock else 32) * BLOCK_BYTES[tname]
-
-
-def _fp16(x: np.ndarray) -> np.ndarray:
-    """float values (n,) -> their float16 bytes (n, 2)."""
-    return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-
-def _high_bits(q: np.ndarray) -> np.ndarray:
-    """(n_blocks, 32) 5-bit codes -> the fifth bits as 4 bytes, code j at bit j (Q5_0 / Q5_1's qh)."""
-    bits = (q >> 4).astype(np.uint32) << np.arange(32, dtype=np.uint32)
-    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
-
-
-def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """(n, 8) 6-bit group scales and minimums -> Q4_K / Q5_K's 12 bytes: groups 0-3 in the low 6 bits of
-    bytes 0-3 (scales) and 4-7 (minimums); groups 4-7 as nibbles in bytes 8-11 (scale low, minimum high)
-    with their top two bits in the top bits of bytes 0-7."""
-    out = np.zeros((sc.shape[0], 12), np.uint8)
-    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
-    out[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
-    out[:, 8:12] = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
-    return out
-
-
-def _k_blocks(qw: QuantizedWeight, tname: str) -> np.ndarray:
-    """A K grid's super-blocks (rows * cols / 256, block bytes)."""
-    from krimp.quant.ggml import SUPER
-    from krimp.quant.wq import k_integers
-
-    sc, m = (t.numpy().astype(np.int64) for t in k_integers(qw.scales, qw.zeros, qw.superscales, qw.spec))
-    d, dmin = (qw.superscales[..., i].reshape(-1).numpy() for i in (0, 1))
-    u = qw.codes.numpy().astype(np.int64).reshape(-1, SUPER)
-    n = u.shape[0]
-    if tname == "Q6_K":  # ql[128], qh[64], int8 scales[16], d: each half of 128 as 4 runs of 32
-        h = u.reshape(n, 2, 4, 32)
-        ql = (h[:, :, :2] & 15) | ((h[:, :, 2:] & 15) << 4)  # runs 0,1 low nibbles; 2,3 high
-        qh = (h >> 4) << (2 * np.arange(4))[None, None, :, None]
-        qh = np.bitwise_or.reduce(qh, axis=2)
-        parts = [ql.reshape(n, 128), qh.reshape(n, 64), sc.reshape(n, 16).astype(np.int8).view(np.uint8), _fp16(d)]
-    else:  # d, dmin, 12 bytes of scales, [qh[32] for Q5_K], qs[128]: 4 runs of 64 as nibble pairs
-        r = u.reshape(n, 4, 2, 32)
-        qs = ((r[:, :, 0] & 15) | ((r[:, :, 1] & 15) << 4)).reshape(n, 128)
-        parts = [_fp16(d), _fp16(dmin), _k_scales(sc.reshape(n, 8), m.reshape(n, 8))]
-        if tname == "Q5_K":  # the fifth bit of code j of run k at bit 2k (low half) or 2k + 1 (high half)
-            hb = (r >> 4) << (2 * np.arange(4)[:, None] + np.arange(2)[None, :])[None, :, :, None]
-            parts.append(np.bitwise_or.reduce(hb.reshape(n, 8, 32), axis=1))
-        parts.append(qs)
-    return np.concatenate([p.astype(np.uint8) for p in parts], 1)
-
-
-def encode_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, str]:
-    """Bytes (rows, row_bytes) and the GGML type name for ``qw``; ValueError if no exact format."""
-    tname, _ = block_format(qw)
-    rows, cols = qw.shape
-    if qw.spec.superblock:
-        return _k_blocks(qw, tname).reshape(rows, -1), tname
-    g = qw.group
-    u = qw.codes.numpy().astype(np.int32).reshape(-1, 32)
-    d = _block_scales(qw.scales, g, cols)
-    z = _block_scales(qw.zeros, g, cols)
-    if tname == "Q8_0":
-        q = (u - z[:, None]).astype(np.int8)
-        out = np.concatenate([_fp16(d), q.view(np.uint8)], 1)
-    elif tname in ("Q4_0", "Q5_0"):  # d * (q - 8) / d * (q - 16): krimp's zero moved to the format's
-        q = (u - z[:, None] + (8 if tname == "Q4_0" else 16)).astype(np.int32)
-        mid = [_high_bits(q)] if tname == "Q5_0" else []
-        out = np.concatenate([_fp16(d), *mid, _nibbles(q & 15)], 1)
-    else:  # Q4_1 / Q5_1: d * q + m
-        m = -z * d
-        mid = [_high_bits(u)] if tname == "Q5_1" else []
-        out = np.concatenate([_fp16(d), _fp16(m), *mid, _nibbles(u & 15)], 1)
-    return out.reshape(rows, -1), tname
 
 
 class _Later:

@@ -1,5 +1,6 @@
-"""llama.cpp's block grids as krimp grids: the GGML types, the K grids' two-level scales, and the mix of
-types per tensor that ``llama-quantize`` picks for a file type such as Q4_K_M.
+"""llama.cpp's block grids as krimp grids: the GGML types, the K grids' two-level scales, each type's
+bytes (:func:`encode_blocks`, what the GGUF writer stores), and the mix of types per tensor that
+``llama-quantize`` picks for a file type such as Q4_K_M.
 
 **Types.** Each GGML weight type is a :class:`~krimp.quant.wq.WQSpec` (:data:`GRIDS`). The 32-blocks are
 plain groups with a float16 scale: ``Q8_0``, ``Q4_0``, ``Q5_0`` symmetric (``d * (q - 2^(b-1))``),
@@ -31,9 +32,10 @@ so a krimp file of a type has llama.cpp's type for every tensor, and its size;
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from krimp.quant.wq import WQSpec
+from krimp.quant.wq import QuantizedWeight, WQSpec, k_integers
 
 SUPER = 256  # weights in a K super-block
 
@@ -104,6 +106,104 @@ def tensor_type(file_type: str, role: str, i: int, n: int, cols: int, llama_70b:
     if cols % SUPER:
         t = FALLBACK.get(t, t)
     return t
+
+
+# ---- the types' bytes: pure numpy on codes and scales (what the GGUF writer stores) --------------
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """(n_blocks, 32) codes 0..15 -> (n_blocks, 16) bytes: low nibble j, high nibble j + 16."""
+    q = q.astype(np.int32)
+    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
+
+
+def _block_scales(x: torch.Tensor, group: int, cols: int) -> np.ndarray:
+    """Per-group values (rows, n_groups) -> one per 32-block (rows * cols / 32,)."""
+    idx = torch.arange(0, cols, 32) // group
+    return x[:, idx].reshape(-1).numpy()
+
+
+def block_format(qw: QuantizedWeight) -> tuple[str, int]:
+    """The GGML type name for ``qw`` and its bytes a row; ValueError if no format holds it exactly."""
+    cols = qw.shape[1]
+    tname = type_of(qw.spec, cols)
+    if tname is None:
+        spec = qw.spec
+        grid = "K grid" if spec.superblock else f"{'symmetric' if spec.symmetric else 'asymmetric'} grid"
+        raise ValueError(
+            f"{spec.bits}-bit {grid} in groups of {qw.group} on rows of {cols} has no exact GGUF block format: "
+            "quantize to 3-5 bits or 8 symmetric, in groups of a multiple of 32, or with a stage's gguf_type"
+        )
+    return tname, cols // (SUPER if qw.spec.superblock else 32) * BLOCK_BYTES[tname]
+
+
+def _fp16(x: np.ndarray) -> np.ndarray:
+    """float values (n,) -> their float16 bytes (n, 2)."""
+    return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def _high_bits(q: np.ndarray) -> np.ndarray:
+    """(n_blocks, 32) 5-bit codes -> the fifth bits as 4 bytes, code j at bit j (Q5_0 / Q5_1's qh)."""
+    bits = (q >> 4).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
+
+
+def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """(n, 8) 6-bit group scales and minimums -> Q4_K / Q5_K's 12 bytes: groups 0-3 in the low 6 bits of
+    bytes 0-3 (scales) and 4-7 (minimums); groups 4-7 as nibbles in bytes 8-11 (scale low, minimum high)
+    with their top two bits in the top bits of bytes 0-7."""
+    out = np.zeros((sc.shape[0], 12), np.uint8)
+    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
+    return out
+
+
+def _k_blocks(qw: QuantizedWeight, tname: str) -> np.ndarray:
+    """A K grid's super-blocks (rows * cols / 256, block bytes)."""
+    sc, m = (t.numpy().astype(np.int64) for t in k_integers(qw.scales, qw.zeros, qw.superscales, qw.spec))
+    d, dmin = (qw.superscales[..., i].reshape(-1).numpy() for i in (0, 1))
+    u = qw.codes.numpy().astype(np.int64).reshape(-1, SUPER)
+    n = u.shape[0]
+    if tname == "Q6_K":  # ql[128], qh[64], int8 scales[16], d: each half of 128 as 4 runs of 32
+        h = u.reshape(n, 2, 4, 32)
+        ql = (h[:, :, :2] & 15) | ((h[:, :, 2:] & 15) << 4)  # runs 0,1 low nibbles; 2,3 high
+        qh = (h >> 4) << (2 * np.arange(4))[None, None, :, None]
+        qh = np.bitwise_or.reduce(qh, axis=2)
+        parts = [ql.reshape(n, 128), qh.reshape(n, 64), sc.reshape(n, 16).astype(np.int8).view(np.uint8), _fp16(d)]
+    else:  # d, dmin, 12 bytes of scales, [qh[32] for Q5_K], qs[128]: 4 runs of 64 as nibble pairs
+        r = u.reshape(n, 4, 2, 32)
+        qs = ((r[:, :, 0] & 15) | ((r[:, :, 1] & 15) << 4)).reshape(n, 128)
+        parts = [_fp16(d), _fp16(dmin), _k_scales(sc.reshape(n, 8), m.reshape(n, 8))]
+        if tname == "Q5_K":  # the fifth bit of code j of run k at bit 2k (low half) or 2k + 1 (high half)
+            hb = (r >> 4) << (2 * np.arange(4)[:, None] + np.arange(2)[None, :])[None, :, :, None]
+            parts.append(np.bitwise_or.reduce(hb.reshape(n, 8, 32), axis=1))
+        parts.append(qs)
+    return np.concatenate([p.astype(np.uint8) for p in parts], 1)
+
+
+def encode_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, str]:
+    """Bytes (rows, row_bytes) and the GGML type name for ``qw``; ValueError if no exact format."""
+    tname, _ = block_format(qw)
+    rows, cols = qw.shape
+    if qw.spec.superblock:
+        return _k_blocks(qw, tname).reshape(rows, -1), tname
+    g = qw.group
+    u = qw.codes.numpy().astype(np.int32).reshape(-1, 32)
+    d = _block_scales(qw.scales, g, cols)
+    z = _block_scales(qw.zeros, g, cols)
+    if tname == "Q8_0":
+        q = (u - z[:, None]).astype(np.int8)
+        out = np.concatenate([_fp16(d), q.view(np.uint8)], 1)
+    elif tname in ("Q4_0", "Q5_0"):  # d * (q - 8) / d * (q - 16): krimp's zero moved to the format's
+        q = (u - z[:, None] + (8 if tname == "Q4_0" else 16)).astype(np.int32)
+        mid = [_high_bits(q)] if tname == "Q5_0" else []
+        out = np.concatenate([_fp16(d), *mid, _nibbles(q & 15)], 1)
+    else:  # Q4_1 / Q5_1: d * q + m
+        m = -z * d
+        mid = [_high_bits(u)] if tname == "Q5_1" else []
+        out = np.concatenate([_fp16(d), _fp16(m), *mid, _nibbles(u & 15)], 1)
+    return out.reshape(rows, -1), tname
 
 
 # ---- which tensors get which type ------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch import nn
 from krimp.calib.layerwise import SINK_WEIGHT, windows_of
 from krimp.config import BaseConfig, name_matches, register
 from krimp.errors import KrimpError
+from krimp.quant.grids import Grids, quantize_head, ragged_notes
 from krimp.quant.wq import WQSpec, quantized_layers, rtn, set_quantized
 
 log = logging.getLogger(__name__)
@@ -100,49 +101,6 @@ class _WeightOnly(BaseConfig):
         return WQSpec(**spec)
 
 
-class Grids:
-    """The grid of each weight a stage quantizes: the recipe's (:meth:`_WeightOnly.spec_for`, the head's
-    ``head_bits`` / ``head_group_size``) or, with ``gguf_type``, llama-quantize's type for the tensor."""
-
-    def __init__(self, cfg: _WeightOnly, module: nn.Module):
-        from krimp.quant.ggml import layer_types
-
-        self.cfg = cfg
-        self.types = layer_types(module, cfg.gguf_type) if cfg.gguf_type else None
-        head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-        self.head_path = next((k for k, m in module.named_modules() if m is head), None) if head is not None else None
-
-    def _typed(self, path: str | None) -> WQSpec | None:
-        from krimp.quant.ggml import GRIDS
-
-        return GRIDS.get(self.types.get(path, "float")) if path else None
-
-    def spec(self, name: str, width: int | None = None) -> WQSpec | None:
-        if self.types is None:
-            return self.cfg.spec_for(name, width)
-        return self._typed(name) if self.cfg.spec_for(name) else None
-
-    def head(self) -> WQSpec | None:
-        if self.types is None:
-            return WQSpec(self.cfg.head_bits, self.cfg.head_group_size, True) if self.cfg.head_bits else None
-        return self._typed(self.head_path)
-
-    def embedding(self, module: nn.Module) -> WQSpec | None:
-        """An untied token embedding's grid: llama.cpp quantizes it in a ``gguf_type`` file, krimp's own
-        grids leave it in float."""
-        if self.types is None:
-            return None
-        path = next((k for k, m in module.named_modules() if m is module.get_input_embeddings()), None)
-        return self._typed(path) if path != self.head_path else None
-
-    def counts(self) -> dict[str, int]:
-        """Tensors per GGML type (``gguf_type`` only)."""
-        out: dict[str, int] = {}
-        for t in (self.types or {}).values():
-            out[t] = out.get(t, 0) + 1
-        return dict(sorted(out.items()))
-
-
 def whole_group(width: int, group: int) -> int:
     """The largest power of two of at least 16 and at most ``group`` that divides ``width`` (``group``
     itself when none does)."""
@@ -207,56 +165,6 @@ class SmoothQuantConfig(BaseConfig):
 # --------------------------------------------------------------------------------------------------
 
 
-def quantize_head(module: nn.Module, grids: Grids) -> dict:
-    """Round the output head (and so the tied embedding) to its grid (the recipe's ``head_bits`` in
-    symmetric groups of ``head_group_size``, None: one scale per output channel; or its GGML type), and
-    an untied token embedding where the grid plan has one for it (``gguf_type``)."""
-    from krimp.models.lazy import lazy_of
-    from krimp.quant.ggml import type_of
-
-    def weight(m):
-        w = m.weight.detach()
-        return lazy_of(module).tensor(m.weight) if w.is_meta else w  # a streamed model's, still in its file
-
-    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    spec = grids.head()
-    out = {}
-    if spec is not None and head is not None and isinstance(head, nn.Linear):
-        set_quantized(head, rtn(weight(head), spec))
-        tied = head.weight is module.get_input_embeddings().weight
-        grid = f"groups of {spec.group_size}" if spec.group_size else "per channel"
-        name = grids.types[grids.head_path] if grids.types else f"{spec.bits}-bit, {grid}"
-        out["head"] = name + (" (tied to the token embedding)" if tied else "")
-    emb_spec = grids.embedding(module)
-    if emb_spec is not None:
-        emb = module.get_input_embeddings()
-        set_quantized(emb, rtn(weight(emb), emb_spec))
-        out["token_embedding"] = type_of(emb_spec, emb.weight.shape[1])
-    return out
-
-
-def _ragged(grids: Grids, linears: dict[str, nn.Linear]) -> list[str]:
-    out = []
-    for name, lin in linears.items():
-        if grids.types is not None:
-            if lin.in_features % 256 and name in grids.types:
-                t = grids.types[name]
-                out.append(f"{name}: width {lin.in_features} is not a multiple of 256: {t} in place of a K type")
-            continue
-        spec = grids.spec(name, lin.in_features)
-        asked = grids.spec(name)
-        if spec and spec.group_size != asked.group_size:
-            out.append(
-                f"{name}: width {lin.in_features}: groups of {spec.group_size} (adjusted from {asked.group_size})"
-            )
-        if spec and spec.group_size and lin.in_features % spec.group_size:
-            out.append(
-                f"{name}: width {lin.in_features} is not a multiple of group {spec.group_size}; "
-                f"its last group has {lin.in_features % spec.group_size} columns"
-            )
-    return out
-
-
 def _summary(cfg, grids: Grids, module, t0: float, notes: list, extra: dict) -> dict:
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
     codes = quantized_layers(module, k_grids=True)
@@ -302,7 +210,7 @@ class RTN:
         with contextlib.closing(in_turn(module, blocks)) as turns:  # a block is released on an error too
             for i, block in turns:
                 lins = {_block_name(path, i, n): m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-                notes += _ragged(grids, lins)
+                notes += ragged_notes(grids, lins)
                 for name, lin in lins.items():
                     spec = grids.spec(name, lin.in_features)
                     if spec:
@@ -335,7 +243,7 @@ class GPTQ:
         def process(run):
             names = {_block_name(cal.path, run.index, n): n for n in run.linears}
             todo = {full: local for full, local in names.items() if grids.spec(full)}
-            notes.extend(_ragged(grids, {f: run.linears[loc] for f, loc in todo.items()}))
+            notes.extend(ragged_notes(grids, {f: run.linears[loc] for f, loc in todo.items()}))
             stats = run.collect(
                 list(todo.values()), {"hessian"}, first_weight=cfg.sink_weight, last_use=True
             )  # float propagation: outputs over the inputs
@@ -405,7 +313,7 @@ class AWQ:
         def process(run):
             full = {n: _block_name(cal.path, run.index, n) for n in run.linears}
             todo = [n for n in run.linears if grids.spec(full[n])]
-            notes.extend(_ragged(grids, {full[n]: run.linears[n] for n in todo}))
+            notes.extend(ragged_notes(grids, {full[n]: run.linears[n] for n in todo}))
             probe = _FoldProbe(run, cal)
             stats = run.collect(list(run.linears), {"abs_mean", "sample"}, cfg.sample_tokens)
             alphas = {}

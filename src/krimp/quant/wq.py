@@ -20,8 +20,8 @@ restricted range ``[-2^(b-1) + 1, 2^(b-1) - 1]`` with a positive scale ``max|w| 
 and no zero point, scales stay float32, and a group size must divide the width. At 4 bits a
 group's largest magnitude is 8 steps from zero here, 7 there.
 
-Used by round-to-nearest (:func:`rtn`: the ``rtn`` method and the output-head rounding of
-:mod:`krimp.quant.llm`), GPTQ (:mod:`krimp.quant.gptq`) and AWQ (:mod:`krimp.quant.awq`), which
+Used by round-to-nearest (:func:`rtn`: the ``rtn`` method of :mod:`krimp.quant.llm` and the
+output-head rounding of :mod:`krimp.quant.grids`), GPTQ (:mod:`krimp.quant.gptq`) and AWQ (:mod:`krimp.quant.awq`), which
 choose better codes on the same grid, QAT (:mod:`krimp.quant.qat`, whose learned scales start from
 :func:`qparams`), and per-layer sensitivity and mixed precision (:mod:`krimp.search.sensitivity`).
 The exporters read :class:`QuantizedWeight`.
